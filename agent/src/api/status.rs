@@ -1,0 +1,56 @@
+//! The one place where errors become `tonic::Status`, with an explicit code per variant.
+//!
+//! Internal errors reach the client as a generic message with the request id; the whole chain
+//! goes to the log under that id.
+
+use tonic::Status;
+
+use super::auth::Ctx;
+use crate::{authz::Denied, tenants::TenantError, validate::Invalid};
+
+/// Bad input: `INVALID_ARGUMENT`, naming the field.
+pub fn invalid(e: Invalid) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// A refused caller: `PERMISSION_DENIED`.
+pub fn denied(e: Denied) -> Status {
+    Status::permission_denied(e.to_string())
+}
+
+/// A registry error.
+pub fn tenant(e: TenantError, ctx: &Ctx) -> Status {
+    match e {
+        TenantError::NotFound { .. } => Status::not_found(e.to_string()),
+        TenantError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        TenantError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
+        TenantError::Invalid(i) => invalid(i),
+        TenantError::Persist { .. } | TenantError::Load { .. } | TenantError::Blocking(_) => {
+            internal(&e, ctx)
+        }
+    }
+}
+
+/// A part of the API whose domain is not built in this version.
+pub fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not available in caas-agent {} yet",
+        crate::VERSION
+    ))
+}
+
+/// Logs the full error and returns a generic `INTERNAL` with the request id.
+pub fn internal(e: &dyn std::error::Error, ctx: &Ctx) -> Status {
+    let mut chain = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    tracing::error!(request_id = %ctx.request_id, caller = %ctx.caller.identity, error = %chain, "internal error");
+    Status::internal(format!(
+        "internal error (request id {}); the agent log has the details",
+        ctx.request_id
+    ))
+}

@@ -1,0 +1,110 @@
+//! `caas.v1.TenantService`.
+
+use std::sync::Arc;
+
+use caas_proto::v1::{self as pb, tenant_service_server::TenantService};
+use tonic::{Request, Response, Status};
+
+use super::{AgentState, auth::Ctx, convert, status};
+use crate::authz::{self, Action, Scope};
+
+#[derive(Debug, Clone)]
+pub struct TenantApi {
+    state: Arc<AgentState>,
+}
+
+impl TenantApi {
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl TenantService for TenantApi {
+    async fn create_tenant(
+        &self,
+        req: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        authz::authorize(&ctx.caller, Action::TenantWrite, Scope::Tenant(&r.id))
+            .map_err(status::denied)?;
+        let spec = convert::tenant_spec(r)?;
+        let t = self
+            .state
+            .tenants
+            .create(spec)
+            .await
+            .map_err(|e| status::tenant(e, &ctx))?;
+        tracing::info!(tenant = %t.id, caller = %ctx.caller.identity, "tenant created");
+        Ok(Response::new(convert::tenant_out(t)))
+    }
+
+    async fn get_tenant(
+        &self,
+        req: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        authz::authorize(&ctx.caller, Action::TenantRead, Scope::Tenant(&r.id))
+            .map_err(status::denied)?;
+        let id = convert::id("id", r.id)?;
+        let t = self
+            .state
+            .tenants
+            .get(&id)
+            .await
+            .map_err(|e| status::tenant(e, &ctx))?;
+        Ok(Response::new(convert::tenant_out(t)))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        authz::authorize(&ctx.caller, Action::TenantRead, Scope::Node).map_err(status::denied)?;
+        let filter = convert::tenant_filter(req.into_inner(), authz::visible_tenant(&ctx.caller))?;
+        let tenants = self.state.tenants.list(&filter).await;
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: tenants.into_iter().map(convert::tenant_out).collect(),
+        }))
+    }
+
+    async fn update_tenant_quotas(
+        &self,
+        req: Request<pb::UpdateTenantQuotasRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        authz::authorize(&ctx.caller, Action::TenantWrite, Scope::Tenant(&r.id))
+            .map_err(status::denied)?;
+        let id = convert::id("id", r.id)?;
+        let t = self
+            .state
+            .tenants
+            .update_quotas(&id, convert::quotas_in(r.quotas))
+            .await
+            .map_err(|e| status::tenant(e, &ctx))?;
+        tracing::info!(tenant = %t.id, caller = %ctx.caller.identity, "tenant quotas updated");
+        Ok(Response::new(convert::tenant_out(t)))
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        authz::authorize(&ctx.caller, Action::TenantWrite, Scope::Tenant(&r.id))
+            .map_err(status::denied)?;
+        let id = convert::id("id", r.id)?;
+        self.state
+            .tenants
+            .delete(&id)
+            .await
+            .map_err(|e| status::tenant(e, &ctx))?;
+        tracing::info!(tenant = %id, caller = %ctx.caller.identity, "tenant deleted");
+        Ok(Response::new(pb::DeleteTenantResponse {}))
+    }
+}

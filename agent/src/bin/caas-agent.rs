@@ -1,0 +1,130 @@
+//! `caas-agent`: the per-server agent. `serve` runs it; `certs dev` writes development
+//! certificates.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use caas_agent::{certs, config::Config, logging, serve};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "caas-agent", version = caas_agent::VERSION, about = "Per-server agent of a Containers-as-a-Service provider")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the API until SIGTERM.
+    Serve {
+        /// Config file (default: /etc/caas-agent/config.toml if it exists, else built-in defaults).
+        #[arg(long, env = "CAAS_CONFIG")]
+        config: Option<PathBuf>,
+        /// Check the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Certificates for development and tests.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a CA, a server certificate and a client certificate per role into DIR.
+    Dev {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra tenant ids to issue `tenant:<id>` client certificates for.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// Names the server certificate is valid for (default: localhost, 127.0.0.1, ::1, host name).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Print the files written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { config, check } => {
+            let cfg = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("caas-agent: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if check {
+                println!("configuration ok");
+                return ExitCode::SUCCESS;
+            }
+            logging::init(&cfg.log);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("caas-agent: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(serve::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "caas-agent failed");
+                    eprintln!("caas-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Certs {
+            cmd:
+                CertsCmd::Dev {
+                    out,
+                    tenants,
+                    sans,
+                    json,
+                },
+        } => {
+            for t in &tenants {
+                if let Err(e) = caas_agent::validate::check_id("--tenant", t) {
+                    eprintln!("caas-agent: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            let sans = if sans.is_empty() {
+                let mut s = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+                if let Ok(h) = nix::unistd::gethostname() {
+                    s.extend(h.into_string().ok());
+                }
+                s
+            } else {
+                sans
+            };
+            match certs::write_dev_bundle(&out, &sans, &tenants) {
+                Ok(files) if json => {
+                    println!("{}", serde_json::json!({ "dir": out, "files": files }));
+                    ExitCode::SUCCESS
+                }
+                Ok(files) => {
+                    for f in files {
+                        println!("{f}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("caas-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! `caas-agent serve`: binds the listeners, serves the API, and shuts down along one path:
+//! signal -> cancellation token -> stop accepting -> drain in-flight calls (bounded) -> flush
+//! state -> remove the socket -> exit 0.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{net::UnixListener, task::JoinSet};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    service::InterceptorLayer,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
+
+use crate::{
+    api::{self, AgentState, auth, limits::MessageLimitLayer},
+    config::{Config, TlsConfig},
+    node, systemd,
+    tenants::{Registry, TenantError},
+};
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the agent could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A directory could not be prepared.
+    #[error("preparing {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another agent answers on the socket.
+    #[error("another agent is already listening on {0}; stop it or set api.unix_socket")]
+    SocketInUse(PathBuf),
+    /// A listener could not be bound.
+    #[error("binding {what}: {source}")]
+    Bind {
+        /// The address or path.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read or used.
+    #[error("TLS {what}: {message}")]
+    Tls {
+        /// Which file or step.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Tenant state could not be loaded.
+    #[error(transparent)]
+    Tenants(#[from] TenantError),
+    /// The reflection service could not be built.
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A server failed while serving.
+    #[error("serving {what}: {source}")]
+    Serve {
+        /// Which listener.
+        what: &'static str,
+        /// The cause.
+        source: tonic::transport::Error,
+    },
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// The unix socket it serves on.
+    pub unix_socket: PathBuf,
+    /// The TCP address it serves on, if any (the real port when configured with `:0`).
+    pub tcp_addr: Option<SocketAddr>,
+    state: Arc<AgentState>,
+    health: tonic_health::server::HealthReporter,
+    servers: JoinSet<Result<(), ServeError>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Prepares state, binds every listener and starts serving. Returns once the sockets listen.
+pub async fn start(config: Config) -> Result<Agent, ServeError> {
+    let shutdown = CancellationToken::new();
+    for (dir, mode) in [(&config.state_dir, 0o700), (&config.run_dir, 0o755)] {
+        crate::fsutil::ensure_dir(dir, mode).map_err(|source| ServeError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let tenants = Registry::open(&config.state_dir, config.tenants.clone())?;
+    let node = node::probe(config.node_name());
+    let state = Arc::new(AgentState {
+        config,
+        node,
+        tenants,
+        started: Instant::now(),
+        shutdown: shutdown.clone(),
+    });
+    let cfg = &state.config;
+    let limit = cfg.api.max_message_bytes;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    api::set_health(&health, true).await;
+    let mut servers = JoinSet::new();
+
+    let unix_socket = cfg.unix_socket();
+    let unix = bind_unix(&unix_socket).await?;
+    {
+        let routes = api::routes(state.clone())?.add_service(health_svc.clone());
+        let auth = auth::authenticator(auth::Transport::Unix {
+            allowed_uids: cfg.api.unix_allowed_uids.clone(),
+        });
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            Server::builder()
+                .layer(MessageLimitLayer::new(limit))
+                .layer(InterceptorLayer::new(auth))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stop.cancelled_owned())
+                .await
+                .map_err(|source| ServeError::Serve {
+                    what: "unix socket",
+                    source,
+                })
+        });
+    }
+
+    let mut tcp_addr = None;
+    if let (Some(addr), Some(tls)) = (cfg.api.tcp_listen, cfg.api.tls.as_ref()) {
+        let tls = server_tls(tls).await?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: addr.to_string(),
+                source,
+            })?;
+        tcp_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
+            what: addr.to_string(),
+            source,
+        })?);
+        let routes = api::routes(state.clone())?.add_service(health_svc);
+        let stop = shutdown.clone();
+        let builder = Server::builder()
+            .tls_config(tls)
+            .map_err(|e| ServeError::Tls {
+                what: "config".into(),
+                message: e.to_string(),
+            })?;
+        servers.spawn(async move {
+            builder
+                .layer(MessageLimitLayer::new(limit))
+                .layer(InterceptorLayer::new(auth::authenticator(
+                    auth::Transport::MutualTls,
+                )))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .map_err(|source| ServeError::Serve {
+                    what: "tcp",
+                    source,
+                })
+        });
+    }
+
+    let watchdog = systemd::spawn_watchdog(shutdown.clone());
+    tracing::info!(
+        version = crate::VERSION,
+        node = %state.node.node,
+        unix = %unix_socket.display(),
+        tcp = %tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        cgroups = %state.node.cgroup_layout,
+        tenants = state.tenants.allocated().await.0,
+        "caas-agent listening"
+    );
+    Ok(Agent {
+        unix_socket,
+        tcp_addr,
+        state,
+        health,
+        servers,
+        watchdog,
+    })
+}
+
+impl Agent {
+    /// The token whose cancellation starts shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Shuts down: stop accepting, drain for at most `api.drain_timeout_secs`, flush, clean up.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        let drain = Duration::from_secs(self.state.config.api.drain_timeout_secs);
+        systemd::stopping();
+        api::set_health(&self.health, false).await;
+        self.state.shutdown.cancel();
+        let started = Instant::now();
+        let mut first_error = None;
+        let drained = tokio::time::timeout(drain, async {
+            while let Some(r) = self.servers.join_next().await {
+                match r {
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "server stopped with an error");
+                        first_error.get_or_insert(e);
+                    }
+                    Err(e) => tracing::error!(error = %e, "server task failed"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?drain,
+                "drain timeout reached; closing the calls still in flight"
+            );
+            self.servers.abort_all();
+            while self.servers.join_next().await.is_some() {}
+        } else {
+            tracing::info!(took = ?started.elapsed(), "in-flight calls drained");
+        }
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        // Tenant records are written through on every change; nothing is buffered to flush yet.
+        if let Err(e) = std::fs::remove_file(&self.unix_socket)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(socket = %self.unix_socket.display(), error = %e, "could not remove the socket");
+        }
+        tracing::info!("caas-agent stopped");
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until a server stops by itself (an error) or the shutdown token is cancelled.
+    pub async fn until_stopped(&mut self) {
+        let token = self.state.shutdown.clone();
+        tokio::select! {
+            _ = token.cancelled() => {}
+            Some(r) = self.servers.join_next() => {
+                tracing::error!(result = ?r.map(|r| r.err().map(|e| e.to_string())), "a server stopped unexpectedly");
+                token.cancel();
+            }
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly.
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let mut agent = start(config).await?;
+    systemd::ready();
+    systemd::status("serving");
+    let token = agent.shutdown_token();
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+        ) else {
+            tracing::error!("could not install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    agent.until_stopped().await;
+    agent.shutdown().await
+}
+
+async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
+    if path.exists() {
+        // A live agent answers; a stale socket from a crash does not and is replaced.
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|source| ServeError::Bind {
+            what: path.display().to_string(),
+            source,
+        })?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        what: path.display().to_string(),
+        source,
+    })?;
+    // Root only. The window before this chmod is covered by the peer-uid check in `auth`.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ServeError::Bind {
+            what: path.display().to_string(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+async fn server_tls(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
+    let read = |p: PathBuf, what: &'static str| async move {
+        tokio::fs::read(&p).await.map_err(|e| ServeError::Tls {
+            what: format!("api.tls.{what} {}", p.display()),
+            message: e.to_string(),
+        })
+    };
+    let ca = read(tls.ca.clone(), "ca").await?;
+    let cert = read(tls.cert.clone(), "cert").await?;
+    let key = read(tls.key.clone(), "key").await?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .timeout(TLS_HANDSHAKE_TIMEOUT))
+}

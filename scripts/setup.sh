@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing caas-agent needs on Debian 12, and nothing that is
+# already there. Safe to run again. Run as root (or with sudo available).
+set -euo pipefail
+
+# Debian packages the build, the tests and the unit check use:
+#   gcc, pkg-config  C parts of -sys crates (ring)
+#   systemd          systemd-analyze, to verify scripts/caas-agent.service
+#   iproute2, procps tests inspect links, namespaces and processes
+PACKAGES=(gcc pkg-config systemd iproute2 procps)
+
+log() { printf 'setup: %s\n' "$*"; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is not installed; install a Rust toolchain (1.88 or newer) with rustup first" >&2
+  exit 1
+fi
+for c in fmt clippy; do
+  if ! cargo "$c" --version >/dev/null 2>&1; then
+    log "adding rustup component for cargo $c"
+    rustup component add "$([ "$c" = fmt ] && echo rustfmt || echo clippy)"
+  fi
+done
+log "toolchain: $(cargo --version)"

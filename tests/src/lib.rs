@@ -1,0 +1,263 @@
+//! Harness for the end-to-end tests: agents with their own temp dirs, real certificates, real
+//! sockets, and clients for every role.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use caas_agent::{
+    certs::{Ca, Pem},
+    client::{self, Target},
+    config::{Config, TlsConfig},
+    serve::{self, Agent},
+};
+use tonic::transport::Channel;
+
+/// Whether privileged tests must run (CI sets `CAAS_REQUIRE_PRIVILEGED=1`).
+pub fn privileged_required() -> bool {
+    std::env::var("CAAS_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1")
+}
+
+/// Returns true if the test may run as root; otherwise prints why it skips, or panics when
+/// privileged tests are mandatory.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        !privileged_required(),
+        "{test}: needs root, and CAAS_REQUIRE_PRIVILEGED=1 makes it mandatory"
+    );
+    eprintln!("SKIP {test}: needs root");
+    false
+}
+
+/// A random suffix so parallel tests never share names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t ^ std::process::id().rotate_left(16)
+}
+
+/// Certificates for one test: a CA and the server's identity, plus whatever clients it issues.
+pub struct Pki {
+    /// The CA that the agent trusts.
+    pub ca: Ca,
+    /// Where ca.pem, server.pem and server-key.pem were written.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// Makes a CA and a server certificate for localhost/127.0.0.1 in `dir`.
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        let ca = Ca::new("test CA")?;
+        let server = ca.server(&["localhost".into(), "127.0.0.1".into()])?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+        std::fs::write(dir.join("server.pem"), &server.cert)?;
+        std::fs::write(dir.join("server-key.pem"), &server.key)?;
+        Ok(Self {
+            ca,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The `[api.tls]` section for this PKI.
+    pub fn tls_config(&self) -> TlsConfig {
+        TlsConfig {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join("server.pem"),
+            key: self.dir.join("server-key.pem"),
+        }
+    }
+
+    /// A client certificate for `role`, valid now.
+    pub fn client(&self, role: &str) -> Pem {
+        self.ca.client(role).expect("issuing a client certificate")
+    }
+}
+
+/// An agent running inside the test process.
+pub struct TestAgent {
+    /// Temp dir holding state, run dir and certificates.
+    pub dir: tempfile::TempDir,
+    /// Its certificates.
+    pub pki: Pki,
+    /// The running agent (None after shutdown).
+    pub agent: Option<Agent>,
+    /// Its unix socket.
+    pub socket: PathBuf,
+    /// Its TCP address.
+    pub addr: SocketAddr,
+}
+
+impl TestAgent {
+    /// Starts an agent with TCP on 127.0.0.1:0 and a temp unix socket; `tweak` edits the config.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::new(&dir.path().join("pki"))?;
+        let mut cfg = test_config(dir.path());
+        cfg.api.tcp_listen = Some("127.0.0.1:0".parse()?);
+        cfg.api.tls = Some(pki.tls_config());
+        tweak(&mut cfg);
+        cfg.validate()?;
+        let agent = serve::start(cfg).await?;
+        let socket = agent.unix_socket.clone();
+        let addr = agent
+            .tcp_addr
+            .ok_or_else(|| anyhow::anyhow!("no tcp listener"))?;
+        Ok(Self {
+            dir,
+            pki,
+            agent: Some(agent),
+            socket,
+            addr,
+        })
+    }
+
+    /// A channel over the unix socket (role admin, as root).
+    pub async fn unix(&self) -> Channel {
+        client::connect(&Target::Unix(self.socket.clone()))
+            .await
+            .expect("connecting to the unix socket")
+    }
+
+    /// A channel over mTLS with a certificate for `role`.
+    pub async fn as_role(&self, role: &str) -> Channel {
+        self.with_cert(&self.pki.client(role))
+            .await
+            .expect("connecting with mTLS")
+    }
+
+    /// A channel over mTLS with the given client certificate.
+    pub async fn with_cert(&self, pem: &Pem) -> Result<Channel, client::ConnectError> {
+        client::connect(&Target::Tls {
+            endpoint: format!("https://127.0.0.1:{}", self.addr.port()),
+            ca_pem: self.pki.ca.cert_pem().into_bytes(),
+            cert_pem: pem.cert.clone().into_bytes(),
+            key_pem: pem.key.clone().into_bytes(),
+            domain: Some("localhost".into()),
+        })
+        .await
+    }
+
+    /// Graceful shutdown.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(a) = self.agent.take() {
+            a.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A config whose every path lies under `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        state_dir: dir.join("state"),
+        run_dir: dir.join("run"),
+        ..Config::default()
+    }
+}
+
+/// Path of a workspace binary (built by `cargo build --bins`, which the test command runs first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A `caas-agent serve` child process with stderr captured to a file.
+pub struct AgentProcess {
+    /// The child.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `caas-agent serve --config <config>` and waits until `socket` answers.
+    pub async fn spawn(config: &Path, socket: &Path, log: &Path) -> anyhow::Result<Self> {
+        let child = Command::new(bin("caas-agent"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let mut p = Self {
+            child,
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = client::connect(&Target::Unix(socket.to_path_buf())).await {
+                drop(ch);
+                return Ok(p);
+            }
+            if let Some(status) = p.child.try_wait()? {
+                anyhow::bail!("agent exited early with {status}: {}", p.log_text());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "agent did not listen within 20 s: {}",
+                p.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, sig)?;
+        Ok(())
+    }
+
+    /// Waits up to `limit` for exit; returns the exit status, or None if it is still running.
+    pub async fn wait_for_exit(
+        &mut self,
+        limit: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

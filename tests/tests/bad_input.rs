@@ -1,0 +1,247 @@
+//! Bad input is refused with INVALID_ARGUMENT naming the field, and changes nothing.
+
+#![allow(clippy::unwrap_used)] // integration-test helpers panic on purpose: that is a failing test
+
+use std::collections::BTreeMap;
+
+use caas_proto::v1::{
+    self as pb, container_service_client::ContainerServiceClient,
+    image_service_client::ImageServiceClient, tenant_service_client::TenantServiceClient,
+};
+use caas_tests::{TestAgent, bin};
+use tonic::Code;
+
+#[tokio::test]
+async fn bad_ids_name_the_field() {
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut t = TenantServiceClient::new(agent.unix().await);
+    let long = "a".repeat(64);
+    for bad in [
+        "",
+        "..",
+        ".",
+        "UPPER",
+        "caf\u{e9}",
+        "a_b",
+        "a/b",
+        long.as_str(),
+        "-a",
+    ] {
+        let e = t
+            .create_tenant(pb::CreateTenantRequest {
+                id: bad.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+        assert!(e.message().starts_with("id: "), "{bad:?}: {}", e.message());
+        let e = t
+            .get_tenant(pb::GetTenantRequest { id: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+    let e = t
+        .create_tenant(pb::CreateTenantRequest {
+            id: long.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("limit is 63"), "{}", e.message());
+
+    let mut c = ContainerServiceClient::new(agent.unix().await);
+    let e = c
+        .start_container(pb::StartContainerRequest {
+            r#ref: Some(pb::ContainerRef {
+                tenant: "a".into(),
+                container: "../etc".into(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("ref.container: "),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .start_container(pb::StartContainerRequest { r#ref: None })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("ref: "), "{}", e.message());
+    let e = ImageServiceClient::new(agent.unix().await)
+        .inspect_image(pb::InspectImageRequest {
+            tenant: "a".into(),
+            reference: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("reference: "), "{}", e.message());
+
+    assert!(
+        t.list_tenants(pb::ListTenantsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .tenants
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn bad_quotas_and_labels_name_the_field() {
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut t = TenantServiceClient::new(agent.unix().await);
+    let q = |f: fn(&mut pb::Quotas)| {
+        let mut q = pb::Quotas::default();
+        f(&mut q);
+        Some(q)
+    };
+    for (quotas, field) in [
+        (q(|q| q.cpus = Some(0.0)), "quotas.cpus"),
+        (q(|q| q.cpus = Some(f64::NAN)), "quotas.cpus"),
+        (q(|q| q.cpus = Some(1e12)), "quotas.cpus"),
+        (q(|q| q.memory_bytes = Some(0)), "quotas.memory_bytes"),
+        (
+            q(|q| q.memory_bytes = Some(u64::MAX)),
+            "quotas.memory_bytes",
+        ),
+        (q(|q| q.pids = Some(0)), "quotas.pids"),
+        (q(|q| q.max_containers = Some(0)), "quotas.max_containers"),
+    ] {
+        let e = t
+            .create_tenant(pb::CreateTenantRequest {
+                id: "a".into(),
+                quotas,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    let e = t
+        .create_tenant(pb::CreateTenantRequest {
+            id: "a".into(),
+            labels: BTreeMap::from([("bad key".to_string(), "v".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("labels["), "{}", e.message());
+
+    // A good tenant, then an update with a bad quota leaves it as it was.
+    let before = t
+        .create_tenant(pb::CreateTenantRequest {
+            id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = t
+        .update_tenant_quotas(pb::UpdateTenantQuotasRequest {
+            id: "a".into(),
+            quotas: q(|q| q.pids = Some(0)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let after = t
+        .get_tenant(pb::GetTenantRequest { id: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.quotas, after.quotas);
+    let e = t
+        .get_tenant(pb::GetTenantRequest { id: "zz".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = t
+        .create_tenant(pb::CreateTenantRequest {
+            id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_with_the_cap() {
+    let agent = TestAgent::start(|c| c.api.max_message_bytes = 4096)
+        .await
+        .unwrap();
+    for ch in [agent.unix().await, agent.as_role("admin").await] {
+        let mut t = TenantServiceClient::new(ch);
+        let labels: BTreeMap<_, _> = (0..40)
+            .map(|i| (format!("k{i}"), "v".repeat(200)))
+            .collect();
+        let e = t
+            .create_tenant(pb::CreateTenantRequest {
+                id: "big".into(),
+                labels,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains("api.max_message_bytes"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("4096"), "{}", e.message());
+        // The connection still serves a normal call afterwards, and nothing was created.
+        let e = t
+            .get_tenant(pb::GetTenantRequest { id: "big".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+}
+
+fn serve_with_config(text: &str) -> (std::process::Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(bin("caas-agent"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (out, dir)
+}
+
+#[test]
+fn a_bad_config_refuses_to_start_with_one_line() {
+    for (text, expect) in [
+        ("[api]\nmax_message_bytez = 10\n", "max_message_bytez"),
+        ("[api]\nmax_message_bytes = 10\n", "api.max_message_bytes"),
+        (
+            "[api]\ndrain_timeout_secs = 100000\n",
+            "api.drain_timeout_secs",
+        ),
+        ("[tenants]\ndefault_cpus = -1.0\n", "tenants.default_cpus"),
+        ("state_dir = 5\n", "state_dir"),
+        ("[api]\ntcp_listen = \"127.0.0.1:0\"\n", "api.tcp_listen"),
+    ] {
+        let (out, _dir) = serve_with_config(text);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{text}: {err}");
+        assert!(err.contains(expect), "{text}: {err}");
+    }
+    let out = std::process::Command::new(bin("caas-agent"))
+        .args(["serve", "--config", "/nonexistent/caas.toml"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/caas.toml"));
+}

@@ -1,0 +1,263 @@
+//! The agent as a process: SIGTERM drains and exits 0, state survives restarts, denials are
+//! logged with the caller's identity, and the unix socket is root-only.
+
+#![allow(clippy::unwrap_used)] // integration-test helpers panic on purpose: that is a failing test
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use caas_agent::client::{self, Target};
+use caas_proto::v1::{self as pb, tenant_service_client::TenantServiceClient};
+use caas_tests::{AgentProcess, Pki, bin, require_root};
+use nix::sys::signal::Signal;
+use tonic::Code;
+
+const DRAIN_SECS: u64 = 3;
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[api]\ndrain_timeout_secs = {DRAIN_SECS}\n{extra}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[tokio::test]
+async fn sigterm_during_a_stream_of_calls_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let socket = dir.path().join("run/agent.sock");
+    let mut agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent.log"))
+        .await
+        .unwrap();
+
+    // Eight clients, each on its own connection, create tenants as fast as they can.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for w in 0..8 {
+        let socket = socket.clone();
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let ch = client::connect(&Target::Unix(socket)).await.unwrap();
+            let mut t = TenantServiceClient::new(ch);
+            let (mut created, mut failures) = (Vec::new(), Vec::new());
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("w{w}-{n}");
+                let call = t.create_tenant(pb::CreateTenantRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                });
+                match tokio::time::timeout(Duration::from_secs(DRAIN_SECS + 5), call).await {
+                    Ok(Ok(_)) => created.push(id),
+                    Ok(Err(s)) => {
+                        failures.push(s.code());
+                        break;
+                    }
+                    Err(_) => panic!("a call hung past the drain timeout"),
+                }
+            }
+            (created, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    agent.signal(Signal::SIGTERM).unwrap();
+    let status = agent
+        .wait_for_exit(Duration::from_secs(DRAIN_SECS + 2))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| {
+            panic!(
+                "agent still running after the drain timeout: {}",
+                agent.log_text()
+            )
+        });
+    assert_eq!(status.code(), Some(0), "{}", agent.log_text());
+    stop.store(true, Ordering::Relaxed);
+
+    let mut acknowledged = Vec::new();
+    for c in clients {
+        let (created, failures) = c.await.unwrap();
+        for code in &failures {
+            // A call either completed, or failed as "the agent is not there" — never half-done.
+            assert!(
+                matches!(code, Code::Unavailable | Code::Cancelled),
+                "unclean failure {code:?}"
+            );
+        }
+        acknowledged.extend(created);
+    }
+    assert!(
+        acknowledged.len() > 8,
+        "the clients made few calls: {}",
+        acknowledged.len()
+    );
+    assert!(!socket.exists(), "the socket is removed on exit");
+    let log = agent.log_text();
+    assert!(log.contains("SIGTERM"), "{log}");
+    drop(agent);
+
+    // Nothing acknowledged was lost: a new agent on the same state has every tenant.
+    let agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent2.log"))
+        .await
+        .unwrap();
+    let ch = client::connect(&Target::Unix(socket.clone()))
+        .await
+        .unwrap();
+    let listed: std::collections::BTreeSet<String> = TenantServiceClient::new(ch)
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    for id in &acknowledged {
+        assert!(listed.contains(id), "tenant {id} was acknowledged but lost");
+    }
+    drop(agent);
+}
+
+#[tokio::test]
+async fn denials_are_logged_with_the_caller_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki")).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let tls = pki.tls_config();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "tcp_listen = \"127.0.0.1:{port}\"\n[api.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display()
+        ),
+    );
+    let socket = dir.path().join("run/agent.sock");
+    let mut agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent.log"))
+        .await
+        .unwrap();
+    let billing = pki.client("billing");
+    let ch = client::connect(&Target::Tls {
+        endpoint: format!("https://127.0.0.1:{port}"),
+        ca_pem: pki.ca.cert_pem().into_bytes(),
+        cert_pem: billing.cert.into_bytes(),
+        key_pem: billing.key.into_bytes(),
+        domain: Some("localhost".into()),
+    })
+    .await
+    .unwrap();
+    let e = TenantServiceClient::new(ch)
+        .create_tenant(pb::CreateTenantRequest {
+            id: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    agent.signal(Signal::SIGTERM).unwrap();
+    agent
+        .wait_for_exit(Duration::from_secs(DRAIN_SECS + 2))
+        .await
+        .unwrap();
+    let log = agent.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("permission denied"))
+        .unwrap_or_else(|| panic!("no denial logged: {log}"));
+    assert!(
+        line.contains("cert:CN=billing") && line.contains("TenantWrite"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn the_unix_socket_is_root_only() {
+    if !require_root("the_unix_socket_is_root_only") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The temp dir must be traversable by the unprivileged user for the test to mean anything.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cfg = write_config(dir.path(), "");
+    let socket = dir.path().join("run/agent.sock");
+    let agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent.log"))
+        .await
+        .unwrap();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    let as_nobody = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("caasctl"));
+        std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+        std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["node", "info"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Permission denied") || err.contains("permission"),
+        "{err}"
+    );
+
+    // Root is admin.
+    let out = std::process::Command::new(bin("caasctl"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--json", "node", "whoami"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["role"], "admin");
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_socket_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let socket = dir.path().join("run/agent.sock");
+    let _first = AgentProcess::spawn(&cfg, &socket, &dir.path().join("a.log"))
+        .await
+        .unwrap();
+    let out = std::process::Command::new(bin("caas-agent"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+}
