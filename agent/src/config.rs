@@ -455,7 +455,10 @@ level = "debug"
             .map(|l| format!("{l}\n"))
             .collect();
         let c = parse(&live.replace("0.0.0.0:7443", "127.0.0.1:7443")).unwrap();
-        assert_eq!(c.api.tls.as_ref().map(|t| t.ca.clone()), Some("/etc/caas-agent/tls/ca.pem".into()));
+        assert_eq!(
+            c.api.tls.as_ref().map(|t| t.ca.clone()),
+            Some("/etc/caas-agent/tls/ca.pem".into())
+        );
         let defaults = Config {
             node_name: c.node_name.clone(),
             api: ApiConfig {
