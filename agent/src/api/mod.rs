@@ -1,7 +1,7 @@
 //! The public gRPC API: one small file per service that turns a request into a domain call.
 //!
 //! Order inside every handler: who is calling ([`auth`]), may they ([`crate::authz`]), is the
-//! input well-formed ([`convert`]), call the domain, convert back. Errors become a
+//! input well-formed (`convert`), call the domain, convert back. Errors become a
 //! `tonic::Status` only in [`status`].
 
 pub mod auth;
