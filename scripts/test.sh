@@ -23,7 +23,23 @@ step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "cargo test"
-cargo test --workspace --locked --no-fail-fast
+log=$(mktemp)
+export CAAS_SKIP_LOG
+CAAS_SKIP_LOG=$(mktemp)
+trap 'rm -f "$log" "$CAAS_SKIP_LOG"' EXIT
+rc=0
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || rc=$?
+# One closing line for the whole suite: cargo prints a summary per test binary, and the last of
+# them (doc tests) often counts zero.
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '; [0-9]+ failed' "$log" | grep -Eo '[0-9]+' | awk '{s+=$1} END {print s+0}')
+skipped=$(grep -c '^SKIP ' "$CAAS_SKIP_LOG" || true)
+if [ "$skipped" -gt 0 ]; then
+  echo "skipped tests:"
+  cat "$CAAS_SKIP_LOG"
+fi
+summary="tests: $passed passed, $failed failed, $skipped skipped"
+[ "$rc" -eq 0 ] || { echo "$summary"; exit "$rc"; }
 
 step "systemd unit"
 bash scripts/verify-unit.sh
@@ -32,3 +48,4 @@ step "README run command"
 bash scripts/check-run.sh
 
 step "all checks passed"
+echo "$summary"

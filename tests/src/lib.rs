@@ -31,8 +31,24 @@ pub fn require_root(test: &str) -> bool {
         !privileged_required(),
         "{test}: needs root, and CAAS_REQUIRE_PRIVILEGED=1 makes it mandatory"
     );
-    eprintln!("SKIP {test}: needs root");
+    skip(test, "needs root");
     false
+}
+
+/// Records a skipped test: on stderr, and in `$CAAS_SKIP_LOG` when set, because cargo hides the
+/// output of tests that pass and a skip must never be silent. The test command prints that file.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIP {test}: {reason}");
+    if let Some(path) = std::env::var_os("CAAS_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "SKIP {test}: {reason}");
+        }
+    }
 }
 
 /// A random suffix so parallel tests never share names.

@@ -261,3 +261,49 @@ async fn a_second_agent_on_the_same_socket_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listening"), "{err}");
 }
+
+#[tokio::test]
+async fn systemd_gets_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = std::process::Command::new(bin("caas-agent"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    let recv = |buf: &mut [u8]| {
+        sock.recv(buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    // Readiness comes once the sockets listen; the watchdog pings every 100 ms.
+    while !(seen.contains("READY=1") && seen.matches("WATCHDOG=1").count() >= 2) {
+        seen.push_str(
+            &recv(&mut buf).unwrap_or_else(|e| panic!("no notification ({e}); got {seen:?}")),
+        );
+        seen.push('\n');
+    }
+    assert!(
+        dir.path().join("run/agent.sock").exists(),
+        "READY=1 only after the socket listens"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    while !seen.contains("STOPPING=1") {
+        seen.push_str(
+            &recv(&mut buf).unwrap_or_else(|e| panic!("no STOPPING=1 ({e}); got {seen:?}")),
+        );
+    }
+    assert!(child.wait().unwrap().success());
+}

@@ -4,6 +4,7 @@
 //! This module owns tenant records only. It must not start processes or touch cgroups: the sandbox
 //! of a tenant (uid range, cgroup subtree, netns, engine) is provisioned by the sandbox layer.
 
+pub mod idrange;
 mod model;
 mod store;
 
