@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "caas/v1/image.proto",
     "caas/v1/usage.proto",
     "caas/v1/node.proto",
+    "caas/engine/v1/engine.proto",
 ];
 
 /// Enum-typed fields that `--json` output should show by name, not as a number.

@@ -156,6 +156,18 @@ pub struct TenantsConfig {
     pub default_pids: u64,
     /// Default container count limit.
     pub default_max_containers: u32,
+    /// First host uid/gid of the pool tenant ranges come from.
+    pub id_pool_start: u32,
+    /// How many 65,536-id ranges the pool holds.
+    pub id_pool_ranges: u32,
+    /// The binary run as each tenant's engine (default: this agent's own executable).
+    pub engine_binary: Option<PathBuf>,
+    /// Directory holding `subuid`/`subgid`, whose ranges tenants never get.
+    pub subid_dir: PathBuf,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// The slice under which every tenant's cgroup subtree is made.
+    pub cgroup_slice: String,
 }
 
 impl Default for TenantsConfig {
@@ -166,6 +178,12 @@ impl Default for TenantsConfig {
             default_memory_bytes: 1 << 30,
             default_pids: 1024,
             default_max_containers: 100,
+            id_pool_start: 1 << 20,
+            id_pool_ranges: 10_000,
+            engine_binary: None,
+            subid_dir: PathBuf::from("/etc"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_slice: crate::cgroups::tenant::SLICE.to_string(),
         }
     }
 }
@@ -311,6 +329,38 @@ impl Config {
             1,
             MAX_TENANT_CONTAINERS,
         )?;
+        validate::check_range(
+            "tenants.id_pool_start",
+            t.id_pool_start,
+            65_536,
+            u32::MAX / 2,
+        )?;
+        validate::check_range("tenants.id_pool_ranges", t.id_pool_ranges, 1, 32_768)?;
+        if u64::from(t.id_pool_start) + u64::from(t.id_pool_ranges) * 65_536 >= u64::from(u32::MAX)
+        {
+            return Err(Invalid::new(
+                "tenants.id_pool_ranges",
+                "the pool would reach past the largest uid; lower id_pool_start or id_pool_ranges",
+            ));
+        }
+        if let Some(b) = &t.engine_binary {
+            check_abs("tenants.engine_binary", b)?;
+        }
+        check_abs("tenants.subid_dir", &t.subid_dir)?;
+        check_abs("tenants.cgroup_root", &t.cgroup_root)?;
+        let slice_ok = t.cgroup_slice.ends_with(".slice")
+            && t.cgroup_slice.len() <= 64
+            && validate::check_id(
+                "tenants.cgroup_slice",
+                t.cgroup_slice.trim_end_matches(".slice"),
+            )
+            .is_ok();
+        if !slice_ok {
+            return Err(Invalid::new(
+                "tenants.cgroup_slice",
+                "must be NAME.slice with NAME of [a-z0-9-], at most 64 bytes",
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(Invalid::new(
                 "log.level",
@@ -466,6 +516,10 @@ level = "debug"
                 tcp_listen: c.api.tcp_listen,
                 tls: c.api.tls.clone(),
                 ..ApiConfig::default()
+            },
+            tenants: TenantsConfig {
+                engine_binary: c.tenants.engine_binary.clone(),
+                ..TenantsConfig::default()
             },
             ..Config::default()
         };

@@ -21,8 +21,9 @@ use tonic::{
 use crate::{
     api::{self, AgentState, auth, limits::MessageLimitLayer},
     config::{Config, TlsConfig},
-    node, systemd,
-    tenants::{Registry, TenantError},
+    node,
+    sandbox::{Manager, SandboxError},
+    systemd,
 };
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -60,7 +61,7 @@ pub enum ServeError {
     },
     /// Tenant state could not be loaded.
     #[error(transparent)]
-    Tenants(#[from] TenantError),
+    Sandboxes(#[from] SandboxError),
     /// The reflection service could not be built.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -96,12 +97,13 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
             source,
         })?;
     }
-    let tenants = Registry::open(&config.state_dir, config.tenants.clone())?;
     let node = node::probe(config.node_name());
+    let sandboxes = Manager::open(&config, node.cgroup_layout)?;
+    sandboxes.recover().await;
     let state = Arc::new(AgentState {
         config,
         node,
-        tenants,
+        sandboxes,
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });
@@ -180,7 +182,7 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         unix = %unix_socket.display(),
         tcp = %tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         cgroups = %state.node.cgroup_layout,
-        tenants = state.tenants.allocated().await.0,
+        tenants = state.sandboxes.registry.allocated().await.0,
         "caas-agent listening"
     );
     Ok(Agent {

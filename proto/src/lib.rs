@@ -10,6 +10,14 @@ pub mod v1 {
     tonic::include_proto!("caas.v1");
 }
 
+/// The engine protocol (`caas.engine.v1`): the agent's internal channel to each tenant engine.
+pub mod engine {
+    /// Generated messages and service of package `caas.engine.v1`.
+    pub mod v1 {
+        tonic::include_proto!("caas.engine.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every caas proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("caas_descriptor");
 

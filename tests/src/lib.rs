@@ -114,6 +114,18 @@ pub struct TestAgent {
     pub socket: PathBuf,
     /// Its TCP address.
     pub addr: SocketAddr,
+    /// Its cgroup slice.
+    pub slice: String,
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if self.agent.is_some() {
+            // The agent is served by this test's runtime: let its other worker run meanwhile
+            // (tests that use a TestAgent run on the multi-thread flavour).
+            tokio::task::block_in_place(|| cleanup_tenants(&self.socket, &self.slice));
+        }
+    }
 }
 
 impl TestAgent {
@@ -126,6 +138,7 @@ impl TestAgent {
         cfg.api.tls = Some(pki.tls_config());
         tweak(&mut cfg);
         cfg.validate()?;
+        let slice = cfg.tenants.cgroup_slice.clone();
         let agent = serve::start(cfg).await?;
         let socket = agent.unix_socket.clone();
         let addr = agent
@@ -137,6 +150,7 @@ impl TestAgent {
             agent: Some(agent),
             socket,
             addr,
+            slice,
         })
     }
 
@@ -166,8 +180,9 @@ impl TestAgent {
         .await
     }
 
-    /// Graceful shutdown.
+    /// Deletes every tenant, then shuts down gracefully.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
+        tokio::task::block_in_place(|| cleanup_tenants(&self.socket, &self.slice));
         if let Some(a) = self.agent.take() {
             a.shutdown().await?;
         }
@@ -175,13 +190,60 @@ impl TestAgent {
     }
 }
 
-/// A config whose every path lies under `dir`.
+/// A config whose every path lies under `dir`, with its own cgroup slice and the built engine.
 pub fn test_config(dir: &Path) -> Config {
-    Config {
+    let mut c = Config {
         state_dir: dir.join("state"),
         run_dir: dir.join("run"),
         ..Config::default()
-    }
+    };
+    c.tenants.engine_binary = Some(bin("caas-agent"));
+    c.tenants.cgroup_slice = unique_slice();
+    c
+}
+
+/// A cgroup slice no other test agent uses.
+pub fn unique_slice() -> String {
+    format!("{}.slice", unique("caas-test"))
+}
+
+/// Deletes every tenant of the agent on `socket` (stopping engines and containers), then removes
+/// the test's cgroup slice. Tests call it (or drop a [`TestAgent`]) so nothing outlives them.
+pub fn cleanup_tenants(socket: &Path, slice: &str) {
+    let socket = socket.to_path_buf();
+    let slice = slice.to_string();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use caas_proto::v1::{self as pb, tenant_service_client::TenantServiceClient};
+            let Ok(ch) = client::connect(&Target::Unix(socket)).await else {
+                return;
+            };
+            let mut t = TenantServiceClient::new(ch);
+            let Ok(list) = t.list_tenants(pb::ListTenantsRequest::default()).await else {
+                return;
+            };
+            for tenant in list.into_inner().tenants {
+                let _ = t
+                    .delete_tenant(pb::DeleteTenantRequest {
+                        id: tenant.id,
+                        force: true,
+                    })
+                    .await;
+            }
+        });
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(&slice));
+            }
+        }
+    })
+    .join();
 }
 
 /// Path of a workspace binary (built by `cargo build --bins`, which the test command runs first).

@@ -11,7 +11,7 @@ use caas_proto::v1::{
 use caas_tests::{TestAgent, bin};
 use tonic::Code;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ids_name_the_field() {
     let agent = TestAgent::start(|_| {}).await.unwrap();
     let mut t = TenantServiceClient::new(agent.unix().await);
@@ -92,8 +92,11 @@ async fn bad_ids_name_the_field() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_quotas_and_labels_name_the_field() {
+    if !caas_tests::require_root("bad_quotas_and_labels_name_the_field") {
+        return;
+    }
     let agent = TestAgent::start(|_| {}).await.unwrap();
     let mut t = TenantServiceClient::new(agent.unix().await);
     let q = |f: fn(&mut pb::Quotas)| {
@@ -173,7 +176,7 @@ async fn bad_quotas_and_labels_name_the_field() {
     assert_eq!(e.code(), Code::AlreadyExists);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused_with_the_cap() {
     let agent = TestAgent::start(|c| c.api.max_message_bytes = 4096)
         .await

@@ -20,49 +20,81 @@ use tonic::Code;
 
 const DRAIN_SECS: u64 = 3;
 
+/// Writes a config under `dir`; returns its path and the cgroup slice it uses.
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let cfg = dir.join("config.toml");
+    let slice = caas_tests::unique_slice();
+    std::fs::write(dir.join("slice"), &slice).unwrap();
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[api]\ndrain_timeout_secs = {DRAIN_SECS}\n{extra}",
-            dir.display()
+            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[tenants]\ncgroup_slice = \"{slice}\"\nengine_binary = \"{1}\"\n[api]\ndrain_timeout_secs = {DRAIN_SECS}\n{extra}",
+            dir.display(),
+            bin("caas-agent").display()
         ),
     )
     .unwrap();
     cfg
 }
 
+fn slice_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("slice")).unwrap()
+}
+
 #[tokio::test]
 async fn sigterm_during_a_stream_of_calls_drains_and_exits_zero() {
+    if !require_root("sigterm_during_a_stream_of_calls_drains_and_exits_zero") {
+        return;
+    }
+    const WORKERS: usize = 8;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "");
     let socket = dir.path().join("run/agent.sock");
     let mut agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent.log"))
         .await
         .unwrap();
+    {
+        let ch = client::connect(&Target::Unix(socket.clone()))
+            .await
+            .unwrap();
+        let mut t = TenantServiceClient::new(ch);
+        for w in 0..WORKERS {
+            t.create_tenant(pb::CreateTenantRequest {
+                id: format!("w{w}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
 
-    // Eight clients, each on its own connection, create tenants as fast as they can.
+    // Each client, on its own connection, rewrites its tenant's pids quota as fast as it can:
+    // every acknowledged call is a write to disk that must survive.
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
-    for w in 0..8 {
+    for w in 0..WORKERS {
         let socket = socket.clone();
         let stop = stop.clone();
         clients.push(tokio::spawn(async move {
             let ch = client::connect(&Target::Unix(socket)).await.unwrap();
             let mut t = TenantServiceClient::new(ch);
-            let (mut created, mut failures) = (Vec::new(), Vec::new());
-            for n in 0.. {
+            let (mut last_acked, mut calls, mut failures) = (0u64, 0usize, Vec::new());
+            for n in 1.. {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let id = format!("w{w}-{n}");
-                let call = t.create_tenant(pb::CreateTenantRequest {
-                    id: id.clone(),
-                    ..Default::default()
+                let call = t.update_tenant_quotas(pb::UpdateTenantQuotasRequest {
+                    id: format!("w{w}"),
+                    quotas: Some(pb::Quotas {
+                        pids: Some(n),
+                        ..Default::default()
+                    }),
                 });
                 match tokio::time::timeout(Duration::from_secs(DRAIN_SECS + 5), call).await {
-                    Ok(Ok(_)) => created.push(id),
+                    Ok(Ok(_)) => {
+                        last_acked = n;
+                        calls += 1;
+                    }
                     Ok(Err(s)) => {
                         failures.push(s.code());
                         break;
@@ -70,7 +102,7 @@ async fn sigterm_during_a_stream_of_calls_drains_and_exits_zero() {
                     Err(_) => panic!("a call hung past the drain timeout"),
                 }
             }
-            (created, failures)
+            (w, last_acked, calls, failures)
         }));
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -88,47 +120,52 @@ async fn sigterm_during_a_stream_of_calls_drains_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{}", agent.log_text());
     stop.store(true, Ordering::Relaxed);
 
-    let mut acknowledged = Vec::new();
+    let mut acked = Vec::new();
+    let mut total = 0;
     for c in clients {
-        let (created, failures) = c.await.unwrap();
+        let (w, last, calls, failures) = c.await.unwrap();
         for code in &failures {
-            // A call either completed, or failed as "the agent is not there" — never half-done.
+            // A call either completed, or failed as "the agent is not there": never half-done.
             assert!(
                 matches!(code, Code::Unavailable | Code::Cancelled),
                 "unclean failure {code:?}"
             );
         }
-        acknowledged.extend(created);
+        total += calls;
+        acked.push((w, last));
     }
-    assert!(
-        acknowledged.len() > 8,
-        "the clients made few calls: {}",
-        acknowledged.len()
-    );
+    assert!(total > WORKERS, "the clients made few calls: {total}");
     assert!(!socket.exists(), "the socket is removed on exit");
-    let log = agent.log_text();
-    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(agent.log_text().contains("SIGTERM"), "{}", agent.log_text());
     drop(agent);
 
-    // Nothing acknowledged was lost: a new agent on the same state has every tenant.
+    // Nothing acknowledged was lost: a new agent on the same state has every write (or the one
+    // after it, if the answer to that one was lost in the shutdown).
     let agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent2.log"))
         .await
         .unwrap();
     let ch = client::connect(&Target::Unix(socket.clone()))
         .await
         .unwrap();
-    let listed: std::collections::BTreeSet<String> = TenantServiceClient::new(ch)
-        .list_tenants(pb::ListTenantsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .tenants
-        .into_iter()
-        .map(|t| t.id)
-        .collect();
-    for id in &acknowledged {
-        assert!(listed.contains(id), "tenant {id} was acknowledged but lost");
+    let mut t = TenantServiceClient::new(ch);
+    for (w, last) in acked {
+        let got = t
+            .get_tenant(pb::GetTenantRequest {
+                id: format!("w{w}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .quotas
+            .unwrap()
+            .pids
+            .unwrap();
+        assert!(
+            got == last || got == last + 1,
+            "tenant w{w}: acknowledged pids={last}, persisted {got}"
+        );
     }
+    caas_tests::cleanup_tenants(&socket, &slice_of(dir.path()));
     drop(agent);
 }
 

@@ -1,11 +1,9 @@
-//! `caas.v1.ContainerService`. Callers are authenticated and authorized and their input is
-//! checked; the container domain (tenant engines) is not built in this version, so valid calls
-//! get `UNIMPLEMENTED`.
+//! `caas.v1.ContainerService`: authorize, check, and hand the call to the tenant's engine.
 
 use std::{pin::Pin, sync::Arc};
 
-use caas_proto::v1::{self as pb, container_service_server::ContainerService};
-use futures::Stream;
+use caas_proto::{engine::v1 as epb, v1 as pb, v1::container_service_server::ContainerService};
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{AgentState, auth::Ctx, convert, status};
@@ -18,7 +16,6 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Debug, Clone)]
 pub struct ContainerApi {
-    #[allow(dead_code)]
     state: Arc<AgentState>,
 }
 
@@ -26,31 +23,40 @@ impl ContainerApi {
     pub fn new(state: Arc<AgentState>) -> Self {
         Self { state }
     }
+
+    /// Authorizes `action` on the reference's tenant, checks it, and returns its engine.
+    async fn engine_for(
+        &self,
+        ctx: &Ctx,
+        r: Option<pb::ContainerRef>,
+        action: Action,
+    ) -> Result<
+        (
+            String,
+            epb::engine_client::EngineClient<tonic::transport::Channel>,
+        ),
+        Status,
+    > {
+        let tenant = r.as_ref().map(|r| r.tenant.clone()).unwrap_or_default();
+        authz::authorize(&ctx.caller, action, Scope::Tenant(&tenant)).map_err(status::denied)?;
+        let (tenant, container) = convert::container_ref(r)?;
+        let (_, eng) = self
+            .state
+            .sandboxes
+            .engine_of(&tenant)
+            .await
+            .map_err(|e| status::sandbox(e, ctx))?;
+        Ok((container, eng))
+    }
+
+    /// Ends a stream when the agent shuts down.
+    fn until_shutdown<T: Send + 'static>(&self, s: tonic::Streaming<T>) -> Streamed<T> {
+        Box::pin(s.take_until(self.state.shutdown.clone().cancelled_owned()))
+    }
 }
 
-/// Authorizes `action` on the tenant of `r`, checks the reference, and reports the missing domain.
-fn on_ref<T>(
-    req: Request<T>,
-    action: Action,
-    f: impl FnOnce(&T) -> Option<&pb::ContainerRef>,
-) -> Status
-where
-    T: Clone,
-{
-    let ctx = match Ctx::of(&req) {
-        Ok(c) => c,
-        Err(s) => return s,
-    };
-    let inner = req.into_inner();
-    let r = f(&inner).cloned();
-    let tenant = r.as_ref().map(|r| r.tenant.as_str()).unwrap_or("");
-    if let Err(d) = authz::authorize(&ctx.caller, action, Scope::Tenant(tenant)) {
-        return status::denied(d);
-    }
-    match convert::container_ref(r) {
-        Ok(_) => status::unimplemented("the container service"),
-        Err(s) => s,
-    }
+fn engine_err(e: Status, ctx: &Ctx) -> Status {
+    status::sandbox(crate::sandbox::SandboxError::Status(e), ctx)
 }
 
 #[tonic::async_trait]
@@ -67,45 +73,98 @@ impl ContainerService for ContainerApi {
             Scope::Tenant(&r.tenant),
         )
         .map_err(status::denied)?;
-        convert::id("tenant", r.tenant)?;
-        convert::id("name", r.name)?;
-        validate::check_labels("labels", &r.labels).map_err(status::invalid)?;
-        Err(status::unimplemented("the container service"))
+        let (tenant, create) = convert::container_create(r)?;
+        let c = self
+            .state
+            .sandboxes
+            .create_container(&tenant, create)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        tracing::info!(%tenant, container = %c.id, name = %c.name, caller = %ctx.caller.identity, "container created");
+        Ok(Response::new(c))
     }
 
     async fn start_container(
         &self,
         req: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
-        Err(on_ref(req, Action::ContainerWrite, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let (c, mut eng) = self
+            .engine_for(&ctx, req.into_inner().r#ref, Action::ContainerWrite)
+            .await?;
+        let r = eng
+            .start(epb::ContainerId { container: c })
+            .await
+            .map_err(|e| engine_err(e, &ctx))?;
+        Ok(r)
     }
 
     async fn stop_container(
         &self,
         req: Request<pb::StopContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
-        Err(on_ref(req, Action::ContainerWrite, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let sig = convert::signal("signal", &r.signal)?;
+        let (c, mut eng) = self
+            .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
+            .await?;
+        eng.stop(epb::StopRequest {
+            container: c,
+            signal: sig,
+            grace_seconds: r.grace_seconds,
+        })
+        .await
+        .map_err(|e| engine_err(e, &ctx))
     }
 
     async fn kill_container(
         &self,
         req: Request<pb::KillContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
-        Err(on_ref(req, Action::ContainerWrite, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let sig = convert::signal("signal", &r.signal)?;
+        let (c, mut eng) = self
+            .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
+            .await?;
+        eng.kill(epb::KillRequest {
+            container: c,
+            signal: sig,
+        })
+        .await
+        .map_err(|e| engine_err(e, &ctx))
     }
 
     async fn delete_container(
         &self,
         req: Request<pb::DeleteContainerRequest>,
     ) -> Result<Response<pb::DeleteContainerResponse>, Status> {
-        Err(on_ref(req, Action::ContainerWrite, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let (c, mut eng) = self
+            .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
+            .await?;
+        eng.delete(epb::DeleteRequest {
+            container: c,
+            force: r.force,
+        })
+        .await
+        .map_err(|e| engine_err(e, &ctx))?;
+        Ok(Response::new(pb::DeleteContainerResponse {}))
     }
 
     async fn wait_container(
         &self,
         req: Request<pb::WaitContainerRequest>,
     ) -> Result<Response<pb::WaitContainerResponse>, Status> {
-        Err(on_ref(req, Action::ContainerRead, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let (c, mut eng) = self
+            .engine_for(&ctx, req.into_inner().r#ref, Action::ContainerRead)
+            .await?;
+        eng.wait(epb::ContainerId { container: c })
+            .await
+            .map_err(|e| engine_err(e, &ctx))
     }
 
     async fn list_containers(
@@ -120,16 +179,34 @@ impl ContainerService for ContainerApi {
             Scope::Tenant(&r.tenant)
         };
         authz::authorize(&ctx.caller, Action::ContainerRead, scope).map_err(status::denied)?;
-        convert::tenant_filter_id(r.tenant)?;
+        let tenant = convert::tenant_filter_id(r.tenant)?;
         validate::check_labels("label_selector", &r.label_selector).map_err(status::invalid)?;
-        Err(status::unimplemented("the container service"))
+        let tenant = tenant.or_else(|| authz::visible_tenant(&ctx.caller).map(str::to_string));
+        let all = self
+            .state
+            .sandboxes
+            .list_containers(tenant.as_deref())
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        Ok(Response::new(pb::ListContainersResponse {
+            containers: all
+                .into_iter()
+                .filter(|c| convert::container_matches(c, r.state, &r.label_selector))
+                .collect(),
+        }))
     }
 
     async fn inspect_container(
         &self,
         req: Request<pb::InspectContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
-        Err(on_ref(req, Action::ContainerRead, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let (c, mut eng) = self
+            .engine_for(&ctx, req.into_inner().r#ref, Action::ContainerRead)
+            .await?;
+        eng.inspect(epb::ContainerId { container: c })
+            .await
+            .map_err(|e| engine_err(e, &ctx))
     }
 
     type ExecStream = Streamed<pb::ExecOutput>;
@@ -137,7 +214,22 @@ impl ContainerService for ContainerApi {
         &self,
         req: Request<pb::ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        Err(on_ref(req, Action::ContainerWrite, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let (c, mut eng) = self
+            .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
+            .await?;
+        let s = eng
+            .exec(epb::ExecRequest {
+                container: c,
+                command: r.command,
+                env: r.env,
+                workdir: r.workdir,
+            })
+            .await
+            .map_err(|e| engine_err(e, &ctx))?
+            .into_inner();
+        Ok(Response::new(self.until_shutdown(s)))
     }
 
     type LogsStream = Streamed<pb::LogChunk>;
@@ -145,7 +237,22 @@ impl ContainerService for ContainerApi {
         &self,
         req: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(on_ref(req, Action::ContainerRead, |r| r.r#ref.as_ref()))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let (c, mut eng) = self
+            .engine_for(&ctx, r.r#ref, Action::ContainerRead)
+            .await?;
+        let s = eng
+            .logs(epb::LogsRequest {
+                container: c,
+                tail: r.tail,
+                follow: r.follow,
+                stream: r.stream,
+            })
+            .await
+            .map_err(|e| engine_err(e, &ctx))?
+            .into_inner();
+        Ok(Response::new(self.until_shutdown(s)))
     }
 
     type EventsStream = Streamed<pb::ContainerEvent>;
@@ -161,7 +268,49 @@ impl ContainerService for ContainerApi {
             Scope::Tenant(&r.tenant)
         };
         authz::authorize(&ctx.caller, Action::ContainerRead, scope).map_err(status::denied)?;
-        convert::tenant_filter_id(r.tenant)?;
-        Err(status::unimplemented("the container event stream"))
+        let tenant = convert::tenant_filter_id(r.tenant)?
+            .or_else(|| authz::visible_tenant(&ctx.caller).map(str::to_string));
+        let tenants: Vec<String> = match tenant {
+            Some(t) => vec![t],
+            None => {
+                if r.after_seq != 0 {
+                    return Err(status::invalid(validate::Invalid::new(
+                        "after_seq",
+                        "sequence numbers are per tenant; resume with a tenant set",
+                    )));
+                }
+                self.state
+                    .sandboxes
+                    .registry
+                    .list(&crate::tenants::TenantFilter {
+                        state: Some(crate::tenants::TenantState::Ready),
+                        ..Default::default()
+                    })
+                    .await
+                    .into_iter()
+                    .map(|t| t.id)
+                    .collect()
+            }
+        };
+        let mut streams = Vec::new();
+        for t in tenants {
+            let (_, mut eng) = self
+                .state
+                .sandboxes
+                .engine_of(&t)
+                .await
+                .map_err(|e| status::sandbox(e, &ctx))?;
+            let s = eng
+                .events(epb::EventsRequest {
+                    after_seq: r.after_seq,
+                })
+                .await
+                .map_err(|e| engine_err(e, &ctx))?
+                .into_inner();
+            streams.push(s);
+        }
+        let merged = futures::stream::select_all(streams)
+            .take_until(self.state.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(merged)))
     }
 }

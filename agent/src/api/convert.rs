@@ -132,8 +132,142 @@ pub fn tenant_out(t: Tenant) -> pb::Tenant {
             TenantState::Deleting => pb::TenantState::Deleting,
         } as i32,
         message: t.message,
-        id_range: None,
+        id_range: Some(pb::IdRange {
+            start: t.id_range.start,
+            size: t.id_range.size,
+        }),
         created_at_unix_ms: t.created_at_unix_ms,
         containers: 0,
     }
+}
+
+/// Most arguments a command may have.
+const MAX_ARGS: usize = 4096;
+/// Most environment entries.
+const MAX_ENV: usize = 1024;
+/// Largest total size of argv plus env.
+const MAX_ARGV_ENV_BYTES: usize = 256 << 10;
+
+/// Checks a create request and turns it into the engine's request. The id is generated here.
+pub fn container_create(
+    r: pb::CreateContainerRequest,
+) -> Result<(String, caas_proto::engine::v1::CreateRequest), Status> {
+    use crate::config::{MAX_TENANT_CPUS, MAX_TENANT_MEMORY, MAX_TENANT_PIDS, MIN_TENANT_CPUS};
+    let bad = |f: &str, m: String| status::invalid(Invalid::new(f, m));
+    let tenant = id("tenant", r.tenant)?;
+    let name = id("name", r.name)?;
+    validate::check_labels("labels", &r.labels).map_err(status::invalid)?;
+    if !r.image.is_empty() {
+        return Err(bad(
+            "image",
+            "image references need the image service, which this agent version lacks; give rootfs_path".into(),
+        ));
+    }
+    if r.rootfs_path.is_empty()
+        || !r.rootfs_path.starts_with('/')
+        || r.rootfs_path.split('/').any(|c| c == "..")
+    {
+        return Err(bad(
+            "rootfs_path",
+            "must be an absolute host path without `..`".into(),
+        ));
+    }
+    if r.command.is_empty() || r.command[0].is_empty() {
+        return Err(bad("command", "must not be empty".into()));
+    }
+    if r.command.len() > MAX_ARGS {
+        return Err(bad(
+            "command",
+            format!("has {} arguments, the limit is {MAX_ARGS}", r.command.len()),
+        ));
+    }
+    if r.env.len() > MAX_ENV {
+        return Err(bad(
+            "env",
+            format!("has {} entries, the limit is {MAX_ENV}", r.env.len()),
+        ));
+    }
+    let total: usize = r.command.iter().chain(&r.env).map(String::len).sum();
+    if total > MAX_ARGV_ENV_BYTES {
+        return Err(bad(
+            "command",
+            format!("command and env are {total} bytes, the limit is {MAX_ARGV_ENV_BYTES}"),
+        ));
+    }
+    for (i, e) in r.env.iter().enumerate() {
+        match e.split_once('=') {
+            Some((k, _)) if !k.is_empty() && !e.contains('\0') => {}
+            _ => return Err(bad(&format!("env[{i}]"), format!("{e:?} is not KEY=VALUE"))),
+        }
+    }
+    if r.command.iter().any(|a| a.contains('\0')) {
+        return Err(bad("command", "must not contain NUL bytes".into()));
+    }
+    if !r.workdir.is_empty() && !r.workdir.starts_with('/') {
+        return Err(bad(
+            "workdir",
+            "must be an absolute path inside the container".into(),
+        ));
+    }
+    if !r.ports.is_empty() {
+        return Err(Status::unimplemented(
+            "published ports arrive with tenant networks; this agent version has none",
+        ));
+    }
+    let res = r.resources.unwrap_or_default();
+    if let Some(c) = res.cpus {
+        validate::check_cpus("resources.cpus", c, MIN_TENANT_CPUS, MAX_TENANT_CPUS)
+            .map_err(status::invalid)?;
+    }
+    if let Some(m) = res.memory_bytes {
+        validate::check_range("resources.memory_bytes", m, 4 << 20, MAX_TENANT_MEMORY)
+            .map_err(status::invalid)?;
+    }
+    if let Some(p) = res.pids {
+        validate::check_range("resources.pids", p, 1, MAX_TENANT_PIDS).map_err(status::invalid)?;
+    }
+    let id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    Ok((
+        tenant,
+        caas_proto::engine::v1::CreateRequest {
+            id,
+            image: r.rootfs_path.clone(),
+            name,
+            rootfs: r.rootfs_path,
+            command: r.command,
+            env: r.env,
+            workdir: r.workdir,
+            resources: Some(res),
+            labels: r.labels,
+        },
+    ))
+}
+
+/// A signal given by name (`SIGTERM`, `TERM`) or number; empty gives 0 (the engine's default).
+pub fn signal(field: &str, s: &str) -> Result<i32, Status> {
+    if s.is_empty() {
+        return Ok(0);
+    }
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|sig| sig as i32)
+            .map_err(|_| status::invalid(Invalid::new(field, format!("{n} is not a signal"))));
+    }
+    let name = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| status::invalid(Invalid::new(field, format!("{s:?} is not a signal name"))))
+}
+
+/// Whether a container passes a list filter.
+pub fn container_matches(
+    c: &pb::Container,
+    state: i32,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    (state == 0 || c.state == state) && validate::labels_match(&c.labels, labels)
 }

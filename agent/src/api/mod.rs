@@ -24,7 +24,7 @@ use caas_proto::v1::{
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-use crate::{config::Config, node::NodeFacts, tenants::Registry};
+use crate::{config::Config, node::NodeFacts, sandbox::Manager};
 
 /// What every handler can reach.
 #[derive(Debug)]
@@ -33,8 +33,8 @@ pub struct AgentState {
     pub config: Config,
     /// Host facts probed at start-up.
     pub node: NodeFacts,
-    /// The tenant registry.
-    pub tenants: Registry,
+    /// Tenants, their sandboxes and engines.
+    pub sandboxes: Manager,
     /// When the agent started.
     pub started: Instant,
     /// Cancelled when the agent shuts down; long streams end on it.

@@ -28,7 +28,7 @@ impl NodeService for NodeApi {
         let ctx = Ctx::of(&req)?;
         authz::authorize(&ctx.caller, Action::NodeRead, Scope::Node).map_err(status::denied)?;
         let n = &self.state.node;
-        let (tenants, cpus, mem) = self.state.tenants.allocated().await;
+        let (tenants, cpus, mem) = self.state.sandboxes.registry.allocated().await;
         let mut warnings = Vec::new();
         if n.cgroup_layout != crate::cgroups::CgroupLayout::V2 {
             warnings.push(format!(

@@ -6,7 +6,7 @@
 use tonic::Status;
 
 use super::auth::Ctx;
-use crate::{authz::Denied, tenants::TenantError, validate::Invalid};
+use crate::{authz::Denied, sandbox::SandboxError, tenants::TenantError, validate::Invalid};
 
 /// Bad input: `INVALID_ARGUMENT`, naming the field.
 pub fn invalid(e: Invalid) -> Status {
@@ -23,11 +23,33 @@ pub fn tenant(e: TenantError, ctx: &Ctx) -> Status {
     match e {
         TenantError::NotFound { .. } => Status::not_found(e.to_string()),
         TenantError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        TenantError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
+        TenantError::TooMany { .. } | TenantError::Exhausted(_) => {
+            Status::resource_exhausted(e.to_string())
+        }
         TenantError::Invalid(i) => invalid(i),
         TenantError::Persist { .. } | TenantError::Load { .. } | TenantError::Blocking(_) => {
             internal(&e, ctx)
         }
+    }
+}
+
+/// A sandbox (tenant engine) error. Engine statuses pass through: they are about the caller's
+/// own tenant and already carry the right code.
+pub fn sandbox(e: SandboxError, ctx: &Ctx) -> Status {
+    match e {
+        SandboxError::Tenant(t) => tenant(t, ctx),
+        SandboxError::HasContainers { .. } => Status::failed_precondition(e.to_string()),
+        SandboxError::VmUnavailable => Status::failed_precondition(e.to_string()),
+        SandboxError::ContainerQuota { .. } => Status::resource_exhausted(e.to_string()),
+        SandboxError::Status(s) => match s.code() {
+            tonic::Code::Internal | tonic::Code::Unknown => {
+                tracing::error!(request_id = %ctx.request_id, error = %s.message(), "engine error");
+                Status::internal(format!("{} (request id {})", s.message(), ctx.request_id))
+            }
+            _ => s,
+        },
+        SandboxError::Engine { .. } => Status::unavailable(e.to_string()),
+        SandboxError::Cgroup(_) => internal(&e, ctx),
     }
 }
 

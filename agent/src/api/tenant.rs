@@ -32,10 +32,10 @@ impl TenantService for TenantApi {
         let spec = convert::tenant_spec(r)?;
         let t = self
             .state
-            .tenants
-            .create(spec)
+            .sandboxes
+            .create_tenant(spec)
             .await
-            .map_err(|e| status::tenant(e, &ctx))?;
+            .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(tenant = %t.id, caller = %ctx.caller.identity, "tenant created");
         Ok(Response::new(convert::tenant_out(t)))
     }
@@ -51,7 +51,8 @@ impl TenantService for TenantApi {
         let id = convert::id("id", r.id)?;
         let t = self
             .state
-            .tenants
+            .sandboxes
+            .registry
             .get(&id)
             .await
             .map_err(|e| status::tenant(e, &ctx))?;
@@ -65,7 +66,7 @@ impl TenantService for TenantApi {
         let ctx = Ctx::of(&req)?;
         authz::authorize(&ctx.caller, Action::TenantRead, Scope::Node).map_err(status::denied)?;
         let filter = convert::tenant_filter(req.into_inner(), authz::visible_tenant(&ctx.caller))?;
-        let tenants = self.state.tenants.list(&filter).await;
+        let tenants = self.state.sandboxes.registry.list(&filter).await;
         Ok(Response::new(pb::ListTenantsResponse {
             tenants: tenants.into_iter().map(convert::tenant_out).collect(),
         }))
@@ -82,10 +83,10 @@ impl TenantService for TenantApi {
         let id = convert::id("id", r.id)?;
         let t = self
             .state
-            .tenants
+            .sandboxes
             .update_quotas(&id, convert::quotas_in(r.quotas))
             .await
-            .map_err(|e| status::tenant(e, &ctx))?;
+            .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(tenant = %t.id, caller = %ctx.caller.identity, "tenant quotas updated");
         Ok(Response::new(convert::tenant_out(t)))
     }
@@ -100,10 +101,10 @@ impl TenantService for TenantApi {
             .map_err(status::denied)?;
         let id = convert::id("id", r.id)?;
         self.state
-            .tenants
-            .delete(&id)
+            .sandboxes
+            .delete_tenant(&id, r.force)
             .await
-            .map_err(|e| status::tenant(e, &ctx))?;
+            .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(tenant = %id, caller = %ctx.caller.identity, "tenant deleted");
         Ok(Response::new(pb::DeleteTenantResponse {}))
     }

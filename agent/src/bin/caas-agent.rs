@@ -24,6 +24,22 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Run one tenant's engine (started by the agent, not by hand).
+    #[command(hide = true)]
+    Engine {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        id_start: u32,
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        run_dir: PathBuf,
+        #[arg(long, default_value = "/sys/fs/cgroup")]
+        cgroup_root: PathBuf,
+        #[arg(long, default_value = caas_agent::cgroups::tenant::SLICE)]
+        cgroup_slice: String,
+    },
     /// Certificates for development and tests.
     Certs {
         #[command(subcommand)]
@@ -81,6 +97,31 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "caas-agent failed");
                     eprintln!("caas-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Engine {
+            tenant,
+            id_start,
+            state_dir,
+            run_dir,
+            cgroup_root,
+            cgroup_slice,
+        } => {
+            logging::init(&caas_agent::config::LogConfig::default());
+            let args = caas_agent::engine::EngineArgs {
+                tenant,
+                id_start,
+                state_dir,
+                run_dir,
+                cgroup_root,
+                cgroup_slice,
+            };
+            match caas_agent::engine::main(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("caas-agent engine: {e}");
                     ExitCode::FAILURE
                 }
             }

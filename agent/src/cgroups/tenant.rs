@@ -13,7 +13,7 @@ use std::{
 
 use super::CgroupLayout;
 
-/// The slice every tenant subtree lives in.
+/// The default slice every tenant subtree lives in (config `tenants.cgroup_slice`).
 pub const SLICE: &str = "caas.slice";
 /// CFS period used for CPU quotas (100 ms, the kernel default).
 pub const CFS_PERIOD_US: u64 = 100_000;
@@ -62,14 +62,21 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 pub struct TenantCgroups {
     root: PathBuf,
     layout: CgroupLayout,
+    slice: String,
 }
 
 impl TenantCgroups {
     /// For the hierarchy mounted at `root` (normally `/sys/fs/cgroup`) with `layout`.
     pub fn new(root: impl Into<PathBuf>, layout: CgroupLayout) -> Self {
+        Self::with_slice(root, layout, SLICE)
+    }
+
+    /// As [`TenantCgroups::new`], with tenants under `slice` instead of [`SLICE`].
+    pub fn with_slice(root: impl Into<PathBuf>, layout: CgroupLayout, slice: &str) -> Self {
         Self {
             root: root.into(),
             layout,
+            slice: slice.to_string(),
         }
     }
 
@@ -80,8 +87,8 @@ impl TenantCgroups {
 
     /// The tenant's cgroup path relative to a hierarchy root, e.g. `/caas.slice/tenant-a`. This is
     /// what an OCI `cgroupsPath` of a container of the tenant starts with.
-    pub fn tenant_path(tenant: &str) -> String {
-        format!("/{SLICE}/tenant-{tenant}")
+    pub fn tenant_path(&self, tenant: &str) -> String {
+        format!("/{}/tenant-{tenant}", self.slice)
     }
 
     /// Directories of `rel` in every hierarchy that carries tenant limits.
@@ -117,12 +124,12 @@ impl TenantCgroups {
 
     /// Creates the tenant's subtree and applies `limits`. Idempotent.
     pub fn create(&self, tenant: &str, limits: &Limits) -> Result<(), CgroupError> {
-        let dirs = self.limited_dirs(&Self::tenant_path(tenant));
+        let dirs = self.limited_dirs(&self.tenant_path(tenant));
         if dirs.is_empty() {
             return Err(CgroupError::NoHierarchy(self.root.clone()));
         }
         if self.layout == CgroupLayout::V2 {
-            self.enable_v2_controllers(&Self::tenant_path(tenant))?;
+            self.enable_v2_controllers(&self.tenant_path(tenant))?;
         }
         for d in &dirs {
             fs::create_dir_all(d).map_err(io_err(d))?;
@@ -132,7 +139,7 @@ impl TenantCgroups {
 
     /// Writes the tenant's limits (also used to change quotas on a live tenant).
     pub fn set_limits(&self, tenant: &str, l: &Limits) -> Result<(), CgroupError> {
-        let rel = Self::tenant_path(tenant);
+        let rel = self.tenant_path(tenant);
         let rel = rel.trim_start_matches('/');
         let quota_us = cfs_quota_us(l.cpus);
         match self.layout {
@@ -180,7 +187,7 @@ impl TenantCgroups {
     /// Removes the tenant's subtree in every hierarchy, deepest first. Fails with
     /// [`CgroupError::Busy`] if a process is still inside. Missing directories are fine.
     pub fn remove(&self, tenant: &str) -> Result<(), CgroupError> {
-        let rel = Self::tenant_path(tenant);
+        let rel = self.tenant_path(tenant);
         for h in self.all_hierarchies() {
             let d = h.join(rel.trim_start_matches('/'));
             if d.exists() {
@@ -205,7 +212,7 @@ impl TenantCgroups {
 /// CFS quota for `cpus` over [`CFS_PERIOD_US`], rounded up and at least the kernel's 1 ms minimum.
 /// `cpus` was validated (finite, 0.01..=4096), so the product fits easily.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn cfs_quota_us(cpus: f64) -> u64 {
+pub fn cfs_quota_us(cpus: f64) -> u64 {
     ((cpus * CFS_PERIOD_US as f64)
         .ceil()
         .clamp(0.0, u64::MAX as f64) as u64)

@@ -141,6 +141,8 @@ pub struct Tenant {
     pub message: String,
     /// Creation time.
     pub created_at_unix_ms: u64,
+    /// The tenant's host uid/gid range.
+    pub id_range: super::idrange::IdRange,
 }
 
 /// Which tenants a list returns.

@@ -9,6 +9,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::idrange::{self, IdPool, IdRange};
 use super::model::{QuotaRequest, Quotas, Tenant, TenantFilter, TenantSpec, TenantState};
 use crate::{
     blocking::{self, BlockingError},
@@ -62,6 +63,9 @@ pub enum TenantError {
         /// What is wrong with it.
         reason: String,
     },
+    /// No uid/gid range is free.
+    #[error(transparent)]
+    Exhausted(#[from] super::idrange::PoolExhausted),
     /// The filesystem did not answer in time.
     #[error(transparent)]
     Blocking(#[from] BlockingError),
@@ -132,14 +136,22 @@ impl Registry {
                 max: self.limits.max_tenants,
             });
         }
+        let taken: Vec<IdRange> = map.values().map(|t| t.id_range).collect();
+        let reserved = idrange::host_reserved(&self.limits.subid_dir);
+        let pool = IdPool {
+            start: self.limits.id_pool_start,
+            ranges: self.limits.id_pool_ranges,
+        };
+        let id_range = pool.allocate(&taken, &reserved)?;
         let tenant = Tenant {
             id: spec.id,
             isolation: spec.isolation,
             quotas,
             labels: spec.labels,
             state: TenantState::Pending,
-            message: "recorded; sandbox provisioning is not built yet".into(),
+            message: "provisioning the sandbox".into(),
             created_at_unix_ms: now_ms(),
+            id_range,
         };
         self.persist(&tenant).await?;
         map.insert(tenant.id.clone(), tenant.clone());
@@ -178,6 +190,25 @@ impl Registry {
         self.persist(&updated).await?;
         map.insert(updated.id.clone(), updated.clone());
         Ok(updated)
+    }
+
+    /// Sets a tenant's state and message.
+    pub async fn set_state(
+        &self,
+        id: &str,
+        state: TenantState,
+        message: &str,
+    ) -> Result<Tenant, TenantError> {
+        let mut map = self.tenants.lock().await;
+        let mut t = map
+            .get(id)
+            .cloned()
+            .ok_or_else(|| TenantError::NotFound { id: id.into() })?;
+        t.state = state;
+        t.message = message.to_string();
+        self.persist(&t).await?;
+        map.insert(t.id.clone(), t.clone());
+        Ok(t)
     }
 
     /// Forgets a tenant. The caller has already torn its sandbox down.
@@ -283,10 +314,14 @@ mod tests {
     #[tokio::test]
     async fn create_survives_reopen_and_delete_forgets() {
         let d = tempfile::tempdir().unwrap();
-        let limits = TenantsConfig::default();
+        let limits = TenantsConfig {
+            subid_dir: d.path().to_path_buf(),
+            ..Default::default()
+        };
         let r = Registry::open(d.path(), limits.clone()).unwrap();
-        r.create(spec("a")).await.unwrap();
-        r.create(spec("b")).await.unwrap();
+        let a = r.create(spec("a")).await.unwrap();
+        let b = r.create(spec("b")).await.unwrap();
+        assert!(!a.id_range.overlaps(&b.id_range), "ranges are disjoint");
         assert!(matches!(
             r.create(spec("a")).await,
             Err(TenantError::AlreadyExists { .. })
@@ -325,6 +360,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let limits = TenantsConfig {
             max_tenants: 1,
+            subid_dir: d.path().to_path_buf(),
             ..Default::default()
         };
         let r = Registry::open(d.path(), limits.clone()).unwrap();

@@ -1,0 +1,587 @@
+//! The engine's containers: create with libcontainer, start, signal, reap, delete.
+//!
+//! Runs on the engine's single thread. libcontainer's `build()` clones and waits for its
+//! intermediate process synchronously, so no reaping can interleave with it.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    fs,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use caas_proto::v1 as pb;
+use libcontainer::{
+    container::{Container, builder::ContainerBuilder},
+    syscall::syscall::SyscallType,
+};
+use nix::{
+    sys::{
+        signal::Signal,
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::Pid,
+};
+use tokio::sync::{broadcast, watch};
+
+use super::{
+    record::{Record, State, now_ms},
+    rootfs, spec,
+};
+use crate::cgroups::{CgroupLayout, TenantCgroups};
+
+/// Events kept in memory for `Events(after_seq)` replays.
+const EVENT_BACKLOG: usize = 1024;
+
+/// What went wrong, with a variant per gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No such container.
+    #[error("container {0:?} does not exist")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("a container named {0:?} already exists in this tenant")]
+    NameTaken(String),
+    /// Bad input (a missing rootfs, a command not in the image).
+    #[error("{0}")]
+    Invalid(String),
+    /// Wrong state for the request.
+    #[error("{0}")]
+    State(String),
+    /// The runtime failed.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Directory layout of one tenant engine.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// Persistent: `<state_dir>/engines/<tenant>`.
+    pub state: PathBuf,
+    /// Runtime: `<run_dir>/tenants/<tenant>`.
+    pub run: PathBuf,
+}
+
+impl Paths {
+    fn container(&self, id: &str) -> PathBuf {
+        self.state.join("containers").join(id)
+    }
+    /// Where a container's root filesystem is mounted: under the run dir, whose path the tenant's
+    /// (unprivileged) root can traverse, unlike the 0700 state dir.
+    fn mountpoint(&self, id: &str) -> PathBuf {
+        self.run.join("rootfs").join(id)
+    }
+    fn images(&self) -> PathBuf {
+        self.state.join("images")
+    }
+    /// The tenant's namespace files.
+    pub fn ns(&self) -> PathBuf {
+        self.run.join("ns")
+    }
+    fn youki(&self) -> PathBuf {
+        self.run.join("youki")
+    }
+    /// The engine's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("engine.sock")
+    }
+}
+
+/// What `Create` needs.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    /// Engine-unique id.
+    pub id: String,
+    /// Tenant-unique name.
+    pub name: String,
+    /// Display name of the source.
+    pub image: String,
+    /// Host rootfs directory.
+    pub rootfs: PathBuf,
+    /// argv.
+    pub command: Vec<String>,
+    /// KEY=VALUE.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub workdir: String,
+    /// Limits.
+    pub cpus: Option<f64>,
+    /// Memory limit.
+    pub memory_bytes: Option<u64>,
+    /// Pids limit.
+    pub pids: Option<u64>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The tenant's containers.
+pub struct Engine {
+    tenant: String,
+    id_start: u32,
+    paths: Paths,
+    cgroup_root: PathBuf,
+    layout: CgroupLayout,
+    cgroups: TenantCgroups,
+    recs: BTreeMap<String, Record>,
+    exits: HashMap<String, watch::Sender<bool>>,
+    events: broadcast::Sender<pb::ContainerEvent>,
+    backlog: VecDeque<pb::ContainerEvent>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads the records a previous engine left and re-adopts their containers.
+    pub fn open(
+        tenant: String,
+        id_start: u32,
+        paths: Paths,
+        cgroups: TenantCgroups,
+        cgroup_root: PathBuf,
+    ) -> Self {
+        let layout = cgroups.layout();
+        let mut recs = BTreeMap::new();
+        if let Ok(rd) = fs::read_dir(paths.state.join("containers")) {
+            for e in rd.flatten() {
+                match Record::load(&e.path()) {
+                    Ok(r) => {
+                        recs.insert(r.id.clone(), r);
+                    }
+                    Err(err) => {
+                        tracing::warn!(dir = %e.path().display(), error = %err, "skipping an unreadable container record")
+                    }
+                }
+            }
+        }
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        let mut eng = Self {
+            tenant,
+            id_start,
+            paths,
+            cgroup_root,
+            layout,
+            cgroups,
+            recs,
+            exits: HashMap::new(),
+            events,
+            backlog: VecDeque::new(),
+            seq: 0,
+        };
+        let ids: Vec<String> = eng.recs.keys().cloned().collect();
+        for id in ids {
+            eng.exits.insert(id.clone(), watch::channel(false).0);
+            eng.check_adopted(&id);
+        }
+        eng
+    }
+
+    /// A re-adopted container is not our child: if its pid is gone, it exited while no engine
+    /// watched, and its exit code is lost.
+    pub fn check_adopted(&mut self, id: &str) {
+        let Some(r) = self.recs.get(id) else { return };
+        if r.state == State::Exited || r.pid == 0 {
+            return;
+        }
+        let alive = nix::sys::signal::kill(Pid::from_raw(r.pid as i32), None).is_ok()
+            && fs::read_to_string(format!("/proc/{}/stat", r.pid))
+                .is_ok_and(|s| !s.contains(") Z "));
+        if !alive {
+            self.mark_exited(
+                id,
+                -1,
+                "exited while no engine was watching; its exit code is unknown",
+            );
+        }
+    }
+
+    /// Ids of containers this engine watches by pid (not its children).
+    pub fn adopted_running(&self) -> Vec<String> {
+        self.recs
+            .values()
+            .filter(|r| r.state != State::Exited && r.pid != 0)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    fn cgroup(&self, id: &str) -> String {
+        format!("{}/c-{id}", self.cgroups.tenant_path(&self.tenant))
+    }
+
+    fn emit(&mut self, typ: pb::ContainerEventType, id: &str) {
+        let Some(r) = self.recs.get(id) else { return };
+        self.seq += 1;
+        let ev = pb::ContainerEvent {
+            seq: self.seq,
+            r#type: typ as i32,
+            tenant: self.tenant.clone(),
+            container_id: r.id.clone(),
+            container_name: r.name.clone(),
+            exit_code: r.exit_code,
+            time_unix_ms: now_ms(),
+        };
+        if self.backlog.len() == EVENT_BACKLOG {
+            self.backlog.pop_front();
+        }
+        self.backlog.push_back(ev.clone());
+        let _ = self.events.send(ev);
+    }
+
+    /// Events after `seq`, and a receiver for what follows.
+    pub fn subscribe(
+        &self,
+        after: u64,
+    ) -> (
+        Vec<pb::ContainerEvent>,
+        broadcast::Receiver<pb::ContainerEvent>,
+    ) {
+        let rx = self.events.subscribe();
+        let past = if after == 0 {
+            Vec::new()
+        } else {
+            self.backlog
+                .iter()
+                .filter(|e| e.seq > after)
+                .cloned()
+                .collect()
+        };
+        (past, rx)
+    }
+
+    fn save(&self, id: &str) {
+        if let Some(r) = self.recs.get(id)
+            && let Err(e) = r.save(&self.paths.container(id))
+        {
+            tracing::error!(container = id, error = %e, "persisting a container record failed");
+        }
+    }
+
+    /// Resolves an id or a name.
+    pub fn resolve(&self, key: &str) -> Result<String, EngineError> {
+        if self.recs.contains_key(key) {
+            return Ok(key.to_string());
+        }
+        self.recs
+            .values()
+            .find(|r| r.name == key)
+            .map(|r| r.id.clone())
+            .ok_or_else(|| EngineError::NotFound(key.to_string()))
+    }
+
+    /// One container.
+    pub fn get(&self, key: &str) -> Result<&Record, EngineError> {
+        let id = self.resolve(key)?;
+        self.recs.get(&id).ok_or(EngineError::NotFound(id))
+    }
+
+    /// All containers.
+    pub fn list(&self) -> Vec<Record> {
+        self.recs.values().cloned().collect()
+    }
+
+    /// The log files of a container.
+    pub fn log_paths(&self, key: &str) -> Result<(PathBuf, PathBuf), EngineError> {
+        let id = self.resolve(key)?;
+        let d = self.paths.container(&id);
+        Ok((d.join("stdout.log"), d.join("stderr.log")))
+    }
+
+    /// Creates a container (its init waits for Start).
+    pub fn create(&mut self, c: CreateSpec) -> Result<Record, EngineError> {
+        if self.recs.values().any(|r| r.name == c.name) {
+            return Err(EngineError::NameTaken(c.name));
+        }
+        if self.recs.contains_key(&c.id) {
+            return Err(EngineError::NameTaken(c.id));
+        }
+        let image =
+            rootfs::prepare_image(&self.paths.images(), &c.rootfs, self.id_start).map_err(|e| {
+                match e {
+                    rootfs::RootfsError::Missing(_) => EngineError::Invalid(e.to_string()),
+                    other => EngineError::Runtime(other.to_string()),
+                }
+            })?;
+        let argv0 = c
+            .command
+            .first()
+            .ok_or_else(|| EngineError::Invalid("command: must not be empty".into()))?;
+        rootfs::find_command(&image, argv0, &c.env)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let dir = self.paths.container(&c.id);
+        fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::Runtime(format!("{}: {e}", dir.display())))?;
+        let result = self.build(&c, &image, &dir);
+        match result {
+            Ok(pid) => {
+                let mut r = Record::new(c.id.clone(), c.name, c.image, c.command);
+                r.cpus = c.cpus;
+                r.memory_bytes = c.memory_bytes;
+                r.pids = c.pids;
+                r.labels = c.labels;
+                r.pid = pid;
+                self.recs.insert(c.id.clone(), r.clone());
+                self.exits.insert(c.id.clone(), watch::channel(false).0);
+                self.save(&c.id);
+                self.emit(pb::ContainerEventType::Created, &c.id);
+                Ok(r)
+            }
+            Err(e) => {
+                let mp = self.paths.mountpoint(&c.id);
+                rootfs::unmount(&mp);
+                let _ = fs::remove_dir(&mp);
+                if let Ok(mut ct) = Container::load(self.paths.youki().join(&c.id)) {
+                    let _ = ct.delete(true);
+                }
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&self, c: &CreateSpec, image: &Path, dir: &Path) -> Result<u32, EngineError> {
+        let rt = |what: &str| {
+            let what = what.to_string();
+            move |e: &dyn std::fmt::Display| EngineError::Runtime(format!("{what}: {e}"))
+        };
+        let root = self.paths.mountpoint(&c.id);
+        rootfs::mount_overlay(image, &dir.join("layer"), &root, self.id_start)
+            .map_err(|e| rt("rootfs")(&e))?;
+        let cgroup = self.cgroup(&c.id);
+        let spec = spec::build(&spec::ContainerSpec {
+            rootfs: &root,
+            command: &c.command,
+            env: &c.env,
+            workdir: &c.workdir,
+            ns_dir: &self.paths.ns(),
+            cgroup: &cgroup,
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
+            pids: c.pids,
+            hostname: &c.name,
+        })
+        .map_err(|e| rt("spec")(&e))?;
+        let bundle = dir.join("bundle");
+        fs::create_dir_all(&bundle).map_err(|e| rt("bundle")(&e))?;
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| rt("bundle")(&e))?;
+        let open = |name: &str| -> Result<OwnedFd, EngineError> {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .map(OwnedFd::from)
+                .map_err(|e| rt("log file")(&e))
+        };
+        let devnull: OwnedFd = fs::File::open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|e| rt("/dev/null")(&e))?;
+        let container = ContainerBuilder::new(c.id.clone(), SyscallType::default())
+            .validate_id()
+            .map_err(|e| rt("container id")(&e))?
+            .with_root_path(self.paths.youki())
+            .map_err(|e| rt("state dir")(&e))?
+            .with_stdin(devnull)
+            .with_stdout(open("stdout.log")?)
+            .with_stderr(open("stderr.log")?)
+            .as_init(&bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| rt("creating the container")(&e))?;
+        // libcontainer leaves the process non-dumpable; the engine's /proc should stay readable.
+        let _ = nix::sys::prctl::set_dumpable(true);
+        let pid = container
+            .pid()
+            .ok_or_else(|| EngineError::Runtime("the container has no pid".into()))?;
+        u32::try_from(pid.as_raw()).map_err(|_| EngineError::Runtime("bad pid".into()))
+    }
+
+    /// Lets a created container's init exec its command.
+    pub fn start(&mut self, key: &str) -> Result<Record, EngineError> {
+        let id = self.resolve(key)?;
+        let state = self.recs.get(&id).map(|r| r.state);
+        if state != Some(State::Created) {
+            return Err(EngineError::State(format!(
+                "container {key:?} is {}, only a created container can start",
+                state
+                    .map(|s| format!("{s:?}").to_lowercase())
+                    .unwrap_or_default()
+            )));
+        }
+        let mut ct = Container::load(self.paths.youki().join(&id))
+            .map_err(|e| EngineError::Runtime(format!("loading container state: {e}")))?;
+        ct.start()
+            .map_err(|e| EngineError::Runtime(format!("starting the container: {e}")))?;
+        if let Some(r) = self.recs.get_mut(&id) {
+            // The init may already have exited and been reaped between start and here.
+            if r.state == State::Created {
+                r.state = State::Running;
+            }
+            r.started_ms = now_ms();
+        }
+        self.save(&id);
+        self.emit(pb::ContainerEventType::Started, &id);
+        self.get(&id).cloned()
+    }
+
+    /// Sends `sig` to the container's init.
+    pub fn signal(&mut self, key: &str, sig: Signal) -> Result<Record, EngineError> {
+        let id = self.resolve(key)?;
+        let r = self
+            .recs
+            .get(&id)
+            .ok_or(EngineError::NotFound(id.clone()))?;
+        if r.state == State::Exited {
+            return Err(EngineError::State(format!(
+                "container {key:?} is not running"
+            )));
+        }
+        nix::sys::signal::kill(Pid::from_raw(r.pid as i32), sig)
+            .map_err(|e| EngineError::Runtime(format!("signalling the container: {e}")))?;
+        Ok(r.clone())
+    }
+
+    /// A receiver that turns true once the container has exited.
+    pub fn exit_watch(&self, key: &str) -> Result<(String, watch::Receiver<bool>), EngineError> {
+        let id = self.resolve(key)?;
+        let rx = self
+            .exits
+            .get(&id)
+            .map(watch::Sender::subscribe)
+            .ok_or(EngineError::NotFound(id.clone()))?;
+        Ok((id, rx))
+    }
+
+    /// Removes an exited container (the caller killed and waited for a running one).
+    pub fn remove(&mut self, id: &str) -> Result<(), EngineError> {
+        let r = self.recs.get(id).ok_or(EngineError::NotFound(id.into()))?;
+        if r.state != State::Exited {
+            return Err(EngineError::State(format!(
+                "container {:?} is running; stop it first or delete with force",
+                r.name
+            )));
+        }
+        match Container::load(self.paths.youki().join(id)) {
+            Ok(mut ct) => {
+                if let Err(e) = ct.delete(true) {
+                    tracing::warn!(container = id, error = %e, "libcontainer delete failed");
+                }
+            }
+            Err(e) => tracing::debug!(container = id, error = %e, "no runtime state to delete"),
+        }
+        let dir = self.paths.container(id);
+        let mp = self.paths.mountpoint(id);
+        rootfs::unmount(&mp);
+        let _ = fs::remove_dir(&mp);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing the container dir failed");
+        }
+        self.emit(pb::ContainerEventType::Deleted, id);
+        self.recs.remove(id);
+        self.exits.remove(id);
+        Ok(())
+    }
+
+    /// Reaps every exited child; records the containers among them.
+    pub fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.on_exit(pid, 128 + sig as i32),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, code: i32) {
+        let Some(id) = self
+            .recs
+            .values()
+            .find(|r| r.pid == pid.as_raw() as u32 && r.state != State::Exited)
+            .map(|r| r.id.clone())
+        else {
+            return;
+        };
+        self.mark_exited(&id, code, "");
+    }
+
+    fn mark_exited(&mut self, id: &str, code: i32, message: &str) {
+        let oom = self.oom_kills(id) > 0;
+        if let Some(r) = self.recs.get_mut(id) {
+            r.state = State::Exited;
+            r.exit_code = code;
+            r.oom_killed = oom;
+            r.finished_ms = now_ms();
+            r.message = message.to_string();
+        }
+        tracing::info!(container = id, code, oom, "container exited");
+        self.save(id);
+        if oom {
+            self.emit(pb::ContainerEventType::Oom, id);
+        }
+        self.emit(pb::ContainerEventType::Exited, id);
+        if let Some(tx) = self.exits.get(id) {
+            let _ = tx.send(true);
+        }
+    }
+
+    /// OOM kills in the container's memory cgroup (v1 `memory.oom_control`, v2 `memory.events`).
+    fn oom_kills(&self, id: &str) -> u64 {
+        let rel = self.cgroup(id);
+        let rel = rel.trim_start_matches('/');
+        let (file, key) = match self.layout {
+            CgroupLayout::V2 => (self.cgroup_root.join(rel).join("memory.events"), "oom_kill"),
+            _ => (
+                self.cgroup_root
+                    .join("memory")
+                    .join(rel)
+                    .join("memory.oom_control"),
+                "oom_kill",
+            ),
+        };
+        fs::read_to_string(file)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Record -> wire type.
+pub fn to_pb(tenant: &str, r: &Record) -> pb::Container {
+    pb::Container {
+        id: r.id.clone(),
+        tenant: tenant.to_string(),
+        name: r.name.clone(),
+        image: r.image.clone(),
+        state: match r.state {
+            State::Created => pb::ContainerState::Created,
+            State::Running => pb::ContainerState::Running,
+            State::Exited => pb::ContainerState::Exited,
+        } as i32,
+        exit_code: r.exit_code,
+        oom_killed: r.oom_killed,
+        pid: if r.state == State::Exited { 0 } else { r.pid },
+        created_at_unix_ms: r.created_ms,
+        started_at_unix_ms: r.started_ms,
+        finished_at_unix_ms: r.finished_ms,
+        command: r.command.clone(),
+        resources: Some(pb::Resources {
+            cpus: r.cpus,
+            memory_bytes: r.memory_bytes,
+            pids: r.pids,
+        }),
+        labels: r.labels.clone(),
+        ports: Vec::new(),
+        message: r.message.clone(),
+    }
+}

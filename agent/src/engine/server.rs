@@ -1,0 +1,398 @@
+//! The engine protocol service. The one place where engine errors become gRPC statuses.
+
+use std::{
+    io::{Read, Seek, SeekFrom},
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use caas_proto::{engine::v1 as epb, v1 as pb};
+use futures::Stream;
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::record::State;
+use super::runtime::{CreateSpec, Engine, EngineError, to_pb};
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Longest a log line read for `tail` may be before it is cut.
+const MAX_TAIL_BYTES: u64 = 8 << 20;
+
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::NotFound(_) => Status::not_found(e.to_string()),
+        EngineError::NameTaken(_) => Status::already_exists(e.to_string()),
+        EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        EngineError::State(_) => Status::failed_precondition(e.to_string()),
+        EngineError::Runtime(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// The service.
+#[derive(Clone)]
+pub struct EngineSvc {
+    /// The engine (one thread: the lock is never contended, it only satisfies `Sync`).
+    pub eng: Arc<Mutex<Engine>>,
+    /// Cancelled to stop serving.
+    pub shutdown: CancellationToken,
+    /// Tenant id.
+    pub tenant: String,
+    /// When this engine started.
+    pub started_ms: u64,
+}
+
+impl EngineSvc {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Engine>, Status> {
+        self.eng
+            .lock()
+            .map_err(|_| Status::internal("engine state lock poisoned"))
+    }
+
+    async fn wait_exit(&self, key: &str, limit: Option<Duration>) -> Result<bool, Status> {
+        let (_, mut rx) = self.lock()?.exit_watch(key).map_err(status)?;
+        let wait = rx.wait_for(|exited| *exited);
+        match limit {
+            None => wait
+                .await
+                .map(|_| true)
+                .map_err(|_| Status::aborted("container was deleted")),
+            Some(d) => Ok(matches!(tokio::time::timeout(d, wait).await, Ok(Ok(_)))),
+        }
+    }
+}
+
+fn signal(n: i32, default: Signal) -> Result<Signal, Status> {
+    if n == 0 {
+        return Ok(default);
+    }
+    Signal::try_from(n)
+        .map_err(|_| Status::invalid_argument(format!("signal: {n} is not a signal")))
+}
+
+#[tonic::async_trait]
+impl epb::engine_server::Engine for EngineSvc {
+    async fn info(
+        &self,
+        _: Request<epb::InfoRequest>,
+    ) -> Result<Response<epb::EngineInfo>, Status> {
+        let n = self.lock()?.list().len();
+        Ok(Response::new(epb::EngineInfo {
+            tenant: self.tenant.clone(),
+            pid: std::process::id(),
+            version: crate::VERSION.into(),
+            started_at_unix_ms: self.started_ms,
+            containers: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn create(
+        &self,
+        req: Request<epb::CreateRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
+        let r = req.into_inner();
+        let res = r.resources.unwrap_or_default();
+        let spec = CreateSpec {
+            id: r.id,
+            name: r.name,
+            image: r.image,
+            rootfs: PathBuf::from(r.rootfs),
+            command: r.command,
+            env: r.env,
+            workdir: r.workdir,
+            cpus: res.cpus,
+            memory_bytes: res.memory_bytes,
+            pids: res.pids,
+            labels: r.labels,
+        };
+        let mut eng = self.lock()?;
+        let rec = eng.create(spec).map_err(status)?;
+        Ok(Response::new(to_pb(&self.tenant, &rec)))
+    }
+
+    async fn start(
+        &self,
+        req: Request<epb::ContainerId>,
+    ) -> Result<Response<pb::Container>, Status> {
+        let rec = self
+            .lock()?
+            .start(&req.into_inner().container)
+            .map_err(status)?;
+        Ok(Response::new(to_pb(&self.tenant, &rec)))
+    }
+
+    async fn kill(
+        &self,
+        req: Request<epb::KillRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
+        let r = req.into_inner();
+        let sig = signal(r.signal, Signal::SIGKILL)?;
+        let rec = self.lock()?.signal(&r.container, sig).map_err(status)?;
+        Ok(Response::new(to_pb(&self.tenant, &rec)))
+    }
+
+    async fn stop(
+        &self,
+        req: Request<epb::StopRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
+        let r = req.into_inner();
+        let sig = signal(r.signal, Signal::SIGTERM)?;
+        let grace = Duration::from_secs(u64::from(if r.grace_seconds == 0 {
+            10
+        } else {
+            r.grace_seconds
+        }));
+        let running = self.lock()?.get(&r.container).map_err(status)?.state != State::Exited;
+        if running {
+            self.lock()?.signal(&r.container, sig).map_err(status)?;
+            if !self.wait_exit(&r.container, Some(grace)).await? {
+                // PID 1 ignores signals it has no handler for: escalate.
+                tracing::info!(container = %r.container, ?grace, "grace period over, sending SIGKILL");
+                let _ = self.lock()?.signal(&r.container, Signal::SIGKILL);
+                self.wait_exit(&r.container, Some(Duration::from_secs(10)))
+                    .await?;
+            }
+        }
+        let rec = self.lock()?.get(&r.container).map_err(status)?.clone();
+        Ok(Response::new(to_pb(&self.tenant, &rec)))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<epb::DeleteRequest>,
+    ) -> Result<Response<epb::DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let (id, state) = {
+            let eng = self.lock()?;
+            let rec = eng.get(&r.container).map_err(status)?;
+            (rec.id.clone(), rec.state)
+        };
+        if state != State::Exited {
+            if !r.force {
+                return Err(Status::failed_precondition(format!(
+                    "container {:?} is running; stop it first or delete with force",
+                    r.container
+                )));
+            }
+            let _ = self.lock()?.signal(&id, Signal::SIGKILL);
+            if !self.wait_exit(&id, Some(Duration::from_secs(10))).await? {
+                return Err(Status::deadline_exceeded(
+                    "the container did not exit within 10 s of SIGKILL",
+                ));
+            }
+        }
+        self.lock()?.remove(&id).map_err(status)?;
+        Ok(Response::new(epb::DeleteResponse {}))
+    }
+
+    async fn wait(
+        &self,
+        req: Request<epb::ContainerId>,
+    ) -> Result<Response<pb::WaitContainerResponse>, Status> {
+        let key = req.into_inner().container;
+        self.wait_exit(&key, None).await?;
+        let eng = self.lock()?;
+        let rec = eng.get(&key).map_err(status)?;
+        Ok(Response::new(pb::WaitContainerResponse {
+            exit_code: rec.exit_code,
+            oom_killed: rec.oom_killed,
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<epb::ListRequest>,
+    ) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let recs = self.lock()?.list();
+        Ok(Response::new(pb::ListContainersResponse {
+            containers: recs.iter().map(|r| to_pb(&self.tenant, r)).collect(),
+        }))
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<epb::ContainerId>,
+    ) -> Result<Response<pb::Container>, Status> {
+        let eng = self.lock()?;
+        let rec = eng.get(&req.into_inner().container).map_err(status)?;
+        Ok(Response::new(to_pb(&self.tenant, rec)))
+    }
+
+    type ExecStream = Streamed<pb::ExecOutput>;
+    async fn exec(
+        &self,
+        _: Request<epb::ExecRequest>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        Err(Status::unimplemented(
+            "exec is not available in this engine version yet",
+        ))
+    }
+
+    type LogsStream = Streamed<pb::LogChunk>;
+    async fn logs(
+        &self,
+        req: Request<epb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let r = req.into_inner();
+        let (out, err) = self.lock()?.log_paths(&r.container).map_err(status)?;
+        let (_, mut exited) = self.lock()?.exit_watch(&r.container).map_err(status)?;
+        let want = pb::LogStream::try_from(r.stream).unwrap_or(pb::LogStream::Unspecified);
+        let files: Vec<(pb::LogStream, PathBuf)> =
+            [(pb::LogStream::Stdout, out), (pb::LogStream::Stderr, err)]
+                .into_iter()
+                .filter(|(s, _)| want == pb::LogStream::Unspecified || want == *s)
+                .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let stop = self.shutdown.clone();
+        let (tail, follow) = (r.tail, r.follow);
+        tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            for (stream, path) in &files {
+                let (data, end) = read_tail(path, tail);
+                if !data.is_empty() && tx.send(Ok(chunk(*stream, data))).await.is_err() {
+                    return;
+                }
+                offsets.push(end);
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                let done = *exited.borrow();
+                for ((stream, path), off) in files.iter().zip(offsets.iter_mut()) {
+                    let (data, end) = read_from(path, *off);
+                    *off = end;
+                    if !data.is_empty() && tx.send(Ok(chunk(*stream, data))).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = exited.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type EventsStream = Streamed<pb::ContainerEvent>;
+    async fn events(
+        &self,
+        req: Request<epb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let (past, mut rx) = self.lock()?.subscribe(req.into_inner().after_seq);
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            for e in past {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    ev = rx.recv() => match ev {
+                        Ok(e) => if tx.send(Ok(e)).await.is_err() { return },
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx.send(Err(Status::data_loss(format!("{n} events were dropped; resume with after_seq")))).await;
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn shutdown(
+        &self,
+        req: Request<epb::ShutdownRequest>,
+    ) -> Result<Response<epb::ShutdownResponse>, Status> {
+        if req.into_inner().kill_containers {
+            let ids: Vec<String> = self.lock()?.list().into_iter().map(|r| r.id).collect();
+            for id in ids {
+                self.delete(Request::new(epb::DeleteRequest {
+                    container: id,
+                    force: true,
+                }))
+                .await?;
+            }
+        }
+        self.shutdown.cancel();
+        Ok(Response::new(epb::ShutdownResponse {}))
+    }
+}
+
+fn chunk(stream: pb::LogStream, data: Vec<u8>) -> pb::LogChunk {
+    pb::LogChunk {
+        stream: stream as i32,
+        data,
+        time_unix_ns: 0,
+    }
+}
+
+/// The last `lines` lines of a file (all of it for 0), and the offset of its end.
+fn read_tail(path: &std::path::Path, lines: u32) -> (Vec<u8>, u64) {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return (Vec::new(), 0);
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(MAX_TAIL_BYTES);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return (Vec::new(), len);
+    }
+    let end = start + buf.len() as u64;
+    if lines == 0 {
+        return (buf, end);
+    }
+    let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+    let cut = body
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(lines as usize - 1)
+        .map(|(i, _)| i + 1)
+        .unwrap_or(0);
+    (buf[cut..].to_vec(), end)
+}
+
+fn read_from(path: &std::path::Path, off: u64) -> (Vec<u8>, u64) {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return (Vec::new(), off);
+    };
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(off)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return (Vec::new(), off);
+    }
+    let end = off + buf.len() as u64;
+    (buf, end)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tail_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        std::fs::write(&p, b"a\nb\nc\n").unwrap();
+        assert_eq!(super::read_tail(&p, 2).0, b"b\nc\n");
+        assert_eq!(super::read_tail(&p, 0).0, b"a\nb\nc\n");
+        assert_eq!(super::read_tail(&p, 9).0, b"a\nb\nc\n");
+        assert_eq!(super::read_from(&p, 4), (b"c\n".to_vec(), 6));
+    }
+}

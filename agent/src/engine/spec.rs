@@ -1,0 +1,254 @@
+//! The OCI runtime spec of a container: oci-spec's defaults plus what they lack and Docker's
+//! defaults have (an explicit seccomp profile, a device allowlist, the default capability set),
+//! joined to the tenant's user and network namespaces, under the tenant's cgroup.
+
+use std::path::Path;
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilities, LinuxCpuBuilder, LinuxDeviceCgroup,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
+    LinuxSeccompBuilder, LinuxSyscallBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+};
+
+use crate::cgroups::tenant::CFS_PERIOD_US;
+
+/// What a container runs and within which limits.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec<'a> {
+    /// Overlay mount point.
+    pub rootfs: &'a Path,
+    /// argv.
+    pub command: &'a [String],
+    /// KEY=VALUE.
+    pub env: &'a [String],
+    /// Working directory ("" = /).
+    pub workdir: &'a str,
+    /// The tenant's namespace files.
+    pub ns_dir: &'a Path,
+    /// Absolute cgroup path.
+    pub cgroup: &'a str,
+    /// CPU limit in CPUs.
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Pids limit.
+    pub pids: Option<u64>,
+    /// Host name inside.
+    pub hostname: &'a str,
+}
+
+/// Why a spec could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("building the OCI spec: {0}")]
+pub struct SpecError(#[from] oci_spec::OciSpecError);
+
+/// Docker's default capability set.
+const CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Syscalls a container may not make (EPERM): kernel modules and kexec, host clock and swap,
+/// keyrings, BPF and perf, handle-based opens, namespace games and raw I/O ports. Everything else
+/// is allowed and further bounded by the user namespace and the capability set.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "perf_event_open",
+    "personality",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+    "_sysctl",
+    "adjtimex",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+];
+
+/// The default seccomp profile.
+pub fn default_seccomp() -> Result<LinuxSeccomp, SpecError> {
+    let denied: Vec<String> = DENIED_SYSCALLS
+        .iter()
+        // libseccomp refuses names it does not know on this architecture.
+        .filter(|n| !matches!(**n, "vm86" | "vm86old" | "stime" | "umount"))
+        .map(|s| s.to_string())
+        .collect();
+    Ok(LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .syscalls(vec![
+            LinuxSyscallBuilder::default()
+                .names(denied)
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(libc::EPERM as u32)
+                .build()?,
+        ])
+        .build()?)
+}
+
+fn dev(
+    typ: LinuxDeviceType,
+    major: Option<i64>,
+    minor: Option<i64>,
+    allow: bool,
+) -> Result<LinuxDeviceCgroup, SpecError> {
+    let mut b = LinuxDeviceCgroupBuilder::default()
+        .allow(allow)
+        .typ(typ)
+        .access("rwm");
+    if let Some(m) = major {
+        b = b.major(m);
+    }
+    if let Some(m) = minor {
+        b = b.minor(m);
+    }
+    Ok(b.build()?)
+}
+
+/// Deny every device, then allow the standard ones (null, zero, full, random, urandom, tty, ptmx
+/// and the pty slaves), as runc and Docker do.
+fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, SpecError> {
+    let c = LinuxDeviceType::C;
+    Ok(vec![
+        dev(LinuxDeviceType::A, None, None, false)?,
+        dev(c, Some(1), Some(3), true)?,
+        dev(c, Some(1), Some(5), true)?,
+        dev(c, Some(1), Some(7), true)?,
+        dev(c, Some(1), Some(8), true)?,
+        dev(c, Some(1), Some(9), true)?,
+        dev(c, Some(5), Some(0), true)?,
+        dev(c, Some(5), Some(2), true)?,
+        dev(c, Some(136), None, true)?,
+    ])
+}
+
+/// Builds the spec.
+pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(c.hostname.to_string()));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path(c.rootfs)
+            .readonly(false)
+            .build()?,
+    ));
+    let mut env: Vec<String> = c.env.to_vec();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={}", super::rootfs::DEFAULT_PATH));
+    }
+    let caps: std::collections::HashSet<Capability> = CAPS.iter().copied().collect();
+    let mut capabilities = LinuxCapabilities::default();
+    capabilities.set_bounding(Some(caps.clone()));
+    capabilities.set_effective(Some(caps.clone()));
+    capabilities.set_permitted(Some(caps));
+    capabilities.set_inheritable(None);
+    capabilities.set_ambient(None);
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
+        .args(c.command.to_vec())
+        .env(env)
+        .cwd(if c.workdir.is_empty() { "/" } else { c.workdir })
+        .no_new_privileges(true)
+        .capabilities(capabilities)
+        .build()?;
+    spec.set_process(Some(process));
+
+    let ns = |t, path: Option<&Path>| {
+        let b = LinuxNamespaceBuilder::default().typ(t);
+        match path {
+            Some(p) => b.path(p).build(),
+            None => b.build(),
+        }
+    };
+    let mut resources = LinuxResourcesBuilder::default().devices(device_rules()?);
+    if let Some(m) = c.memory_bytes {
+        let m = i64::try_from(m).unwrap_or(i64::MAX);
+        resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build()?);
+    }
+    if let Some(p) = c.pids {
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(i64::try_from(p).unwrap_or(i64::MAX))
+                .build()?,
+        );
+    }
+    if let Some(cpus) = c.cpus {
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .period(CFS_PERIOD_US)
+                .quota(crate::cgroups::tenant::cfs_quota_us(cpus) as i64)
+                .build()?,
+        );
+    }
+    let defaults = spec.linux().clone().unwrap_or_default();
+    let linux = LinuxBuilder::default()
+        .namespaces(vec![
+            ns(LinuxNamespaceType::Pid, None)?,
+            ns(LinuxNamespaceType::Ipc, None)?,
+            ns(LinuxNamespaceType::Uts, None)?,
+            ns(LinuxNamespaceType::Mount, None)?,
+            ns(LinuxNamespaceType::User, Some(&c.ns_dir.join("user")))?,
+            ns(LinuxNamespaceType::Network, Some(&c.ns_dir.join("net")))?,
+        ])
+        .cgroups_path(c.cgroup)
+        .resources(resources.build()?)
+        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .seccomp(default_seccomp()?)
+        .build()?;
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}

@@ -1,0 +1,137 @@
+//! Starting, reaching and stopping a tenant's engine process.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use caas_proto::engine::v1::{self as epb, engine_client::EngineClient};
+use tonic::transport::Channel;
+
+use crate::client::{self, Target};
+
+/// How to start one engine.
+#[derive(Debug, Clone)]
+pub struct Spawn {
+    pub binary: PathBuf,
+    pub tenant: String,
+    pub id_start: u32,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub cgroup_slice: String,
+}
+
+impl Spawn {
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir
+            .join("tenants")
+            .join(&self.tenant)
+            .join("engine.sock")
+    }
+    fn log(&self) -> PathBuf {
+        self.state_dir
+            .join("engines")
+            .join(&self.tenant)
+            .join("engine.log")
+    }
+}
+
+/// A channel to a live engine, or None.
+pub async fn connect(socket: &std::path::Path) -> Option<Channel> {
+    if !socket.exists() {
+        return None;
+    }
+    let ch = client::connect(&Target::Unix(socket.to_path_buf()))
+        .await
+        .ok()?;
+    let mut c = EngineClient::new(ch.clone());
+    c.info(epb::InfoRequest {}).await.ok().map(|_| ch)
+}
+
+/// Starts the engine in its own process group (it must outlive the agent) and waits until it
+/// answers.
+pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
+    let log_path = s.log();
+    if let Some(d) = log_path.parent() {
+        crate::fsutil::ensure_dir(d, 0o700).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut child = tokio::process::Command::new(&s.binary)
+        .arg("engine")
+        .args(["--tenant", &s.tenant, "--id-start", &s.id_start.to_string()])
+        .arg("--state-dir")
+        .arg(&s.state_dir)
+        .arg("--run-dir")
+        .arg(&s.run_dir)
+        .arg("--cgroup-root")
+        .arg(&s.cgroup_root)
+        .args(["--cgroup-slice", &s.cgroup_slice])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", s.binary.display()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(ch) = connect(&s.socket()).await {
+            // Reap it when it exits, so no zombie is left while the agent runs.
+            let tenant = s.tenant.clone();
+            tokio::spawn(async move {
+                if let Ok(st) = child.wait().await {
+                    tracing::info!(%tenant, status = %st, "tenant engine exited");
+                }
+            });
+            return Ok(ch);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+            return Err(format!(
+                "the engine exited with {st} before it served: {last}"
+            ));
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err("the engine did not answer within 20 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops the engine and every container of it, then waits for it to exit.
+pub async fn stop(s: &Spawn, client: Option<EngineClient<Channel>>) {
+    let client = match client {
+        Some(c) => Some(c),
+        None => connect(&s.socket()).await.map(EngineClient::new),
+    };
+    let Some(mut c) = client else { return };
+    let pid = c
+        .info(epb::InfoRequest {})
+        .await
+        .ok()
+        .map(|i| i.into_inner().pid);
+    if let Err(e) = c
+        .shutdown(epb::ShutdownRequest {
+            kill_containers: true,
+        })
+        .await
+    {
+        tracing::warn!(tenant = %s.tenant, error = %e, "engine shutdown call failed");
+    }
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    for _ in 0..100 {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!(tenant = %s.tenant, "engine did not exit; killing it");
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}

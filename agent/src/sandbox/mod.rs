@@ -1,0 +1,359 @@
+//! Tenant sandboxes (userns mode): for each tenant a cgroup subtree with its quotas, a uid/gid
+//! range (in its record), a user and network namespace, and an engine process that owns its
+//! containers. This module provisions and tears them down, keeps a channel to every engine, and
+//! restarts engines that die. The API's tenant and container calls come through here.
+
+mod engine_proc;
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use caas_proto::{engine::v1 as epb, engine::v1::engine_client::EngineClient, v1 as pb};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+use crate::{
+    cgroups::{CgroupError, CgroupLayout, Limits, TenantCgroups},
+    config::Config,
+    tenants::{QuotaRequest, Registry, Tenant, TenantError, TenantFilter, TenantSpec, TenantState},
+};
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The registry refused or failed.
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
+    /// cgroup setup or removal failed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The engine could not be started or reached.
+    #[error("engine of tenant {tenant:?}: {message}")]
+    Engine {
+        /// Tenant.
+        tenant: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The tenant still has containers.
+    #[error("tenant {tenant:?} still has {count} container(s); delete them first or use force")]
+    HasContainers {
+        /// Tenant.
+        tenant: String,
+        /// How many.
+        count: usize,
+    },
+    /// VM isolation is not built.
+    #[error("isolation vm is not available on this node yet; use userns")]
+    VmUnavailable,
+    /// The tenant is at its container limit.
+    #[error("tenant {tenant:?} has {max} containers, its quota max_containers")]
+    ContainerQuota {
+        /// Tenant.
+        tenant: String,
+        /// The quota.
+        max: u32,
+    },
+    /// The engine answered with an error status; it is passed on as is.
+    #[error("{0}")]
+    Status(tonic::Status),
+}
+
+/// Tenants, their sandboxes and their engines.
+#[derive(Debug)]
+pub struct Manager {
+    /// The tenant registry.
+    pub registry: Registry,
+    cgroups: TenantCgroups,
+    state_dir: PathBuf,
+    run_dir: PathBuf,
+    cgroup_root: PathBuf,
+    cgroup_slice: String,
+    engine_binary: PathBuf,
+    engines: Mutex<HashMap<String, EngineClient<Channel>>>,
+    /// One lock per tenant serializes provisioning, teardown and engine restarts.
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+fn limits(t: &Tenant) -> Limits {
+    Limits {
+        cpus: t.quotas.cpus,
+        memory_bytes: t.quotas.memory_bytes,
+        pids: t.quotas.pids,
+    }
+}
+
+impl Manager {
+    /// Opens the registry; engines are reconnected by [`Manager::recover`].
+    pub fn open(config: &Config, layout: CgroupLayout) -> Result<Self, SandboxError> {
+        let registry = Registry::open(&config.state_dir, config.tenants.clone())?;
+        let engine_binary = match &config.tenants.engine_binary {
+            Some(b) => b.clone(),
+            None => std::env::current_exe().map_err(|e| SandboxError::Engine {
+                tenant: String::new(),
+                message: format!("finding the agent's own executable: {e}"),
+            })?,
+        };
+        Ok(Self {
+            registry,
+            cgroups: TenantCgroups::with_slice(
+                &config.tenants.cgroup_root,
+                layout,
+                &config.tenants.cgroup_slice,
+            ),
+            state_dir: config.state_dir.clone(),
+            run_dir: config.run_dir.clone(),
+            cgroup_root: config.tenants.cgroup_root.clone(),
+            cgroup_slice: config.tenants.cgroup_slice.clone(),
+            engine_binary,
+            engines: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn proc_args(&self, t: &Tenant) -> engine_proc::Spawn {
+        engine_proc::Spawn {
+            binary: self.engine_binary.clone(),
+            tenant: t.id.clone(),
+            id_start: t.id_range.start,
+            state_dir: self.state_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            cgroup_slice: self.cgroup_slice.clone(),
+        }
+    }
+
+    async fn lock(&self, tenant: &str) -> Arc<Mutex<()>> {
+        self.locks
+            .lock()
+            .await
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// After an agent (re)start: reconnect to every running engine, start the missing ones.
+    pub async fn recover(&self) {
+        for t in self.registry.list(&TenantFilter::default()).await {
+            if t.state == TenantState::Deleting {
+                continue;
+            }
+            match self.ensure_engine(&t).await {
+                Ok(_) => {
+                    let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %t.id, error = %e, "tenant engine could not be recovered");
+                    let _ = self
+                        .registry
+                        .set_state(&t.id, TenantState::Failed, &e.to_string())
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Creates a tenant and its sandbox. On failure nothing is left behind.
+    pub async fn create_tenant(&self, spec: TenantSpec) -> Result<Tenant, SandboxError> {
+        if spec.isolation == crate::tenants::Isolation::Vm {
+            return Err(SandboxError::VmUnavailable);
+        }
+        let t = self.registry.create(spec).await?;
+        let lock = self.lock(&t.id).await;
+        let _g = lock.lock().await;
+        let provisioned = async {
+            self.cgroups.create(&t.id, &limits(&t))?;
+            self.ensure_engine(&t).await
+        }
+        .await;
+        match provisioned {
+            Ok(_) => Ok(self
+                .registry
+                .set_state(&t.id, TenantState::Ready, "")
+                .await?),
+            Err(e) => {
+                tracing::error!(tenant = %t.id, error = %e, "provisioning failed; rolling back");
+                self.teardown(&t).await;
+                let _ = self.registry.delete(&t.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Changes quotas in the record and in the kernel.
+    pub async fn update_quotas(&self, id: &str, q: QuotaRequest) -> Result<Tenant, SandboxError> {
+        let before = self.registry.get(id).await?;
+        let after = self.registry.update_quotas(id, q).await?;
+        if let Err(e) = self.cgroups.set_limits(id, &limits(&after)) {
+            // Keep record and kernel in agreement.
+            let old = QuotaRequest {
+                cpus: Some(before.quotas.cpus),
+                memory_bytes: Some(before.quotas.memory_bytes),
+                pids: Some(before.quotas.pids),
+                max_containers: Some(before.quotas.max_containers),
+            };
+            let _ = self.registry.update_quotas(id, old).await;
+            return Err(e.into());
+        }
+        Ok(after)
+    }
+
+    /// Deletes a tenant: refuses while containers exist unless `force`, which deletes them.
+    pub async fn delete_tenant(&self, id: &str, force: bool) -> Result<(), SandboxError> {
+        let t = self.registry.get(id).await?;
+        let lock = self.lock(id).await;
+        let _g = lock.lock().await;
+        if let Ok(mut eng) = self.engine(&t).await {
+            let n = eng
+                .list(epb::ListRequest {})
+                .await
+                .map(|r| r.into_inner().containers.len())
+                .unwrap_or(0);
+            if n > 0 && !force {
+                return Err(SandboxError::HasContainers {
+                    tenant: id.into(),
+                    count: n,
+                });
+            }
+        }
+        self.registry
+            .set_state(id, TenantState::Deleting, "tearing down")
+            .await?;
+        self.teardown(&t).await;
+        self.registry.delete(id).await?;
+        self.locks.lock().await.remove(id);
+        Ok(())
+    }
+
+    async fn teardown(&self, t: &Tenant) {
+        let client = self.engines.lock().await.remove(&t.id);
+        engine_proc::stop(&self.proc_args(t), client).await;
+        crate::engine::ns::release(&self.run_dir.join("tenants").join(&t.id).join("ns"));
+        for attempt in 0..50 {
+            match self.cgroups.remove(&t.id) {
+                Ok(()) => break,
+                Err(CgroupError::Busy(_)) if attempt < 49 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %t.id, error = %e, "removing the tenant cgroups failed");
+                    break;
+                }
+            }
+        }
+        for d in [
+            self.run_dir.join("tenants").join(&t.id),
+            self.state_dir.join("engines").join(&t.id),
+        ] {
+            if let Err(e) = std::fs::remove_dir_all(&d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %d.display(), error = %e, "removing a tenant dir failed");
+            }
+        }
+    }
+
+    /// Connects to the tenant's engine, starting it if it does not answer.
+    async fn ensure_engine(&self, t: &Tenant) -> Result<EngineClient<Channel>, SandboxError> {
+        if let Some(c) = self.engines.lock().await.get(&t.id) {
+            return Ok(c.clone());
+        }
+        let args = self.proc_args(t);
+        let ch = match engine_proc::connect(&args.socket()).await {
+            Some(ch) => ch,
+            None => engine_proc::spawn(&args)
+                .await
+                .map_err(|message| SandboxError::Engine {
+                    tenant: t.id.clone(),
+                    message,
+                })?,
+        };
+        let client = EngineClient::new(ch);
+        self.engines
+            .lock()
+            .await
+            .insert(t.id.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// The engine of a ready tenant; a dead engine is restarted (its containers are re-adopted).
+    pub async fn engine(&self, t: &Tenant) -> Result<EngineClient<Channel>, SandboxError> {
+        let mut c = self.ensure_engine(t).await?;
+        if c.info(epb::InfoRequest {}).await.is_ok() {
+            return Ok(c);
+        }
+        tracing::warn!(tenant = %t.id, "tenant engine does not answer; restarting it");
+        self.engines.lock().await.remove(&t.id);
+        let lock = self.lock(&t.id).await;
+        let _g = lock.lock().await;
+        self.ensure_engine(t).await
+    }
+
+    /// The engine of the tenant named `id`, which must exist and be ready.
+    pub async fn engine_of(
+        &self,
+        id: &str,
+    ) -> Result<(Tenant, EngineClient<Channel>), SandboxError> {
+        let t = self.registry.get(id).await?;
+        if t.state != TenantState::Ready {
+            return Err(SandboxError::Engine {
+                tenant: id.into(),
+                message: format!("tenant is {:?}: {}", t.state, t.message).to_lowercase(),
+            });
+        }
+        let e = self.engine(&t).await?;
+        Ok((t, e))
+    }
+
+    /// Creates a container after checking the tenant's container quota.
+    pub async fn create_container(
+        &self,
+        tenant: &str,
+        req: epb::CreateRequest,
+    ) -> Result<pb::Container, SandboxError> {
+        let (t, mut eng) = self.engine_of(tenant).await?;
+        let n = eng
+            .list(epb::ListRequest {})
+            .await
+            .map_err(SandboxError::Status)?
+            .into_inner()
+            .containers
+            .len();
+        if n >= usize::try_from(t.quotas.max_containers).unwrap_or(usize::MAX) {
+            return Err(SandboxError::ContainerQuota {
+                tenant: t.id,
+                max: t.quotas.max_containers,
+            });
+        }
+        Ok(eng
+            .create(req)
+            .await
+            .map_err(SandboxError::Status)?
+            .into_inner())
+    }
+
+    /// Containers of `tenant`, or of every ready tenant.
+    pub async fn list_containers(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<pb::Container>, SandboxError> {
+        let tenants = match tenant {
+            Some(t) => vec![self.registry.get(t).await?],
+            None => self.registry.list(&TenantFilter::default()).await,
+        };
+        let mut out = Vec::new();
+        for t in tenants
+            .into_iter()
+            .filter(|t| t.state == TenantState::Ready)
+        {
+            let mut eng = self.engine(&t).await?;
+            out.extend(
+                eng.list(epb::ListRequest {})
+                    .await
+                    .map_err(SandboxError::Status)?
+                    .into_inner()
+                    .containers,
+            );
+        }
+        Ok(out)
+    }
+}

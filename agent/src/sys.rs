@@ -1,0 +1,51 @@
+//! The crate's only `unsafe`: process-level calls that must happen before any other thread exists.
+
+use nix::unistd::{ForkResult, Pid};
+
+/// Forks; in the child runs `child` and exits with its code without returning.
+///
+/// Call only while the process is single-threaded (the engine calls it before its runtime starts).
+pub fn fork_and_run(child: impl FnOnce() -> i32) -> nix::Result<Pid> {
+    // SAFETY: the caller guarantees there is only one thread, so no lock can be held by another
+    // thread at fork time; the child runs `child` and then `_exit`s without unwinding into the
+    // parent's stack or running its atexit handlers.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            let code = child();
+            // SAFETY: `_exit` is async-signal-safe and ends the child immediately.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// `IFF_UP` as the `c_short` that `ifreq` holds (the constant is 1, so it fits).
+const IFF_UP: libc::c_short = 1;
+
+/// Sets the loopback interface of the calling thread's network namespace up.
+pub fn set_loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq naming "lo"; SIOCGIFFLAGS fills its flags union member.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS just initialised the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= IFF_UP };
+    // SAFETY: as above; SIOCSIFFLAGS reads the name and flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
