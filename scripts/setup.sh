@@ -5,9 +5,11 @@ set -euo pipefail
 
 # Debian packages the build, the tests and the unit check use:
 #   gcc, pkg-config  C parts of -sys crates (ring)
+#   libseccomp-dev   libcontainer's seccomp support (without it profiles are silently ignored)
+#   busybox-static   the root filesystem of test containers and the demo
 #   systemd          systemd-analyze, to verify scripts/caas-agent.service
 #   iproute2, procps tests inspect links, namespaces and processes
-PACKAGES=(gcc pkg-config systemd iproute2 procps)
+PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps)
 
 log() { printf 'setup: %s\n' "$*"; }
 
