@@ -339,3 +339,34 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A busybox root filesystem in `dir` (every applet linked), owned by host root as an operator's
+/// rootfs directory would be. Needs Debian's busybox-static (scripts/setup.sh installs it).
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d)).expect("rootfs dirs");
+    }
+    let bb = Path::new("/bin/busybox");
+    assert!(
+        bb.exists(),
+        "/bin/busybox is missing: install busybox-static (scripts/setup.sh)"
+    );
+    std::fs::copy(bb, root.join("bin/busybox")).expect("copying busybox");
+    let list = Command::new(bb)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.contains('/') {
+            let _ = std::os::unix::fs::symlink("/bin/busybox", root.join("bin").join(applet));
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("passwd");
+    std::fs::set_permissions(
+        root.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .expect("tmp");
+    root
+}

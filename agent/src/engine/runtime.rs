@@ -528,7 +528,8 @@ impl Engine {
         }
         self.emit(pb::ContainerEventType::Exited, id);
         if let Some(tx) = self.exits.get(id) {
-            let _ = tx.send(true);
+            // send() would drop the value when nobody waits yet; later waiters must still see it.
+            tx.send_replace(true);
         }
     }
 

@@ -1,0 +1,608 @@
+//! Tenant engines and the container lifecycle, end to end: real user namespaces, cgroups and
+//! libcontainer, through the gRPC API.
+
+#![allow(clippy::unwrap_used)] // integration-test helpers panic on purpose: that is a failing test
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use caas_proto::v1::{
+    self as pb, container_service_client::ContainerServiceClient,
+    tenant_service_client::TenantServiceClient,
+};
+use caas_tests::{TestAgent, busybox_rootfs, require_root};
+use tonic::{Code, transport::Channel};
+
+struct Api {
+    t: TenantServiceClient<Channel>,
+    c: ContainerServiceClient<Channel>,
+    rootfs: String,
+}
+
+impl Api {
+    async fn new(agent: &TestAgent) -> Self {
+        let ch = agent.unix().await;
+        Self {
+            t: TenantServiceClient::new(ch.clone()),
+            c: ContainerServiceClient::new(ch),
+            rootfs: busybox_rootfs(agent.dir.path()).display().to_string(),
+        }
+    }
+
+    async fn tenant(&mut self, id: &str, quotas: Option<pb::Quotas>) -> pb::Tenant {
+        self.t
+            .create_tenant(pb::CreateTenantRequest {
+                id: id.into(),
+                quotas,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    fn req(&self, tenant: &str, name: &str, script: &str) -> pb::CreateContainerRequest {
+        pb::CreateContainerRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            rootfs_path: self.rootfs.clone(),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }
+    }
+
+    async fn run_req(&mut self, req: pb::CreateContainerRequest) -> pb::Container {
+        let tenant = req.tenant.clone();
+        let c = self.c.create_container(req).await.unwrap().into_inner();
+        self.c
+            .start_container(pb::StartContainerRequest {
+                r#ref: cref(&tenant, &c.name),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn run(&mut self, tenant: &str, name: &str, script: &str) -> pb::Container {
+        let r = self.req(tenant, name, script);
+        self.run_req(r).await
+    }
+
+    async fn wait(&mut self, tenant: &str, name: &str) -> pb::WaitContainerResponse {
+        let call = self.c.wait_container(pb::WaitContainerRequest {
+            r#ref: cref(tenant, name),
+        });
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("wait timed out")
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn logs(&mut self, tenant: &str, name: &str) -> String {
+        let mut s = self
+            .c
+            .logs(pb::LogsRequest {
+                r#ref: cref(tenant, name),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = String::new();
+        while let Some(chunk) = s.message().await.unwrap() {
+            out.push_str(&String::from_utf8_lossy(&chunk.data));
+        }
+        out
+    }
+
+    /// Waits until the container's logs contain `needle`.
+    async fn logs_until(&mut self, tenant: &str, name: &str, needle: &str) -> String {
+        for _ in 0..200 {
+            let l = self.logs(tenant, name).await;
+            if l.contains(needle) {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{tenant}/{name} never printed {needle:?}: {}",
+            self.logs(tenant, name).await
+        );
+    }
+}
+
+fn cref(tenant: &str, c: &str) -> Option<pb::ContainerRef> {
+    Some(pb::ContainerRef {
+        tenant: tenant.into(),
+        container: c.into(),
+    })
+}
+
+fn host_uid(pid: u32) -> u32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+macro_rules! root_or_skip {
+    ($name:literal) => {
+        if !require_root($name) {
+            return;
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_each_run_as_their_own_unprivileged_root() {
+    root_or_skip!("two_tenants_each_run_as_their_own_unprivileged_root");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    let a = api.tenant("a", None).await;
+    let b = api.tenant("b", None).await;
+    let (ra, rb) = (a.id_range.unwrap(), b.id_range.unwrap());
+    assert!(
+        ra.start + ra.size <= rb.start || rb.start + rb.size <= ra.start,
+        "ranges overlap: {ra:?} {rb:?}"
+    );
+
+    let script = "id -u; ps -o pid,comm; echo ready; sleep 60";
+    let ca = api.run("a", "one", script).await;
+    let cb = api.run("b", "one", script).await;
+    let la = api.logs_until("a", "one", "ready").await;
+    let lb = api.logs_until("b", "one", "ready").await;
+    for (l, c, r) in [(&la, &ca, &ra), (&lb, &cb, &rb)] {
+        assert_eq!(l.lines().next(), Some("0"), "root inside: {l}");
+        let uid = host_uid(c.pid);
+        assert!(
+            uid >= r.start && uid < r.start + r.size,
+            "host uid {uid} outside {r:?}"
+        );
+        assert_ne!(uid, 0);
+        // ps sees only this container's own processes: its shell (pid 1) and ps itself.
+        let procs: Vec<&str> = l
+            .lines()
+            .skip_while(|x| !x.starts_with("PID"))
+            .skip(1)
+            .take_while(|x| *x != "ready")
+            .collect();
+        // Busybox runs the ps applet inside the shell, so pid 1 (the shell) is all there is:
+        // nothing of the host or of the other tenant.
+        assert!(
+            !procs.is_empty() && procs.len() <= 2,
+            "only own processes visible: {l}"
+        );
+        assert!(procs[0].trim_start().starts_with("1 "), "{l}");
+    }
+
+    // A's container cannot reach B's processes or files through /proc, even by B's host pid.
+    let probe = format!("ls /proc/{}/root/ && echo LEAK || echo denied", cb.pid);
+    api.run("a", "probe", &probe).await;
+    assert_eq!(api.wait("a", "probe").await.exit_code, 0);
+    let out = api.logs("a", "probe").await;
+    assert!(out.contains("denied") && !out.contains("LEAK"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_containers_share_a_network_that_other_tenants_cannot_reach() {
+    root_or_skip!("a_tenants_containers_share_a_network_that_other_tenants_cannot_reach");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("a", None).await;
+    api.tenant("b", None).await;
+    api.run(
+        "a",
+        "server",
+        "echo listening; while true; do nc -l -p 8080; done",
+    )
+    .await;
+    api.logs_until("a", "server", "listening").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Same tenant: reaches the listener over the tenant's shared network namespace.
+    api.run(
+        "a",
+        "client",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do echo hello-from-a | nc 127.0.0.1 8080 && exit 0; sleep 0.3; done; exit 1",
+    )
+    .await;
+    assert_eq!(api.wait("a", "client").await.exit_code, 0);
+    assert!(
+        api.logs_until("a", "server", "hello-from-a")
+            .await
+            .contains("hello-from-a")
+    );
+    // Other tenant: its 127.0.0.1 is its own network; nothing listens there.
+    api.run(
+        "b",
+        "client",
+        "echo x | nc -w 2 127.0.0.1 8080 && echo CONNECTED || echo refused",
+    )
+    .await;
+    api.wait("b", "client").await;
+    let out = api.logs("b", "client").await;
+    assert!(
+        out.contains("refused") && !out.contains("CONNECTED"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_logs_and_stop_escalation() {
+    root_or_skip!("exit_codes_logs_and_stop_escalation");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+
+    api.run("t", "ok", "true").await;
+    api.run("t", "fail", "echo out; echo err >&2; exit 1").await;
+    api.run("t", "killed", "sleep 60").await;
+    assert_eq!(api.wait("t", "ok").await.exit_code, 0);
+    assert_eq!(api.wait("t", "fail").await.exit_code, 1);
+    api.c
+        .kill_container(pb::KillContainerRequest {
+            r#ref: cref("t", "killed"),
+            signal: "KILL".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(api.wait("t", "killed").await.exit_code, 137);
+
+    // Logs hold every line after exit, from both streams.
+    let many = "i=0; while [ $i -lt 500 ]; do echo line-$i; i=$((i+1)); done";
+    api.run("t", "chatty", many).await;
+    api.wait("t", "chatty").await;
+    let l = api.logs("t", "chatty").await;
+    assert_eq!(l.lines().count(), 500);
+    assert!(l.contains("line-0\n") && l.contains("line-499\n"));
+    let l = api.logs("t", "fail").await;
+    assert!(l.contains("out") && l.contains("err"), "{l}");
+    let mut s = api
+        .c
+        .logs(pb::LogsRequest {
+            r#ref: cref("t", "chatty"),
+            tail: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.message().await.unwrap().unwrap().data,
+        b"line-498\nline-499\n"
+    );
+
+    // PID 1 ignores SIGTERM (no handler): stop escalates to SIGKILL after the grace period.
+    api.run("t", "stubborn", "echo up; sleep 600").await;
+    api.logs_until("t", "stubborn", "up").await;
+    let stopped = api
+        .c
+        .stop_container(pb::StopContainerRequest {
+            r#ref: cref("t", "stubborn"),
+            grace_seconds: 1,
+            signal: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.state, pb::ContainerState::Exited as i32);
+    assert_eq!(stopped.exit_code, 137);
+
+    // A running container is not deleted without force; with force it is.
+    api.run("t", "busy", "sleep 600").await;
+    let e = api
+        .c
+        .delete_container(pb::DeleteContainerRequest {
+            r#ref: cref("t", "busy"),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    api.c
+        .delete_container(pb::DeleteContainerRequest {
+            r#ref: cref("t", "busy"),
+            force: true,
+        })
+        .await
+        .unwrap();
+    let names: Vec<String> = api
+        .c
+        .list_containers(pb::ListContainersRequest {
+            tenant: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(!names.contains(&"busy".to_string()), "{names:?}");
+    let running = api
+        .c
+        .list_containers(pb::ListContainersRequest {
+            tenant: "t".into(),
+            state: pb::ContainerState::Running as i32,
+            label_selector: BTreeMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(running.is_empty(), "{running:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_pids_limits_hold() {
+    root_or_skip!("memory_and_pids_limits_hold");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+    let mut hog = api.req(
+        "t",
+        "hog",
+        "dd if=/dev/zero of=/dev/null bs=200M count=1; echo survived",
+    );
+    hog.resources = Some(pb::Resources {
+        memory_bytes: Some(32 << 20),
+        ..Default::default()
+    });
+    api.run_req(hog).await;
+    let w = api.wait("t", "hog").await;
+    assert!(w.oom_killed, "{w:?}");
+    let c = api
+        .c
+        .inspect_container(pb::InspectContainerRequest {
+            r#ref: cref("t", "hog"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.oom_killed);
+
+    let mut bomb = api.req(
+        "t",
+        "bomb",
+        "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done",
+    );
+    bomb.resources = Some(pb::Resources {
+        pids: Some(20),
+        ..Default::default()
+    });
+    api.run_req(bomb).await;
+    let l = api.logs_until("t", "bomb", "can't fork").await;
+    assert!(l.contains("Resource temporarily unavailable"), "{l}");
+    // The limit held: the container's pids cgroup never passed 20 tasks.
+    let c = api
+        .c
+        .inspect_container(pb::InspectContainerRequest {
+            r#ref: cref("t", "bomb"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = format!("/sys/fs/cgroup/pids/{}/tenant-t/c-{}", agent.slice, c.id);
+    let peak: u64 = std::fs::read_to_string(format!("{dir}/pids.current"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(peak <= 20, "pids.current {peak}");
+    // And the host stays responsive meanwhile: a container of the same tenant still runs.
+    api.run("t", "alive", "echo alive").await;
+    assert_eq!(api.wait("t", "alive").await.exit_code, 0);
+    api.c
+        .delete_container(pb::DeleteContainerRequest {
+            r#ref: cref("t", "bomb"),
+            force: true,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_container_input_is_refused_and_changes_nothing() {
+    root_or_skip!("bad_container_input_is_refused_and_changes_nothing");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+    api.c
+        .create_container(api.req("t", "dup", "true"))
+        .await
+        .unwrap();
+    let cases = [
+        (api.req("nobody", "x", "true"), Code::NotFound, "nobody"),
+        (api.req("t", "dup", "true"), Code::AlreadyExists, "dup"),
+        (
+            pb::CreateContainerRequest {
+                rootfs_path: "/does/not/exist".into(),
+                ..api.req("t", "x", "true")
+            },
+            Code::InvalidArgument,
+            "/does/not/exist",
+        ),
+        (
+            pb::CreateContainerRequest {
+                command: vec!["no-such-cmd".into()],
+                ..api.req("t", "x", "true")
+            },
+            Code::InvalidArgument,
+            "no-such-cmd",
+        ),
+        (
+            pb::CreateContainerRequest {
+                command: vec![],
+                ..api.req("t", "x", "true")
+            },
+            Code::InvalidArgument,
+            "command",
+        ),
+        (
+            pb::CreateContainerRequest {
+                resources: Some(pb::Resources {
+                    memory_bytes: Some(0),
+                    ..Default::default()
+                }),
+                ..api.req("t", "x", "true")
+            },
+            Code::InvalidArgument,
+            "resources.memory_bytes",
+        ),
+        (
+            pb::CreateContainerRequest {
+                env: vec!["NOEQUALS".into()],
+                ..api.req("t", "x", "true")
+            },
+            Code::InvalidArgument,
+            "env[0]",
+        ),
+    ];
+    for (req, code, needle) in cases {
+        let e = api.c.create_container(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+    let list = api
+        .c
+        .list_containers(pb::ListContainersRequest {
+            tenant: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(list.len(), 1, "only the first container exists: {list:?}");
+    // Nothing of the refused containers is left on disk.
+    let containers = agent.dir.path().join("state/engines/t/containers");
+    assert_eq!(std::fs::read_dir(&containers).unwrap().count(), 1);
+    let e = api
+        .t
+        .delete_tenant(pb::DeleteTenantRequest {
+            id: "t".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let _ = Path::new("");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_them() {
+    root_or_skip!("kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_them");
+    use caas_agent::client::{self, Target};
+    use caas_tests::{AgentProcess, bin, cleanup_tenants, unique_slice};
+    let dir = tempfile::tempdir().unwrap();
+    let slice = unique_slice();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[tenants]\ncgroup_slice = \"{slice}\"\nengine_binary = \"{1}\"\n",
+            dir.path().display(),
+            bin("caas-agent").display()
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let rootfs = busybox_rootfs(dir.path()).display().to_string();
+    let mut agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("a1.log"))
+        .await
+        .unwrap();
+    let connect = || async {
+        let ch = client::connect(&Target::Unix(socket.clone()))
+            .await
+            .unwrap();
+        (
+            TenantServiceClient::new(ch.clone()),
+            ContainerServiceClient::new(ch),
+        )
+    };
+    let (mut t, mut c) = connect().await;
+    for id in ["a", "b"] {
+        t.create_tenant(pb::CreateTenantRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let plan = [
+        ("a", "s1", "sleep 600"),
+        ("a", "s2", "sleep 600"),
+        ("a", "quits", "sleep 2; exit 7"),
+        ("b", "s1", "sleep 600"),
+        ("b", "s2", "sleep 600"),
+    ];
+    for (tenant, name, script) in plan {
+        let cr = c
+            .create_container(pb::CreateContainerRequest {
+                tenant: tenant.into(),
+                name: name.into(),
+                rootfs_path: rootfs.clone(),
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.start_container(pb::StartContainerRequest {
+            r#ref: cref(tenant, &cr.id),
+        })
+        .await
+        .unwrap();
+    }
+    let before = c
+        .list_containers(pb::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(before.len(), 5);
+
+    agent.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    agent
+        .wait_for_exit(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("agent died");
+    drop(agent);
+    // While no agent runs, one container exits with code 7; the others keep running.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for ct in before.iter().filter(|c| c.name != "quits") {
+        assert!(
+            Path::new(&format!("/proc/{}", ct.pid)).exists(),
+            "{}/{} died with the agent",
+            ct.tenant,
+            ct.name
+        );
+    }
+
+    let _agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("a2.log"))
+        .await
+        .unwrap();
+    let (_, mut c) = connect().await;
+    let after = c
+        .list_containers(pb::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(after.len(), 5, "{after:?}");
+    for b in &before {
+        let a = after
+            .iter()
+            .find(|a| a.id == b.id)
+            .unwrap_or_else(|| panic!("{} lost", b.id));
+        assert_eq!((&a.tenant, &a.name), (&b.tenant, &b.name));
+        if b.name == "quits" {
+            assert_eq!(a.state, pb::ContainerState::Exited as i32, "{a:?}");
+            assert_eq!(a.exit_code, 7);
+        } else {
+            assert_eq!(a.state, pb::ContainerState::Running as i32, "{a:?}");
+            assert_eq!(a.pid, b.pid);
+        }
+    }
+    cleanup_tenants(&socket, &slice);
+}
