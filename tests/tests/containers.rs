@@ -606,3 +606,78 @@ async fn kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_the
     }
     cleanup_tenants(&socket, &slice);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop() {
+    root_or_skip!("exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+    api.run("t", "box", "echo up; sleep 600").await;
+    api.logs_until("t", "box", "up").await;
+    let mut s = api
+        .c
+        .exec(pb::ExecRequest {
+            r#ref: cref("t", "box"),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; id -u; exit 5".into(),
+            ],
+            env: vec!["X=1".into()],
+            workdir: "/tmp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+    while let Some(m) = s.message().await.unwrap() {
+        match m.output.unwrap() {
+            pb::exec_output::Output::Stdout(b) => out.extend(b),
+            pb::exec_output::Output::Stderr(b) => err.extend(b),
+            pb::exec_output::Output::ExitCode(c) => code = Some(c),
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "out\n0\n");
+    assert_eq!(String::from_utf8_lossy(&err), "err\n");
+    assert_eq!(code, Some(5));
+    let e = api
+        .c
+        .exec(pb::ExecRequest {
+            r#ref: cref("t", "nope"),
+            command: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // CPU quota: half a CPU holds a busy loop to about half a CPU.
+    let mut busy = api.req("t", "busy", "while :; do :; done");
+    busy.resources = Some(pb::Resources {
+        cpus: Some(0.5),
+        ..Default::default()
+    });
+    let c = api.run_req(busy).await;
+    let usage = format!(
+        "/sys/fs/cgroup/cpuacct/{}/tenant-t/c-{}/cpuacct.usage",
+        agent.slice, c.id
+    );
+    let read = || {
+        std::fs::read_to_string(&usage)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (u0, t0) = (read(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (u1, t1) = (read(), std::time::Instant::now());
+    let cpus = (u1 - u0) as f64 / 1e9 / (t1 - t0).as_secs_f64();
+    assert!(
+        cpus > 0.3 && cpus < 0.6,
+        "busy loop used {cpus:.3} CPUs under a 0.5 quota"
+    );
+}

@@ -125,6 +125,7 @@ pub struct Engine {
     recs: BTreeMap<String, Record>,
     exits: HashMap<String, watch::Sender<bool>>,
     events: broadcast::Sender<pb::ContainerEvent>,
+    execs: HashMap<i32, tokio::sync::oneshot::Sender<i32>>,
     backlog: VecDeque<pb::ContainerEvent>,
     seq: u64,
 }
@@ -171,6 +172,7 @@ impl Engine {
             recs,
             exits: HashMap::new(),
             events,
+            execs: HashMap::new(),
             backlog: VecDeque::new(),
             seq: 0,
         };
@@ -447,6 +449,67 @@ impl Engine {
         Ok(r.clone())
     }
 
+    /// Runs a process inside a running container. Returns its stdout and stderr read ends and a
+    /// receiver for its exit code (delivered by [`Engine::reap`]).
+    pub fn exec(
+        &mut self,
+        key: &str,
+        args: Vec<String>,
+        env: &[String],
+        workdir: &str,
+    ) -> Result<(OwnedFd, OwnedFd, tokio::sync::oneshot::Receiver<i32>), EngineError> {
+        let id = self.resolve(key)?;
+        let r = self
+            .recs
+            .get(&id)
+            .ok_or(EngineError::NotFound(id.clone()))?;
+        if r.state != State::Running {
+            return Err(EngineError::State(format!(
+                "container {key:?} is not running"
+            )));
+        }
+        if args.is_empty() {
+            return Err(EngineError::Invalid("command: must not be empty".into()));
+        }
+        let mut envs: HashMap<String, String> = env
+            .iter()
+            .filter_map(|e| {
+                e.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        envs.entry("PATH".into())
+            .or_insert_with(|| rootfs::DEFAULT_PATH.into());
+        let rt =
+            |what: &'static str| move |e: nix::Error| EngineError::Runtime(format!("{what}: {e}"));
+        let (out_r, out_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
+        let (err_r, err_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
+        let devnull: OwnedFd = fs::File::open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|e| EngineError::Runtime(format!("/dev/null: {e}")))?;
+        let pid = ContainerBuilder::new(id.clone(), SyscallType::default())
+            .with_root_path(self.paths.youki())
+            .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?
+            .with_stdin(devnull)
+            .with_stdout(out_w)
+            .with_stderr(err_w)
+            .as_tenant()
+            .with_container_args(args)
+            .with_env(envs)
+            .with_cwd(if workdir.is_empty() {
+                None
+            } else {
+                Some(workdir)
+            })
+            .with_detach(true)
+            .build()
+            .map_err(|e| EngineError::Runtime(format!("exec: {e}")))?;
+        let _ = nix::sys::prctl::set_dumpable(true);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.execs.insert(pid.as_raw(), tx);
+        Ok((out_r, err_r, rx))
+    }
+
     /// A receiver that turns true once the container has exited.
     pub fn exit_watch(&self, key: &str) -> Result<(String, watch::Receiver<bool>), EngineError> {
         let id = self.resolve(key)?;
@@ -501,6 +564,10 @@ impl Engine {
     }
 
     fn on_exit(&mut self, pid: Pid, code: i32) {
+        if let Some(tx) = self.execs.remove(&pid.as_raw()) {
+            let _ = tx.send(code);
+            return;
+        }
         let Some(id) = self
             .recs
             .values()

@@ -2,6 +2,7 @@
 
 use std::{
     io::{Read, Seek, SeekFrom},
+    os::fd::OwnedFd,
     path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -11,6 +12,7 @@ use std::{
 use caas_proto::{engine::v1 as epb, v1 as pb};
 use futures::Stream;
 use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -224,11 +226,52 @@ impl epb::engine_server::Engine for EngineSvc {
     type ExecStream = Streamed<pb::ExecOutput>;
     async fn exec(
         &self,
-        _: Request<epb::ExecRequest>,
+        req: Request<epb::ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        Err(Status::unimplemented(
-            "exec is not available in this engine version yet",
-        ))
+        let r = req.into_inner();
+        let (out, err, code) = self
+            .lock()?
+            .exec(&r.container, r.command, &r.env, &r.workdir)
+            .map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let pump = |fd: OwnedFd, wrap: fn(Vec<u8>) -> pb::exec_output::Output| {
+            let tx = tx.clone();
+            async move {
+                let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+                    return;
+                };
+                let mut buf = vec![0u8; 32 << 10];
+                loop {
+                    match pipe.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let msg = pb::ExecOutput {
+                                output: Some(wrap(buf[..n].to_vec())),
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let out_task = tokio::spawn(pump(out, pb::exec_output::Output::Stdout));
+        let err_task = tokio::spawn(pump(err, pb::exec_output::Output::Stderr));
+        tokio::spawn(async move {
+            let _ = out_task.await;
+            let _ = err_task.await;
+            let last = match code.await {
+                Ok(c) => Ok(pb::ExecOutput {
+                    output: Some(pb::exec_output::Output::ExitCode(c)),
+                }),
+                Err(_) => Err(Status::aborted("the exec process was lost")),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type LogsStream = Streamed<pb::LogChunk>;
