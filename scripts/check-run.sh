@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tmp=$(mktemp -d)
+# The agent refuses a run_dir that tenant containers (unprivileged uids) cannot traverse.
+chmod 755 "$tmp"
 agent_pid=""
 cleanup() {
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true

@@ -44,6 +44,9 @@ summary="tests: $passed passed, $failed failed, $skipped skipped"
 step "systemd unit"
 bash scripts/verify-unit.sh
 
+step "demo (two isolated tenants)"
+bash scripts/demo.sh debug
+
 step "README run command"
 bash scripts/check-run.sh
 

@@ -97,6 +97,7 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
             source,
         })?;
     }
+    check_traversable(&config.run_dir)?;
     let node = node::probe(config.node_name());
     let sandboxes = Manager::open(&config, node.cgroup_layout)?;
     sandboxes.recover().await;
@@ -283,6 +284,28 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     });
     agent.until_stopped().await;
     agent.shutdown().await
+}
+
+/// Containers run as unprivileged host uids and must reach their root filesystems under
+/// `run_dir`, so every ancestor of it must be searchable by others.
+fn check_traversable(run_dir: &Path) -> Result<(), ServeError> {
+    for dir in run_dir.ancestors() {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(ServeError::Dir {
+                path: run_dir.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "{} (mode {:o}) is not searchable by other users, so tenant containers could not \
+                     reach their root filesystems; chmod o+x it or choose another run_dir",
+                    dir.display(),
+                    meta.permissions().mode() & 0o7777
+                )),
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {

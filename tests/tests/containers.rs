@@ -681,3 +681,75 @@ async fn exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop() {
         "busy loop used {cpus:.3} CPUs under a 0.5 quota"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_is_restarted_and_readopts_its_containers() {
+    root_or_skip!("a_dead_engine_is_restarted_and_readopts_its_containers");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+    let c = api.run("t", "survivor", "echo up; sleep 600").await;
+    api.logs_until("t", "survivor", "up").await;
+    let engine_pid: i32 = std::fs::read_to_string(format!("/proc/{}/status", c.pid))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cmdline = std::fs::read_to_string(format!("/proc/{engine_pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.contains("engine"),
+        "the container's parent is its engine: {cmdline:?}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engine_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        Path::new(&format!("/proc/{}", c.pid)).exists(),
+        "the container outlives its engine"
+    );
+    // The next call finds the engine gone, starts a new one, and it re-adopts the container.
+    let got = api
+        .c
+        .inspect_container(pb::InspectContainerRequest {
+            r#ref: cref("t", "survivor"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, pb::ContainerState::Running as i32);
+    assert_eq!(got.pid, c.pid);
+    // Still fully manageable: stop it through the new engine.
+    let stopped = api
+        .c
+        .kill_container(pb::KillContainerRequest {
+            r#ref: cref("t", "survivor"),
+            signal: "KILL".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.name, "survivor");
+    let mut exited = false;
+    for _ in 0..40 {
+        let s = api
+            .c
+            .inspect_container(pb::InspectContainerRequest {
+                r#ref: cref("t", "survivor"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.state == pb::ContainerState::Exited as i32 {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exited, "the re-adopted container's exit was noticed");
+}
