@@ -370,3 +370,50 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     .expect("tmp");
     root
 }
+
+/// Writes an OCI image layout at `dir` whose layers are the given tar streams (gzip-compressed
+/// here), and returns `dir`. Blob digests are computed, so a test can tamper with them after.
+pub fn oci_layout(dir: &Path, layers: &[Vec<u8>]) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs dir");
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = format!("{:x}", Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).expect("blob");
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut layer_descs = Vec::new();
+    for l in layers {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(l).expect("gzip");
+        let (digest, size) = put(&gz.finish().expect("gzip"));
+        layer_descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size
+        }));
+    }
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
+    let (cdigest, csize) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdigest, "size": csize},
+        "layers": layer_descs,
+    });
+    let (mdigest, msize) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest, "size": msize,
+        "platform": {"architecture": "amd64", "os": "linux"}
+    }]});
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("oci-layout");
+    dir.to_path_buf()
+}
+
+/// A tar stream of a directory tree (symlinks kept as links).
+pub fn tar_dir(dir: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", dir).expect("tar");
+    b.into_inner().expect("tar")
+}

@@ -753,3 +753,95 @@ async fn a_dead_engine_is_restarted_and_readopts_its_containers() {
     }
     assert!(exited, "the re-adopted container's exit was noticed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_run_from_oci_layouts_and_hostile_layers_are_refused() {
+    root_or_skip!("containers_run_from_oci_layouts_and_hostile_layers_are_refused");
+    use caas_tests::{oci_layout, tar_dir};
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+    let base = tar_dir(Path::new(&api.rootfs));
+    let second = {
+        let d = agent.dir.path().join("layer2");
+        std::fs::create_dir_all(d.join("etc")).unwrap();
+        std::fs::write(d.join("etc/motd"), "from layer two\n").unwrap();
+        tar_dir(&d)
+    };
+    let layout = oci_layout(&agent.dir.path().join("layout"), &[base.clone(), second]);
+    // The same layout as a tarball.
+    let tarball = agent.dir.path().join("image.tar");
+    std::fs::write(&tarball, tar_dir(&layout)).unwrap();
+    for (name, src) in [("from-dir", layout.clone()), ("from-tar", tarball.clone())] {
+        let mut r = api.req("t", name, "id -u; cat /etc/motd; stat -c %u /bin/busybox");
+        r.rootfs_path = src.display().to_string();
+        api.run_req(r).await;
+        assert_eq!(api.wait("t", name).await.exit_code, 0);
+        assert_eq!(
+            api.logs("t", name).await,
+            "0\nfrom layer two\n0\n",
+            "{name}"
+        );
+    }
+
+    // A layer that climbs out of the rootfs is refused, naming the entry, and leaves nothing.
+    let evil = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        let p = b"../../escaped";
+        h.as_old_mut().name[..p.len()].copy_from_slice(p);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let bad = oci_layout(&agent.dir.path().join("evil"), &[base.clone(), evil]);
+    let mut r = api.req("t", "evil", "true");
+    r.rootfs_path = bad.display().to_string();
+    let e = api.c.create_container(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("../../escaped"), "{}", e.message());
+    let images = agent.dir.path().join("state/engines/t/images");
+    for leftover in ["escaped", "state/escaped", "state/engines/escaped"] {
+        assert!(!agent.dir.path().join(leftover).exists(), "{leftover}");
+    }
+    let copies = std::fs::read_dir(&images).unwrap().count();
+    assert_eq!(copies, 2, "only the two good images are kept");
+
+    // A blob whose bytes do not match its digest is refused.
+    let tampered = oci_layout(&agent.dir.path().join("tampered"), &[base]);
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tampered.join("index.json")).unwrap()).unwrap();
+    let mdigest = idx["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tampered.join("blobs/sha256").join(&mdigest)).unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let lp = tampered.join("blobs/sha256").join(&layer);
+    let mut bytes = std::fs::read(&lp).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0xff;
+    std::fs::write(&lp, bytes).unwrap();
+    let mut r = api.req("t", "tampered", "true");
+    r.rootfs_path = tampered.display().to_string();
+    let e = api.c.create_container(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("digest")
+            || e.message().contains("gzip")
+            || e.message().contains("corrupt"),
+        "{}",
+        e.message()
+    );
+}

@@ -5,12 +5,14 @@
 //! the tenant's cgroup, makes (or finds) the tenant's user and network namespaces, becomes the
 //! subreaper of its containers, and serves the engine protocol on a root-only unix socket.
 
+pub mod layout;
 pub mod ns;
 pub mod record;
 pub mod rootfs;
 pub mod runtime;
 pub mod server;
 pub mod spec;
+pub mod unpack;
 
 use std::{
     os::unix::fs::PermissionsExt,

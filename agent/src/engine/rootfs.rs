@@ -26,8 +26,8 @@ const MAX_SYMLINKS: usize = 40;
 /// A rootfs problem, named for the client.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    /// The source does not exist or is not a directory.
-    #[error("rootfs {0}: does not exist or is not a directory")]
+    /// The source does not exist or is neither a directory nor an OCI layout.
+    #[error("rootfs_path {0}: does not exist, or is neither a directory nor an OCI image layout")]
     Missing(PathBuf),
     /// The command is not in the image.
     #[error("command {command:?} is not in the image (looked in {searched})")]
@@ -37,6 +37,9 @@ pub enum RootfsError {
         /// Where it was looked for.
         searched: String,
     },
+    /// An OCI image layout could not be used (bad layout, digest mismatch, refused entry).
+    #[error("{0}")]
+    Image(String),
     /// A file operation failed.
     #[error("rootfs {path}: {source}")]
     Io {
@@ -137,11 +140,13 @@ fn shift(id: u32, start: u32) -> u32 {
     start + if id < RANGE_SIZE { id } else { 65_534 }
 }
 
-/// Returns the tenant's shifted copy of `src`, making it on first use. The copy is keyed by the
-/// source path and its modification time, so a changed source gets a fresh copy.
+/// Returns the tenant's shifted copy of `src` (a rootfs directory, or an OCI image layout
+/// directory or tarball), making it on first use. The copy is keyed by the source path and its
+/// modification time, so a changed source gets a fresh copy.
 pub fn prepare_image(images: &Path, src: &Path, id_start: u32) -> Result<PathBuf, RootfsError> {
     let meta = fs::metadata(src).map_err(|_| RootfsError::Missing(src.to_path_buf()))?;
-    if !meta.is_dir() {
+    let layout = super::layout::is_layout(src);
+    if !meta.is_dir() && !layout {
         return Err(RootfsError::Missing(src.to_path_buf()));
     }
     let mut h = DefaultHasher::new();
@@ -155,7 +160,17 @@ pub fn prepare_image(images: &Path, src: &Path, id_start: u32) -> Result<PathBuf
     let tmp = images.join(format!(".tmp-{:016x}-{}", h.finish(), std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    copy_shifted(src, &tmp.join("rootfs"), id_start)?;
+    let made = if layout {
+        super::layout::unpack_image(src, &tmp.join("rootfs"), id_start, &tmp.join("layout"))
+            .map_err(|e| RootfsError::Image(e.to_string()))
+    } else {
+        copy_shifted(src, &tmp.join("rootfs"), id_start)
+    };
+    if let Err(e) = made {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let _ = fs::remove_dir_all(tmp.join("layout"));
     fs::write(tmp.join(".complete"), src.to_string_lossy().as_bytes()).map_err(io_err(&tmp))?;
     let _ = fs::remove_dir_all(&dest);
     fs::rename(&tmp, &dest).map_err(io_err(&dest))?;

@@ -305,7 +305,9 @@ impl Engine {
         let image =
             rootfs::prepare_image(&self.paths.images(), &c.rootfs, self.id_start).map_err(|e| {
                 match e {
-                    rootfs::RootfsError::Missing(_) => EngineError::Invalid(e.to_string()),
+                    rootfs::RootfsError::Missing(_) | rootfs::RootfsError::Image(_) => {
+                        EngineError::Invalid(e.to_string())
+                    }
                     other => EngineError::Runtime(other.to_string()),
                 }
             })?;
