@@ -10,6 +10,7 @@ use caas_proto::v1::{
     tenant_service_client::TenantServiceClient,
 };
 use caas_tests::{TestAgent, busybox_rootfs, require_root};
+use futures::StreamExt;
 use tonic::{Code, transport::Channel};
 
 struct Api {
@@ -560,6 +561,24 @@ async fn kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_the
         .into_inner()
         .containers;
     assert_eq!(before.len(), 5);
+    // The last event of tenant a so far: the cursor a billing-style consumer would hold.
+    let mut ev = c
+        .events(pb::EventsRequest {
+            tenant: "a".into(),
+            after_seq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut cursor = 1;
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(300), ev.next()).await {
+        cursor = e.seq;
+    }
+    drop(ev);
+    assert!(
+        cursor >= 6,
+        "create+start of 3 containers in a: seq {cursor}"
+    );
 
     agent.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
     agent
@@ -604,6 +623,23 @@ async fn kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_the
             assert_eq!(a.pid, b.pid);
         }
     }
+    // The event stream resumes from the cursor: the exit that happened while no agent ran.
+    let mut ev = c
+        .events(pb::EventsRequest {
+            tenant: "a".into(),
+            after_seq: cursor,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = tokio::time::timeout(Duration::from_secs(5), ev.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.seq, cursor + 1);
+    assert_eq!(e.r#type, pb::ContainerEventType::Exited as i32);
+    assert_eq!((e.container_name.as_str(), e.exit_code), ("quits", 7));
     cleanup_tenants(&socket, &slice);
 }
 
