@@ -9,7 +9,8 @@ set -euo pipefail
 #   busybox-static   the root filesystem of test containers and the demo
 #   systemd          systemd-analyze, to verify scripts/caas-agent.service
 #   iproute2, procps tests inspect links, namespaces and processes
-PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps)
+#   crun, runc       the peers in tests/benches/lifecycle.rs
+PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc)
 
 log() { printf 'setup: %s\n' "$*"; }
 
