@@ -49,7 +49,7 @@ ctl --json tenant get acme | grep -A3 '"id_range"'
 
 say "one container in each"
 for t in acme globex; do
-  ctl container run "$t" web --rootfs "$tmp/rootfs" -- sh -c 'echo listening; while true; do nc -l -p 8080; done' >/dev/null
+  ctl container run "$t" web --rootfs "$tmp/rootfs" -- sh -c 'echo listening; while true; do sleep 600 | nc -l -p 8080; done' >/dev/null
 done
 ctl container ps
 sleep 0.5

@@ -27,29 +27,41 @@ pub mod validate;
 /// The agent's version, as reported by `NodeService.GetNodeInfo` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-#[cfg(test)]
-pub(crate) mod testutil {
-    /// True when running as root. Otherwise prints the skip (and records it in `$CAAS_SKIP_LOG`),
-    /// or fails the test when `CAAS_REQUIRE_PRIVILEGED=1`.
+/// Test support shared by the unit tests here and the end-to-end tests in `tests/`.
+#[doc(hidden)]
+pub mod testing {
+    /// Whether privileged tests must run (CI sets `CAAS_REQUIRE_PRIVILEGED=1`).
+    pub fn privileged_required() -> bool {
+        std::env::var("CAAS_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1")
+    }
+
+    /// True when running as root. Otherwise records the skip, or fails the test when
+    /// privileged tests are mandatory.
     pub fn require_root(test: &str) -> bool {
         if nix::unistd::geteuid().is_root() {
             return true;
         }
         assert!(
-            std::env::var("CAAS_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+            !privileged_required(),
             "{test}: needs root, and CAAS_REQUIRE_PRIVILEGED=1 makes it mandatory"
         );
-        eprintln!("SKIP {test}: needs root");
-        if let Some(p) = std::env::var_os("CAAS_SKIP_LOG") {
+        skip(test, "needs root");
+        false
+    }
+
+    /// Records a skipped test: on stderr, and in `$CAAS_SKIP_LOG` when set, because cargo hides
+    /// the output of tests that pass and a skip must never be silent. The test command prints it.
+    pub fn skip(test: &str, reason: &str) {
+        eprintln!("SKIP {test}: {reason}");
+        if let Some(path) = std::env::var_os("CAAS_SKIP_LOG") {
             use std::io::Write;
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(p)
+                .open(path)
             {
-                let _ = writeln!(f, "SKIP {test}: needs root");
+                let _ = writeln!(f, "SKIP {test}: {reason}");
             }
         }
-        false
     }
 }

@@ -16,40 +16,7 @@ use caas_agent::{
 };
 use tonic::transport::Channel;
 
-/// Whether privileged tests must run (CI sets `CAAS_REQUIRE_PRIVILEGED=1`).
-pub fn privileged_required() -> bool {
-    std::env::var("CAAS_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1")
-}
-
-/// Returns true if the test may run as root; otherwise prints why it skips, or panics when
-/// privileged tests are mandatory.
-pub fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        !privileged_required(),
-        "{test}: needs root, and CAAS_REQUIRE_PRIVILEGED=1 makes it mandatory"
-    );
-    skip(test, "needs root");
-    false
-}
-
-/// Records a skipped test: on stderr, and in `$CAAS_SKIP_LOG` when set, because cargo hides the
-/// output of tests that pass and a skip must never be silent. The test command prints that file.
-pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIP {test}: {reason}");
-    if let Some(path) = std::env::var_os("CAAS_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "SKIP {test}: {reason}");
-        }
-    }
-}
+pub use caas_agent::testing::{privileged_required, require_root, skip};
 
 /// A random suffix so parallel tests never share names.
 pub fn unique(prefix: &str) -> String {

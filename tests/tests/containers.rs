@@ -193,7 +193,7 @@ async fn a_tenants_containers_share_a_network_that_other_tenants_cannot_reach() 
     api.run(
         "a",
         "server",
-        "echo listening; while true; do nc -l -p 8080; done",
+        "echo listening; while true; do sleep 600 | nc -l -p 8080; done",
     )
     .await;
     api.logs_until("a", "server", "listening").await;

@@ -26,20 +26,7 @@ enum Cmd {
     },
     /// Run one tenant's engine (started by the agent, not by hand).
     #[command(hide = true)]
-    Engine {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        id_start: u32,
-        #[arg(long)]
-        state_dir: PathBuf,
-        #[arg(long)]
-        run_dir: PathBuf,
-        #[arg(long, default_value = "/sys/fs/cgroup")]
-        cgroup_root: PathBuf,
-        #[arg(long, default_value = caas_agent::cgroups::tenant::SLICE)]
-        cgroup_slice: String,
-    },
+    Engine(caas_agent::engine::EngineArgs),
     /// Certificates for development and tests.
     Certs {
         #[command(subcommand)]
@@ -101,23 +88,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Engine {
-            tenant,
-            id_start,
-            state_dir,
-            run_dir,
-            cgroup_root,
-            cgroup_slice,
-        } => {
+        Cmd::Engine(args) => {
             logging::init(&caas_agent::config::LogConfig::default());
-            let args = caas_agent::engine::EngineArgs {
-                tenant,
-                id_start,
-                state_dir,
-                run_dir,
-                cgroup_root,
-                cgroup_slice,
-            };
             match caas_agent::engine::main(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

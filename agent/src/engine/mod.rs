@@ -25,24 +25,46 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cgroups::{CgroupLayout, TenantCgroups, detect_layout};
 
-/// What the agent tells an engine at start.
-#[derive(Debug, Clone)]
+/// What the agent tells an engine at start: the `caas-agent engine` command line.
+#[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
     /// Tenant id.
+    #[arg(long)]
     pub tenant: String,
     /// First host uid/gid of the tenant's range.
+    #[arg(long)]
     pub id_start: u32,
     /// The agent's state dir.
+    #[arg(long)]
     pub state_dir: PathBuf,
     /// The agent's run dir.
+    #[arg(long)]
     pub run_dir: PathBuf,
     /// cgroup mount root.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
     /// The slice tenants live in.
+    #[arg(long, default_value = crate::cgroups::tenant::SLICE)]
     pub cgroup_slice: String,
 }
 
 impl EngineArgs {
+    /// The arguments after `engine` that parse back into these.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        let mut put = |flag: &str, val: &std::ffi::OsStr| {
+            v.push(flag.into());
+            v.push(val.to_os_string());
+        };
+        put("--tenant", self.tenant.as_ref());
+        put("--id-start", self.id_start.to_string().as_ref());
+        put("--state-dir", self.state_dir.as_os_str());
+        put("--run-dir", self.run_dir.as_os_str());
+        put("--cgroup-root", self.cgroup_root.as_os_str());
+        put("--cgroup-slice", self.cgroup_slice.as_ref());
+        v
+    }
+
     /// The engine's directories.
     pub fn paths(&self) -> runtime::Paths {
         runtime::Paths {
@@ -137,4 +159,32 @@ async fn serve(args: EngineArgs, paths: runtime::Paths, cg: TenantCgroups) -> Re
         .await;
     let _ = std::fs::remove_file(&sock);
     result.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EngineArgs;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EngineArgs,
+    }
+
+    #[test]
+    fn the_command_line_round_trips() {
+        let a = EngineArgs {
+            tenant: "t-1".into(),
+            id_start: 1 << 20,
+            state_dir: "/var/lib/x y".into(),
+            run_dir: "/run/x".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            cgroup_slice: "caas-test.slice".into(),
+        };
+        let mut argv: Vec<std::ffi::OsString> = vec!["engine".into()];
+        argv.extend(a.to_args());
+        let b = Cli::try_parse_from(argv).unwrap().args;
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
 }

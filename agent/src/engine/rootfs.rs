@@ -303,7 +303,7 @@ mod tests {
         fs::write(src.join("bin/tool"), b"x").unwrap();
         fs::set_permissions(src.join("bin/tool"), fs::Permissions::from_mode(0o4755)).unwrap();
         std::os::unix::fs::symlink("tool", src.join("bin/t")).unwrap();
-        if !crate::testutil::require_root("shifted_copy_keeps_modes_and_moves_owners") {
+        if !crate::testing::require_root("shifted_copy_keeps_modes_and_moves_owners") {
             return;
         }
         let start = 300_000;

@@ -5,32 +5,24 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use caas_proto::engine::v1::{self as epb, engine_client::EngineClient};
 use tonic::transport::Channel;
 
-use crate::client::{self, Target};
+use crate::{
+    client::{self, Target},
+    engine::EngineArgs,
+};
 
 /// How to start one engine.
 #[derive(Debug, Clone)]
 pub struct Spawn {
     pub binary: PathBuf,
-    pub tenant: String,
-    pub id_start: u32,
-    pub state_dir: PathBuf,
-    pub run_dir: PathBuf,
-    pub cgroup_root: PathBuf,
-    pub cgroup_slice: String,
+    pub args: EngineArgs,
 }
 
 impl Spawn {
     pub fn socket(&self) -> PathBuf {
-        self.run_dir
-            .join("tenants")
-            .join(&self.tenant)
-            .join("engine.sock")
+        self.args.paths().socket()
     }
     fn log(&self) -> PathBuf {
-        self.state_dir
-            .join("engines")
-            .join(&self.tenant)
-            .join("engine.log")
+        self.args.paths().state.join("engine.log")
     }
 }
 
@@ -60,14 +52,7 @@ pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let mut child = tokio::process::Command::new(&s.binary)
         .arg("engine")
-        .args(["--tenant", &s.tenant, "--id-start", &s.id_start.to_string()])
-        .arg("--state-dir")
-        .arg(&s.state_dir)
-        .arg("--run-dir")
-        .arg(&s.run_dir)
-        .arg("--cgroup-root")
-        .arg(&s.cgroup_root)
-        .args(["--cgroup-slice", &s.cgroup_slice])
+        .args(s.args.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -79,7 +64,7 @@ pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
     loop {
         if let Some(ch) = connect(&s.socket()).await {
             // Reap it when it exits, so no zombie is left while the agent runs.
-            let tenant = s.tenant.clone();
+            let tenant = s.args.tenant.clone();
             tokio::spawn(async move {
                 if let Ok(st) = child.wait().await {
                     tracing::info!(%tenant, status = %st, "tenant engine exited");
@@ -120,7 +105,7 @@ pub async fn stop(s: &Spawn, client: Option<EngineClient<Channel>>) {
         })
         .await
     {
-        tracing::warn!(tenant = %s.tenant, error = %e, "engine shutdown call failed");
+        tracing::warn!(tenant = %s.args.tenant, error = %e, "engine shutdown call failed");
     }
     let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
         return;
@@ -132,6 +117,6 @@ pub async fn stop(s: &Spawn, client: Option<EngineClient<Channel>>) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tracing::warn!(tenant = %s.tenant, "engine did not exit; killing it");
+    tracing::warn!(tenant = %s.args.tenant, "engine did not exit; killing it");
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
 }

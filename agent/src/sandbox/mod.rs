@@ -113,12 +113,14 @@ impl Manager {
     fn proc_args(&self, t: &Tenant) -> engine_proc::Spawn {
         engine_proc::Spawn {
             binary: self.engine_binary.clone(),
-            tenant: t.id.clone(),
-            id_start: t.id_range.start,
-            state_dir: self.state_dir.clone(),
-            run_dir: self.run_dir.clone(),
-            cgroup_root: self.cgroup_root.clone(),
-            cgroup_slice: self.cgroup_slice.clone(),
+            args: crate::engine::EngineArgs {
+                tenant: t.id.clone(),
+                id_start: t.id_range.start,
+                state_dir: self.state_dir.clone(),
+                run_dir: self.run_dir.clone(),
+                cgroup_root: self.cgroup_root.clone(),
+                cgroup_slice: self.cgroup_slice.clone(),
+            },
         }
     }
 
