@@ -21,6 +21,7 @@ cleanup() {
     kill "$agent_pid" 2>/dev/null || true
     wait "$agent_pid" 2>/dev/null || true
   fi
+  for h in /sys/fs/cgroup/*/; do rmdir "${h}caas-demo-$$.slice" 2>/dev/null || true; done
   rm -rf "$tmp"
 }
 trap cleanup EXIT
