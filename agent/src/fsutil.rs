@@ -11,6 +11,18 @@ use std::{
 /// Atomically replaces `path` with `data`, mode `mode`. A crash leaves either the old or the new
 /// content, never a mix.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_replace(path, data, mode, true)
+}
+
+/// Replaces `path` with `data` by rename, without fsync. A crash of the process leaves the old or
+/// the new content (the rename is atomic and the page cache survives the process); a crash of
+/// the host may leave either, or an empty file. Only for state that does not outlive the host:
+/// a container record describes processes that a reboot ends anyway.
+pub fn write_replace_volatile(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_replace(path, data, mode, false)
+}
+
+fn write_replace(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
@@ -30,9 +42,14 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

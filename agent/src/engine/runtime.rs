@@ -8,6 +8,7 @@ use std::{
     fs,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use caas_proto::v1 as pb;
@@ -302,6 +303,7 @@ impl Engine {
         if self.recs.contains_key(&c.id) {
             return Err(EngineError::NameTaken(c.id));
         }
+        let t0 = Instant::now();
         let image =
             rootfs::prepare_image(&self.paths.images(), &c.rootfs, self.id_start).map_err(|e| {
                 match e {
@@ -320,9 +322,18 @@ impl Engine {
         let dir = self.paths.container(&c.id);
         fs::create_dir_all(&dir)
             .map_err(|e| EngineError::Runtime(format!("{}: {e}", dir.display())))?;
+        let t_image = t0.elapsed();
         let result = self.build(&c, &image, &dir);
         match result {
-            Ok(pid) => {
+            Ok((pid, phases)) => {
+                tracing::debug!(
+                    container = %c.id,
+                    image_us = micros(t_image),
+                    rootfs_us = micros(phases.rootfs),
+                    spec_us = micros(phases.spec),
+                    runtime_us = micros(phases.runtime),
+                    "container created"
+                );
                 let mut r = Record::new(c.id.clone(), c.name, c.image, c.command);
                 r.cpus = c.cpus;
                 r.memory_bytes = c.memory_bytes;
@@ -348,7 +359,13 @@ impl Engine {
         }
     }
 
-    fn build(&self, c: &CreateSpec, image: &Path, dir: &Path) -> Result<u32, EngineError> {
+    fn build(
+        &self,
+        c: &CreateSpec,
+        image: &Path,
+        dir: &Path,
+    ) -> Result<(u32, BuildPhases), EngineError> {
+        let t0 = Instant::now();
         let rt = |what: &str| {
             let what = what.to_string();
             move |e: &dyn std::fmt::Display| EngineError::Runtime(format!("{what}: {e}"))
@@ -356,6 +373,7 @@ impl Engine {
         let root = self.paths.mountpoint(&c.id);
         rootfs::mount_overlay(image, &dir.join("layer"), &root, self.id_start)
             .map_err(|e| rt("rootfs")(&e))?;
+        let rootfs_done = t0.elapsed();
         let cgroup = self.cgroup(&c.id);
         let spec = spec::build(&spec::ContainerSpec {
             rootfs: &root,
@@ -385,6 +403,7 @@ impl Engine {
         let devnull: OwnedFd = fs::File::open("/dev/null")
             .map(OwnedFd::from)
             .map_err(|e| rt("/dev/null")(&e))?;
+        let spec_done = t0.elapsed();
         let container = ContainerBuilder::new(c.id.clone(), SyscallType::default())
             .validate_id()
             .map_err(|e| rt("container id")(&e))?
@@ -403,7 +422,14 @@ impl Engine {
         let pid = container
             .pid()
             .ok_or_else(|| EngineError::Runtime("the container has no pid".into()))?;
-        u32::try_from(pid.as_raw()).map_err(|_| EngineError::Runtime("bad pid".into()))
+        let pid =
+            u32::try_from(pid.as_raw()).map_err(|_| EngineError::Runtime("bad pid".into()))?;
+        let phases = BuildPhases {
+            rootfs: rootfs_done,
+            spec: spec_done.saturating_sub(rootfs_done),
+            runtime: t0.elapsed().saturating_sub(spec_done),
+        };
+        Ok((pid, phases))
     }
 
     /// Lets a created container's init exec its command.
@@ -418,10 +444,12 @@ impl Engine {
                     .unwrap_or_default()
             )));
         }
+        let t0 = Instant::now();
         let mut ct = Container::load(self.paths.youki().join(&id))
             .map_err(|e| EngineError::Runtime(format!("loading container state: {e}")))?;
         ct.start()
             .map_err(|e| EngineError::Runtime(format!("starting the container: {e}")))?;
+        tracing::debug!(container = %id, runtime_us = micros(t0.elapsed()), "container started");
         if let Some(r) = self.recs.get_mut(&id) {
             // The init may already have exited and been reaped between start and here.
             if r.state == State::Created {
@@ -532,6 +560,7 @@ impl Engine {
                 r.name
             )));
         }
+        let t0 = Instant::now();
         match Container::load(self.paths.youki().join(id)) {
             Ok(mut ct) => {
                 if let Err(e) = ct.delete(true) {
@@ -540,6 +569,7 @@ impl Engine {
             }
             Err(e) => tracing::debug!(container = id, error = %e, "no runtime state to delete"),
         }
+        let runtime_done = t0.elapsed();
         let dir = self.paths.container(id);
         let mp = self.paths.mountpoint(id);
         rootfs::unmount(&mp);
@@ -547,6 +577,12 @@ impl Engine {
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "removing the container dir failed");
         }
+        tracing::debug!(
+            container = id,
+            runtime_us = micros(runtime_done),
+            files_us = micros(t0.elapsed().saturating_sub(runtime_done)),
+            "container removed"
+        );
         self.emit(pb::ContainerEventType::Deleted, id);
         self.recs.remove(id);
         self.exits.remove(id);
@@ -624,6 +660,17 @@ impl Engine {
             })
             .unwrap_or(0)
     }
+}
+
+/// How long the steps of [`Engine::build`] took (logged at debug level).
+struct BuildPhases {
+    rootfs: Duration,
+    spec: Duration,
+    runtime: Duration,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Record -> wire type.
