@@ -1,0 +1,39 @@
+//! What one reading of one cgroup says: the type the meter hands to the ledger.
+
+/// Which cgroup a sample belongs to: a tenant (container `None`) or one of its containers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MeterKey {
+    /// The tenant id.
+    pub tenant: String,
+    /// The container id, or `None` for the tenant's whole subtree.
+    pub container: Option<String>,
+}
+
+/// Counters read from one cgroup at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Cumulative CPU time in nanoseconds (v2 `cpu.stat` usage_usec × 1000, v1 `cpuacct.usage`).
+    pub cpu_ns: u64,
+    /// Memory working set in bytes: usage minus inactive file cache.
+    pub memory_working_set: u64,
+    /// Peak memory usage in bytes since the cgroup was created (0 when the kernel has no peak file).
+    pub memory_peak: u64,
+    /// Cumulative OOM kills in the cgroup.
+    pub oom_kills: u64,
+    /// Current number of tasks.
+    pub pids: u64,
+}
+
+/// One reading: a cgroup's counters at a wall-clock second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// The cgroup.
+    pub key: MeterKey,
+    /// The wall-clock second the sample belongs to (Unix seconds).
+    pub at_unix_s: u64,
+    /// The counters read.
+    pub counters: Counters,
+    /// True for the last reading of a cgroup that is about to be removed (container or tenant
+    /// ended); the ledger closes its open window with it.
+    pub last: bool,
+}
