@@ -82,6 +82,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Tenant defaults and limits.
     pub tenants: TenantsConfig,
+    /// Metering and the usage ledger.
+    pub usage: UsageConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -94,6 +96,7 @@ impl Default for Config {
             run_dir: PathBuf::from("/run/caas-agent"),
             api: ApiConfig::default(),
             tenants: TenantsConfig::default(),
+            usage: UsageConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -197,6 +200,29 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `[usage]`: metering and the usage ledger (`<state_dir>/usage.db`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Seconds per billing record (1 ..= 3600).
+    pub window_secs: u32,
+    /// How long per-second samples are kept, in seconds.
+    pub sample_retention_secs: u64,
+    /// How long acknowledged billing records are kept, in seconds (unacknowledged ones are
+    /// kept until acknowledged).
+    pub record_retention_secs: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            window_secs: crate::ledger::DEFAULT_WINDOW_SECS,
+            sample_retention_secs: crate::ledger::DEFAULT_SAMPLE_RETENTION_SECS,
+            record_retention_secs: crate::ledger::DEFAULT_RECORD_RETENTION_SECS,
+        }
+    }
 }
 
 /// `[log]`.
@@ -308,6 +334,25 @@ impl Config {
             check_abs("api.tls.cert", &tls.cert)?;
             check_abs("api.tls.key", &tls.key)?;
         }
+        let u = &self.usage;
+        validate::check_range(
+            "usage.window_secs",
+            u.window_secs,
+            1,
+            crate::ledger::MAX_WINDOW_SECS,
+        )?;
+        validate::check_range(
+            "usage.sample_retention_secs",
+            u.sample_retention_secs,
+            crate::ledger::MIN_SAMPLE_RETENTION_SECS,
+            crate::ledger::MAX_SAMPLE_RETENTION_SECS,
+        )?;
+        validate::check_range(
+            "usage.record_retention_secs",
+            u.record_retention_secs,
+            0,
+            crate::ledger::MAX_RECORD_RETENTION_SECS,
+        )?;
         let t = &self.tenants;
         validate::check_range("tenants.max_tenants", t.max_tenants, 1, MAX_TENANTS)?;
         validate::check_cpus(

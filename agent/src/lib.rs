@@ -24,6 +24,7 @@ pub mod serve;
 pub mod sys;
 pub mod systemd;
 pub mod tenants;
+pub mod usage;
 pub mod validate;
 
 /// The agent's version, as reported by `NodeService.GetNodeInfo` and `--version`.

@@ -21,10 +21,15 @@ use tonic::{
 use crate::{
     api::{self, AgentState, auth, limits::MessageLimitLayer},
     config::{Config, TlsConfig},
+    ledger::LedgerConfig,
     node,
     sandbox::{Manager, SandboxError},
     systemd,
+    usage::Metering,
 };
+
+/// The usage ledger's file under the state dir.
+pub const USAGE_DB: &str = "usage.db";
 
 /// How long a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +67,9 @@ pub enum ServeError {
     /// Tenant state could not be loaded.
     #[error(transparent)]
     Sandboxes(#[from] SandboxError),
+    /// The usage ledger or the meter could not start.
+    #[error("metering: {0}")]
+    Metering(#[from] crate::usage::MeteringError),
     /// The reflection service could not be built.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -99,12 +107,30 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     }
     check_traversable(&config.run_dir)?;
     let node = node::probe(config.node_name());
-    let sandboxes = Manager::open(&config, node.cgroup_layout)?;
+    let cgroups = crate::cgroups::TenantCgroups::with_slice(
+        &config.tenants.cgroup_root,
+        node.cgroup_layout,
+        &config.tenants.cgroup_slice,
+    );
+    let metering = Arc::new(Metering::start(
+        &config.state_dir.join(USAGE_DB),
+        LedgerConfig {
+            node: node.node.clone(),
+            window_secs: config.usage.window_secs,
+            sample_retention_secs: config.usage.sample_retention_secs,
+            record_retention_secs: config.usage.record_retention_secs,
+        },
+        &config.tenants.cgroup_root,
+        node.cgroup_layout,
+        cgroups,
+    )?);
+    let sandboxes = Manager::open(&config, node.cgroup_layout, Some(metering.clone()))?;
     sandboxes.recover().await;
     let state = Arc::new(AgentState {
         config,
         node,
         sandboxes,
+        metering,
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });
@@ -236,7 +262,9 @@ impl Agent {
         if let Some(w) = self.watchdog.take() {
             w.abort();
         }
-        // Tenant records are written through on every change; nothing is buffered to flush yet.
+        // Tenant records are written through on every change; the ledger takes the samples
+        // still queued, then the meter stops.
+        self.state.metering.shutdown().await;
         if let Err(e) = std::fs::remove_file(&self.unix_socket)
             && e.kind() != std::io::ErrorKind::NotFound
         {

@@ -142,9 +142,15 @@ impl ContainerService for ContainerApi {
     ) -> Result<Response<pb::DeleteContainerResponse>, Status> {
         let ctx = Ctx::of(&req)?;
         let r = req.into_inner();
+        let tenant = r
+            .r#ref
+            .as_ref()
+            .map(|x| x.tenant.clone())
+            .unwrap_or_default();
         let (c, mut eng) = self
             .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
             .await?;
+        self.state.sandboxes.container_ending(&tenant, &c).await;
         eng.delete(epb::DeleteRequest {
             container: c,
             force: r.force,

@@ -35,6 +35,8 @@ pub struct AgentState {
     pub node: NodeFacts,
     /// Tenants, their sandboxes and engines.
     pub sandboxes: Manager,
+    /// The meter and the usage ledger.
+    pub metering: Arc<crate::usage::Metering>,
     /// When the agent started.
     pub started: Instant,
     /// Cancelled when the agent shuts down; long streams end on it.

@@ -76,3 +76,12 @@ pub fn internal(e: &dyn std::error::Error, ctx: &Ctx) -> Status {
         ctx.request_id
     ))
 }
+
+/// A usage ledger error.
+pub fn ledger(e: crate::ledger::LedgerError, ctx: &Ctx) -> Status {
+    use crate::ledger::LedgerError;
+    match e {
+        LedgerError::AckBeyondEnd { .. } => Status::invalid_argument(format!("cursor: {e}")),
+        _ => internal(&e, ctx),
+    }
+}

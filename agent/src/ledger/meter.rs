@@ -159,10 +159,18 @@ impl Meter {
         window_secs: u32,
     ) -> Result<Option<Applied>, LedgerError> {
         let at = sample.at_unix_s;
-        if self.last_at_s.is_some_and(|last| at <= last) {
+        let c = &sample.counters;
+        // The final reading of a cgroup often falls in the second its last tick was read in:
+        // it still counts (what was used between the tick and the end), adding no seconds. A
+        // counter below the baseline in the same second is a replay, never a new cgroup.
+        let final_in_same_second = sample.last
+            && !self.fresh
+            && self.last_at_s == Some(at)
+            && c.cpu_ns >= self.cpu_ns
+            && c.oom_kills >= self.oom_kills;
+        if self.last_at_s.is_some_and(|last| at <= last) && !final_in_same_second {
             return Ok(None);
         }
-        let c = &sample.counters;
         let (cpu_base, oom_base, seconds) = match self.last_at_s {
             Some(last) if !self.fresh => (self.cpu_ns, self.oom_kills, at - last),
             _ => (0, 0, 1),

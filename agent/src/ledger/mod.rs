@@ -321,7 +321,9 @@ fn insert_key(tx: &Transaction<'_>, key: &MeterKey) -> Result<i64, LedgerError> 
 fn insert_sample(tx: &Transaction<'_>, key_id: i64, row: &SampleRow) -> Result<(), LedgerError> {
     tx.prepare_cached(
         "INSERT INTO samples (key_id, at_s, seconds, cpu_ns, working_set, oom_kills)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (key_id, at_s) DO UPDATE SET seconds = seconds + ?3,
+             cpu_ns = cpu_ns + ?4, working_set = ?5, oom_kills = oom_kills + ?6",
     )
     .ctx("prepare sample insert")?
     .execute(params![

@@ -15,6 +15,7 @@ use crate::{
     cgroups::{CgroupError, CgroupLayout, Limits, TenantCgroups},
     config::Config,
     tenants::{QuotaRequest, Registry, Tenant, TenantError, TenantFilter, TenantSpec, TenantState},
+    usage::Metering,
 };
 
 /// Why a sandbox operation failed.
@@ -70,6 +71,8 @@ pub struct Manager {
     cgroup_slice: String,
     engine_binary: PathBuf,
     engines: Mutex<HashMap<String, EngineClient<Channel>>>,
+    /// The meter, told which cgroups exist and when they go away.
+    metering: Option<Arc<Metering>>,
     /// One lock per tenant serializes provisioning, teardown and engine restarts.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -84,7 +87,11 @@ fn limits(t: &Tenant) -> Limits {
 
 impl Manager {
     /// Opens the registry; engines are reconnected by [`Manager::recover`].
-    pub fn open(config: &Config, layout: CgroupLayout) -> Result<Self, SandboxError> {
+    pub fn open(
+        config: &Config,
+        layout: CgroupLayout,
+        metering: Option<Arc<Metering>>,
+    ) -> Result<Self, SandboxError> {
         let registry = Registry::open(&config.state_dir, config.tenants.clone())?;
         let engine_binary = match &config.tenants.engine_binary {
             Some(b) => b.clone(),
@@ -106,6 +113,7 @@ impl Manager {
             cgroup_slice: config.tenants.cgroup_slice.clone(),
             engine_binary,
             engines: Mutex::new(HashMap::new()),
+            metering,
             locks: Mutex::new(HashMap::new()),
         })
     }
@@ -140,8 +148,21 @@ impl Manager {
                 continue;
             }
             match self.ensure_engine(&t).await {
-                Ok(_) => {
+                Ok(mut eng) => {
                     let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
+                    if let Some(m) = &self.metering {
+                        m.track_tenant(&t.id).await;
+                        match eng.list(epb::ListRequest {}).await {
+                            Ok(r) => {
+                                for c in r.into_inner().containers {
+                                    m.track_container(&t.id, &c.id, &c.name).await;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(tenant = %t.id, error = %e, "listing containers to meter failed")
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::error!(tenant = %t.id, error = %e, "tenant engine could not be recovered");
@@ -168,10 +189,15 @@ impl Manager {
         }
         .await;
         match provisioned {
-            Ok(_) => Ok(self
-                .registry
-                .set_state(&t.id, TenantState::Ready, "")
-                .await?),
+            Ok(_) => {
+                if let Some(m) = &self.metering {
+                    m.track_tenant(&t.id).await;
+                }
+                Ok(self
+                    .registry
+                    .set_state(&t.id, TenantState::Ready, "")
+                    .await?)
+            }
             Err(e) => {
                 tracing::error!(tenant = %t.id, error = %e, "provisioning failed; rolling back");
                 self.teardown(&t).await;
@@ -227,6 +253,10 @@ impl Manager {
     }
 
     async fn teardown(&self, t: &Tenant) {
+        // Final readings first: stopping the engine removes its containers' cgroups.
+        if let Some(m) = &self.metering {
+            m.finish_tenant(&t.id).await;
+        }
         let client = self.engines.lock().await.remove(&t.id);
         engine_proc::stop(&self.proc_args(t), client).await;
         crate::engine::ns::release(&self.run_dir.join("tenants").join(&t.id).join("ns"));
@@ -326,11 +356,22 @@ impl Manager {
                 max: t.quotas.max_containers,
             });
         }
-        Ok(eng
+        let c = eng
             .create(req)
             .await
             .map_err(SandboxError::Status)?
-            .into_inner())
+            .into_inner();
+        if let Some(m) = &self.metering {
+            m.track_container(&t.id, &c.id, &c.name).await;
+        }
+        Ok(c)
+    }
+
+    /// The final reading of a container's usage, before its engine deletes its cgroup.
+    pub async fn container_ending(&self, tenant: &str, container: &str) {
+        if let Some(m) = &self.metering {
+            m.finish_container(tenant, container).await;
+        }
     }
 
     /// Containers of `tenant`, or of every ready tenant.

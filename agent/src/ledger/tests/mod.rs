@@ -491,3 +491,25 @@ fn future_schema_and_foreign_files_are_refused() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn final_reading_in_the_same_second_as_the_last_tick_counts() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut ledger = Ledger::open(db(&dir), config(60))?;
+    let c = key("t1", Some("short"));
+    ledger.ingest(&[sample(&c, T0 + 10, 100, 1 << 20)])?;
+    // The container ends 0.7 s after that tick: its final reading has the same second.
+    let records = ledger.ingest(&[last(sample(&c, T0 + 10, 180, 1 << 20))])?;
+    assert_eq!(records.len(), 1, "the last reading closes the window");
+    assert_eq!(records[0].cpu_ns, 180);
+    // A second that adds no time adds no memory.
+    assert_eq!(records[0].memory_byte_seconds, 1 << 20);
+    // A replay of an older reading in that second is still ignored.
+    let d = key("t1", Some("other"));
+    ledger.ingest(&[sample(&d, T0 + 10, 500, 0)])?;
+    assert!(ledger.ingest(&[sample(&d, T0 + 10, 400, 0)])?.is_empty());
+    let records = ledger.ingest(&[last(sample(&d, T0 + 10, 400, 0))])?;
+    assert!(records.is_empty(), "a lower final reading is a replay");
+    assert_eq!(billed(&ledger, &d)?.0, 500);
+    Ok(())
+}
