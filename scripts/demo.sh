@@ -35,7 +35,7 @@ chmod 1777 "$tmp/rootfs/tmp"
 echo "$tmp/rootfs: $(ls "$tmp/rootfs/bin" | wc -l) applets"
 
 say "an agent on temp dirs"
-printf 'state_dir = "%s/state"\nrun_dir = "%s/run"\n[tenants]\ncgroup_slice = "caas-demo-%s.slice"\nengine_binary = "%s"\n' \
+printf 'state_dir = "%s/state"\nrun_dir = "%s/run"\n[tenants]\ncgroup_slice = "caas-demo-%s.slice"\nengine_binary = "%s"\n[usage]\nwindow_secs = 1\n' \
   "$tmp" "$tmp" "$$" "$(realpath "$bin/caas-agent")" >"$tmp/config.toml"
 "$bin/caas-agent" serve --config "$tmp/config.toml" 2>"$tmp/agent.log" &
 agent_pid=$!
@@ -66,5 +66,14 @@ sleep 0.3
 echo "acme's listener got:";   ctl container logs acme web
 echo "globex's listener got:"; ctl container logs globex web
 if ctl container logs globex web | grep -q hello-from-acme; then echo "demo: ISOLATION BROKEN"; exit 1; fi
+
+say "what each tenant used, second by second (billing records per window)"
+ctl container run acme burn --rootfs "$tmp/rootfs" --cpus 0.5 -- sh -c 'timeout 2 sh -c "while :; do :; done"; true' >/dev/null
+ctl container wait acme burn >/dev/null
+ctl container rm acme burn >/dev/null
+sleep 1.2
+ctl usage get acme --per-second | tail -n 4
+ctl usage records --tenant acme | tail -n 3
+ctl usage export --format csv --tenant acme | head -n 3
 
 say "done; cleaning up"

@@ -10,7 +10,10 @@ set -euo pipefail
 #   systemd          systemd-analyze, to verify scripts/caas-agent.service
 #   iproute2, procps tests inspect links, namespaces and processes
 #   crun, runc       the peers in tests/benches/lifecycle.rs
-PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc)
+#   prometheus       promtool, which checks the agent's /metrics output (the server itself is
+#                    not started: PID 1 is not systemd on the build machines, and nothing
+#                    here enables it)
+PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc prometheus)
 
 log() { printf 'setup: %s\n' "$*"; }
 

@@ -84,6 +84,10 @@ pub struct Config {
     pub tenants: TenantsConfig,
     /// Metering and the usage ledger.
     pub usage: UsageConfig,
+    /// The CloudEvents push of billing records.
+    pub export: crate::export::ExportConfig,
+    /// Prometheus metrics and health probes over HTTP.
+    pub metrics: crate::metrics::MetricsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -97,6 +101,8 @@ impl Default for Config {
             api: ApiConfig::default(),
             tenants: TenantsConfig::default(),
             usage: UsageConfig::default(),
+            export: crate::export::ExportConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -334,6 +340,7 @@ impl Config {
             check_abs("api.tls.cert", &tls.cert)?;
             check_abs("api.tls.key", &tls.key)?;
         }
+        self.export.validate()?;
         let u = &self.usage;
         validate::check_range(
             "usage.window_secs",
@@ -565,6 +572,14 @@ level = "debug"
             tenants: TenantsConfig {
                 engine_binary: c.tenants.engine_binary.clone(),
                 ..TenantsConfig::default()
+            },
+            // Examples of settings that are off by default.
+            export: crate::export::ExportConfig {
+                endpoint: c.export.endpoint.clone(),
+                ..Default::default()
+            },
+            metrics: crate::metrics::MetricsConfig {
+                listen: c.metrics.listen,
             },
             ..Config::default()
         };

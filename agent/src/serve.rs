@@ -90,9 +90,14 @@ pub struct Agent {
     pub unix_socket: PathBuf,
     /// The TCP address it serves on, if any (the real port when configured with `:0`).
     pub tcp_addr: Option<SocketAddr>,
+    /// The metrics address, if any (the real port when configured with `:0`).
+    pub metrics_addr: Option<SocketAddr>,
     state: Arc<AgentState>,
     health: tonic_health::server::HealthReporter,
     servers: JoinSet<Result<(), ServeError>>,
+    /// The exporter and the metrics server: they end on the shutdown token.
+    background: JoinSet<Result<(), crate::export::ExportError>>,
+    ready: tokio::sync::watch::Sender<bool>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -202,6 +207,36 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         });
     }
 
+    let export_status = Arc::new(crate::export::ExportStatus::default());
+    let mut background = JoinSet::new();
+    if cfg.export.endpoint.is_some() {
+        background.spawn(crate::export::run(
+            cfg.export.clone(),
+            state.metering.ledger.clone(),
+            state.metering.written(),
+            shutdown.clone(),
+            export_status.clone(),
+        ));
+    }
+    let mut metrics_addr = None;
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: format!("metrics.listen {addr}"),
+                source,
+            })?;
+        metrics_addr = listener.local_addr().ok();
+        let snapshot = metrics_snapshot(state.clone(), export_status.clone());
+        let stop = shutdown.clone();
+        background.spawn(async move {
+            crate::metrics::serve(listener, snapshot, ready, stop).await;
+            Ok(())
+        });
+    }
+    ready_tx.send_replace(true);
+
     let watchdog = systemd::spawn_watchdog(shutdown.clone());
     tracing::info!(
         version = crate::VERSION,
@@ -215,9 +250,12 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     Ok(Agent {
         unix_socket,
         tcp_addr,
+        metrics_addr,
         state,
         health,
         servers,
+        background,
+        ready: ready_tx,
         watchdog,
     })
 }
@@ -233,6 +271,7 @@ impl Agent {
         let drain = Duration::from_secs(self.state.config.api.drain_timeout_secs);
         systemd::stopping();
         api::set_health(&self.health, false).await;
+        self.ready.send_replace(false);
         self.state.shutdown.cancel();
         let started = Instant::now();
         let mut first_error = None;
@@ -264,6 +303,13 @@ impl Agent {
         }
         // Tenant records are written through on every change; the ledger takes the samples
         // still queued, then the meter stops.
+        while let Some(r) = self.background.join_next().await {
+            match r {
+                Ok(Err(e)) => tracing::error!(error = %e, "the usage exporter stopped"),
+                Err(e) => tracing::error!(error = %e, "a background task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         self.state.metering.shutdown().await;
         if let Err(e) = std::fs::remove_file(&self.unix_socket)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -288,6 +334,32 @@ impl Agent {
             }
         }
     }
+}
+
+/// What the metrics endpoint shows, read fresh on every scrape (on the blocking pool).
+fn metrics_snapshot(
+    state: Arc<AgentState>,
+    export: Arc<crate::export::ExportStatus>,
+) -> Arc<dyn Fn() -> crate::metrics::MetricsSnapshot + Send + Sync> {
+    Arc::new(move || {
+        let m = &state.metering;
+        let (ledger, last) = {
+            let l = crate::usage::lock(&m.ledger);
+            (l.stats().ok(), l.last_cursor().unwrap_or(0))
+        };
+        crate::metrics::MetricsSnapshot {
+            node: state.node.node.clone(),
+            cgroups: m.latest(),
+            sampler: m.sampler.stats(),
+            ledger,
+            export: state
+                .config
+                .export
+                .endpoint
+                .is_some()
+                .then(|| export.metrics(last)),
+        }
+    })
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly.

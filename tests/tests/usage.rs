@@ -478,3 +478,175 @@ async fn kill_9_of_the_agent_mid_burn_loses_and_doubles_nothing() {
     assert_eq!(starts.len(), recs.len(), "no window twice: {recs:?}");
     cleanup_tenants(&socket, &slice);
 }
+
+/// A minimal HTTP/1.1 sink: answers 503 until `accept_after`, then 200, and keeps every body
+/// it accepted.
+async fn sink(
+    listener: tokio::net::TcpListener,
+    accept_after: std::time::Instant,
+    got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            return;
+        };
+        let got = got.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                // Headers, then Content-Length bytes of body.
+                let mut chunk = [0u8; 65536];
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+                let status = if std::time::Instant::now() < accept_after {
+                    "503 Service Unavailable"
+                } else {
+                    assert!(
+                        head.contains("application/cloudevents-batch+json"),
+                        "{head}"
+                    );
+                    let events: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+                    got.lock().unwrap().extend(events);
+                    "200 OK"
+                };
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                if conn.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_export_survives_a_refusing_sink_and_metrics_pass_promtool() {
+    if !require_root("cloudevents_export_survives_a_refusing_sink_and_metrics_pass_promtool") {
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let accept_after = std::time::Instant::now() + Duration::from_secs(10);
+    tokio::spawn(sink(listener, accept_after, got.clone()));
+    let agent = TestAgent::start(|c| {
+        c.usage.window_secs = 1;
+        c.export.endpoint = Some(format!("http://127.0.0.1:{port}/usage"));
+        c.export.retry_initial_ms = 200;
+        c.export.retry_max_ms = 1000;
+        c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
+    .unwrap();
+    let mut api = Api::new(agent.unix().await, agent.dir.path());
+    api.tenant("e").await;
+    api.run("e", "s", "sleep 600", None).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !api.records("").await.is_empty(),
+        "records were written while the sink refused"
+    );
+
+    // Every record the ledger holds reaches the sink, once each after dedup by id.
+    let mut delivered = BTreeMap::new();
+    let mut missing = Vec::new();
+    for _ in 0..40 {
+        let all = api.records("").await;
+        delivered = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| (e["id"].as_str().unwrap().to_string(), e.clone()))
+            .collect::<BTreeMap<_, _>>();
+        missing = all
+            .iter()
+            .filter(|r| !delivered.contains_key(&r.id))
+            .map(|r| r.id.clone())
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    let e = delivered.values().next().unwrap();
+    assert_eq!(e["specversion"], "1.0");
+    assert_eq!(e["subject"], "e");
+    assert!(e["source"].as_str().unwrap().contains(&agent_node(&agent)));
+    assert!(e["data"]["cpu_seconds"].is_number(), "{e}");
+    // Duplicates are allowed (at least once), different values under one id are not.
+    for ev in got.lock().unwrap().iter() {
+        assert_eq!(&delivered[ev["id"].as_str().unwrap()], ev);
+    }
+
+    // Metrics: well-formed for promtool, with this tenant's series.
+    let addr = agent.agent.as_ref().unwrap().metrics_addr.unwrap();
+    let text = http_get(addr, "/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap().to_string();
+    assert!(body.contains("caas_tenant_cpu_seconds_total{"), "{body}");
+    assert!(body.contains("tenant=\"e\""), "{body}");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+}
+
+fn agent_node(agent: &TestAgent) -> String {
+    let _ = agent;
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// One GET over a fresh connection; the whole response as text.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -150,13 +150,14 @@ impl ContainerService for ContainerApi {
         let (c, mut eng) = self
             .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
             .await?;
-        self.state.sandboxes.container_ending(&tenant, &c).await;
+        self.state.sandboxes.container_deleting(&tenant, &c).await;
         eng.delete(epb::DeleteRequest {
-            container: c,
+            container: c.clone(),
             force: r.force,
         })
         .await
         .map_err(|e| engine_err(e, &ctx))?;
+        self.state.sandboxes.container_deleted(&tenant, &c).await;
         Ok(Response::new(pb::DeleteContainerResponse {}))
     }
 

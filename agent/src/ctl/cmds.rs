@@ -714,10 +714,11 @@ async fn usage(ch: Channel, cmd: UsageCmd, json: bool) -> anyhow::Result<ExitCod
                     ],
                     r.points
                         .iter()
-                        .chain(r.total.as_ref())
-                        .map(|p| {
+                        .map(|p| (out::time_ms(p.time_unix_s * 1000), p))
+                        .chain(r.total.as_ref().map(|t| ("total".to_string(), t)))
+                        .map(|(time, p)| {
                             vec![
-                                out::time_ms(p.time_unix_s * 1000),
+                                time,
                                 p.seconds.to_string(),
                                 format!("{:.3}", p.cpu_seconds),
                                 format!("{:.3}", p.memory_gib_seconds),

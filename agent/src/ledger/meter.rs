@@ -160,15 +160,15 @@ impl Meter {
     ) -> Result<Option<Applied>, LedgerError> {
         let at = sample.at_unix_s;
         let c = &sample.counters;
-        // The final reading of a cgroup often falls in the second its last tick was read in:
-        // it still counts (what was used between the tick and the end), adding no seconds. A
-        // counter below the baseline in the same second is a replay, never a new cgroup.
-        let final_in_same_second = sample.last
-            && !self.fresh
+        // A reading taken on demand (the final one of a cgroup, or one before a delete) often
+        // falls in the second a tick was read in: it still counts (what was used since), adding
+        // no seconds. A counter below the baseline in the same second is a replay, never a new
+        // cgroup; an equal one adds nothing.
+        let same_second = !self.fresh
             && self.last_at_s == Some(at)
             && c.cpu_ns >= self.cpu_ns
             && c.oom_kills >= self.oom_kills;
-        if self.last_at_s.is_some_and(|last| at <= last) && !final_in_same_second {
+        if self.last_at_s.is_some_and(|last| at <= last) && !same_second {
             return Ok(None);
         }
         let (cpu_base, oom_base, seconds) = match self.last_at_s {

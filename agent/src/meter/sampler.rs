@@ -32,7 +32,7 @@ use std::{
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 use super::{
-    CgroupReader, MeterError, MeterKey, Sample,
+    CgroupReader, Counters, MeterError, MeterKey, Sample,
     schedule::{Schedule, Step},
 };
 use crate::cgroups::CgroupLayout;
@@ -105,6 +105,10 @@ enum Command {
         key: MeterKey,
         reply: oneshot::Sender<Result<Sample, MeterError>>,
     },
+    ReadNow {
+        key: MeterKey,
+        reply: oneshot::Sender<Result<Sample, MeterError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -114,6 +118,8 @@ struct Target {
     key: MeterKey,
     reader: CgroupReader,
     failing: bool,
+    /// The last counters read, for a final sample after the cgroup is gone.
+    last: Option<Counters>,
 }
 
 /// The sampling thread's state. Start it with [`Sampler::spawn`].
@@ -195,6 +201,7 @@ impl Sampler {
         let (mut errors, mut gone, mut failing) = (0, 0, 0);
         self.targets.retain_mut(|t| match t.reader.read() {
             Ok(counters) => {
+                t.last = Some(counters);
                 if t.failing {
                     t.failing = false;
                     tracing::info!(
@@ -213,11 +220,21 @@ impl Sampler {
             }
             Err(e) if e.is_gone() => {
                 gone += 1;
-                tracing::info!(
+                // The last reading taken is the final one: it closes the cgroup's billing
+                // window now instead of after the ledger's idle grace.
+                if let Some(counters) = t.last {
+                    batch.push(Sample {
+                        key: t.key.clone(),
+                        at_unix_s,
+                        counters,
+                        last: true,
+                    });
+                }
+                tracing::debug!(
                     tenant = %t.key.tenant,
                     container = t.key.container.as_deref().unwrap_or("-"),
                     error = %e,
-                    "cgroup removed without a final reading; no longer metered"
+                    "cgroup removed; its last reading is its final one"
                 );
                 false
             }
@@ -266,6 +283,11 @@ impl Sampler {
                 self.publish();
                 let _ = reply.send(result);
             }
+            Command::ReadNow { key, reply } => {
+                let result = self.read_now(key);
+                self.publish();
+                let _ = reply.send(result);
+            }
             // Handled by the loop, which must stop.
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
@@ -282,6 +304,7 @@ impl Sampler {
             key,
             reader,
             failing: false,
+            last: None,
         });
         Ok(())
     }
@@ -302,7 +325,12 @@ impl Sampler {
         let Some(mut t) = self.take(&key) else {
             return Err(MeterError::NotMetered { key });
         };
-        match t.reader.read_final() {
+        let read = match t.reader.read_final() {
+            // Removed after a [`SamplerHandle::read_now`]: nothing ran since that reading.
+            Err(e) if e.is_gone() && t.last.is_some() => t.last.ok_or(e),
+            other => other,
+        };
+        match read {
             Ok(counters) => {
                 let sample = Sample {
                     key,
@@ -322,6 +350,23 @@ impl Sampler {
                 Err(e)
             }
         }
+    }
+
+    /// Reads `key` now and emits the reading as an ordinary sample; the key stays metered.
+    fn read_now(&mut self, key: MeterKey) -> Result<Sample, MeterError> {
+        let Some(t) = self.targets.iter_mut().find(|t| t.key == key) else {
+            return Err(MeterError::NotMetered { key });
+        };
+        let counters = t.reader.read_final()?;
+        t.last = Some(counters);
+        let sample = Sample {
+            key,
+            at_unix_s: since_epoch().as_secs(),
+            counters,
+            last: false,
+        };
+        self.deliver(vec![sample.clone()]);
+        Ok(sample)
     }
 
     fn deliver(&mut self, batch: Vec<Sample>) {
@@ -405,8 +450,18 @@ impl SamplerHandle {
     /// Reads `key` now, before the caller removes its cgroup, emits the reading through the
     /// sample channel with `last: true` (after every earlier sample of the key), stops metering
     /// `key` and returns the reading. The key is unregistered even when the read fails.
+    /// If the cgroup is already gone, the last reading taken (by a tick or by
+    /// [`SamplerHandle::read_now`]) is emitted as the final one.
     pub async fn finish(&self, key: MeterKey) -> Result<Sample, MeterError> {
         self.request(|reply| Command::Finish { key, reply }).await?
+    }
+
+    /// Reads `key` now and emits the reading as an ordinary sample, keeping the key metered:
+    /// taken before an operation that may remove the cgroup (or may be refused), followed by
+    /// [`SamplerHandle::finish`] once it did.
+    pub async fn read_now(&self, key: MeterKey) -> Result<Sample, MeterError> {
+        self.request(|reply| Command::ReadNow { key, reply })
+            .await?
     }
 
     /// The sampler's counters as of its last tick or command.

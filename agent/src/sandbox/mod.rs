@@ -253,12 +253,16 @@ impl Manager {
     }
 
     async fn teardown(&self, t: &Tenant) {
-        // Final readings first: stopping the engine removes its containers' cgroups.
+        // A reading before the engine stops (it removes its containers' cgroups), the final
+        // ones after: where a cgroup is gone by then, the reading before is the last.
         if let Some(m) = &self.metering {
-            m.finish_tenant(&t.id).await;
+            m.flush_tenant(&t.id).await;
         }
         let client = self.engines.lock().await.remove(&t.id);
         engine_proc::stop(&self.proc_args(t), client).await;
+        if let Some(m) = &self.metering {
+            m.finish_tenant(&t.id).await;
+        }
         crate::engine::ns::release(&self.run_dir.join("tenants").join(&t.id).join("ns"));
         for attempt in 0..50 {
             match self.cgroups.remove(&t.id) {
@@ -367,8 +371,15 @@ impl Manager {
         Ok(c)
     }
 
-    /// The final reading of a container's usage, before its engine deletes its cgroup.
-    pub async fn container_ending(&self, tenant: &str, container: &str) {
+    /// A reading of a container's usage before its engine is asked to delete it.
+    pub async fn container_deleting(&self, tenant: &str, container: &str) {
+        if let Some(m) = &self.metering {
+            m.flush_container(tenant, container).await;
+        }
+    }
+
+    /// The final reading of a deleted container (the one taken before, if its cgroup is gone).
+    pub async fn container_deleted(&self, tenant: &str, container: &str) {
         if let Some(m) = &self.metering {
             m.finish_container(tenant, container).await;
         }

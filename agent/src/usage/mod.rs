@@ -4,8 +4,9 @@
 //! the last record cursor written.
 //!
 //! What this module owns: which cgroups are metered (tenants once ready, containers once
-//! created), the final reading before a cgroup goes away ([`Metering::finish_container`],
-//! [`Metering::finish_tenant`]), and flushing the ledger at shutdown. It never touches the
+//! created), the readings around a cgroup's removal ([`Metering::flush_container`] before,
+//! [`Metering::finish_container`] after: if the cgroup is gone by then, the reading taken
+//! before is the final one), and flushing the ledger at shutdown. It never touches the
 //! kernel itself.
 
 use std::{
@@ -190,13 +191,16 @@ impl Metering {
         if !was {
             return;
         }
-        if let Err(e) = self.sampler.finish(key.clone()).await {
-            tracing::warn!(
+        match self.sampler.finish(key.clone()).await {
+            Ok(_) => {}
+            // A tick saw the cgroup gone first and emitted its final reading then.
+            Err(MeterError::NotMetered { .. }) => {}
+            Err(e) => tracing::warn!(
                 tenant = %key.tenant,
                 container = key.container.as_deref().unwrap_or("-"),
                 error = %e,
                 "final reading failed; usage since the last sample is not billed"
-            );
+            ),
         }
     }
 
@@ -209,6 +213,47 @@ impl Metering {
             .get(&(tenant.to_string(), container.to_string()))
             .cloned()
             .unwrap_or_else(|| container.to_string())
+    }
+
+    /// A reading of a container taken now, before an operation that may remove its cgroup
+    /// (a delete, which the engine may also refuse). The container stays metered; call
+    /// [`Metering::finish_container`] once the operation succeeded.
+    pub async fn flush_container(&self, tenant: &str, container: &str) {
+        let key = Self::container_key(tenant, &self.container_id(tenant, container));
+        self.read_now(key).await;
+    }
+
+    /// [`Metering::flush_container`] for a tenant and all of its containers.
+    pub async fn flush_tenant(&self, tenant: &str) {
+        for key in self.keys_of(tenant) {
+            self.read_now(key).await;
+        }
+    }
+
+    async fn read_now(&self, key: MeterKey) {
+        let tracked = self
+            .tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&key);
+        if tracked && let Err(e) = self.sampler.read_now(key.clone()).await {
+            tracing::warn!(
+                tenant = %key.tenant,
+                container = key.container.as_deref().unwrap_or("-"),
+                error = %e,
+                "reading a cgroup before its removal failed"
+            );
+        }
+    }
+
+    fn keys_of(&self, tenant: &str) -> Vec<MeterKey> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|k| k.tenant == tenant)
+            .cloned()
+            .collect()
     }
 
     /// The final reading of a container (named by id or name), before its cgroup is removed.
@@ -229,14 +274,7 @@ impl Metering {
     /// The final readings of a tenant and every container of it still metered, before the
     /// subtree is removed.
     pub async fn finish_tenant(&self, tenant: &str) {
-        let keys: Vec<MeterKey> = self
-            .tracked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|k| k.tenant == tenant)
-            .cloned()
-            .collect();
+        let keys = self.keys_of(tenant);
         // Containers first: their records close before the tenant's.
         for k in keys.iter().filter(|k| k.container.is_some()) {
             self.finish(k.clone()).await;
