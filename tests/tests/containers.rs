@@ -916,3 +916,26 @@ async fn containers_run_from_oci_layouts_and_hostile_layers_are_refused() {
         e.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_quota_holds() {
+    root_or_skip!("the_container_quota_holds");
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant(
+        "q",
+        Some(pb::Quotas {
+            max_containers: Some(1),
+            ..Default::default()
+        }),
+    )
+    .await;
+    api.run("q", "one", "sleep 600").await;
+    let e = api
+        .c
+        .create_container(api.req("q", "two", "true"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_containers"), "{}", e.message());
+}

@@ -239,6 +239,8 @@ pub fn container_create(
             workdir: r.workdir,
             resources: Some(res),
             labels: r.labels,
+            // Set from the tenant's quota by the sandbox manager.
+            max_containers: 0,
         },
     ))
 }

@@ -49,6 +49,11 @@ pub enum EngineError {
     /// Wrong state for the request.
     #[error("{0}")]
     State(String),
+    /// The tenant is at its container quota.
+    #[error(
+        "the tenant has {0} containers, its quota max_containers; delete one or raise the quota"
+    )]
+    Quota(u32),
     /// The runtime failed.
     #[error("{0}")]
     Runtime(String),
@@ -113,6 +118,8 @@ pub struct CreateSpec {
     pub pids: Option<u64>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// The tenant's container quota (0 = none).
+    pub max_containers: u32,
 }
 
 /// The tenant's containers.
@@ -302,6 +309,11 @@ impl Engine {
         }
         if self.recs.contains_key(&c.id) {
             return Err(EngineError::NameTaken(c.id));
+        }
+        if c.max_containers > 0
+            && self.recs.len() >= usize::try_from(c.max_containers).unwrap_or(usize::MAX)
+        {
+            return Err(EngineError::Quota(c.max_containers));
         }
         let t0 = Instant::now();
         let image =

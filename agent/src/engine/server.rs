@@ -30,6 +30,7 @@ fn status(e: EngineError) -> Status {
         EngineError::NameTaken(_) => Status::already_exists(e.to_string()),
         EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
         EngineError::State(_) => Status::failed_precondition(e.to_string()),
+        EngineError::Quota(_) => Status::resource_exhausted(e.to_string()),
         EngineError::Runtime(_) => Status::internal(e.to_string()),
     }
 }
@@ -109,6 +110,7 @@ impl epb::engine_server::Engine for EngineSvc {
             memory_bytes: res.memory_bytes,
             pids: res.pids,
             labels: r.labels,
+            max_containers: r.max_containers,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

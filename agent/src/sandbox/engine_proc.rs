@@ -26,8 +26,39 @@ impl Spawn {
     }
 }
 
-/// A channel to a live engine, or None.
-pub async fn connect(socket: &std::path::Path) -> Option<Channel> {
+/// Which process an engine is: its pid and its start time (clock ticks after boot, field 22
+/// of `/proc/<pid>/stat`), so a reused pid is never taken for the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineProcess {
+    pid: i32,
+    start: u64,
+}
+
+impl EngineProcess {
+    fn of(pid: u32) -> Option<Self> {
+        let pid = i32::try_from(pid).ok()?;
+        Some(Self {
+            pid,
+            start: start_time(pid)?,
+        })
+    }
+
+    /// Whether the engine process still runs: one small procfs read, no RPC.
+    pub fn alive(&self) -> bool {
+        start_time(self.pid) == Some(self.start)
+    }
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A channel to a live engine and which process it is, or None.
+pub async fn connect(socket: &std::path::Path) -> Option<(Channel, EngineProcess)> {
     if !socket.exists() {
         return None;
     }
@@ -35,12 +66,13 @@ pub async fn connect(socket: &std::path::Path) -> Option<Channel> {
         .await
         .ok()?;
     let mut c = EngineClient::new(ch.clone());
-    c.info(epb::InfoRequest {}).await.ok().map(|_| ch)
+    let info = c.info(epb::InfoRequest {}).await.ok()?.into_inner();
+    Some((ch, EngineProcess::of(info.pid)?))
 }
 
 /// Starts the engine in its own process group (it must outlive the agent) and waits until it
 /// answers.
-pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
+pub async fn spawn(s: &Spawn) -> Result<(Channel, EngineProcess), String> {
     let log_path = s.log();
     if let Some(d) = log_path.parent() {
         crate::fsutil::ensure_dir(d, 0o700).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -62,7 +94,7 @@ pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
         .map_err(|e| format!("starting {}: {e}", s.binary.display()))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(ch) = connect(&s.socket()).await {
+        if let Some(found) = connect(&s.socket()).await {
             // Reap it when it exits, so no zombie is left while the agent runs.
             let tenant = s.args.tenant.clone();
             tokio::spawn(async move {
@@ -70,7 +102,7 @@ pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
                     tracing::info!(%tenant, status = %st, "tenant engine exited");
                 }
             });
-            return Ok(ch);
+            return Ok(found);
         }
         if let Ok(Some(st)) = child.try_wait() {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -91,7 +123,9 @@ pub async fn spawn(s: &Spawn) -> Result<Channel, String> {
 pub async fn stop(s: &Spawn, client: Option<EngineClient<Channel>>) {
     let client = match client {
         Some(c) => Some(c),
-        None => connect(&s.socket()).await.map(EngineClient::new),
+        None => connect(&s.socket())
+            .await
+            .map(|(ch, _)| EngineClient::new(ch)),
     };
     let Some(mut c) = client else { return };
     let pid = c

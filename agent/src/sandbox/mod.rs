@@ -46,14 +46,6 @@ pub enum SandboxError {
     /// VM isolation is not built.
     #[error("isolation vm is not available on this node yet; use userns")]
     VmUnavailable,
-    /// The tenant is at its container limit.
-    #[error("tenant {tenant:?} has {max} containers, its quota max_containers")]
-    ContainerQuota {
-        /// Tenant.
-        tenant: String,
-        /// The quota.
-        max: u32,
-    },
     /// The engine answered with an error status; it is passed on as is.
     #[error("{0}")]
     Status(tonic::Status),
@@ -70,7 +62,7 @@ pub struct Manager {
     cgroup_root: PathBuf,
     cgroup_slice: String,
     engine_binary: PathBuf,
-    engines: Mutex<HashMap<String, EngineClient<Channel>>>,
+    engines: Mutex<HashMap<String, (EngineClient<Channel>, engine_proc::EngineProcess)>>,
     /// The meter, told which cgroups exist and when they go away.
     metering: Option<Arc<Metering>>,
     /// One lock per tenant serializes provisioning, teardown and engine restarts.
@@ -258,7 +250,7 @@ impl Manager {
         if let Some(m) = &self.metering {
             m.flush_tenant(&t.id).await;
         }
-        let client = self.engines.lock().await.remove(&t.id);
+        let client = self.engines.lock().await.remove(&t.id).map(|(c, _)| c);
         engine_proc::stop(&self.proc_args(t), client).await;
         if let Some(m) = &self.metering {
             m.finish_tenant(&t.id).await;
@@ -290,12 +282,19 @@ impl Manager {
 
     /// Connects to the tenant's engine, starting it if it does not answer.
     async fn ensure_engine(&self, t: &Tenant) -> Result<EngineClient<Channel>, SandboxError> {
-        if let Some(c) = self.engines.lock().await.get(&t.id) {
-            return Ok(c.clone());
+        Ok(self.ensure_engine_process(t).await?.0)
+    }
+
+    async fn ensure_engine_process(
+        &self,
+        t: &Tenant,
+    ) -> Result<(EngineClient<Channel>, engine_proc::EngineProcess), SandboxError> {
+        if let Some(found) = self.engines.lock().await.get(&t.id) {
+            return Ok(found.clone());
         }
         let args = self.proc_args(t);
-        let ch = match engine_proc::connect(&args.socket()).await {
-            Some(ch) => ch,
+        let (ch, process) = match engine_proc::connect(&args.socket()).await {
+            Some(found) => found,
             None => engine_proc::spawn(&args)
                 .await
                 .map_err(|message| SandboxError::Engine {
@@ -307,20 +306,26 @@ impl Manager {
         self.engines
             .lock()
             .await
-            .insert(t.id.clone(), client.clone());
-        Ok(client)
+            .insert(t.id.clone(), (client.clone(), process));
+        Ok((client, process))
     }
 
     /// The engine of a ready tenant; a dead engine is restarted (its containers are re-adopted).
+    /// Whether it lives is one procfs read (its pid and start time), not a round trip: every
+    /// container call comes through here.
     pub async fn engine(&self, t: &Tenant) -> Result<EngineClient<Channel>, SandboxError> {
-        let mut c = self.ensure_engine(t).await?;
-        if c.info(epb::InfoRequest {}).await.is_ok() {
+        let (c, process) = self.ensure_engine_process(t).await?;
+        if process.alive() {
             return Ok(c);
         }
-        tracing::warn!(tenant = %t.id, "tenant engine does not answer; restarting it");
-        self.engines.lock().await.remove(&t.id);
+        tracing::warn!(tenant = %t.id, "tenant engine is gone; restarting it");
         let lock = self.lock(&t.id).await;
         let _g = lock.lock().await;
+        // Another caller may have restarted it while this one waited for the lock.
+        let current = self.engines.lock().await.get(&t.id).map(|(_, p)| *p);
+        if current == Some(process) {
+            self.engines.lock().await.remove(&t.id);
+        }
         self.ensure_engine(t).await
     }
 
@@ -344,22 +349,11 @@ impl Manager {
     pub async fn create_container(
         &self,
         tenant: &str,
-        req: epb::CreateRequest,
+        mut req: epb::CreateRequest,
     ) -> Result<pb::Container, SandboxError> {
         let (t, mut eng) = self.engine_of(tenant).await?;
-        let n = eng
-            .list(epb::ListRequest {})
-            .await
-            .map_err(SandboxError::Status)?
-            .into_inner()
-            .containers
-            .len();
-        if n >= usize::try_from(t.quotas.max_containers).unwrap_or(usize::MAX) {
-            return Err(SandboxError::ContainerQuota {
-                tenant: t.id,
-                max: t.quotas.max_containers,
-            });
-        }
+        // The engine counts its containers and refuses one over the quota.
+        req.max_containers = t.quotas.max_containers;
         let c = eng
             .create(req)
             .await
