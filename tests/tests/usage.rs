@@ -237,6 +237,15 @@ async fn cpu_memory_and_short_containers_are_billed_exactly() {
     let kernel = cgroup_cpu_seconds(&agent.slice, "m", &burn);
     api.delete("m", &burn).await;
     api.delete("m", &hold).await;
+    // The delete removed the container's cgroup in every hierarchy.
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let c = h
+            .path()
+            .join(&agent.slice)
+            .join("tenant-m")
+            .join(format!("c-{burn}"));
+        assert!(!c.exists(), "{} left behind", c.display());
+    }
 
     let recs = api.billed("m", &burn).await;
     assert_unique_ids(&recs);

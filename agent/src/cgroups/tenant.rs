@@ -105,7 +105,7 @@ impl TenantCgroups {
     }
 
     /// Every v1 hierarchy (real directories, not the `cpu -> cpu,cpuacct` links), or the v2 root.
-    fn all_hierarchies(&self) -> Vec<PathBuf> {
+    pub fn all_hierarchies(&self) -> Vec<PathBuf> {
         match self.layout {
             CgroupLayout::V2 => vec![self.root.clone()],
             CgroupLayout::None => Vec::new(),

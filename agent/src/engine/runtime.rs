@@ -130,6 +130,8 @@ pub struct Engine {
     cgroup_root: PathBuf,
     layout: CgroupLayout,
     cgroups: TenantCgroups,
+    /// The cgroup hierarchies, listed once: a container's cgroup is a directory in each.
+    hierarchies: Vec<PathBuf>,
     recs: BTreeMap<String, Record>,
     exits: HashMap<String, watch::Sender<bool>>,
     events: broadcast::Sender<pb::ContainerEvent>,
@@ -176,6 +178,7 @@ impl Engine {
             paths,
             cgroup_root,
             layout,
+            hierarchies: cgroups.all_hierarchies(),
             cgroups,
             recs,
             exits: HashMap::new(),
@@ -573,13 +576,17 @@ impl Engine {
             )));
         }
         let t0 = Instant::now();
-        match Container::load(self.paths.youki().join(id)) {
-            Ok(mut ct) => {
-                if let Err(e) = ct.delete(true) {
-                    tracing::warn!(container = id, error = %e, "libcontainer delete failed");
+        if !self.remove_runtime_state(id) {
+            match Container::load(self.paths.youki().join(id)) {
+                Ok(mut ct) => {
+                    if let Err(e) = ct.delete(true) {
+                        tracing::warn!(container = id, error = %e, "libcontainer delete failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(container = id, error = %e, "no runtime state to delete")
                 }
             }
-            Err(e) => tracing::debug!(container = id, error = %e, "no runtime state to delete"),
         }
         let runtime_done = t0.elapsed();
         let dir = self.paths.container(id);
@@ -599,6 +606,34 @@ impl Engine {
         self.recs.remove(id);
         self.exits.remove(id);
         Ok(())
+    }
+
+    /// Removes an exited container's cgroup (a directory in each hierarchy) and the runtime's
+    /// state dir directly. libcontainer's delete does the same for a stopped container, but
+    /// first re-reads its state and parses mountinfo to find the hierarchies, on every call.
+    /// False when a cgroup is still busy (tasks of the container still exiting): the caller
+    /// then goes through libcontainer, which retries.
+    fn remove_runtime_state(&self, id: &str) -> bool {
+        let rel = self.cgroup(id);
+        let rel = rel.trim_start_matches('/');
+        for h in &self.hierarchies {
+            match fs::remove_dir(h.join(rel)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::debug!(container = id, hierarchy = %h.display(), error = %e, "cgroup not removed directly");
+                    return false;
+                }
+            }
+        }
+        match fs::remove_dir_all(self.paths.youki().join(id)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                tracing::debug!(container = id, error = %e, "runtime state not removed directly");
+                false
+            }
+        }
     }
 
     /// Reaps every exited child; records the containers among them.
