@@ -49,3 +49,14 @@ pub fn set_loopback_up() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Restores the default action of SIGPIPE, which the Rust runtime ignores: a command-line tool
+/// whose reader went away (`caasctl ... | head`) should end quietly, as other Unix tools do,
+/// instead of panicking on the failed write. Call it first in `main`, before any thread exists.
+pub fn default_sigpipe() {
+    // SAFETY: SIG_DFL is a valid disposition for SIGPIPE, no handler code is installed, and
+    // the caller runs before any other thread exists, so nothing races on signal dispositions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

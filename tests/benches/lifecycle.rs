@@ -143,6 +143,8 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
 
 struct AgentResults {
     lifecycle_ms: Vec<f64>,
+    /// Per call of the lifecycle: create, start, wait, delete.
+    calls_ms: [Vec<f64>; 4],
     engine_fresh_kib: u64,
     engine_idle_kib: u64,
     engine_many_kib: u64,
@@ -194,16 +196,22 @@ async fn delete(c: &mut ContainerServiceClient<Channel>, name: &str) -> anyhow::
     Ok(())
 }
 
-/// One full lifecycle of `/bin/true`: create, start, wait, delete.
+/// One full lifecycle of `/bin/true`: create, start, wait, delete. Returns the whole time and
+/// the time of each call.
 async fn lifecycle(
     c: &mut ContainerServiceClient<Channel>,
     rootfs: &str,
     name: &str,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, [Duration; 4])> {
     let t0 = Instant::now();
-    create_start(c, create_req(rootfs, name, &["/bin/true"]))
+    c.create_container(create_req(rootfs, name, &["/bin/true"]))
         .await
-        .with_context(|| format!("create+start {name}"))?;
+        .with_context(|| format!("create {name}"))?;
+    let t_create = t0.elapsed();
+    c.start_container(pb::StartContainerRequest { r#ref: cref(name) })
+        .await
+        .with_context(|| format!("start {name}"))?;
+    let t_start = t0.elapsed();
     let w = tokio::time::timeout(
         Duration::from_secs(60),
         c.wait_container(pb::WaitContainerRequest { r#ref: cref(name) }),
@@ -212,6 +220,7 @@ async fn lifecycle(
     .with_context(|| format!("waiting for {name}: timed out"))?
     .with_context(|| format!("waiting for {name}"))?
     .into_inner();
+    let t_wait = t0.elapsed();
     c.delete_container(pb::DeleteContainerRequest {
         r#ref: cref(name),
         force: false,
@@ -220,7 +229,10 @@ async fn lifecycle(
     .with_context(|| format!("deleting {name}"))?;
     let d = t0.elapsed();
     ensure!(w.exit_code == 0, "{name}: /bin/true exited {}", w.exit_code);
-    Ok(d)
+    Ok((
+        d,
+        [t_create, t_start - t_create, t_wait - t_start, d - t_wait],
+    ))
 }
 
 async fn bench_agent() -> anyhow::Result<AgentResults> {
@@ -260,10 +272,14 @@ async fn bench_agent_on(agent: &TestAgent) -> anyhow::Result<AgentResults> {
 
     // Lifecycles of /bin/true; the first warm-up also copies the rootfs into the tenant's images.
     let mut lifecycle_ms = Vec::with_capacity(ITERS);
+    let mut calls_ms: [Vec<f64>; 4] = Default::default();
     for i in 0..WARMUP + ITERS {
-        let d = lifecycle(&mut c, &rootfs, &format!("true-{i}")).await?;
+        let (d, calls) = lifecycle(&mut c, &rootfs, &format!("true-{i}")).await?;
         if i >= WARMUP {
             lifecycle_ms.push(ms(d));
+            for (v, t) in calls_ms.iter_mut().zip(calls) {
+                v.push(ms(t));
+            }
         }
     }
 
@@ -349,6 +365,7 @@ async fn bench_agent_on(agent: &TestAgent) -> anyhow::Result<AgentResults> {
 
     Ok(AgentResults {
         lifecycle_ms,
+        calls_ms,
         engine_fresh_kib,
         engine_idle_kib,
         engine_many_kib,
@@ -756,6 +773,19 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer) -> String {
         &f(ours.p90),
         &f(ours.min),
     );
+    for (call, v) in ["create", "start", "wait (until exit)", "delete"]
+        .iter()
+        .zip(&a.calls_ms)
+    {
+        let s = stats(v);
+        row3(
+            &mut o,
+            &format!("  of which {call}"),
+            &f(s.median),
+            &f(s.p90),
+            &f(s.min),
+        );
+    }
     let mut versions = Vec::new();
     for (name, peer) in [("crun", crun), ("runc", runc)] {
         let label = format!("{name} run (userns+netns)");

@@ -413,6 +413,7 @@ fn to_map(v: Vec<(String, String)>) -> BTreeMap<String, String> {
 
 /// Runs caasctl with the process arguments.
 pub fn main() -> ExitCode {
+    crate::sys::default_sigpipe();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
