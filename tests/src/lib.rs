@@ -230,6 +230,22 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Writes `<dir>/config.toml` for an agent process: state and run dirs under `dir`, the cgroup
+/// `slice`, the built engine, then `extra` (more TOML, sections included). Returns its path.
+pub fn write_agent_config(dir: &Path, slice: &str, extra: &str) -> PathBuf {
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[tenants]\ncgroup_slice = \"{slice}\"\nengine_binary = \"{1}\"\n{extra}",
+            dir.display(),
+            bin("caas-agent").display()
+        ),
+    )
+    .expect("writing the agent config");
+    cfg
+}
+
 /// A `caas-agent serve` child process with stderr captured to a file.
 pub struct AgentProcess {
     /// The child.

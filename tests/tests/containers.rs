@@ -493,19 +493,10 @@ async fn bad_container_input_is_refused_and_changes_nothing() {
 async fn kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_them() {
     root_or_skip!("kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_them");
     use caas_agent::client::{self, Target};
-    use caas_tests::{AgentProcess, bin, cleanup_tenants, unique_slice};
+    use caas_tests::{AgentProcess, cleanup_tenants, unique_slice};
     let dir = tempfile::tempdir().unwrap();
     let slice = unique_slice();
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[tenants]\ncgroup_slice = \"{slice}\"\nengine_binary = \"{1}\"\n",
-            dir.path().display(),
-            bin("caas-agent").display()
-        ),
-    )
-    .unwrap();
+    let cfg = caas_tests::write_agent_config(dir.path(), &slice, "");
     let socket = dir.path().join("run/agent.sock");
     let rootfs = busybox_rootfs(dir.path()).display().to_string();
     let mut agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("a1.log"))

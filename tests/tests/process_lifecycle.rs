@@ -22,19 +22,13 @@ const DRAIN_SECS: u64 = 3;
 
 /// Writes a config under `dir`; returns its path and the cgroup slice it uses.
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let cfg = dir.join("config.toml");
     let slice = caas_tests::unique_slice();
     std::fs::write(dir.join("slice"), &slice).unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[tenants]\ncgroup_slice = \"{slice}\"\nengine_binary = \"{1}\"\n[api]\ndrain_timeout_secs = {DRAIN_SECS}\n{extra}",
-            dir.display(),
-            bin("caas-agent").display()
-        ),
+    caas_tests::write_agent_config(
+        dir,
+        &slice,
+        &format!("[api]\ndrain_timeout_secs = {DRAIN_SECS}\n{extra}"),
     )
-    .unwrap();
-    cfg
 }
 
 fn slice_of(dir: &Path) -> String {

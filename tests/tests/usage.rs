@@ -431,19 +431,10 @@ async fn kill_9_of_the_agent_mid_burn_loses_and_doubles_nothing() {
         return;
     }
     use caas_agent::client::{self, Target};
-    use caas_tests::{AgentProcess, bin, cleanup_tenants, unique_slice};
+    use caas_tests::{AgentProcess, cleanup_tenants, unique_slice};
     let dir = tempfile::tempdir().unwrap();
     let slice = unique_slice();
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[tenants]\ncgroup_slice = \"{slice}\"\nengine_binary = \"{1}\"\n[usage]\nwindow_secs = 2\n",
-            dir.path().display(),
-            bin("caas-agent").display()
-        ),
-    )
-    .unwrap();
+    let cfg = caas_tests::write_agent_config(dir.path(), &slice, "[usage]\nwindow_secs = 2\n");
     let socket = dir.path().join("run/agent.sock");
     let connect = || async {
         let ch = client::connect(&Target::Unix(socket.clone()))
