@@ -10,25 +10,36 @@ set -euo pipefail
 #   systemd          systemd-analyze, to verify scripts/caas-agent.service
 #   iproute2, procps tests inspect links, namespaces and processes
 #   crun, runc       the peers in tests/benches/lifecycle.rs
-#   prometheus       promtool, which checks the agent's /metrics output (the server itself is
-#                    not started: PID 1 is not systemd on the build machines, and nothing
-#                    here enables it)
-PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc prometheus)
+PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc)
 
 log() { printf 'setup: %s\n' "$*"; }
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   log "Debian packages present"
+fi
+
+# promtool checks the agent's /metrics output in the tests. Debian ships it only inside the
+# prometheus server package; installing that would add a daemon and a system user, so only the
+# promtool binary is taken out of the package.
+if ! command -v promtool >/dev/null 2>&1; then
+  log "installing promtool (from Debian's prometheus package) to /usr/local/bin"
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"   # apt's download sandbox user must be able to write here
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) ||
+    { $sudo apt-get update -qq && (cd "$tmp" && apt-get download -qq prometheus >/dev/null); }
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+  $sudo install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool
+  rm -rf "$tmp"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use caas_proto::v1::{
     self as pb, container_service_client::ContainerServiceClient,
     image_service_client::ImageServiceClient, tenant_service_client::TenantServiceClient,
+    usage_service_client::UsageServiceClient,
 };
 use caas_tests::{TestAgent, bin};
 use tonic::Code;
@@ -177,6 +178,67 @@ async fn bad_quotas_and_labels_name_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_usage_queries_name_the_field() {
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut u = UsageServiceClient::new(agent.unix().await);
+    let usage = |f: fn(&mut pb::GetUsageRequest)| {
+        let mut r = pb::GetUsageRequest {
+            tenant: "a".into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    for (req, field) in [
+        (usage(|r| r.tenant = "A/b".into()), "tenant"),
+        (usage(|r| r.tenant = String::new()), "tenant"),
+        (usage(|r| r.container = "..".into()), "container"),
+        (
+            usage(|r| {
+                r.start_unix_s = 200;
+                r.end_unix_s = 100;
+            }),
+            "start_unix_s",
+        ),
+        (
+            usage(|r| {
+                r.start_unix_s = 1;
+                r.end_unix_s = 10_000_000;
+                r.granularity = pb::Granularity::Second as i32;
+            }),
+            "start_unix_s..end_unix_s",
+        ),
+        (usage(|r| r.granularity = 42), "granularity"),
+    ] {
+        let e = u.get_usage(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    let e = u
+        .read_records(pb::ReadRecordsRequest {
+            tenant: "no such/tenant".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("tenant"), "{}", e.message());
+    let e = u
+        .ack_records(pb::AckRecordsRequest { cursor: 5 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("cursor"), "{}", e.message());
+    // Nothing was acknowledged by the refused ack.
+    let r = u
+        .read_records(pb::ReadRecordsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.records.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused_with_the_cap() {
     let agent = TestAgent::start(|c| c.api.max_message_bytes = 4096)
         .await
@@ -234,6 +296,13 @@ fn a_bad_config_refuses_to_start_with_one_line() {
         ("[tenants]\ndefault_cpus = -1.0\n", "tenants.default_cpus"),
         ("state_dir = 5\n", "state_dir"),
         ("[api]\ntcp_listen = \"127.0.0.1:0\"\n", "api.tcp_listen"),
+        ("[usage]\nwindow_secs = 0\n", "usage.window_secs"),
+        ("[usage]\nwindow_secs = 7200\n", "usage.window_secs"),
+        (
+            "[export]\nendpoint = \"https://billing.example/usage\"\n",
+            "export.endpoint",
+        ),
+        ("[metrics]\nlisten = \"not-an-address\"\n", "listen"),
     ] {
         let (out, _dir) = serve_with_config(text);
         assert_eq!(out.status.code(), Some(2), "{text}");

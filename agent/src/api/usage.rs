@@ -13,7 +13,7 @@ use super::{AgentState, auth::Ctx, convert, status};
 use crate::{
     authz::{self, Action, Scope},
     ledger::{Ledger, LedgerError, Per, Record, UsagePoint},
-    usage::{LEDGER_TIMEOUT, lock},
+    usage::{LEDGER_TIMEOUT, lock, now_unix_s},
 };
 
 /// Records per `ReadRecords` answer when the client asks for 0.
@@ -54,13 +54,6 @@ fn scope_of(tenant: &str) -> Scope<'_> {
     } else {
         Scope::Tenant(tenant)
     }
-}
-
-fn now_unix_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The tenant filter in force: the one asked for, narrowed to a tenant caller's own.

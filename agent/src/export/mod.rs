@@ -120,9 +120,6 @@ pub enum ExportError {
         /// The ledger's error.
         source: LedgerError,
     },
-    /// A ledger call panicked earlier while holding the lock.
-    #[error("ledger lock poisoned by an earlier panic")]
-    Poisoned,
     /// A ledger call did not run or finish in time.
     #[error(transparent)]
     Blocking(#[from] BlockingError),
@@ -253,8 +250,9 @@ where
 {
     let ledger = Arc::clone(ledger);
     blocking::run(what, blocking::DEFAULT_TIMEOUT, move || {
-        let mut guard = ledger.lock().map_err(|_| ExportError::Poisoned)?;
-        f(&mut guard).map_err(|source| ExportError::Ledger { what, source })
+        // Every ledger write is one transaction, so a panic elsewhere leaves nothing half
+        // done: the lock is taken as the rest of the agent takes it, poisoned or not.
+        f(&mut crate::usage::lock(&ledger)).map_err(|source| ExportError::Ledger { what, source })
     })
     .await?
 }

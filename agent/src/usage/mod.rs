@@ -71,7 +71,8 @@ pub struct Metering {
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn now_unix_s() -> u64 {
+/// Now, in whole Unix seconds (0 if the clock is before 1970).
+pub fn now_unix_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -314,6 +315,8 @@ async fn feed(
     // A batch the ledger could not take; it goes in front of the next one.
     let mut pending: Vec<Sample> = Vec::new();
     let mut closed = false;
+    // Logged when writes start failing and when they work again, not on every retry.
+    let mut failing = false;
     loop {
         let mut batch = std::mem::take(&mut pending);
         if batch.is_empty() {
@@ -370,6 +373,10 @@ async fn feed(
         .await;
         match result {
             Ok(Ok((made, cursor))) => {
+                if failing {
+                    failing = false;
+                    tracing::info!("usage ledger writes work again; nothing was lost");
+                }
                 if made > 0 {
                     written.send_replace(cursor);
                 }
@@ -377,7 +384,10 @@ async fn feed(
             Ok(Err((e, batch))) => {
                 // The counters are cumulative and the baseline only moves on commit: retrying
                 // the batch later loses nothing.
-                tracing::error!(error = %e, samples = batch.len(), "writing usage to the ledger failed; retrying");
+                if !failing {
+                    failing = true;
+                    tracing::error!(error = %e, samples = batch.len(), "writing usage to the ledger failed; retrying every 500 ms");
+                }
                 if closed {
                     tracing::error!(
                         "the agent is stopping; the usage since the last commit will be counted after its restart"
