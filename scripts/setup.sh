@@ -10,7 +10,12 @@ set -euo pipefail
 #   systemd          systemd-analyze, to verify scripts/caas-agent.service
 #   iproute2, procps tests inspect links, namespaces and processes
 #   crun, runc       the peers in tests/benches/lifecycle.rs
-PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc)
+#   docker-registry  the OCI distribution registry the image tests pull from (on 127.0.0.1)
+#   skopeo           pushes the tests' OCI layouts into it; a peer in tests/benches/image_pull.rs
+#   umoci            the other half of that peer (unpack)
+#   apache2-utils    htpasswd, for the registry's basic-auth test users
+PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
+  docker-registry skopeo umoci apache2-utils)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""

@@ -84,6 +84,8 @@ pub struct Config {
     pub tenants: TenantsConfig,
     /// Metering and the usage ledger.
     pub usage: UsageConfig,
+    /// Registry pulls and the image store.
+    pub images: crate::images::ImagesConfig,
     /// The CloudEvents push of billing records.
     pub export: crate::export::ExportConfig,
     /// Prometheus metrics and health probes over HTTP.
@@ -101,6 +103,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             tenants: TenantsConfig::default(),
             usage: UsageConfig::default(),
+            images: crate::images::ImagesConfig::default(),
             export: crate::export::ExportConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
             log: LogConfig::default(),
@@ -341,6 +344,7 @@ impl Config {
             check_abs("api.tls.key", &tls.key)?;
         }
         self.export.validate()?;
+        self.images.validate()?;
         let u = &self.usage;
         validate::check_range(
             "usage.window_secs",

@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod engine;
 pub mod export;
 pub mod fsutil;
+pub mod images;
 pub mod ledger;
 pub mod logging;
 pub mod meter;

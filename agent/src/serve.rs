@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The usage ledger or the meter could not start.
     #[error("metering: {0}")]
     Metering(#[from] crate::usage::MeteringError),
+    /// The image store could not be opened.
+    #[error("images: {0}")]
+    Images(#[from] crate::images::ImageError),
     /// The reflection service could not be built.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -129,13 +132,23 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         node.cgroup_layout,
         cgroups,
     )?);
-    let sandboxes = Manager::open(&config, node.cgroup_layout, Some(metering.clone()))?;
+    let images = Arc::new(crate::images::ImageStore::open(
+        &config.state_dir,
+        config.images.clone(),
+    )?);
+    let sandboxes = Manager::open(
+        &config,
+        node.cgroup_layout,
+        Some(metering.clone()),
+        Some(images.clone()),
+    )?;
     sandboxes.recover().await;
     let state = Arc::new(AgentState {
         config,
         node,
         sandboxes,
         metering,
+        images,
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });

@@ -73,7 +73,21 @@ impl ContainerService for ContainerApi {
             Scope::Tenant(&r.tenant),
         )
         .map_err(status::denied)?;
-        let (tenant, create) = convert::container_create(r)?;
+        let (tenant, mut create) = convert::container_create(r)?;
+        if create.rootfs.is_empty() {
+            // Unknown tenant first, then unknown image.
+            self.state
+                .sandboxes
+                .tenant(&tenant)
+                .await
+                .map_err(|e| status::sandbox(e, &ctx))?;
+            let rootfs = self
+                .state
+                .images
+                .rootfs(&tenant, &create.image)
+                .map_err(|e| status::image(e, &ctx))?;
+            convert::apply_image(&mut create, rootfs)?;
+        }
         let c = self
             .state
             .sandboxes

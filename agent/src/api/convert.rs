@@ -157,22 +157,33 @@ pub fn container_create(
     let tenant = id("tenant", r.tenant)?;
     let name = id("name", r.name)?;
     validate::check_labels("labels", &r.labels).map_err(status::invalid)?;
-    if !r.image.is_empty() {
-        return Err(bad(
-            "image",
-            "image references need the image service, which this agent version lacks; give rootfs_path".into(),
-        ));
+    match (r.image.is_empty(), r.rootfs_path.is_empty()) {
+        (true, true) => {
+            return Err(bad(
+                "image",
+                "give an image reference of the tenant's, or rootfs_path".into(),
+            ));
+        }
+        (false, false) => {
+            return Err(bad(
+                "rootfs_path",
+                "give either image or rootfs_path, not both".into(),
+            ));
+        }
+        (false, true) => super::image::reference("image", &r.image)?,
+        (true, false) => {
+            if !r.rootfs_path.starts_with('/') || r.rootfs_path.split('/').any(|c| c == "..") {
+                return Err(bad(
+                    "rootfs_path",
+                    "must be an absolute host path without `..`".into(),
+                ));
+            }
+        }
     }
-    if r.rootfs_path.is_empty()
-        || !r.rootfs_path.starts_with('/')
-        || r.rootfs_path.split('/').any(|c| c == "..")
+    // With an image, an empty command runs the image's entrypoint and cmd.
+    if (r.image.is_empty() && r.command.is_empty())
+        || r.command.first().is_some_and(String::is_empty)
     {
-        return Err(bad(
-            "rootfs_path",
-            "must be an absolute host path without `..`".into(),
-        ));
-    }
-    if r.command.is_empty() || r.command[0].is_empty() {
         return Err(bad("command", "must not be empty".into()));
     }
     if r.command.len() > MAX_ARGS {
@@ -231,7 +242,11 @@ pub fn container_create(
         tenant,
         caas_proto::engine::v1::CreateRequest {
             id,
-            image: r.rootfs_path.clone(),
+            image: if r.image.is_empty() {
+                r.rootfs_path.clone()
+            } else {
+                r.image
+            },
             name,
             rootfs: r.rootfs_path,
             command: r.command,
@@ -241,6 +256,8 @@ pub fn container_create(
             labels: r.labels,
             // Set from the tenant's quota by the sandbox manager.
             max_containers: 0,
+            // Set from the tenant's image store by the handler, for an image.
+            lower_dirs: Vec::new(),
         },
     ))
 }
@@ -272,4 +289,57 @@ pub fn container_matches(
     labels: &std::collections::BTreeMap<String, String>,
 ) -> bool {
     (state == 0 || c.state == state) && validate::labels_match(&c.labels, labels)
+}
+
+/// Fills a create request from a stored image: its layers, and where the request is silent,
+/// its entrypoint and cmd, working directory and environment (the request's entries win).
+pub fn apply_image(
+    create: &mut caas_proto::engine::v1::CreateRequest,
+    rootfs: crate::images::Rootfs,
+) -> Result<(), Status> {
+    let run = rootfs.config.config.unwrap_or_default();
+    if create.command.is_empty() {
+        create.command = run
+            .entrypoint
+            .unwrap_or_default()
+            .into_iter()
+            .chain(run.cmd.unwrap_or_default())
+            .collect();
+        if create.command.is_empty() {
+            return Err(status::invalid(Invalid::new(
+                "command",
+                format!(
+                    "image {:?} has no Entrypoint or Cmd; give a command",
+                    create.image
+                ),
+            )));
+        }
+    }
+    if create.workdir.is_empty() {
+        create.workdir = run.working_dir.unwrap_or_default();
+    }
+    let mine: std::collections::HashSet<String> = create
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, _)| k.to_string()))
+        .collect();
+    let mut env: Vec<String> = run
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.split_once('=')
+                .is_some_and(|(k, _)| !k.is_empty() && !mine.contains(k))
+                && !e.contains('\0')
+        })
+        .collect();
+    env.append(&mut create.env);
+    create.env = env;
+    create.rootfs = String::new();
+    create.lower_dirs = rootfs
+        .lower_dirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    Ok(())
 }

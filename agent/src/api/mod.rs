@@ -37,6 +37,8 @@ pub struct AgentState {
     pub sandboxes: Manager,
     /// The meter and the usage ledger.
     pub metering: Arc<crate::usage::Metering>,
+    /// Every tenant's images, and the blob cache.
+    pub images: Arc<crate::images::ImageStore>,
     /// When the agent started.
     pub started: Instant,
     /// Cancelled when the agent shuts down; long streams end on it.

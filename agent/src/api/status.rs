@@ -84,3 +84,19 @@ pub fn ledger(e: crate::ledger::LedgerError, ctx: &Ctx) -> Status {
         _ => internal(&e, ctx),
     }
 }
+
+/// An image error.
+pub fn image(e: crate::images::ImageError, ctx: &Ctx) -> Status {
+    use crate::images::ImageError as E;
+    match e {
+        E::BadReference { .. } | E::Refused { .. } => Status::invalid_argument(e.to_string()),
+        E::NotInStore { .. } | E::NotFound(_) => Status::not_found(e.to_string()),
+        E::Denied(_) => Status::permission_denied(e.to_string()),
+        E::Corrupt(_) => Status::data_loss(e.to_string()),
+        E::Unavailable(_) => Status::unavailable(e.to_string()),
+        E::Unsupported(_) | E::InUse { .. } => Status::failed_precondition(e.to_string()),
+        E::TooLarge(_) => Status::resource_exhausted(e.to_string()),
+        E::Registry(_) => Status::unknown(e.to_string()),
+        E::Io { .. } => internal(&e, ctx),
+    }
+}

@@ -558,32 +558,55 @@ async fn image(ch: Channel, cmd: ImageCmd, json: bool) -> anyhow::Result<ExitCod
                 })
                 .await?
                 .into_inner();
+            // One line for the whole image (layers download in parallel), redrawn in place on
+            // a terminal; a line per finished layer either way.
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut layers: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            let mut pulled = false;
             while let Some(p) = s.next().await {
                 match p?.event {
                     Some(pb::pull_progress::Event::Layer(l)) => {
                         if json {
                             out::json_line(&l);
-                        } else {
-                            let pct = l
-                                .done_bytes
-                                .saturating_mul(100)
-                                .checked_div(l.total_bytes)
-                                .unwrap_or(0);
+                            continue;
+                        }
+                        let short: String = l.digest.chars().take(19).collect();
+                        let before = layers.insert(l.digest.clone(), (l.done_bytes, l.total_bytes));
+                        let finished = l.total_bytes > 0
+                            && l.done_bytes >= l.total_bytes
+                            && before.is_none_or(|(d, t)| d < t);
+                        if finished {
+                            if tty {
+                                eprint!("\r\x1b[2K");
+                            }
+                            eprintln!("{short} done ({})", out::bytes(l.total_bytes));
+                        }
+                        if tty {
+                            let (done, total) = layers
+                                .values()
+                                .fold((0u64, 0u64), |(d, t), (ld, lt)| (d + ld, t + lt));
+                            let pct = done.saturating_mul(100).checked_div(total).unwrap_or(0);
                             let bar = "#".repeat(usize::try_from(pct / 5).unwrap_or(0));
                             eprint!(
-                                "\r{} [{bar:<20}] {pct:>3}% {}/{}",
-                                l.digest.chars().take(19).collect::<String>(),
-                                out::bytes(l.done_bytes),
-                                out::bytes(l.total_bytes)
+                                "\r\x1b[2K{} layers [{bar:<20}] {pct:>3}% {}/{}",
+                                layers.len(),
+                                out::bytes(done),
+                                out::bytes(total)
                             );
-                            if l.done_bytes >= l.total_bytes {
-                                eprintln!();
-                            }
                         }
                     }
-                    Some(pb::pull_progress::Event::Image(i)) => print_images(vec![i], json),
+                    Some(pb::pull_progress::Event::Image(i)) => {
+                        if tty && !json {
+                            eprintln!();
+                        }
+                        pulled = true;
+                        print_images(vec![i], json)
+                    }
                     None => {}
                 }
+            }
+            if !pulled {
+                anyhow::bail!("the pull ended without a result; the agent log says why");
             }
         }
         ImageCmd::Ls { tenant, filter } => {

@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::unpack::{self, Unpack, UnpackError};
+use super::unpack::{self, Budget, Unpack, UnpackError, Whiteouts};
 
 /// Largest index or manifest accepted.
 const MAX_JSON: u64 = 4 << 20;
@@ -106,9 +106,9 @@ pub fn unpack_image(
             scratch,
             Unpack {
                 shift: None,
-                cap: MAX_IMAGE_BYTES,
+                whiteouts: Whiteouts::Apply,
             },
-            0,
+            &Budget::new(MAX_IMAGE_BYTES),
         )?;
         scratch.to_path_buf()
     } else {
@@ -127,7 +127,7 @@ pub fn unpack_image(
     let manifest: Manifest =
         read_json(&dir, &blob_path(&dir, &desc.digest).map_err(&bad)?).map_err(&bad)?;
     fs::create_dir_all(dest).map_err(|e| bad(e.to_string()))?;
-    let mut written = 0;
+    let budget = Budget::new(MAX_IMAGE_BYTES);
     for layer in manifest.layers {
         let path = blob_path(&dir, &layer.digest).map_err(&bad)?;
         let f = fs::File::open(&path).map_err(|e| bad(format!("layer {}: {e}", layer.digest)))?;
@@ -141,18 +141,18 @@ pub fn unpack_image(
                 flate2::read::GzDecoder::new(&mut hashing),
                 dest,
                 opts(id_start),
-                written,
+                &budget,
             )
         } else if mt.ends_with("tar") || mt.is_empty() {
-            unpack::unpack(&mut hashing, dest, opts(id_start), written)
+            unpack::unpack(&mut hashing, dest, opts(id_start), &budget)
         } else {
             return Err(bad(format!(
                 "layer {} has media type {mt:?}, which this agent does not unpack",
                 layer.digest
             )));
         };
-        written = match result {
-            Ok(n) => n,
+        match result {
+            Ok(()) => {}
             // A corrupt blob usually fails to decompress before its digest can be compared:
             // report the mismatch, which is the cause, when there is one.
             Err(e) => {
@@ -164,7 +164,7 @@ pub fn unpack_image(
                 }
                 return Err(e.into());
             }
-        };
+        }
         // Hash whatever the tar reader left unread (padding), then compare.
         io::copy(&mut hashing, &mut io::sink()).map_err(|e| bad(e.to_string()))?;
         let got = format!("sha256:{:x}", hashing.hash.finalize());
@@ -192,7 +192,7 @@ fn digest_matches(path: &Path, digest: &str) -> bool {
 fn opts(id_start: u32) -> Unpack {
     Unpack {
         shift: Some(id_start),
-        cap: MAX_IMAGE_BYTES,
+        whiteouts: Whiteouts::Apply,
     }
 }
 

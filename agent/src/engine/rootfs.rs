@@ -204,14 +204,18 @@ fn copy_shifted(src: &Path, dst: &Path, start: u32) -> Result<(), RootfsError> {
     fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777)).map_err(io_err(dst))
 }
 
-/// Mounts an overlay of `lower` at `target` with a fresh writable layer under `layer_dir`, owned
-/// by the tenant's root.
+/// Mounts an overlay of `lowers` (topmost first) at `target` with a fresh writable layer under
+/// `layer_dir`, owned by the tenant's root.
 pub fn mount_overlay(
-    lower: &Path,
+    lowers: &[PathBuf],
     layer_dir: &Path,
     target: &Path,
     id_start: u32,
 ) -> Result<(), RootfsError> {
+    let lower = lowers.first().ok_or_else(|| RootfsError::Io {
+        path: target.to_path_buf(),
+        source: io::Error::other("an overlay needs at least one lower directory"),
+    })?;
     let (upper, work) = (layer_dir.join("upper"), layer_dir.join("work"));
     for d in [&upper, &work, &target.to_path_buf()] {
         fs::create_dir_all(d).map_err(io_err(d))?;
@@ -227,12 +231,23 @@ pub fn mount_overlay(
     // container's writes, which are deleted with the container and never reused after a host
     // crash (containers do not outlive the host here), so syncing bought nothing; it cost an
     // ext4 journal commit on every container's removal.
+    let lowerdir = lowers
+        .iter()
+        .map(|l| l.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={},volatile",
-        lower.display(),
+        "lowerdir={lowerdir},upperdir={},workdir={},volatile",
         upper.display(),
         work.display()
     );
+    // The kernel takes one page of mount options.
+    if opts.len() >= 4096 {
+        return Err(RootfsError::Image(format!(
+            "the image's {} layer paths do not fit in the overlay's 4096-byte mount options",
+            lowers.len()
+        )));
+    }
     nix::mount::mount(
         Some("overlay"),
         target,

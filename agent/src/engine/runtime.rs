@@ -120,6 +120,8 @@ pub struct CreateSpec {
     pub labels: BTreeMap<String, String>,
     /// The tenant's container quota (0 = none).
     pub max_containers: u32,
+    /// Layer directories of a stored image, topmost first (instead of `rootfs`).
+    pub lower_dirs: Vec<PathBuf>,
 }
 
 /// The tenant's containers.
@@ -319,26 +321,28 @@ impl Engine {
             return Err(EngineError::Quota(c.max_containers));
         }
         let t0 = Instant::now();
-        let image =
-            rootfs::prepare_image(&self.paths.images(), &c.rootfs, self.id_start).map_err(|e| {
-                match e {
-                    rootfs::RootfsError::Missing(_) | rootfs::RootfsError::Image(_) => {
-                        EngineError::Invalid(e.to_string())
-                    }
-                    other => EngineError::Runtime(other.to_string()),
-                }
-            })?;
-        let argv0 = c
-            .command
-            .first()
-            .ok_or_else(|| EngineError::Invalid("command: must not be empty".into()))?;
-        rootfs::find_command(&image, argv0, &c.env)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let lowers = if c.lower_dirs.is_empty() {
+            vec![
+                rootfs::prepare_image(&self.paths.images(), &c.rootfs, self.id_start).map_err(
+                    |e| match e {
+                        rootfs::RootfsError::Missing(_) | rootfs::RootfsError::Image(_) => {
+                            EngineError::Invalid(e.to_string())
+                        }
+                        other => EngineError::Runtime(other.to_string()),
+                    },
+                )?,
+            ]
+        } else {
+            c.lower_dirs.clone()
+        };
+        if c.command.is_empty() {
+            return Err(EngineError::Invalid("command: must not be empty".into()));
+        }
         let dir = self.paths.container(&c.id);
         fs::create_dir_all(&dir)
             .map_err(|e| EngineError::Runtime(format!("{}: {e}", dir.display())))?;
         let t_image = t0.elapsed();
-        let result = self.build(&c, &image, &dir);
+        let result = self.build(&c, &lowers, &dir);
         match result {
             Ok((pid, phases)) => {
                 tracing::debug!(
@@ -377,7 +381,7 @@ impl Engine {
     fn build(
         &self,
         c: &CreateSpec,
-        image: &Path,
+        lowers: &[PathBuf],
         dir: &Path,
     ) -> Result<(u32, BuildPhases), EngineError> {
         let t0 = Instant::now();
@@ -386,8 +390,13 @@ impl Engine {
             move |e: &dyn std::fmt::Display| EngineError::Runtime(format!("{what}: {e}"))
         };
         let root = self.paths.mountpoint(&c.id);
-        rootfs::mount_overlay(image, &dir.join("layer"), &root, self.id_start)
+        rootfs::mount_overlay(lowers, &dir.join("layer"), &root, self.id_start)
             .map_err(|e| rt("rootfs")(&e))?;
+        // Looked up in the merged view, as the container will see it.
+        if let Some(argv0) = c.command.first() {
+            rootfs::find_command(&root, argv0, &c.env)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        }
         let rootfs_done = t0.elapsed();
         let cgroup = self.cgroup(&c.id);
         let spec = spec::build(&spec::ContainerSpec {

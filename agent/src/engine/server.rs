@@ -111,6 +111,7 @@ impl epb::engine_server::Engine for EngineSvc {
             pids: res.pids,
             labels: r.labels,
             max_containers: r.max_containers,
+            lower_dirs: r.lower_dirs.into_iter().map(PathBuf::from).collect(),
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

@@ -3,13 +3,19 @@
 //! Nothing in a tarball is trusted: an entry whose path is absolute or holds `..`, whose parent
 //! is a symlink, or a hardlink pointing outside the root is refused with an error naming the
 //! entry, before anything of it is written. Owners are shifted into the tenant's range, device
-//! nodes are skipped, OCI whiteouts are applied, and a size cap bounds what one image may write.
+//! nodes are skipped, OCI whiteouts are applied (or turned into overlayfs whiteouts, for a layer
+//! kept in its own directory), and a size cap bounds what one image may write.
 
 use std::{
+    ffi::CString,
     fs,
     io::{self, Read},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{OpenOptionsExt, PermissionsExt},
+    },
     path::{Component, Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use crate::tenants::idrange::RANGE_SIZE;
@@ -52,8 +58,51 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> UnpackError {
 pub struct Unpack {
     /// First host id of the tenant's range.
     pub shift: Option<u32>,
-    /// Most bytes of file content to write.
-    pub cap: u64,
+    /// What OCI whiteout entries become.
+    pub whiteouts: Whiteouts,
+}
+
+/// What OCI whiteout entries (`.wh.name`, `.wh..wh..opq`) become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Applied: the named file, or the directory's content, is deleted (layers unpacked on top
+    /// of each other into one tree).
+    Apply,
+    /// Kept as overlayfs whiteouts: a 0/0 character device for a deleted name, the
+    /// `trusted.overlay.opaque` attribute for an opaque directory (a layer in its own directory,
+    /// stacked by an overlay mount).
+    Overlay,
+}
+
+/// The bytes of file content one image may still write, shared by its layers (which may be
+/// unpacked in parallel).
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicU64,
+    cap: u64,
+}
+
+impl Budget {
+    /// A budget of `cap` bytes.
+    pub fn new(cap: u64) -> Self {
+        Self {
+            used: AtomicU64::new(0),
+            cap,
+        }
+    }
+
+    /// Bytes taken so far.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: u64) -> Result<(), UnpackError> {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.cap {
+            return Err(UnpackError::TooLarge { cap: self.cap });
+        }
+        Ok(())
+    }
 }
 
 fn refused(entry: &str, reason: &str) -> UnpackError {
@@ -80,7 +129,13 @@ fn clean(entry: &str, p: &Path) -> Result<PathBuf, UnpackError> {
 }
 
 /// The parent directory of `rel` under `root`, refusing symlinked or non-directory parents.
-fn parent_dir(root: &Path, rel: &Path, entry: &str) -> Result<PathBuf, UnpackError> {
+/// Missing parents are made, owned by the tenant's root when owners are shifted.
+fn parent_dir(
+    root: &Path,
+    rel: &Path,
+    entry: &str,
+    shift: Option<u32>,
+) -> Result<PathBuf, UnpackError> {
     let mut dir = root.to_path_buf();
     if let Some(parent) = rel.parent() {
         for c in parent.components() {
@@ -91,11 +146,50 @@ fn parent_dir(root: &Path, rel: &Path, entry: &str) -> Result<PathBuf, UnpackErr
                 }
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => return Err(refused(entry, "a parent is not a directory")),
-                Err(_) => fs::create_dir(&dir).map_err(io_err(dir.display().to_string()))?,
+                Err(_) => {
+                    fs::create_dir(&dir).map_err(io_err(dir.display().to_string()))?;
+                    if let Some(start) = shift {
+                        std::os::unix::fs::lchown(&dir, Some(start), Some(start))
+                            .map_err(io_err(dir.display().to_string()))?;
+                    }
+                }
             }
         }
     }
     Ok(dir)
+}
+
+/// An overlayfs whiteout: a character device 0/0 at `p`.
+fn overlay_whiteout(p: &Path) -> io::Result<()> {
+    let c = CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Marks `dir` opaque for overlayfs: lower layers' entries under it are hidden.
+fn overlay_opaque(dir: &Path) -> io::Result<()> {
+    let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let (name, value) = (c"trusted.overlay.opaque", b"y");
+    // SAFETY: both strings are NUL-terminated and valid for the call; `value` is 1 byte long.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn shifted(id: u64, shift: Option<u32>) -> Option<u32> {
@@ -119,13 +213,13 @@ fn remove_any(p: &Path) {
     }
 }
 
-/// Unpacks one tar stream into `root`. Returns the bytes of file content written.
+/// Unpacks one tar stream into `root`, taking file content from `budget`.
 pub fn unpack(
     reader: impl Read,
     root: &Path,
     opts: Unpack,
-    mut written: u64,
-) -> Result<u64, UnpackError> {
+    budget: &Budget,
+) -> Result<(), UnpackError> {
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().map_err(io_err("reading the archive"))? {
         let mut entry = entry.map_err(io_err("reading an entry"))?;
@@ -135,9 +229,13 @@ pub fn unpack(
         let Some(file_name) = rel.file_name().map(|f| f.to_string_lossy().into_owned()) else {
             continue; // "." itself
         };
-        let dir = parent_dir(root, &rel, &name)?;
+        let dir = parent_dir(root, &rel, &name, opts.shift)?;
         // OCI whiteouts: an opaque marker empties its directory; `.wh.x` deletes `x`.
         if file_name == ".wh..wh..opq" {
+            if opts.whiteouts == Whiteouts::Overlay {
+                overlay_opaque(&dir).map_err(io_err(name.clone()))?;
+                continue;
+            }
             for e in fs::read_dir(&dir)
                 .map_err(io_err(dir.display().to_string()))?
                 .flatten()
@@ -151,6 +249,9 @@ pub fn unpack(
                 return Err(refused(&name, "malformed whiteout"));
             }
             remove_any(&dir.join(victim));
+            if opts.whiteouts == Whiteouts::Overlay {
+                overlay_whiteout(&dir.join(victim)).map_err(io_err(name.clone()))?;
+            }
             continue;
         }
         let dest = dir.join(&file_name);
@@ -169,10 +270,7 @@ pub fn unpack(
                 Err(_) => fs::create_dir(&dest).map_err(io_err(name.clone()))?,
             }
         } else if kind.is_file() {
-            written = written.saturating_add(header.size().unwrap_or(0));
-            if written > opts.cap {
-                return Err(UnpackError::TooLarge { cap: opts.cap });
-            }
+            budget.take(header.size().unwrap_or(0))?;
             remove_any(&dest);
             // O_EXCL|O_NOFOLLOW: never write through anything that appeared at that name.
             let mut f = fs::OpenOptions::new()
@@ -199,7 +297,7 @@ pub fn unpack(
                 .ok_or_else(|| refused(&name, "hardlink without a target"))?;
             let target_rel = clean(&name, &target)
                 .map_err(|_| refused(&name, "its hardlink target lies outside the root"))?;
-            let tdir = parent_dir(root, &target_rel, &name)?;
+            let tdir = parent_dir(root, &target_rel, &name, opts.shift)?;
             let src = tdir.join(target_rel.file_name().unwrap_or_default());
             match fs::symlink_metadata(&src) {
                 Ok(m) if m.is_file() => {}
@@ -226,7 +324,7 @@ pub fn unpack(
                 .map_err(io_err(name.clone()))?;
         }
     }
-    Ok(written)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -271,13 +369,13 @@ mod tests {
 
     const OPTS: Unpack = Unpack {
         shift: None,
-        cap: 1 << 20,
+        whiteouts: Whiteouts::Apply,
     };
 
-    fn run(bytes: &[u8]) -> (tempfile::TempDir, Result<u64, UnpackError>) {
+    fn run(bytes: &[u8]) -> (tempfile::TempDir, Result<(), UnpackError>) {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir(d.path().join("root")).unwrap();
-        let r = unpack(bytes, &d.path().join("root"), OPTS, 0);
+        let r = unpack(bytes, &d.path().join("root"), OPTS, &Budget::new(1 << 20));
         (d, r)
     }
 
@@ -333,8 +431,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("r");
         fs::create_dir(&root).unwrap();
-        let n = unpack(&layer1[..], &root, OPTS, 0).unwrap();
-        unpack(&layer2[..], &root, OPTS, n).unwrap();
+        let budget = Budget::new(1 << 20);
+        unpack(&layer1[..], &root, OPTS, &budget).unwrap();
+        unpack(&layer2[..], &root, OPTS, &budget).unwrap();
         assert_eq!(
             fs::read(root.join("etc/hosts2")).unwrap(),
             b"127.0.0.1 localhost\n"
@@ -346,15 +445,44 @@ mod tests {
         assert!(!root.join("old").exists());
         assert!(root.join("keep").is_dir() && !root.join("keep/b").exists());
         let big = tarball(|b| file(b, "big", &vec![0u8; 4096]));
-        let r = unpack(
-            &big[..],
-            &root,
-            Unpack {
-                shift: None,
-                cap: 1000,
-            },
-            0,
-        );
+        let r = unpack(&big[..], &root, OPTS, &Budget::new(1000));
         assert!(matches!(r, Err(UnpackError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn overlay_whiteouts_stay_in_the_layer() {
+        if !crate::testing::require_root("overlay_whiteouts_stay_in_the_layer") {
+            return;
+        }
+        let layer = tarball(|b| {
+            file(b, "etc/.wh.motd", b"");
+            file(b, "var/cache/.wh..wh..opq", b"");
+            file(b, "var/cache/kept", b"k");
+        });
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        fs::create_dir(&root).unwrap();
+        let opts = Unpack {
+            shift: Some(400_000),
+            whiteouts: Whiteouts::Overlay,
+        };
+        unpack(&layer[..], &root, opts, &Budget::new(1 << 20)).unwrap();
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m = fs::symlink_metadata(root.join("etc/motd")).unwrap();
+        assert!(m.file_type().is_char_device() && m.rdev() == 0);
+        assert_eq!(fs::metadata(root.join("etc")).unwrap().uid(), 400_000);
+        let mut buf = [0u8; 4];
+        let c = CString::new(root.join("var/cache").as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert_eq!((n, buf[0]), (1, b'y'));
+        assert_eq!(fs::read(root.join("var/cache/kept")).unwrap(), b"k");
     }
 }

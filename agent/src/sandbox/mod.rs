@@ -65,6 +65,8 @@ pub struct Manager {
     engines: Mutex<HashMap<String, (EngineClient<Channel>, engine_proc::EngineProcess)>>,
     /// The meter, told which cgroups exist and when they go away.
     metering: Option<Arc<Metering>>,
+    /// The image store: a deleted tenant's images go with it.
+    images: Option<Arc<crate::images::ImageStore>>,
     /// One lock per tenant serializes provisioning, teardown and engine restarts.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -83,6 +85,7 @@ impl Manager {
         config: &Config,
         layout: CgroupLayout,
         metering: Option<Arc<Metering>>,
+        images: Option<Arc<crate::images::ImageStore>>,
     ) -> Result<Self, SandboxError> {
         let registry = Registry::open(&config.state_dir, config.tenants.clone())?;
         let engine_binary = match &config.tenants.engine_binary {
@@ -106,6 +109,7 @@ impl Manager {
             engine_binary,
             engines: Mutex::new(HashMap::new()),
             metering,
+            images,
             locks: Mutex::new(HashMap::new()),
         })
     }
@@ -268,6 +272,9 @@ impl Manager {
                 }
             }
         }
+        if let Some(images) = &self.images {
+            images.remove_tenant(&t.id).await;
+        }
         for d in [
             self.run_dir.join("tenants").join(&t.id),
             self.state_dir.join("engines").join(&t.id),
@@ -327,6 +334,11 @@ impl Manager {
             self.engines.lock().await.remove(&t.id);
         }
         self.ensure_engine(t).await
+    }
+
+    /// The tenant named `id`.
+    pub async fn tenant(&self, id: &str) -> Result<Tenant, SandboxError> {
+        Ok(self.registry.get(id).await?)
     }
 
     /// The engine of the tenant named `id`, which must exist and be ready.

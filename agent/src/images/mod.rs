@@ -1,0 +1,699 @@
+//! Images: pulled from OCI registries or imported from OCI layouts, kept per tenant.
+//!
+//! - The blob cache ([`blobs`]) is host-wide and content-addressed: a blob enters it only after
+//!   its bytes matched its digest, and one download per digest runs at a time.
+//! - Each tenant has its own store, `<state_dir>/images/<tenant>/`: `images.json` (its image
+//!   records) and `l/<key>/`, one directory per layer, unpacked with owners shifted into the
+//!   tenant's uid range and whiteouts in overlayfs form. A container's rootfs is an overlay of
+//!   its image's layer directories with a writable upper layer of its own.
+//! - Tenants never share records or layer directories, and a pull always asks the registry for
+//!   the manifest with the caller's own credentials, so a cached blob is never a way into
+//!   another tenant's private image.
+//! - Blobs no image of any tenant references are deleted ([`ImageStore::gc`]) after a remove.
+
+pub mod blobs;
+pub mod error;
+mod import;
+pub mod layer;
+pub mod manifest;
+pub mod registry;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{RwLock, mpsc};
+
+pub use error::ImageError;
+use error::io_at;
+pub use registry::Credentials;
+
+use crate::{engine::unpack::Budget, validate::Invalid};
+use blobs::{BlobStore, KeyedLocks};
+use manifest::{Digest, ImageConfig, Layer, Manifest};
+
+/// Hex digits of a layer digest that name its directory (short, so the overlay's lower-directory
+/// list of a many-layer image fits in one page).
+const LAYER_KEY_LEN: usize = 24;
+/// How often pull progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// `[images]`: registry pulls and the image store.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Registries (`host` or `host:port`) spoken to over plain HTTP instead of HTTPS.
+    pub insecure_registries: Vec<String>,
+    /// Largest image: its compressed blobs, and again its unpacked file content, in bytes.
+    pub max_image_bytes: u64,
+    /// Layers of one image fetched and unpacked at the same time (1 ..= 16).
+    pub parallel_layers: u32,
+    /// Seconds to connect to a registry (1 ..= 300).
+    pub connect_timeout_secs: u64,
+    /// Seconds a registry may stay silent mid-transfer before the transfer is retried (1 ..= 3600).
+    pub read_timeout_secs: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            max_image_bytes: 16 << 30,
+            parallel_layers: 4,
+            connect_timeout_secs: 10,
+            read_timeout_secs: 60,
+        }
+    }
+}
+
+impl ImagesConfig {
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        for (i, r) in self.insecure_registries.iter().enumerate() {
+            if r.is_empty()
+                || r.len() > 255
+                || r.contains("://")
+                || r.contains('/')
+                || r.chars().any(char::is_whitespace)
+            {
+                return Err(Invalid::new(
+                    format!("images.insecure_registries[{i}]"),
+                    format!("{r:?} is not a host or host:port (no scheme, no path)"),
+                ));
+            }
+        }
+        crate::validate::check_range(
+            "images.max_image_bytes",
+            self.max_image_bytes,
+            1 << 20,
+            1 << 40,
+        )?;
+        crate::validate::check_range("images.parallel_layers", self.parallel_layers, 1, 16)?;
+        crate::validate::check_range(
+            "images.connect_timeout_secs",
+            self.connect_timeout_secs,
+            1,
+            300,
+        )?;
+        crate::validate::check_range("images.read_timeout_secs", self.read_timeout_secs, 1, 3600)?;
+        Ok(())
+    }
+}
+
+/// Where an image came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Pulled from a registry.
+    Registry,
+    /// Imported from an OCI layout on the host.
+    Import,
+}
+
+/// One image of a tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageRecord {
+    /// The reference it was pulled or imported as, as given.
+    pub reference: String,
+    /// The same, normalized (`registry/repository:tag`).
+    pub normalized: String,
+    /// The digest the reference pointed at (an index's, for a multi-platform image).
+    pub digest: Digest,
+    /// The manifest of this host's platform.
+    pub manifest_digest: Digest,
+    /// Its media type.
+    pub manifest_media_type: String,
+    /// The image config blob.
+    pub config_digest: Digest,
+    /// Layers, bottom first.
+    pub layers: Vec<Layer>,
+    /// Compressed layers plus config, in bytes.
+    pub size_bytes: u64,
+    /// When it was pulled or imported.
+    pub created_at_unix_ms: u64,
+    /// Where it came from.
+    pub source: Source,
+}
+
+impl ImageRecord {
+    fn blobs(&self) -> impl Iterator<Item = &Digest> {
+        [&self.digest, &self.manifest_digest, &self.config_digest]
+            .into_iter()
+            .chain(self.layers.iter().map(|l| &l.digest))
+    }
+
+    /// Whether `q` names this image: its reference as given or normalized, or its digest
+    /// (bare or after `@`).
+    pub fn matches(&self, q: &str) -> bool {
+        if q == self.reference || q == self.normalized {
+            return true;
+        }
+        let digest = q.rsplit_once('@').map_or(q, |(_, d)| d);
+        if digest == self.digest.as_str() || digest == self.manifest_digest.as_str() {
+            return q == digest || normalize(q).is_some_and(|n| n == self.normalized_repo_at());
+        }
+        normalize(q).is_some_and(|n| n == self.normalized)
+    }
+
+    fn normalized_repo_at(&self) -> String {
+        let repo = self
+            .normalized
+            .rsplit_once('@')
+            .map(|(r, _)| r.to_string())
+            .unwrap_or_else(|| match self.normalized.rsplit_once(':') {
+                Some((r, tag)) if !tag.contains('/') => r.to_string(),
+                _ => self.normalized.clone(),
+            });
+        format!("{repo}@{}", self.digest)
+    }
+}
+
+/// `registry/repository:tag` (or `@digest`) of a reference, when it parses.
+pub fn normalize(q: &str) -> Option<String> {
+    oci_client::Reference::try_from(q).ok().map(|r| r.whole())
+}
+
+/// A layer's progress during a pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerProgress {
+    /// The layer (blob) digest.
+    pub digest: String,
+    /// Its size.
+    pub total_bytes: u64,
+    /// Bytes downloaded so far.
+    pub done_bytes: u64,
+}
+
+/// What a container needs of an image.
+#[derive(Debug, Clone)]
+pub struct Rootfs {
+    /// The record.
+    pub image: ImageRecord,
+    /// Layer directories, topmost first (overlay `lowerdir` order).
+    pub lower_dirs: Vec<PathBuf>,
+    /// The image's run-time defaults.
+    pub config: ImageConfig,
+}
+
+/// The image store of every tenant, and the blob cache.
+#[derive(Debug)]
+pub struct ImageStore {
+    config: ImagesConfig,
+    root: PathBuf,
+    blobs: Arc<BlobStore>,
+    records: Mutex<HashMap<String, Vec<ImageRecord>>>,
+    /// Per tenant: pulls and imports share it, removes take it alone (they delete layer
+    /// directories a pull in flight could be about to use).
+    tenant_locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    layer_locks: KeyedLocks,
+}
+
+fn layer_key(d: &Digest) -> &str {
+    &d.hex()[..LAYER_KEY_LEN]
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl ImageStore {
+    /// Opens the store under `state_dir`: loads every tenant's records, drops half-unpacked
+    /// layers, and deletes blobs nothing references.
+    pub fn open(state_dir: &Path, config: ImagesConfig) -> Result<Self, ImageError> {
+        // The registry client's TLS uses the process-wide provider: the same ring as the API's.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let root = state_dir.join("images");
+        crate::fsutil::ensure_dir(&root, 0o700).map_err(io_at(&root))?;
+        let blobs = Arc::new(BlobStore::open(&state_dir.join("blobs"))?);
+        let mut records = HashMap::new();
+        for e in fs::read_dir(&root).map_err(io_at(&root))?.flatten() {
+            let Some(tenant) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let dir = e.path();
+            if let Ok(rd) = fs::read_dir(dir.join("l")) {
+                for l in rd.flatten() {
+                    if l.file_name().to_string_lossy().starts_with(".tmp-") {
+                        let _ = fs::remove_dir_all(l.path());
+                    }
+                }
+            }
+            let file = dir.join("images.json");
+            let recs: Vec<ImageRecord> = match crate::fsutil::read_capped(&file, 64 << 20) {
+                Ok(b) => serde_json::from_slice(&b).map_err(|e| ImageError::Io {
+                    path: file.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io_at(&file)(e)),
+            };
+            records.insert(tenant, recs);
+        }
+        let store = Self {
+            config,
+            root,
+            blobs,
+            records: Mutex::new(records),
+            tenant_locks: Mutex::new(HashMap::new()),
+            layer_locks: KeyedLocks::default(),
+        };
+        store.gc();
+        Ok(store)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ImagesConfig {
+        &self.config
+    }
+
+    /// The blob cache.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        self.root.join(tenant)
+    }
+
+    fn tenant_lock(&self, tenant: &str) -> Arc<RwLock<()>> {
+        self.tenant_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<ImageRecord>>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Images of one tenant (or all), whose reference contains `contains`.
+    pub fn list(&self, tenant: Option<&str>, contains: &str) -> Vec<(String, ImageRecord)> {
+        let recs = self.records();
+        let mut out: Vec<(String, ImageRecord)> = recs
+            .iter()
+            .filter(|(t, _)| tenant.is_none_or(|x| x == t.as_str()))
+            .flat_map(|(t, rs)| rs.iter().map(move |r| (t.clone(), r.clone())))
+            .filter(|(_, r)| r.reference.contains(contains) || r.normalized.contains(contains))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1.reference).cmp(&(&b.0, &b.1.reference)));
+        out
+    }
+
+    /// One image of a tenant.
+    pub fn get(&self, tenant: &str, q: &str) -> Result<ImageRecord, ImageError> {
+        self.records()
+            .get(tenant)
+            .and_then(|rs| rs.iter().find(|r| r.matches(q)).cloned())
+            .ok_or_else(|| ImageError::NotInStore {
+                tenant: tenant.into(),
+                reference: q.into(),
+            })
+    }
+
+    /// The config JSON of an image.
+    pub fn config_json(&self, r: &ImageRecord) -> Result<String, ImageError> {
+        let bytes = self
+            .blobs
+            .read_small(&r.config_digest, manifest::MAX_JSON_BYTES)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// What a container of `tenant` made from image `q` is built from.
+    pub fn rootfs(&self, tenant: &str, q: &str) -> Result<Rootfs, ImageError> {
+        let image = self.get(tenant, q)?;
+        let bytes = self
+            .blobs
+            .read_small(&image.config_digest, manifest::MAX_JSON_BYTES)?;
+        let config = manifest::parse_config(&bytes, image.layers.len())?;
+        let l = self.tenant_dir(tenant).join("l");
+        let lower_dirs: Vec<PathBuf> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|x| l.join(layer_key(&x.digest)))
+            .collect();
+        if let Some(missing) = lower_dirs.iter().find(|d| !d.is_dir()) {
+            return Err(ImageError::Io {
+                path: missing.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "a layer directory of the image is missing; remove the image and pull it again",
+                ),
+            });
+        }
+        Ok(Rootfs {
+            image,
+            lower_dirs,
+            config,
+        })
+    }
+
+    /// Pulls `reference` for `tenant` (whose uid range starts at `id_start`), reporting layer
+    /// progress on `progress`.
+    pub async fn pull(
+        &self,
+        tenant: &str,
+        id_start: u32,
+        reference: &str,
+        creds: &Credentials,
+        progress: Option<mpsc::Sender<LayerProgress>>,
+    ) -> Result<ImageRecord, ImageError> {
+        let parsed =
+            oci_client::Reference::try_from(reference).map_err(|e| ImageError::BadReference {
+                reference: reference.into(),
+                reason: e.to_string(),
+            })?;
+        let normalized = parsed.whole();
+        let remote = registry::Remote::new(&self.config, parsed, creds);
+        let lock = self.tenant_lock(tenant);
+        let guard = lock.read().await;
+        let resolved = remote.resolve().await?;
+        let m = &resolved.manifest;
+        self.check_size(m)?;
+        let mut pins = self.blobs.pins();
+        for d in [&resolved.digest, &resolved.manifest_digest, &m.config] {
+            pins.add(d);
+        }
+        for l in &m.layers {
+            pins.add(&l.digest);
+        }
+        if let Some(index) = &resolved.index {
+            self.blobs.put(&resolved.digest, index)?;
+        }
+        self.blobs
+            .put(&resolved.manifest_digest, &resolved.manifest_bytes)?;
+        let none = AtomicU64::new(0);
+        remote
+            .fetch_blob(
+                &self.blobs,
+                &m.config,
+                m.config_size,
+                manifest::MAX_JSON_BYTES,
+                &none,
+            )
+            .await?;
+        let config = manifest::parse_config(
+            &self.blobs.read_small(&m.config, manifest::MAX_JSON_BYTES)?,
+            m.layers.len(),
+        )?;
+        let diff_ids = diff_ids(&config);
+        let counters: Vec<AtomicU64> = m.layers.iter().map(|_| AtomicU64::new(0)).collect();
+        let budget = Arc::new(Budget::new(self.config.max_image_bytes));
+        let work = futures::stream::iter(m.layers.clone().into_iter().enumerate())
+            .map(|(i, l)| {
+                let (remote, counters, budget, diff) = (&remote, &counters, &budget, &diff_ids);
+                async move {
+                    remote
+                        .fetch_blob(
+                            &self.blobs,
+                            &l.digest,
+                            l.size,
+                            self.config.max_image_bytes,
+                            &counters[i],
+                        )
+                        .await?;
+                    self.ensure_layer(tenant, id_start, &l, diff.get(i), budget)
+                        .await
+                }
+            })
+            .buffer_unordered(self.config.parallel_layers as usize)
+            .try_collect::<Vec<()>>();
+        let report = report_progress(&m.layers, &counters, progress.as_ref());
+        let result = tokio::select! {
+            r = work => r,
+            () = report => unreachable!("progress reporting never ends on its own"),
+        };
+        if let Some(tx) = &progress {
+            send_progress(tx, &m.layers, &counters, None).await;
+        }
+        result?;
+        let record = ImageRecord {
+            reference: reference.into(),
+            normalized,
+            digest: resolved.digest.clone(),
+            manifest_digest: resolved.manifest_digest.clone(),
+            manifest_media_type: m.media_type.clone(),
+            config_digest: m.config.clone(),
+            size_bytes: m.layers.iter().map(|l| l.size).sum::<u64>() + m.config_size,
+            layers: m.layers.clone(),
+            created_at_unix_ms: now_ms(),
+            source: Source::Registry,
+        };
+        let replaced = self.save(tenant, record.clone())?;
+        drop(pins);
+        drop(guard);
+        if replaced {
+            self.collect(tenant).await;
+        }
+        Ok(record)
+    }
+
+    fn check_size(&self, m: &Manifest) -> Result<(), ImageError> {
+        let total: u64 = m.layers.iter().map(|l| l.size).sum::<u64>() + m.config_size;
+        if total > self.config.max_image_bytes {
+            return Err(ImageError::TooLarge(format!(
+                "the image's blobs are {total} bytes, over the {}-byte cap ([images] max_image_bytes)",
+                self.config.max_image_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unpacks one layer into the tenant's store unless it is there already.
+    async fn ensure_layer(
+        &self,
+        tenant: &str,
+        id_start: u32,
+        l: &Layer,
+        diff_id: Option<&Digest>,
+        budget: &Arc<Budget>,
+    ) -> Result<(), ImageError> {
+        let key = layer_key(&l.digest).to_string();
+        let ldir = self.tenant_dir(tenant).join("l");
+        let dest = ldir.join(&key);
+        let _g = self.layer_locks.lock(&format!("{tenant}/{key}")).await;
+        if dest.is_dir() {
+            return Ok(());
+        }
+        crate::fsutil::ensure_dir(&self.tenant_dir(tenant), 0o700)
+            .map_err(io_at(self.tenant_dir(tenant)))?;
+        fs::create_dir_all(&ldir).map_err(io_at(&ldir))?;
+        let tmp = ldir.join(format!(".tmp-{key}-{:08x}", rand::random::<u32>()));
+        let blob = self.blobs.path(&l.digest);
+        let (digest, compression, diff_id) = (l.digest.clone(), l.compression, diff_id.cloned());
+        let budget = budget.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = layer::unpack_layer(
+                &blob,
+                &digest,
+                compression,
+                diff_id.as_ref(),
+                &tmp,
+                id_start,
+                &budget,
+            )
+            .and_then(|()| fs::rename(&tmp, &dest).map_err(io_at(&dest)));
+            if r.is_err() {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+            r
+        })
+        .await
+        .map_err(|e| ImageError::Io {
+            path: ldir.clone(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    /// Records an image (replacing one of the same reference). Returns whether one was replaced.
+    fn save(&self, tenant: &str, record: ImageRecord) -> Result<bool, ImageError> {
+        let mut recs = self.records();
+        let mut list = recs.get(tenant).cloned().unwrap_or_default();
+        let before = list.len();
+        list.retain(|r| r.reference != record.reference);
+        let replaced = list.len() != before;
+        list.push(record);
+        let dir = self.tenant_dir(tenant);
+        crate::fsutil::ensure_dir(&dir, 0o700).map_err(io_at(&dir))?;
+        let file = dir.join("images.json");
+        let bytes = serde_json::to_vec_pretty(&list).map_err(|e| ImageError::Io {
+            path: file.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        crate::fsutil::write_atomic(&file, &bytes, 0o600).map_err(io_at(&file))?;
+        recs.insert(tenant.to_string(), list);
+        Ok(replaced)
+    }
+
+    /// Removes an image of a tenant. `containers` are the tenant's (name, image) pairs: an
+    /// image one of them uses is refused.
+    pub async fn remove(
+        &self,
+        tenant: &str,
+        q: &str,
+        containers: &[(String, String)],
+    ) -> Result<ImageRecord, ImageError> {
+        let lock = self.tenant_lock(tenant);
+        let _g = lock.write().await;
+        let image = self.get(tenant, q)?;
+        let users: Vec<&str> = containers
+            .iter()
+            .filter(|(_, img)| image.matches(img))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(ImageError::InUse {
+                reference: image.reference.clone(),
+                containers: users.join(", "),
+            });
+        }
+        {
+            let mut recs = self.records();
+            let mut list = recs.get(tenant).cloned().unwrap_or_default();
+            list.retain(|r| r.reference != image.reference);
+            let file = self.tenant_dir(tenant).join("images.json");
+            let bytes = serde_json::to_vec_pretty(&list).map_err(|e| ImageError::Io {
+                path: file.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            crate::fsutil::write_atomic(&file, &bytes, 0o600).map_err(io_at(&file))?;
+            recs.insert(tenant.to_string(), list);
+        }
+        self.collect_locked(tenant);
+        Ok(image)
+    }
+
+    /// Deletes every image of a tenant (when the tenant goes).
+    pub async fn remove_tenant(&self, tenant: &str) {
+        let lock = self.tenant_lock(tenant);
+        let _g = lock.write().await;
+        self.records().remove(tenant);
+        let dir = self.tenant_dir(tenant);
+        if let Err(e) = fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a tenant's images failed");
+        }
+        self.gc();
+        self.tenant_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+    }
+
+    async fn collect(&self, tenant: &str) {
+        let lock = self.tenant_lock(tenant);
+        let _g = lock.write().await;
+        self.collect_locked(tenant);
+    }
+
+    /// Deletes the tenant's layer directories no record uses, then unreferenced blobs. The
+    /// caller holds the tenant's lock exclusively.
+    fn collect_locked(&self, tenant: &str) {
+        let keep: HashSet<String> = self
+            .records()
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.layers.iter().map(|l| layer_key(&l.digest).to_string()))
+            .collect();
+        let ldir = self.tenant_dir(tenant).join("l");
+        if let Ok(rd) = fs::read_dir(&ldir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name)
+                    && let Err(err) = fs::remove_dir_all(e.path())
+                {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "removing a layer failed");
+                }
+            }
+        }
+        self.gc();
+    }
+
+    /// Deletes blobs no image of any tenant references (pulls in flight pin theirs).
+    pub fn gc(&self) {
+        let keep: HashSet<Digest> = self
+            .records()
+            .values()
+            .flatten()
+            .flat_map(|r| r.blobs().cloned())
+            .collect();
+        match self.blobs.gc(&keep) {
+            Ok((0, _)) => {}
+            Ok((n, bytes)) => tracing::info!(blobs = n, bytes, "unreferenced blobs deleted"),
+            Err(e) => tracing::warn!(error = %e, "blob garbage collection failed"),
+        }
+    }
+}
+
+fn diff_ids(c: &ImageConfig) -> Vec<Digest> {
+    c.rootfs
+        .as_ref()
+        .map(|r| {
+            r.diff_ids
+                .iter()
+                .filter_map(|d| Digest::parse(d).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends every layer's progress that changed since `last` (all of them when `last` is None).
+async fn send_progress(
+    tx: &mpsc::Sender<LayerProgress>,
+    layers: &[Layer],
+    counters: &[AtomicU64],
+    last: Option<&mut Vec<u64>>,
+) {
+    let mut unused = Vec::new();
+    let (last, all) = match last {
+        Some(l) => (l, false),
+        None => (&mut unused, true),
+    };
+    last.resize(layers.len(), u64::MAX);
+    for (i, l) in layers.iter().enumerate() {
+        let done = counters[i].load(Ordering::Relaxed);
+        if all || last[i] != done {
+            last[i] = done;
+            // A caller that went away does not stop the pull.
+            let _ = tx
+                .send(LayerProgress {
+                    digest: l.digest.to_string(),
+                    total_bytes: l.size,
+                    done_bytes: done,
+                })
+                .await;
+        }
+    }
+}
+
+async fn report_progress(
+    layers: &[Layer],
+    counters: &[AtomicU64],
+    tx: Option<&mpsc::Sender<LayerProgress>>,
+) {
+    let Some(tx) = tx else {
+        return std::future::pending().await;
+    };
+    let mut last = Vec::new();
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        tick.tick().await;
+        send_progress(tx, layers, counters, Some(&mut last)).await;
+    }
+}
