@@ -7,6 +7,7 @@
 //! kept in its own directory), and a size cap bounds what one image may write.
 
 use std::{
+    collections::HashSet,
     ffi::CString,
     fs,
     io::{self, Read},
@@ -129,32 +130,45 @@ fn clean(entry: &str, p: &Path) -> Result<PathBuf, UnpackError> {
 }
 
 /// The parent directory of `rel` under `root`, refusing symlinked or non-directory parents.
-/// Missing parents are made, owned by the tenant's root when owners are shifted.
+/// Missing parents are made, owned by the tenant's root when owners are shifted. `seen` holds
+/// directories already checked (or made) by this unpack; it is emptied whenever anything is
+/// removed, so a directory replaced by a symlink is checked again.
 fn parent_dir(
     root: &Path,
     rel: &Path,
     entry: &str,
     shift: Option<u32>,
+    seen: &mut HashSet<PathBuf>,
 ) -> Result<PathBuf, UnpackError> {
     let mut dir = root.to_path_buf();
-    if let Some(parent) = rel.parent() {
-        for c in parent.components() {
-            dir.push(c);
-            match fs::symlink_metadata(&dir) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(refused(entry, "a parent directory is a symlink"));
-                }
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(refused(entry, "a parent is not a directory")),
-                Err(_) => {
-                    fs::create_dir(&dir).map_err(io_err(dir.display().to_string()))?;
-                    if let Some(start) = shift {
-                        std::os::unix::fs::lchown(&dir, Some(start), Some(start))
-                            .map_err(io_err(dir.display().to_string()))?;
-                    }
+    let Some(parent) = rel.parent() else {
+        return Ok(dir);
+    };
+    dir.push(parent);
+    if parent.as_os_str().is_empty() || seen.contains(&dir) {
+        return Ok(dir);
+    }
+    dir = root.to_path_buf();
+    for c in parent.components() {
+        dir.push(c);
+        if seen.contains(&dir) {
+            continue;
+        }
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(refused(entry, "a parent directory is a symlink"));
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(refused(entry, "a parent is not a directory")),
+            Err(_) => {
+                fs::create_dir(&dir).map_err(io_err(dir.display().to_string()))?;
+                if let Some(start) = shift {
+                    std::os::unix::fs::lchown(&dir, Some(start), Some(start))
+                        .map_err(io_err(dir.display().to_string()))?;
                 }
             }
         }
+        seen.insert(dir.clone());
     }
     Ok(dir)
 }
@@ -201,15 +215,18 @@ fn shifted(id: u64, shift: Option<u32>) -> Option<u32> {
     Some(start + id)
 }
 
-fn remove_any(p: &Path) {
+/// Removes whatever is at `p`; returns whether something was there.
+fn remove_any(p: &Path) -> bool {
     match fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => {
             let _ = fs::remove_dir_all(p);
+            true
         }
         Ok(_) => {
             let _ = fs::remove_file(p);
+            true
         }
-        Err(_) => {}
+        Err(_) => false,
     }
 }
 
@@ -221,6 +238,7 @@ pub fn unpack(
     budget: &Budget,
 ) -> Result<(), UnpackError> {
     let mut archive = tar::Archive::new(reader);
+    let mut seen: HashSet<PathBuf> = HashSet::new();
     for entry in archive.entries().map_err(io_err("reading the archive"))? {
         let mut entry = entry.map_err(io_err("reading an entry"))?;
         let raw = entry.path().map_err(io_err("an entry path"))?.into_owned();
@@ -229,7 +247,7 @@ pub fn unpack(
         let Some(file_name) = rel.file_name().map(|f| f.to_string_lossy().into_owned()) else {
             continue; // "." itself
         };
-        let dir = parent_dir(root, &rel, &name, opts.shift)?;
+        let dir = parent_dir(root, &rel, &name, opts.shift, &mut seen)?;
         // OCI whiteouts: an opaque marker empties its directory; `.wh.x` deletes `x`.
         if file_name == ".wh..wh..opq" {
             if opts.whiteouts == Whiteouts::Overlay {
@@ -242,13 +260,16 @@ pub fn unpack(
             {
                 remove_any(&e.path());
             }
+            seen.clear();
             continue;
         }
         if let Some(victim) = file_name.strip_prefix(".wh.") {
             if victim.is_empty() || victim == "." || victim == ".." || victim.contains('/') {
                 return Err(refused(&name, "malformed whiteout"));
             }
-            remove_any(&dir.join(victim));
+            if remove_any(&dir.join(victim)) {
+                seen.clear();
+            }
             if opts.whiteouts == Whiteouts::Overlay {
                 overlay_whiteout(&dir.join(victim)).map_err(io_err(name.clone()))?;
             }
@@ -265,28 +286,47 @@ pub fn unpack(
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     remove_any(&dest);
+                    seen.clear();
                     fs::create_dir(&dest).map_err(io_err(name.clone()))?;
                 }
                 Err(_) => fs::create_dir(&dest).map_err(io_err(name.clone()))?,
             }
         } else if kind.is_file() {
             budget.take(header.size().unwrap_or(0))?;
-            remove_any(&dest);
             // O_EXCL|O_NOFOLLOW: never write through anything that appeared at that name.
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&dest)
-                .map_err(io_err(name.clone()))?;
+            let create = || {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o600)
+                    .open(&dest)
+            };
+            let mut f = match create() {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    remove_any(&dest);
+                    seen.clear();
+                    create()
+                }
+                other => other,
+            }
+            .map_err(io_err(name.clone()))?;
             io::copy(&mut entry, &mut f).map_err(io_err(name.clone()))?;
+            // Owner, then mode (chown clears setuid/setgid), through the open file.
+            if let (Some(u), Some(g)) = (uid, gid) {
+                std::os::unix::fs::fchown(&f, Some(u), Some(g)).map_err(io_err(name.clone()))?;
+            }
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(io_err(name.clone()))?;
+            continue;
         } else if kind.is_symlink() {
             let target = entry
                 .link_name()
                 .map_err(io_err("a link target"))?
                 .ok_or_else(|| refused(&name, "symlink without a target"))?;
-            remove_any(&dest);
+            if remove_any(&dest) {
+                seen.clear();
+            }
             // The target is kept as is: it is only ever resolved inside the container's root
             // (or by the scoped resolver), never followed on the host.
             std::os::unix::fs::symlink(&target, &dest).map_err(io_err(name.clone()))?;
@@ -297,7 +337,7 @@ pub fn unpack(
                 .ok_or_else(|| refused(&name, "hardlink without a target"))?;
             let target_rel = clean(&name, &target)
                 .map_err(|_| refused(&name, "its hardlink target lies outside the root"))?;
-            let tdir = parent_dir(root, &target_rel, &name, opts.shift)?;
+            let tdir = parent_dir(root, &target_rel, &name, opts.shift, &mut seen)?;
             let src = tdir.join(target_rel.file_name().unwrap_or_default());
             match fs::symlink_metadata(&src) {
                 Ok(m) if m.is_file() => {}
@@ -308,7 +348,9 @@ pub fn unpack(
                     ));
                 }
             }
-            remove_any(&dest);
+            if remove_any(&dest) {
+                seen.clear();
+            }
             fs::hard_link(&src, &dest).map_err(io_err(name.clone()))?;
             continue; // shares the target's owner and mode
         } else {
@@ -397,6 +439,15 @@ mod tests {
             (
                 "shadow",
                 tarball(|b| link(b, tar::EntryType::Link, "shadow", "/etc/shadow")),
+            ),
+            (
+                // A directory already checked, then replaced by a symlink out.
+                "d/etc/x",
+                tarball(|b| {
+                    file(b, "d/f", b"x");
+                    link(b, tar::EntryType::Symlink, "d", "/");
+                    file(b, "d/etc/x", b"x");
+                }),
             ),
             (
                 "up",
