@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 
 pub use caas_agent::testing::{privileged_required, require_root, skip};
 
+pub mod registry;
+
 /// A random suffix so parallel tests never share names.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand_u32())

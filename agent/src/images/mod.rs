@@ -496,6 +496,9 @@ impl ImageStore {
         let blob = self.blobs.path(&l.digest);
         let (digest, compression, diff_id) = (l.digest.clone(), l.compression, diff_id.cloned());
         let budget = budget.clone();
+        // If this future is dropped (another layer of the pull failed), the unpack still runs
+        // to its end without the lock; a second unpack of the same layer may then race it. Each
+        // works in its own temporary directory, and whichever renames second keeps the first's.
         tokio::task::spawn_blocking(move || {
             let r = layer::unpack_layer(
                 &blob,
@@ -506,7 +509,13 @@ impl ImageStore {
                 id_start,
                 &budget,
             )
-            .and_then(|()| fs::rename(&tmp, &dest).map_err(io_at(&dest)));
+            .and_then(|()| match fs::rename(&tmp, &dest) {
+                Err(_) if dest.is_dir() => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    Ok(())
+                }
+                other => other.map_err(io_at(&dest)),
+            });
             if r.is_err() {
                 let _ = fs::remove_dir_all(&tmp);
             }

@@ -281,6 +281,10 @@ impl Remote {
             .mode(0o600)
             .open(&path)
             .map_err(io_at(&path))?;
+        // A pull given up on (another layer of it failed, or the agent is stopping) drops this
+        // future mid-download: its partial file goes with it. Only a crash leaves one behind,
+        // and that one is resumed.
+        let mut cleanup = RemoveOnDrop(Some(path.clone()));
         let mut hash = Sha256::new();
         // A partial download left by a crash: hash what is there and go on from its end.
         let mut offset = file.metadata().map_err(io_at(&path))?.len();
@@ -301,43 +305,63 @@ impl Remote {
             offset = 0;
         }
         done.store(offset, Ordering::Relaxed);
-        let mut attempt = 0;
-        let result = loop {
-            match self
-                .download(d, size, &mut file, &mut hash, &mut offset, done)
-                .await
-            {
-                Ok(()) => break Ok(()),
-                Err(e) if e.transient() && attempt + 1 < BLOB_ATTEMPTS => {
-                    attempt += 1;
-                    tracing::warn!(blob = %d, offset, attempt, error = %e, "blob download interrupted; resuming");
-                    tokio::time::sleep(RETRY_BASE * 2u32.pow(attempt - 1)).await;
+        let mut resumed = offset > 0;
+        let checked = loop {
+            let mut attempt = 0;
+            let result = loop {
+                match self
+                    .download(d, size, &mut file, &mut hash, &mut offset, done)
+                    .await
+                {
+                    Ok(()) => break Ok(()),
+                    Err(e) if e.transient() && attempt + 1 < BLOB_ATTEMPTS => {
+                        attempt += 1;
+                        tracing::warn!(blob = %d, offset, attempt, error = %e, "blob download interrupted; resuming");
+                        tokio::time::sleep(RETRY_BASE * 2u32.pow(attempt - 1)).await;
+                    }
+                    Err(e) => break Err(e),
                 }
-                Err(e) => break Err(e),
+            };
+            let checked = result.and_then(|()| {
+                let got = format!("sha256:{:x}", hash.clone().finalize());
+                if size > 0 && offset != size {
+                    Err(ImageError::Corrupt(format!(
+                        "blob {d} from {} has {offset} bytes; its descriptor says {size}",
+                        self.repo()
+                    )))
+                } else if got != d.as_str() {
+                    Err(ImageError::Corrupt(format!(
+                        "blob {d} from {} does not match its digest (its bytes hash to {got}); \
+                         it was not cached",
+                        self.repo()
+                    )))
+                } else {
+                    Ok(())
+                }
+            });
+            match checked {
+                // The partial file a crash left may be what is wrong: start over, once.
+                Err(ImageError::Corrupt(_)) if resumed => {
+                    tracing::warn!(blob = %d, "a resumed download did not match its digest; downloading it again whole");
+                    resumed = false;
+                    hash = Sha256::new();
+                    offset = 0;
+                    done.store(0, Ordering::Relaxed);
+                    file.set_len(0).map_err(io_at(&path))?;
+                }
+                other => break other,
             }
         };
-        let checked = result.and_then(|()| {
-            let got = format!("sha256:{:x}", hash.finalize());
-            if size > 0 && offset != size {
-                Err(ImageError::Corrupt(format!(
-                    "blob {d} from {} has {offset} bytes; its descriptor says {size}",
-                    self.repo()
-                )))
-            } else if got != d.as_str() {
-                Err(ImageError::Corrupt(format!(
-                    "blob {d} from {} does not match its digest (its bytes hash to {got}); \
-                     it was not cached",
-                    self.repo()
-                )))
-            } else {
-                Ok(())
-            }
-        });
         match checked {
-            Ok(()) => store.commit(d, file),
+            Ok(()) => {
+                let r = store.commit(d, file);
+                if r.is_ok() {
+                    cleanup.0 = None;
+                }
+                r
+            }
             Err(e) => {
                 drop(file);
-                let _ = fs::remove_file(&path);
                 Err(e)
             }
         }
@@ -400,6 +424,17 @@ impl Remote {
             done.store(*offset, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// Removes a file when dropped, unless disarmed (its path taken).
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
     }
 }
 
