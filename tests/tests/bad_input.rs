@@ -317,3 +317,135 @@ fn a_bad_config_refuses_to_start_with_one_line() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/caas.toml"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_image_input_names_the_field_and_changes_nothing() {
+    if !caas_tests::require_root("bad_image_input_names_the_field_and_changes_nothing") {
+        return;
+    }
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut t = TenantServiceClient::new(agent.unix().await);
+    let mut i = ImageServiceClient::new(agent.unix().await);
+    let mut c = ContainerServiceClient::new(agent.unix().await);
+    let pull = |tenant: &str, reference: &str| pb::PullImageRequest {
+        tenant: tenant.into(),
+        reference: reference.into(),
+        auth: None,
+    };
+    // Before any tenant exists: the tenant is what is missing.
+    let e = i
+        .pull_image(pull("ghost", "127.0.0.1:1/x:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("ghost"), "{}", e.message());
+    t.create_tenant(pb::CreateTenantRequest {
+        id: "a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (reference, needle) in [
+        ("", "reference: "),
+        ("a\nb", "reference: "),
+        ("Upper/Case:tag", "reference"),
+        ("host/repo@sha256:short", "reference"),
+    ] {
+        let r = match i.pull_image(pull("a", reference)).await {
+            Err(e) => Err(e),
+            Ok(s) => s.into_inner().message().await.map(|_| ()),
+        };
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{reference:?}: {e:?}");
+        assert!(
+            e.message().contains(needle),
+            "{reference:?}: {}",
+            e.message()
+        );
+    }
+    let e = i
+        .pull_image(pb::PullImageRequest {
+            auth: Some(pb::RegistryAuth {
+                password: "p".into(),
+                ..Default::default()
+            }),
+            ..pull("a", "127.0.0.1:1/x:1")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().starts_with("auth.username: "),
+        "{}",
+        e.message()
+    );
+    for path in ["relative/dir", "/tmp/../etc"] {
+        let e = i
+            .import_image(pb::ImportImageRequest {
+                tenant: "a".into(),
+                path: path.into(),
+                reference: "local/x:1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e:?}");
+        assert!(e.message().starts_with("path: "), "{}", e.message());
+    }
+    let e = i
+        .import_image(pb::ImportImageRequest {
+            tenant: "a".into(),
+            path: "/nonexistent/layout".into(),
+            reference: "local/x:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(
+        e.message().contains("/nonexistent/layout"),
+        "{}",
+        e.message()
+    );
+    let create = |image: &str, rootfs: &str| pb::CreateContainerRequest {
+        tenant: "a".into(),
+        name: "c".into(),
+        image: image.into(),
+        rootfs_path: rootfs.into(),
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    let e = c.create_container(create("x:1", "/tmp")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("rootfs_path: "), "{}", e.message());
+    let e = c.create_container(create("", "")).await.unwrap_err();
+    assert!(e.message().starts_with("image: "), "{}", e.message());
+    let e = c
+        .create_container(create("127.0.0.1:1/never/pulled:1", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(
+        e.message().contains("never/pulled") && e.message().contains("pull or import"),
+        "{}",
+        e.message()
+    );
+    // Nothing was made.
+    let listed = i
+        .list_images(pb::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert!(listed.is_empty(), "{listed:?}");
+    let cs = c
+        .list_containers(pb::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(cs.is_empty(), "{cs:?}");
+    t.delete_tenant(pb::DeleteTenantRequest {
+        id: "a".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+}

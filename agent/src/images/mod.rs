@@ -215,6 +215,9 @@ pub struct ImageStore {
     /// directories a pull in flight could be about to use).
     tenant_locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     layer_locks: KeyedLocks,
+    /// Layer unpacks running at once, over every pull and import: they are CPU-bound (inflate,
+    /// sha256), so more than the CPUs only adds switching.
+    unpacks: tokio::sync::Semaphore,
 }
 
 fn layer_key(d: &Digest) -> &str {
@@ -262,12 +265,18 @@ impl ImageStore {
             records.insert(tenant, recs);
         }
         let store = Self {
-            config,
             root,
             blobs,
             records: Mutex::new(records),
             tenant_locks: Mutex::new(HashMap::new()),
             layer_locks: KeyedLocks::default(),
+            unpacks: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism()
+                    .map_or(1, usize::from)
+                    .min(config.parallel_layers as usize)
+                    .max(1),
+            ),
+            config,
         };
         store.gc();
         Ok(store)
@@ -413,24 +422,35 @@ impl ImageStore {
         let diff_ids = diff_ids(&config);
         let counters: Vec<AtomicU64> = m.layers.iter().map(|_| AtomicU64::new(0)).collect();
         let budget = Arc::new(Budget::new(self.config.max_image_bytes));
+        // Every layer's download may start at once, up to `parallel_layers`; each unpack starts
+        // as soon as its blob is in, bounded by the store-wide unpack limit (the CPUs). A layer
+        // never waits for another layer's unpack to be let into the network.
+        let downloads = tokio::sync::Semaphore::new(self.config.parallel_layers as usize);
         let work = futures::stream::iter(m.layers.clone().into_iter().enumerate())
             .map(|(i, l)| {
-                let (remote, counters, budget, diff) = (&remote, &counters, &budget, &diff_ids);
+                let (remote, counters, budget, diff, downloads) =
+                    (&remote, &counters, &budget, &diff_ids, &downloads);
                 async move {
-                    remote
-                        .fetch_blob(
-                            &self.blobs,
-                            &l.digest,
-                            l.size,
-                            self.config.max_image_bytes,
-                            &counters[i],
-                        )
-                        .await?;
+                    {
+                        let _slot = downloads
+                            .acquire()
+                            .await
+                            .map_err(|_| ImageError::Unavailable("the agent is stopping".into()))?;
+                        remote
+                            .fetch_blob(
+                                &self.blobs,
+                                &l.digest,
+                                l.size,
+                                self.config.max_image_bytes,
+                                &counters[i],
+                            )
+                            .await?;
+                    }
                     self.ensure_layer(tenant, id_start, &l, diff.get(i), budget)
                         .await
                 }
             })
-            .buffer_unordered(self.config.parallel_layers as usize)
+            .buffer_unordered(m.layers.len().max(1))
             .try_collect::<Vec<()>>();
         let report = report_progress(&m.layers, &counters, progress.as_ref());
         let result = tokio::select! {
@@ -489,6 +509,11 @@ impl ImageStore {
         if dest.is_dir() {
             return Ok(());
         }
+        let _cpu = self
+            .unpacks
+            .acquire()
+            .await
+            .map_err(|_| ImageError::Unavailable("the agent is stopping".into()))?;
         crate::fsutil::ensure_dir(&self.tenant_dir(tenant), 0o700)
             .map_err(io_at(self.tenant_dir(tenant)))?;
         fs::create_dir_all(&ldir).map_err(io_at(&ldir))?;
