@@ -714,6 +714,16 @@ impl LayerTar {
         self.push(h, &[])
     }
 
+    /// A character device node `major:minor` (images must not be able to bring these in).
+    pub fn char_device(self, name: &str, major: u32, minor: u32) -> Self {
+        let mut h = Self::header(tar::EntryType::Char, name, 0, 0o666);
+        h.set_device_major(major)
+            .expect("a gnu header has device fields");
+        h.set_device_minor(minor)
+            .expect("a gnu header has device fields");
+        self.push(h, &[])
+    }
+
     /// An OCI whiteout hiding `path` of the layers below (`dir/.wh.name`).
     pub fn whiteout(self, path: &str) -> Self {
         let (dir, name) = match path.rsplit_once('/') {

@@ -449,6 +449,8 @@ async fn pulled_images_of_every_kind_run() {
                 .file("opt/keep/a", b"a\n")
                 .file("opt/keep/b", b"b\n")
                 .file("opt/stay", b"stay\n")
+                .file_mode("bin/suid-tool", b"#!/bin/sh\n", 0o4755)
+                .char_device("etc/evil-mem", 1, 1)
                 .into_tar(),
             Compression::Gzip,
         )
@@ -489,6 +491,37 @@ async fn pulled_images_of_every_kind_run() {
         )
         .await;
     assert_eq!(out, "hello from a layer\nmotd-gone\nnew\nstay\n");
+    // Setuid survives, owned by the container's root, which on the host is the tenant's first
+    // id; device nodes in layers are not carried over.
+    let out = api
+        .sh(
+            "t",
+            "suid",
+            &r1,
+            "stat -c '%u %a' /bin/suid-tool; test ! -e /etc/evil-mem && echo no-device",
+        )
+        .await;
+    assert_eq!(out, "0 4755\nno-device\n");
+    let start = api
+        .t
+        .get_tenant(pb::GetTenantRequest { id: "t".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .id_range
+        .unwrap()
+        .start;
+    let layers = api.state.join("images/t/l");
+    let on_host: Vec<(u32, u32)> = std::fs::read_dir(&layers)
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.unwrap().path().join("bin/suid-tool")).ok())
+        .map(|m| (m.uid(), m.mode() & 0o7777))
+        .collect();
+    assert_eq!(on_host, [(start, 0o4755)], "owner and mode on the host");
+    assert!(
+        start >= 65_536,
+        "the tenant's range is not host root's: {start}"
+    );
     // No command: the image's Cmd runs in its WorkingDir with its Env plus the request's.
     let (code, out) = api
         .run("t", "layered-cmd", &r1, &[], &["EXTRA=from-request"])
