@@ -1,6 +1,7 @@
 //! Harness for the image tests: a real OCI distribution registry on 127.0.0.1 (Debian's
-//! `docker-registry`, CNCF distribution 2.8), an OCI image layout builder, `skopeo` pushes, and a
-//! fault-injecting HTTP proxy in front of the registry.
+//! `docker-registry`, CNCF distribution 2.8) with no auth, htpasswd Basic auth, or token (bearer)
+//! auth backed by a docker token server on 127.0.0.1 ([`TokenServer`], ES256 JWTs), an OCI image
+//! layout builder, `skopeo` pushes, and a fault-injecting HTTP proxy in front of the registry.
 //!
 //! Nothing here talks to any address but 127.0.0.1.
 
@@ -11,7 +12,10 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -24,6 +28,10 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
+use ring::{
+    rand::SystemRandom,
+    signature::{self, EcdsaKeyPair},
+};
 use sha2::{Digest as _, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -104,26 +112,43 @@ pub fn digest_hex(digest: &str) -> &str {
 /// How to start a [`Registry`].
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOpts {
-    /// Basic auth (htpasswd, bcrypt) for every repository: `(user, password)`.
+    /// Basic auth (htpasswd, bcrypt) for every repository: `(user, password)`. With `token`,
+    /// these are the credentials the token server accepts instead.
     pub auth: Option<(String, String)>,
+    /// Token (bearer) auth instead of htpasswd: the registry trusts the JWTs of a
+    /// [`TokenServer`] started with it, which grants `auth`'s user every repository action it
+    /// asks for and everyone else nothing. Needs `auth`.
+    pub token: bool,
 }
 
 impl RegistryOpts {
-    /// A registry that answers only to `user`/`password`.
+    /// A registry that answers only to `user`/`password` (HTTP Basic, htpasswd).
     pub fn with_auth(user: &str, password: &str) -> Self {
         Self {
             auth: Some((user.into(), password.into())),
+            token: false,
+        }
+    }
+
+    /// A registry behind the distribution token flow: clients get a `Bearer` challenge whose
+    /// realm is a [`TokenServer`] on 127.0.0.1, which signs tokens granting what they ask for to
+    /// `user`/`password` and empty tokens to anyone else.
+    pub fn with_token_auth(user: &str, password: &str) -> Self {
+        Self {
+            auth: Some((user.into(), password.into())),
+            token: true,
         }
     }
 }
 
-/// A `docker-registry serve` child on 127.0.0.1:<free port>, plain HTTP, filesystem storage in a
-/// temp dir with deletes enabled. Killed on drop.
+/// A `docker-registry serve` child on `127.0.0.1:<free port>`, plain HTTP, filesystem storage in a
+/// temp dir with deletes enabled. Killed on drop (with its token server, if any).
 pub struct Registry {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
     auth: Option<(String, String)>,
+    token: Option<TokenServer>,
 }
 
 impl Drop for Registry {
@@ -140,7 +165,20 @@ impl Registry {
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage)?;
         let mut auth_yaml = String::new();
-        if let Some((user, password)) = &opts.auth {
+        let mut token = None;
+        if opts.token {
+            let (user, password) = opts.auth.as_ref().context("token auth needs credentials")?;
+            let ts = TokenServer::start(TOKEN_SERVICE, TOKEN_ISSUER, user, password).await?;
+            let bundle = dir.path().join("token-root.pem");
+            std::fs::write(&bundle, ts.root_cert_pem())?;
+            auth_yaml = format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    \
+                 issuer: {TOKEN_ISSUER}\n    rootcertbundle: {bundle}\n",
+                realm = ts.realm(),
+                bundle = bundle.display(),
+            );
+            token = Some(ts);
+        } else if let Some((user, password)) = &opts.auth {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, password])
                 .output()
@@ -195,6 +233,7 @@ impl Registry {
                 dir,
                 port,
                 auth: opts.auth.clone(),
+                token: token.take(),
             };
             match reg.wait_ready(&id).await {
                 Ok(()) => return Ok(reg),
@@ -204,6 +243,7 @@ impl Registry {
                     let _ = reg.child.wait();
                     // Take the temp dir back for the next attempt (Drop kills nothing twice).
                     dir = std::mem::replace(&mut reg.dir, tempfile::tempdir()?);
+                    token = reg.token.take();
                 }
             }
         }
@@ -245,6 +285,11 @@ impl Registry {
         self.auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
+    /// Its token server, when started with [`RegistryOpts::with_token_auth`].
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token.as_ref()
+    }
+
     /// Root of its filesystem storage.
     pub fn storage_dir(&self) -> PathBuf {
         self.dir.path().join("storage")
@@ -278,23 +323,19 @@ impl Registry {
         s
     }
 
-    fn auth_header(&self) -> Vec<(&'static str, String)> {
-        self.creds()
-            .map(|(u, p)| vec![("authorization", basic_auth(u, p))])
-            .unwrap_or_default()
-    }
-
-    /// `GET /v2/<repo>/manifests/<reference>` accepting every manifest type, with its creds.
+    /// `GET /v2/<repo>/manifests/<reference>` accepting every manifest type, with its creds
+    /// (through the token flow for a token-auth registry).
     pub async fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<RegistryManifest> {
         fetch_manifest(&self.host(), repo, reference, self.creds()).await
     }
 
-    /// `GET /v2/<repo>/blobs/<digest>` with its creds.
+    /// `GET /v2/<repo>/blobs/<digest>` with its creds (see [`registry_get`]).
     pub async fn blob(&self, repo: &str, digest: &str) -> anyhow::Result<HttpResponse> {
-        http_get(
+        registry_get(
             &self.host(),
             &format!("/v2/{repo}/blobs/{digest}"),
-            &self.auth_header(),
+            &[],
+            self.creds(),
         )
         .await
     }
@@ -496,14 +537,15 @@ impl RegistryManifest {
     }
 }
 
-/// Fetches a manifest from any registry-like `host` (a [`Registry`] or a [`FaultProxy`]).
+/// Fetches a manifest from any registry-like `host` (a [`Registry`] or a [`FaultProxy`]) with
+/// `creds` (see [`registry_get`]).
 pub async fn fetch_manifest(
     host: &str,
     repo: &str,
     reference: &str,
     creds: Option<(&str, &str)>,
 ) -> anyhow::Result<RegistryManifest> {
-    let mut headers = vec![(
+    let headers = [(
         "accept",
         [
             media::OCI_MANIFEST,
@@ -513,10 +555,8 @@ pub async fn fetch_manifest(
         ]
         .join(", "),
     )];
-    if let Some((u, p)) = creds {
-        headers.push(("authorization", basic_auth(u, p)));
-    }
-    let r = http_get(host, &format!("/v2/{repo}/manifests/{reference}"), &headers).await?;
+    let path = format!("/v2/{repo}/manifests/{reference}");
+    let r = registry_get(host, &path, &headers, creds).await?;
     ensure!(
         r.status == 200,
         "GET manifest {repo}:{reference}: {} {}",
@@ -592,13 +632,140 @@ pub async fn http_get(
         .with_context(|| format!("GET {host}{path} timed out"))?
 }
 
+/// `User-Agent` of the harness's own requests to registries and token servers, so a
+/// [`TokenServer`] log tells them apart from the agent's (`caas-agent/...`).
+pub const HARNESS_USER_AGENT: &str = "caas-tests-harness";
+
+/// `GET http://<host><path>` from a registry-like `host` with `creds`: HTTP Basic first; when the
+/// answer is a 401 with a `Bearer` challenge (a token-auth registry), a token for the
+/// challenge's scope is fetched from its realm (127.0.0.1 only) with the same creds, and the
+/// GET is sent again with it. Whatever the last answer is, it is returned.
+pub async fn registry_get(
+    host: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    creds: Option<(&str, &str)>,
+) -> anyhow::Result<HttpResponse> {
+    let mut h = headers.to_vec();
+    h.push(("user-agent", HARNESS_USER_AGENT.into()));
+    if let Some((u, p)) = creds {
+        h.push(("authorization", basic_auth(u, p)));
+    }
+    let r = http_get(host, path, &h).await?;
+    if r.status != 401 {
+        return Ok(r);
+    }
+    let Some(challenge) = r
+        .header("www-authenticate")
+        .and_then(BearerChallenge::parse)
+    else {
+        return Ok(r);
+    };
+    let token = fetch_token(&challenge, creds).await?;
+    h.retain(|(k, _)| *k != "authorization");
+    h.push(("authorization", format!("Bearer {token}")));
+    http_get(host, path, &h).await
+}
+
+/// A `WWW-Authenticate: Bearer realm="...",service="...",scope="..."` challenge.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BearerChallenge {
+    /// Where to get a token.
+    pub realm: String,
+    /// The `service` to ask for.
+    pub service: Option<String>,
+    /// The `scope` the registry wants (space-separated scopes, as sent).
+    pub scope: Option<String>,
+    /// `error`, when the token sent was not enough (`insufficient_scope`, `invalid_token`).
+    pub error: Option<String>,
+}
+
+impl BearerChallenge {
+    /// Parses a challenge header; `None` when it is not a Bearer one with a realm.
+    pub fn parse(header: &str) -> Option<Self> {
+        let (scheme, mut rest) = header.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let mut c = Self::default();
+        loop {
+            rest = rest.trim_start_matches([' ', ',']);
+            if rest.is_empty() {
+                break;
+            }
+            let (key, after) = rest.split_once('=')?;
+            let (value, next) = match after.strip_prefix('"') {
+                Some(q) => {
+                    let end = q.find('"')?;
+                    (&q[..end], &q[end + 1..])
+                }
+                None => after.split_once(',').unwrap_or((after, "")),
+            };
+            match key.trim().to_ascii_lowercase().as_str() {
+                "realm" => c.realm = value.into(),
+                "service" => c.service = Some(value.into()),
+                "scope" => c.scope = Some(value.into()),
+                "error" => c.error = Some(value.into()),
+                _ => {}
+            }
+            rest = next;
+        }
+        (!c.realm.is_empty()).then_some(c)
+    }
+}
+
+/// A token for `challenge` from its realm (`http://127.0.0.1:PORT/...` only), asked with `creds`
+/// (anonymously without); the token server's refusal is an error.
+pub async fn fetch_token(
+    challenge: &BearerChallenge,
+    creds: Option<(&str, &str)>,
+) -> anyhow::Result<String> {
+    let rest = challenge
+        .realm
+        .strip_prefix("http://")
+        .with_context(|| format!("token realm is not plain http: {}", challenge.realm))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    ensure!(
+        host.starts_with("127.0.0.1:"),
+        "token realm off 127.0.0.1: {}",
+        challenge.realm
+    );
+    let mut query = Vec::new();
+    if let Some(s) = &challenge.service {
+        query.push(format!("service={}", percent_encode(s)));
+    }
+    for scope in challenge.scope.iter().flat_map(|s| s.split_whitespace()) {
+        query.push(format!("scope={}", percent_encode(scope)));
+    }
+    let mut headers = vec![("user-agent", HARNESS_USER_AGENT.to_string())];
+    if let Some((u, p)) = creds {
+        headers.push(("authorization", basic_auth(u, p)));
+    }
+    let r = http_get(host, &format!("/{path}?{}", query.join("&")), &headers).await?;
+    ensure!(
+        r.status == 200,
+        "token server {} answered {}: {}",
+        challenge.realm,
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.body)?;
+    v["token"]
+        .as_str()
+        .or_else(|| v["access_token"].as_str())
+        .map(str::to_string)
+        .context("token server answered without a token")
+}
+
 /// `Basic <base64(user:password)>`.
 pub fn basic_auth(user: &str, password: &str) -> String {
     format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
 }
 
-fn base64(input: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn base64_with(input: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
     let mut out = String::new();
     for chunk in input.chunks(3) {
         let b = [
@@ -609,8 +776,8 @@ fn base64(input: &[u8]) -> String {
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
-                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
+                out.push(char::from(alphabet[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else if pad {
                 out.push('=');
             }
         }
@@ -618,9 +785,441 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
+/// Standard base64 with padding (RFC 4648 section 4).
+fn base64(input: &[u8]) -> String {
+    base64_with(input, B64_STD, true)
+}
+
+/// base64url without padding (RFC 4648 section 5), as JWS wants it.
+fn base64url(input: &[u8]) -> String {
+    base64_with(input, B64_URL, false)
+}
+
+/// Decodes standard base64 (padding optional); `None` on anything else.
+fn base64_decode(input: &str) -> Option<Vec<u8>> {
+    let input = input.trim_end_matches('=');
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in input.bytes() {
+        let v = B64_STD.iter().position(|&a| a == c)?;
+        acc = (acc << 6) | u32::try_from(v).ok()?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).ok()?);
+        }
+    }
+    // Leftover bits must be padding zeros, and a lone 6-bit group is no byte at all.
+    (bits < 6 && acc & ((1 << bits) - 1) == 0).then_some(out)
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a query-string component (`%XX`, and `+` for a space).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token server
+// ---------------------------------------------------------------------------------------------
+
+/// `service` of the token-auth registries [`Registry::start`] makes (the tokens' `aud`).
+pub const TOKEN_SERVICE: &str = "caas-test-registry";
+/// `issuer` those registries trust (the tokens' `iss`).
+pub const TOKEN_ISSUER: &str = "caas-test-token-server";
+/// Lifetime of a token (`expires_in`, `exp - iat`).
+const TOKEN_TTL_SECS: i64 = 300;
+
+/// One entry of a token's `access` claim: `actions` on resource `kind`/`name` (JWT
+/// `{"type", "name", "actions"}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenAccess {
+    /// `type`: `repository`, `registry`, ...
+    pub kind: String,
+    /// `name`: the repository (`private/app`).
+    pub name: String,
+    /// `actions`: `pull`, `push`, ...
+    pub actions: Vec<String>,
+}
+
+/// One request the [`TokenServer`] answered.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    /// The HTTP Basic user name it carried (right password or not); `None` for anonymous.
+    pub user: Option<String>,
+    /// Whether user and password were the ones the server accepts.
+    pub authenticated: bool,
+    /// The `service` parameter.
+    pub service: Option<String>,
+    /// Every scope asked for (`scope` parameters, split at spaces), as sent.
+    pub scopes: Vec<String>,
+    /// What the token handed out grants (empty: nothing, as for anonymous or wrong
+    /// credentials).
+    pub granted: Vec<TokenAccess>,
+    /// The status it was answered with (200 with a token, 400/404 for a malformed request).
+    pub status: u16,
+    /// The client's `User-Agent` (the agent's is `caas-agent/<version>`; the harness's
+    /// [`HARNESS_USER_AGENT`]).
+    pub user_agent: String,
+}
+
+impl TokenRequest {
+    /// Who asked: the Basic user name given, or `"anonymous"`.
+    pub fn who(&self) -> &str {
+        self.user.as_deref().unwrap_or("anonymous")
+    }
+}
+
+struct TokenState {
+    service: String,
+    issuer: String,
+    user: String,
+    password: String,
+    signer: EcdsaKeyPair,
+    rng: SystemRandom,
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    jti_prefix: String,
+    next_jti: AtomicU64,
+    requests: Mutex<Vec<TokenRequest>>,
+}
+
+/// A docker distribution token server (the "token" auth of distribution 2.x) on
+/// `127.0.0.1:<port>`, plain HTTP. `GET /token?service=S&scope=repository:NAME:pull,push` (scope
+/// may repeat, hold several space-separated scopes, or be absent), with optional HTTP Basic
+/// credentials, answers `{"token", "access_token", "expires_in", "issued_at"}`. The token is an
+/// ES256 JWT signed by a fresh P-256 key whose self-signed certificate ([`Self::root_cert_pem`],
+/// the registry's `rootcertbundle`) rides in the JWS header's `x5c`; its claims are `iss`,
+/// `sub` (the user), `aud` (the service), `exp`, `nbf`, `iat`, `jti` and `access`. The one
+/// user/password it knows gets every action it asks for; anonymous requests and wrong
+/// credentials get a valid token with an empty `access` list, as real token servers hand out,
+/// which the registry then refuses for anything in a repository. A `service` other than its
+/// own is a 400. Every request is logged ([`Self::requests`]). Stopped on drop.
+pub struct TokenServer {
+    addr: SocketAddr,
+    state: Arc<TokenState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TokenServer {
+    /// Listens on 127.0.0.1:0; tokens are for `service`, issued by `issuer`, and grant
+    /// `user`/`password` what it asks for.
+    pub async fn start(
+        service: &str,
+        issuer: &str,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Self> {
+        let rng = SystemRandom::new();
+        let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng)
+            .map_err(|_| anyhow::anyhow!("generating a P-256 key"))?;
+        let signer = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
+            .map_err(|e| anyhow::anyhow!("loading the P-256 key: {e}"))?;
+        let key = rcgen::KeyPair::try_from(pkcs8.as_ref())?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "caas test token signer");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyCertSign,
+        ];
+        let cert = params.self_signed(&key)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(TokenState {
+            service: service.into(),
+            issuer: issuer.into(),
+            user: user.into(),
+            password: password.into(),
+            signer,
+            rng,
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            jti_prefix: crate::unique("jti"),
+            next_jti: AtomicU64::new(0),
+            requests: Mutex::default(),
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    r = listener.accept() => {
+                        let Ok((stream, _)) = r else { continue };
+                        let st = st.clone();
+                        conns.spawn(async move {
+                            let svc = service_fn(move |req| {
+                                let st = st.clone();
+                                async move { Ok::<_, Infallible>(st.respond(&req)) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// `http://127.0.0.1:PORT/token`, the registry's `realm`.
+    pub fn realm(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    /// The PEM of the certificate whose key signs the tokens (the registry's `rootcertbundle`).
+    pub fn root_cert_pem(&self) -> &str {
+        &self.state.cert_pem
+    }
+
+    /// Every request answered so far, in order.
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        self.state.log().clone()
+    }
+
+    /// How many requests `who` (a user name, or `"anonymous"`) made so far.
+    pub fn count(&self, who: &str) -> usize {
+        self.state.log().iter().filter(|r| r.who() == who).count()
+    }
+
+    /// Requests so far per [`TokenRequest::who`].
+    pub fn counts(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for r in self.state.log().iter() {
+            *m.entry(r.who().to_string()).or_default() += 1;
+        }
+        m
+    }
+
+    /// A token signed like the ones it hands out, for `subject` with `access` (to present one
+    /// directly, e.g. as an identity token).
+    pub fn sign(&self, subject: &str, access: &[TokenAccess]) -> anyhow::Result<String> {
+        Ok(self.state.sign(subject, access)?.0)
+    }
+}
+
+impl TokenState {
+    fn log(&self) -> std::sync::MutexGuard<'_, Vec<TokenRequest>> {
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A compact JWS (ES256, `x5c` = the certificate) and its `iat`.
+    fn sign(&self, subject: &str, access: &[TokenAccess]) -> anyhow::Result<(String, i64)> {
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs(),
+        )?;
+        let jti = self.next_jti.fetch_add(1, Ordering::Relaxed);
+        let header = serde_json::json!({
+            "typ": "JWT",
+            "alg": "ES256",
+            "x5c": [base64(&self.cert_der)],
+        });
+        let claims = serde_json::json!({
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + TOKEN_TTL_SECS,
+            "nbf": now,
+            "iat": now,
+            "jti": format!("{}-{jti}", self.jti_prefix),
+            "access": access.iter().map(|a| serde_json::json!({
+                "type": a.kind, "name": a.name, "actions": a.actions,
+            })).collect::<Vec<_>>(),
+        });
+        let input = format!(
+            "{}.{}",
+            base64url(&serde_json::to_vec(&header)?),
+            base64url(&serde_json::to_vec(&claims)?)
+        );
+        let sig = self
+            .signer
+            .sign(&self.rng, input.as_bytes())
+            .map_err(|_| anyhow::anyhow!("ES256 signing failed"))?;
+        Ok((format!("{input}.{}", base64url(sig.as_ref())), now))
+    }
+
+    fn respond<B>(&self, req: &Request<B>) -> Response<http_body_util::Full<Bytes>> {
+        let (status, body) = self.answer(req);
+        let mut r = Response::new(http_body_util::Full::new(Bytes::from(body.to_string())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
+    fn answer<B>(&self, req: &Request<B>) -> (StatusCode, serde_json::Value) {
+        let err = |s: StatusCode, m: &str| (s, serde_json::json!({ "details": m }));
+        let mut service = None;
+        let mut scopes = Vec::new();
+        for pair in req.uri().query().unwrap_or_default().split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match percent_decode(k).as_str() {
+                "service" => service = Some(percent_decode(v)),
+                "scope" => scopes.extend(percent_decode(v).split_whitespace().map(String::from)),
+                _ => {}
+            }
+        }
+        let text = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let mut rec = TokenRequest {
+            user: None,
+            authenticated: false,
+            service: service.clone(),
+            scopes: scopes.clone(),
+            granted: Vec::new(),
+            status: 200,
+            user_agent: text(hyper::header::USER_AGENT).unwrap_or_default(),
+        };
+        let result = (|| {
+            if req.method() != hyper::Method::GET || req.uri().path() != "/token" {
+                return Err(err(StatusCode::NOT_FOUND, "GET /token only"));
+            }
+            if let Some(h) = text(hyper::header::AUTHORIZATION) {
+                let (user, password) = parse_basic(&h)
+                    .ok_or_else(|| err(StatusCode::BAD_REQUEST, "malformed Basic credentials"))?;
+                rec.authenticated = user == self.user && password == self.password;
+                rec.user = Some(user);
+            }
+            if service.as_deref() != Some(self.service.as_str()) {
+                return Err(err(StatusCode::BAD_REQUEST, "unknown service"));
+            }
+            if rec.authenticated {
+                for s in &scopes {
+                    let Some(a) = parse_scope(s) else {
+                        return Err(err(StatusCode::BAD_REQUEST, "malformed scope"));
+                    };
+                    match rec
+                        .granted
+                        .iter_mut()
+                        .find(|g| g.kind == a.kind && g.name == a.name)
+                    {
+                        Some(g) => {
+                            for act in a.actions {
+                                if !g.actions.contains(&act) {
+                                    g.actions.push(act);
+                                }
+                            }
+                        }
+                        None => rec.granted.push(a),
+                    }
+                }
+            }
+            let subject = if rec.authenticated {
+                self.user.as_str()
+            } else {
+                ""
+            };
+            let (token, iat) = self
+                .sign(subject, &rec.granted)
+                .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")))?;
+            let issued_at = time::OffsetDateTime::from_unix_timestamp(iat)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
+            Ok(serde_json::json!({
+                "token": token,
+                "access_token": token,
+                "expires_in": TOKEN_TTL_SECS,
+                "issued_at": issued_at,
+            }))
+        })();
+        let out = match result {
+            Ok(v) => (StatusCode::OK, v),
+            Err(e) => e,
+        };
+        rec.status = out.0.as_u16();
+        self.log().push(rec);
+        out
+    }
+}
+
+/// `(user, password)` of an `Authorization: Basic ...` header.
+fn parse_basic(header: &str) -> Option<(String, String)> {
+    let (scheme, b64) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = String::from_utf8(base64_decode(b64.trim())?).ok()?;
+    let (u, p) = raw.split_once(':')?;
+    Some((u.into(), p.into()))
+}
+
+/// `type:name:action,action` (the name may hold colons, e.g. a port); `None` when malformed.
+fn parse_scope(scope: &str) -> Option<TokenAccess> {
+    let (kind, rest) = scope.split_once(':')?;
+    let (name, actions) = rest.rsplit_once(':')?;
+    (!kind.is_empty() && !name.is_empty()).then(|| TokenAccess {
+        kind: kind.into(),
+        name: name.into(),
+        actions: actions
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1127,7 +1726,7 @@ impl ProxyState {
     }
 }
 
-/// A plain-HTTP/1.1 proxy on 127.0.0.1:<port> in front of a registry. It forwards every request
+/// A plain-HTTP/1.1 proxy on `127.0.0.1:<port>` in front of a registry. It forwards every request
 /// unchanged (method, path, headers including `Host` and `Authorization`, body) on a fresh
 /// upstream connection, and rewrites the upstream's `host:port` to its own in `Location` and
 /// `WWW-Authenticate`. Blob GETs are counted, and can be cut short on demand.
@@ -1365,6 +1964,239 @@ mod tests {
         ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
+    }
+
+    #[test]
+    fn base64_variants_and_decoding() {
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        assert_eq!(base64url(b"foob"), "Zm9vYg");
+        for s in [
+            "",
+            "f",
+            "fo",
+            "foo",
+            "foob",
+            "fooba",
+            "foobar",
+            "user:pa:ss",
+        ] {
+            assert_eq!(base64_decode(&base64(s.as_bytes())).unwrap(), s.as_bytes());
+        }
+        assert_eq!(base64_decode("Zm9vYg").unwrap(), b"foob");
+        assert_eq!(base64_decode("Zm9v!"), None);
+        assert_eq!(base64_decode("Z"), None);
+        assert_eq!(
+            parse_basic(&basic_auth("alice", "s3:cret")),
+            Some(("alice".into(), "s3:cret".into()))
+        );
+        assert_eq!(parse_basic("Bearer abc"), None);
+    }
+
+    #[test]
+    fn percent_coding_round_trips() {
+        let s = "repository:t/app:pull,push";
+        assert_eq!(percent_encode(s), "repository%3At%2Fapp%3Apull%2Cpush");
+        assert_eq!(percent_decode(&percent_encode(s)), s);
+        assert_eq!(percent_decode("a+b%20c%zz%4"), "a b c%zz%4");
+    }
+
+    #[test]
+    fn challenges_and_scopes_parse() {
+        let c = BearerChallenge::parse(
+            r#"Bearer realm="http://127.0.0.1:1/token",service="svc",scope="repository:a/b:pull",error="insufficient_scope""#,
+        )
+        .unwrap();
+        assert_eq!(c.realm, "http://127.0.0.1:1/token");
+        assert_eq!(c.service.as_deref(), Some("svc"));
+        assert_eq!(c.scope.as_deref(), Some("repository:a/b:pull"));
+        assert_eq!(c.error.as_deref(), Some("insufficient_scope"));
+        assert_eq!(BearerChallenge::parse(r#"Basic realm="x""#), None);
+        assert_eq!(
+            parse_scope("repository:a/b:pull,push"),
+            Some(TokenAccess {
+                kind: "repository".into(),
+                name: "a/b".into(),
+                actions: vec!["pull".into(), "push".into()],
+            })
+        );
+        assert_eq!(parse_scope("registry:catalog:*").unwrap().actions, ["*"]);
+        assert_eq!(parse_scope("repository:a"), None);
+    }
+
+    /// The token server alone: what it grants whom, and that its JWTs verify (ES256 over the
+    /// signing input with the certificate's key).
+    #[tokio::test]
+    async fn token_server_grants_only_its_user() {
+        let ts = TokenServer::start("svc", "iss", "alice", "s3cret")
+            .await
+            .unwrap();
+        let host = ts
+            .realm()
+            .strip_prefix("http://")
+            .unwrap()
+            .replace("/token", "");
+        let q = "/token?service=svc&scope=repository%3Aa%2Fb%3Apull&scope=repository:a/b:push+repository:c:pull";
+        let get = |auth: Option<String>| {
+            let host = host.clone();
+            async move {
+                let h: Vec<(&str, String)> =
+                    auth.into_iter().map(|a| ("authorization", a)).collect();
+                let r = http_get(&host, q, &h).await.unwrap();
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(v["token"], v["access_token"]);
+                assert_eq!(v["expires_in"], 300);
+                assert!(v["issued_at"].as_str().unwrap().ends_with('Z'), "{v}");
+                v["token"].as_str().unwrap().to_string()
+            }
+        };
+        let good = get(Some(basic_auth("alice", "s3cret"))).await;
+        let wrong = get(Some(basic_auth("alice", "nope"))).await;
+        let anon = get(None).await;
+
+        let claims = |t: &str| -> serde_json::Value {
+            let parts: Vec<&str> = t.split('.').collect();
+            assert_eq!(parts.len(), 3);
+            // base64url without padding: base64_decode takes it once the alphabet is mapped.
+            let unurl = |p: &str| base64_decode(&p.replace('-', "+").replace('_', "/")).unwrap();
+            let header: serde_json::Value = serde_json::from_slice(&unurl(parts[0])).unwrap();
+            assert_eq!(header["alg"], "ES256");
+            assert_eq!(
+                base64_decode(header["x5c"][0].as_str().unwrap()).unwrap(),
+                ts.state.cert_der
+            );
+            let sig = unurl(parts[2]);
+            assert_eq!(sig.len(), 64, "r||s");
+            let pk = ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_FIXED,
+                ring::signature::KeyPair::public_key(&ts.state.signer).as_ref(),
+            );
+            pk.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+                .unwrap();
+            serde_json::from_slice(&unurl(parts[1])).unwrap()
+        };
+        let c = claims(&good);
+        assert_eq!(c["iss"], "iss");
+        assert_eq!(c["aud"], "svc");
+        assert_eq!(c["sub"], "alice");
+        assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 300);
+        assert_eq!(
+            c["access"],
+            serde_json::json!([
+                {"type": "repository", "name": "a/b", "actions": ["pull", "push"]},
+                {"type": "repository", "name": "c", "actions": ["pull"]},
+            ])
+        );
+        for t in [&wrong, &anon] {
+            let c = claims(t);
+            assert_eq!(c["access"], serde_json::json!([]));
+            assert_eq!(c["sub"], "");
+        }
+        assert_ne!(claims(&good)["jti"], claims(&anon)["jti"]);
+
+        let r = http_get(&host, "/token?service=other", &[]).await.unwrap();
+        assert_eq!(r.status, 400);
+        let r = http_get(&host, "/other", &[]).await.unwrap();
+        assert_eq!(r.status, 404);
+        let log = ts.requests();
+        assert_eq!(log.len(), 5);
+        assert!(log[0].authenticated && log[0].who() == "alice");
+        assert!(!log[1].authenticated && log[1].who() == "alice");
+        assert!(log[1].granted.is_empty());
+        assert_eq!(log[2].who(), "anonymous");
+        assert_eq!(log[0].scopes.len(), 3);
+        assert_eq!((log[3].status, log[4].status), (400, 404));
+        assert_eq!(ts.count("alice"), 2);
+        assert_eq!(ts.count("anonymous"), 3);
+        assert_eq!(ts.counts().len(), 2);
+    }
+
+    /// A registry behind the token flow: the Bearer challenge, skopeo pushing with
+    /// `--dest-creds` through it, the harness's own reads through it, and what the registry
+    /// makes of empty tokens (anonymous, wrong password).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_auth_round_trip() {
+        if !tools_available("registry::token_auth_round_trip") {
+            return;
+        }
+        let reg = Registry::start(RegistryOpts::with_token_auth("alice", "s3cret"))
+            .await
+            .unwrap();
+        let ts = reg.token_server().unwrap();
+        let r = http_get(&reg.host(), "/v2/", &[]).await.unwrap();
+        assert_eq!(r.status, 401);
+        let c = BearerChallenge::parse(r.header("www-authenticate").unwrap()).unwrap();
+        assert_eq!(c.realm, ts.realm());
+        assert_eq!(c.service.as_deref(), Some(TOKEN_SERVICE));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let mut layout = OciLayout::new(&tmp.path().join("layout")).unwrap();
+        let built = layout
+            .add_image(
+                &ImageBuilder::new().layer(
+                    LayerTar::new().file("hello", b"hello\n").into_tar(),
+                    Compression::Gzip,
+                ),
+                "app",
+            )
+            .unwrap();
+        let m = reg
+            .push(layout.dir(), "app", "tok/app:v1", PushMode::Oci)
+            .await
+            .unwrap();
+        assert_eq!(m.digest, built.manifest.digest);
+        let log = ts.requests();
+        assert!(
+            log.iter().any(|t| t.authenticated
+                && !t.user_agent.starts_with(HARNESS_USER_AGENT)
+                && t.granted
+                    .iter()
+                    .any(|g| g.name == "tok/app" && g.actions.contains(&"push".to_string()))),
+            "skopeo got a push token: {log:#?}"
+        );
+        let b = reg.blob("tok/app", &built.layers[0].digest).await.unwrap();
+        assert_eq!(sha256_digest(&b.body), built.layers[0].digest);
+
+        // Empty tokens get the registry's 401 with insufficient_scope.
+        for creds in [None, Some(("alice", "nope")), Some(("bob", "s3cret"))] {
+            let e = fetch_manifest(&reg.host(), "tok/app", "v1", creds).await;
+            let e = format!("{:#}", e.unwrap_err());
+            assert!(e.contains("401"), "{creds:?}: {e}");
+        }
+        let r = registry_get(&reg.host(), "/v2/tok/app/manifests/v1", &[], None)
+            .await
+            .unwrap();
+        let c = BearerChallenge::parse(r.header("www-authenticate").unwrap()).unwrap();
+        assert_eq!(c.error.as_deref(), Some("insufficient_scope"), "{c:?}");
+        assert_eq!(c.scope.as_deref(), Some("repository:tok/app:pull"));
+        // A token granting pull but signed by a key the registry does not trust.
+        let forger = TokenServer::start(TOKEN_SERVICE, TOKEN_ISSUER, "x", "y")
+            .await
+            .unwrap();
+        let pull = [TokenAccess {
+            kind: "repository".into(),
+            name: "tok/app".into(),
+            actions: vec!["pull".into()],
+        }];
+        let path = "/v2/tok/app/manifests/v1";
+        for (signer, want) in [(&forger, 401), (ts, 200)] {
+            let t = signer.sign("alice", &pull).unwrap();
+            let h = [
+                ("authorization", format!("Bearer {t}")),
+                ("accept", media::OCI_MANIFEST.to_string()),
+            ];
+            let r = http_get(&reg.host(), path, &h).await.unwrap();
+            assert_eq!(r.status, want, "{}", String::from_utf8_lossy(&r.body));
+        }
+        assert!(ts.count("anonymous") >= 2, "{:?}", ts.counts());
+        assert!(ts.count("bob") >= 1, "{:?}", ts.counts());
+        // The forged one, and only it, failed verification.
+        let log = reg.log_text();
+        assert_eq!(
+            log.matches("unable to verify certificate chain").count(),
+            1,
+            "{log}"
+        );
     }
 
     #[test]

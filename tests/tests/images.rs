@@ -21,8 +21,8 @@ use caas_tests::{
     TestAgent, busybox_rootfs,
     registry::{
         Compression, FaultProxy, ImageBuilder, LayerTar, OciLayout, PushMode, Registry,
-        RegistryManifest, RegistryOpts, digest_hex, incompressible, media, multi_arch_images,
-        tools_available,
+        RegistryManifest, RegistryOpts, TOKEN_SERVICE, TokenRequest, digest_hex, incompressible,
+        media, multi_arch_images, tools_available,
     },
     require_root, tar_dir,
 };
@@ -1186,6 +1186,138 @@ async fn private_images_stay_with_the_tenant_that_pulled_them() {
         .into_inner()
         .images;
     assert!(mine.iter().any(|i| i.reference == r), "{mine:?}");
+}
+
+/// The agent's token requests (`caas-agent/...` user agent) from index `from` of `reg`'s token
+/// server log on.
+fn agent_token_requests(reg: &Registry, from: usize) -> Vec<TokenRequest> {
+    reg.token_server()
+        .unwrap()
+        .requests()
+        .into_iter()
+        .skip(from)
+        .filter(|t| t.user_agent.starts_with("caas-agent/"))
+        .collect()
+}
+
+/// The distribution token flow (Bearer challenge, token server, JWT the registry verifies):
+/// each pull asks the token server with that pull's own credentials and nobody else's. A gets a
+/// token for the repository and runs the image; B, anonymous or with a wrong password, gets an
+/// empty token and is refused, even with every blob already on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_auth_pulls_with_each_tenants_own_credentials() {
+    root_or_skip!("token_auth_pulls_with_each_tenants_own_credentials");
+    let reg = Registry::start(RegistryOpts::with_token_auth("alice", "s3cret"))
+        .await
+        .unwrap();
+    let ts = reg.token_server().unwrap();
+    let agent = agent_for(&[reg.host()]).await;
+    let mut api = Api::new(&agent).await;
+    api.tenant("a").await;
+    api.tenant("b").await;
+    let work = agent.dir.path().join("work");
+    let base = busybox_layer(&work);
+    let mut layout = OciLayout::new(&work.join("layout")).unwrap();
+    layout
+        .add_image(
+            &ImageBuilder::new()
+                .layer(base, Compression::Gzip)
+                .layer(hello_layer("token\n"), Compression::Gzip),
+            "app",
+        )
+        .unwrap();
+    let m = reg
+        .push(layout.dir(), "app", "tok/app:v1", PushMode::Oci)
+        .await
+        .unwrap();
+    let r = format!("{}/tok/app:v1", reg.host());
+    let by_digest = format!("{}/tok/app@{}", reg.host(), m.digest);
+    let i = api.i.clone();
+    let pull_scope = ["repository:tok/app:pull".to_string()];
+
+    // A, with its credentials: the agent asked for a pull token as alice, and got one.
+    let n = ts.requests().len();
+    let p = pull(i.clone(), "a", &r, Some(("alice", "s3cret")))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "A's pull: {e:?}\ntoken requests: {:#?}\nregistry log:\n{}",
+                ts.requests(),
+                reg.log_text()
+            )
+        });
+    assert_eq!(p.image.digest, m.digest);
+    let asked = agent_token_requests(&reg, n);
+    assert!(!asked.is_empty(), "the agent never asked the token server");
+    for t in &asked {
+        assert_eq!(t.who(), "alice", "{asked:#?}");
+        assert!(t.authenticated, "{asked:#?}");
+        assert_eq!(t.service.as_deref(), Some(TOKEN_SERVICE), "{asked:#?}");
+        assert_eq!(t.scopes, pull_scope, "{asked:#?}");
+        assert_eq!(t.granted.len(), 1, "{asked:#?}");
+        assert_eq!(t.granted[0].actions, ["pull"], "{asked:#?}");
+    }
+    assert!(ts.count("alice") >= asked.len());
+    for l in m.layer_digests() {
+        assert!(api.cached(&l), "{l} cached on the host");
+    }
+    let out = api.sh("a", "app", &r, "cat /data/hello.txt").await;
+    assert_eq!(out, "token\n");
+
+    // B, anonymously and with a wrong password, by tag and by digest: the token server hands
+    // out empty tokens, and the registry refuses them, although every blob is on the host.
+    for reference in [&r, &by_digest] {
+        for (auth, who) in [(None, "anonymous"), (Some(("alice", "wrong")), "alice")] {
+            let n = ts.requests().len();
+            let e = expect_err(
+                pull(i.clone(), "b", reference, auth).await,
+                Code::PermissionDenied,
+                "",
+            );
+            assert!(!e.message().contains("s3cret"), "{e:?}");
+            assert!(!e.message().contains("wrong"), "{e:?}");
+            let asked = agent_token_requests(&reg, n);
+            assert!(
+                !asked.is_empty(),
+                "B ({who}) pulled {reference} without asking the token server: {e:?}"
+            );
+            for t in &asked {
+                assert_eq!(t.who(), who, "{asked:#?}");
+                assert!(!t.authenticated, "{asked:#?}");
+                assert!(t.granted.is_empty(), "{asked:#?}");
+                assert_eq!(t.scopes, pull_scope, "{asked:#?}");
+            }
+        }
+    }
+    assert!(api.list("b").await.is_empty());
+    for reference in [&r, &by_digest] {
+        expect_err(api.inspect("b", reference).await, Code::NotFound, "");
+        expect_err(
+            api.create("b", "steal", reference, &["true"], &[]).await,
+            Code::NotFound,
+            "",
+        );
+    }
+    assert_eq!(api.inspect("a", &r).await.unwrap().digest, m.digest);
+    let all = api.list("").await;
+    assert!(all.iter().all(|i| i.tenant == "a"), "{all:?}");
+
+    // The registry accepted the agent's token for A's manifest, and refused the empty ones for
+    // lack of scope (never for a token it could not verify). (It names the token's subject
+    // only on failed requests.)
+    let log = reg.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("msg=\"authorized request\"")
+            && l.contains("caas-agent/")
+            && l.contains("/v2/tok/app/manifests/v1")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("insufficient scope") && l.contains("caas-agent/")),
+        "{log}"
+    );
+    assert!(!log.contains("unable to verify"), "{log}");
 }
 
 /// Two tenants pulling the same image at the same moment download each layer once.
