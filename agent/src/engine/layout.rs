@@ -72,10 +72,12 @@ pub fn is_layout(p: &Path) -> bool {
     p.join("index.json").is_file() || (p.is_file() && p.extension().is_some_and(|e| e == "tar"))
 }
 
-/// Reads hashes what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
+/// A reader that hashes what passes through it.
+pub(crate) struct Hashing<R> {
+    /// The source.
+    pub(crate) inner: R,
+    /// sha256 of what was read so far.
+    pub(crate) hash: Sha256,
 }
 
 impl<R: Read> Read for Hashing<R> {

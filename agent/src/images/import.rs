@@ -18,7 +18,6 @@ use super::{
     ImageRecord, ImageStore, Source,
     error::{ImageError, io_at},
     manifest::{self, Digest, Parsed},
-    now_ms,
 };
 use crate::engine::unpack::{self, Budget, Unpack, Whiteouts};
 
@@ -202,25 +201,15 @@ impl ImageStore {
             .buffer_unordered(self.config.parallel_layers as usize)
             .try_collect::<Vec<()>>()
             .await?;
-        let record = ImageRecord {
-            reference: reference.into(),
-            normalized: super::normalize(reference).unwrap_or_else(|| reference.into()),
-            digest: top,
-            manifest_digest: mdigest,
-            manifest_media_type: m.media_type.clone(),
-            config_digest: m.config.clone(),
-            size_bytes: m.layers.iter().map(|l| l.size).sum::<u64>() + m.config_size,
-            layers: m.layers.clone(),
-            created_at_unix_ms: now_ms(),
-            source: Source::Import,
-        };
-        let replaced = self.save(tenant, record.clone())?;
-        drop(pins);
-        drop(guard);
-        if replaced {
-            self.collect(tenant).await;
-        }
-        Ok(record)
+        let record = ImageRecord::new(
+            reference,
+            super::normalize(reference).unwrap_or_else(|| reference.into()),
+            top,
+            mdigest,
+            &m,
+            Source::Import,
+        );
+        self.record(tenant, record, pins, guard).await
     }
 
     /// Reads the layout's index, picks this host's manifest, and copies every blob it needs

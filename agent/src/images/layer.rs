@@ -16,20 +16,10 @@ use super::{
     error::{ImageError, io_at},
     manifest::{Compression, Digest},
 };
-use crate::engine::unpack::{self, Budget, Unpack, UnpackError, Whiteouts};
-
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-}
+use crate::engine::{
+    layout::Hashing,
+    unpack::{self, Budget, Unpack, UnpackError, Whiteouts},
+};
 
 /// Unpacks the cached blob `blob` of layer `layer` into the new directory `dest`.
 /// On error `dest` may hold part of the layer; the caller removes it.

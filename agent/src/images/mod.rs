@@ -145,6 +145,28 @@ pub struct ImageRecord {
 }
 
 impl ImageRecord {
+    fn new(
+        reference: &str,
+        normalized: String,
+        digest: Digest,
+        manifest_digest: Digest,
+        m: &Manifest,
+        source: Source,
+    ) -> Self {
+        Self {
+            reference: reference.into(),
+            normalized,
+            digest,
+            manifest_digest,
+            manifest_media_type: m.media_type.clone(),
+            config_digest: m.config.clone(),
+            size_bytes: m.layers.iter().map(|l| l.size).sum::<u64>() + m.config_size,
+            layers: m.layers.clone(),
+            created_at_unix_ms: now_ms(),
+            source,
+        }
+    }
+
     fn blobs(&self) -> impl Iterator<Item = &Digest> {
         [&self.digest, &self.manifest_digest, &self.config_digest]
             .into_iter()
@@ -461,18 +483,26 @@ impl ImageStore {
             send_progress(tx, &m.layers, &counters, None).await;
         }
         result?;
-        let record = ImageRecord {
-            reference: reference.into(),
+        let record = ImageRecord::new(
+            reference,
             normalized,
-            digest: resolved.digest.clone(),
-            manifest_digest: resolved.manifest_digest.clone(),
-            manifest_media_type: m.media_type.clone(),
-            config_digest: m.config.clone(),
-            size_bytes: m.layers.iter().map(|l| l.size).sum::<u64>() + m.config_size,
-            layers: m.layers.clone(),
-            created_at_unix_ms: now_ms(),
-            source: Source::Registry,
-        };
+            resolved.digest.clone(),
+            resolved.manifest_digest.clone(),
+            m,
+            Source::Registry,
+        );
+        self.record(tenant, record, pins, guard).await
+    }
+
+    /// Saves the record of a pulled or imported image, then lets go of its blobs' pins and of
+    /// the tenant's lock; a replaced image's layers no other image uses are collected.
+    async fn record(
+        &self,
+        tenant: &str,
+        record: ImageRecord,
+        pins: blobs::Pins,
+        guard: tokio::sync::RwLockReadGuard<'_, ()>,
+    ) -> Result<ImageRecord, ImageError> {
         let replaced = self.save(tenant, record.clone())?;
         drop(pins);
         drop(guard);
@@ -561,16 +591,21 @@ impl ImageStore {
         list.retain(|r| r.reference != record.reference);
         let replaced = list.len() != before;
         list.push(record);
+        self.write_records(tenant, &list)?;
+        recs.insert(tenant.to_string(), list);
+        Ok(replaced)
+    }
+
+    /// Writes a tenant's records durably (temp file, fsync, rename).
+    fn write_records(&self, tenant: &str, list: &[ImageRecord]) -> Result<(), ImageError> {
         let dir = self.tenant_dir(tenant);
         crate::fsutil::ensure_dir(&dir, 0o700).map_err(io_at(&dir))?;
         let file = dir.join("images.json");
-        let bytes = serde_json::to_vec_pretty(&list).map_err(|e| ImageError::Io {
+        let bytes = serde_json::to_vec_pretty(list).map_err(|e| ImageError::Io {
             path: file.clone(),
             source: std::io::Error::other(e),
         })?;
-        crate::fsutil::write_atomic(&file, &bytes, 0o600).map_err(io_at(&file))?;
-        recs.insert(tenant.to_string(), list);
-        Ok(replaced)
+        crate::fsutil::write_atomic(&file, &bytes, 0o600).map_err(io_at(&file))
     }
 
     /// Removes an image of a tenant. `containers` are the tenant's (name, image) pairs: an
@@ -599,12 +634,7 @@ impl ImageStore {
             let mut recs = self.records();
             let mut list = recs.get(tenant).cloned().unwrap_or_default();
             list.retain(|r| r.reference != image.reference);
-            let file = self.tenant_dir(tenant).join("images.json");
-            let bytes = serde_json::to_vec_pretty(&list).map_err(|e| ImageError::Io {
-                path: file.clone(),
-                source: std::io::Error::other(e),
-            })?;
-            crate::fsutil::write_atomic(&file, &bytes, 0o600).map_err(io_at(&file))?;
+            self.write_records(tenant, &list)?;
             recs.insert(tenant.to_string(), list);
         }
         self.collect_locked(tenant);
