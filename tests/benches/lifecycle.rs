@@ -18,6 +18,15 @@
 //! runs in a child process (this executable again, see [`peer_child`]) that has its own mount
 //! namespace in which `/sys/fs/cgroup/unified` is unmounted, because Debian's crun refuses the
 //! hybrid cgroup layout; runc gets the same treatment so both see the same host.
+//!
+//! Every directory of the run (the agent's state and run dirs, the peers' bundles and state
+//! roots) comes from `tempfile`, so `TMPDIR` places them all on one file system. On the CI
+//! machines `/tmp` is an ext4 without a journal, on which every new inode costs a scan of
+//! recently deleted ones (perf: `recently_deleted`, `find_get_block_common`). That costs a few
+//! milliseconds per container, more for the agent (about 15 inodes per container: container dir,
+//! overlay upper and work, logs, record, bundle, runtime state) than for crun (about 4). Point
+//! `TMPDIR` at a journaled file system (e.g. a loop-mounted ext4) to compare the runtimes rather
+//! than that file system.
 
 #![allow(clippy::unwrap_used)] // a benchmark harness: a failing setup step should stop it loudly
 
