@@ -5,6 +5,7 @@
 //! of a tenant (uid range, cgroup subtree, netns, engine) is provisioned by the sandbox layer.
 
 pub mod idrange;
+pub mod subnet;
 mod model;
 mod store;
 
