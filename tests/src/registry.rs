@@ -1403,6 +1403,7 @@ pub struct ImageBuilder {
     cmd: Option<Vec<String>>,
     entrypoint: Option<Vec<String>>,
     workdir: Option<String>,
+    user: Option<String>,
     labels: Vec<(String, String)>,
 }
 
@@ -1427,6 +1428,7 @@ impl ImageBuilder {
             cmd: Some(vec!["/bin/sh".into()]),
             entrypoint: None,
             workdir: None,
+            user: None,
             labels: Vec::new(),
         }
     }
@@ -1467,6 +1469,12 @@ impl ImageBuilder {
         self
     }
 
+    /// The config's User (`uid[:gid]` or `name[:group]`).
+    pub fn user(mut self, user: &str) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
     /// A config label.
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.push((k.into(), v.into()));
@@ -1485,6 +1493,9 @@ impl ImageBuilder {
         }
         if let Some(w) = &self.workdir {
             config["WorkingDir"] = serde_json::json!(w);
+        }
+        if let Some(u) = &self.user {
+            config["User"] = serde_json::json!(u);
         }
         if !self.labels.is_empty() {
             let labels: serde_json::Map<String, serde_json::Value> = self

@@ -532,6 +532,56 @@ async fn pulled_images_of_every_kind_run() {
         "greeting=from-image extra=from-request pwd=/data\nhello from a layer\n"
     );
 
+    // (1a) an image whose config names a User runs as that user, looked up in its own
+    // /etc/passwd; a user the image does not know is refused at create, naming it.
+    let users = LayerTar::new()
+        .dir("etc")
+        .file(
+            "etc/passwd",
+            b"root:x:0:0::/:/bin/sh\nweb:x:101:102::/:/bin/sh\n",
+        )
+        .file("etc/group", b"root:x:0:\nweb:x:102:\n")
+        .into_tar();
+    for (tag, user, want) in [
+        ("by-name", "web", "101 102"),
+        ("by-id", "1234:99", "1234 99"),
+    ] {
+        let img = ImageBuilder::new()
+            .layer(base.clone(), Compression::Gzip)
+            .layer(users.clone(), Compression::Gzip)
+            .user(user)
+            .cmd(&["/bin/sh", "-c", "echo $(id -u) $(id -g)"]);
+        layout.add_image(&img, tag).unwrap();
+        reg.push(layout.dir(), tag, &format!("user/{tag}:v1"), PushMode::Oci)
+            .await
+            .unwrap();
+        let r = format!("{host}/user/{tag}:v1");
+        api.pull("t", &r).await.unwrap();
+        let (code, out) = api.run("t", &format!("user-{tag}"), &r, &[], &[]).await;
+        assert_eq!((code, out.trim()), (0, want), "{tag}");
+    }
+    let img = ImageBuilder::new()
+        .layer(base.clone(), Compression::Gzip)
+        .user("ghost");
+    layout.add_image(&img, "ghost").unwrap();
+    reg.push(layout.dir(), "ghost", "user/ghost:v1", PushMode::Oci)
+        .await
+        .unwrap();
+    let r = format!("{host}/user/ghost:v1");
+    api.pull("t", &r).await.unwrap();
+    let e = api
+        .c
+        .create_container(pb::CreateContainerRequest {
+            tenant: "t".into(),
+            name: "ghost".into(),
+            image: r.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("\"ghost\""), "{}", e.message());
+
     // (1b) the same image by digest.
     let by_digest = format!("{host}/layered/img@{}", m.digest);
     let p = api.pull("t", &by_digest).await.unwrap();

@@ -258,6 +258,7 @@ pub fn container_create(
             max_containers: 0,
             // Set from the tenant's image store by the handler, for an image.
             lower_dirs: Vec::new(),
+            user: String::new(),
         },
     ))
 }
@@ -318,6 +319,7 @@ pub fn apply_image(
     if create.workdir.is_empty() {
         create.workdir = run.working_dir.unwrap_or_default();
     }
+    create.user = run.user.unwrap_or_default();
     let mine: std::collections::HashSet<String> = create
         .env
         .iter()

@@ -18,6 +18,63 @@ use nix::mount::{MntFlags, MsFlags};
 
 use crate::tenants::idrange::RANGE_SIZE;
 
+/// Ids a user may have inside: the tenant's range maps 0..65536.
+const MAX_INSIDE_ID: u32 = RANGE_SIZE - 1;
+
+/// The uid and gid of `user` (`uid`, `uid:gid`, `name` or `name:group`, as an image's `User`)
+/// inside the rootfs at `root`; names come from its /etc/passwd and /etc/group. Empty = root.
+pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), RootfsError> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let bad = |why: String| RootfsError::Image(format!("user {user:?}: {why}"));
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    // name:x:uid:gid:... (passwd) or name:x:gid:... (group).
+    let lookup = |file: &str, name: &str| -> Result<Option<(u32, Option<u32>)>, RootfsError> {
+        let path = scoped_resolve(root, Path::new(file)).map_err(io_err(root))?;
+        let text = match crate::fsutil::read_capped(&path, 4 << 20) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        for l in text.lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() >= 3
+                && f[0] == name
+                && let Ok(id) = f[2].parse::<u32>()
+            {
+                return Ok(Some((id, f.get(3).and_then(|g| g.parse::<u32>().ok()))));
+            }
+        }
+        Ok(None)
+    };
+    let (uid, passwd_gid) = match u.parse::<u32>() {
+        Ok(n) => (n, None),
+        Err(_) => lookup("/etc/passwd", u)?
+            .ok_or_else(|| bad(format!("{u:?} is not in the image's /etc/passwd")))?,
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => {
+                lookup("/etc/group", g)?
+                    .ok_or_else(|| bad(format!("group {g:?} is not in the image's /etc/group")))?
+                    .0
+            }
+        },
+        None => passwd_gid.unwrap_or(0),
+    };
+    if uid > MAX_INSIDE_ID || gid > MAX_INSIDE_ID {
+        return Err(bad(format!(
+            "ids above {MAX_INSIDE_ID} are outside the tenant's range"
+        )));
+    }
+    Ok((uid, gid))
+}
+
 /// The PATH used to find a command when the container sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Most symlinks followed while resolving one path (as the kernel's ELOOP limit).
@@ -297,6 +354,39 @@ mod tests {
         );
         std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
         assert!(scoped_resolve(r, Path::new("loop")).is_err());
+    }
+
+    #[test]
+    fn users_resolve_by_number_or_through_the_images_own_files() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(
+            r.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nweb:x:101:102::/:/bin/false\n",
+        )
+        .unwrap();
+        fs::write(r.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(r, "").unwrap(), (0, 0));
+        assert_eq!(resolve_user(r, "1000").unwrap(), (1000, 0));
+        assert_eq!(resolve_user(r, "1000:1001").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(r, "web").unwrap(), (101, 102));
+        assert_eq!(resolve_user(r, "web:staff").unwrap(), (101, 50));
+        let e = resolve_user(r, "nobody").unwrap_err().to_string();
+        assert!(e.contains("\"nobody\"") && e.contains("/etc/passwd"), "{e}");
+        assert!(resolve_user(r, "web:wheel").is_err());
+        assert!(
+            resolve_user(r, "70000").is_err(),
+            "outside the tenant's range"
+        );
+        // /etc/passwd as a symlink out of the root is read inside it.
+        fs::remove_file(r.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", r.join("etc/passwd")).unwrap();
+        // (The host's own /etc/passwd has `daemon`.)
+        assert!(
+            resolve_user(r, "daemon").is_err(),
+            "the host's passwd is never read"
+        );
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct CreateSpec {
     pub max_containers: u32,
     /// Layer directories of a stored image, topmost first (instead of `rootfs`).
     pub lower_dirs: Vec<PathBuf>,
+    /// `uid[:gid]` or `name[:group]` inside; empty = root.
+    pub user: String,
 }
 
 /// The tenant's containers.
@@ -397,6 +399,8 @@ impl Engine {
             rootfs::find_command(&root, argv0, &c.env)
                 .map_err(|e| EngineError::Invalid(e.to_string()))?;
         }
+        let (uid, gid) = rootfs::resolve_user(&root, &c.user)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let rootfs_done = t0.elapsed();
         let cgroup = self.cgroup(&c.id);
         let spec = spec::build(&spec::ContainerSpec {
@@ -410,6 +414,8 @@ impl Engine {
             memory_bytes: c.memory_bytes,
             pids: c.pids,
             hostname: &c.name,
+            uid,
+            gid,
         })
         .map_err(|e| rt("spec")(&e))?;
         let bundle = dir.join("bundle");

@@ -112,6 +112,7 @@ impl epb::engine_server::Engine for EngineSvc {
             labels: r.labels,
             max_containers: r.max_containers,
             lower_dirs: r.lower_dirs.into_iter().map(PathBuf::from).collect(),
+            user: r.user,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

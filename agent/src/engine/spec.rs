@@ -36,6 +36,10 @@ pub struct ContainerSpec<'a> {
     pub pids: Option<u64>,
     /// Host name inside.
     pub hostname: &'a str,
+    /// The process's uid inside.
+    pub uid: u32,
+    /// Its gid inside.
+    pub gid: u32,
 }
 
 /// Why a spec could not be built.
@@ -197,7 +201,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     capabilities.set_ambient(None);
     let process = ProcessBuilder::default()
         .terminal(false)
-        .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
+        .user(UserBuilder::default().uid(c.uid).gid(c.gid).build()?)
         .args(c.command.to_vec())
         .env(env)
         .cwd(if c.workdir.is_empty() { "/" } else { c.workdir })

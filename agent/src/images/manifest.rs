@@ -337,6 +337,9 @@ pub struct RunConfig {
     /// The working directory.
     #[serde(rename = "WorkingDir", default)]
     pub working_dir: Option<String>,
+    /// Who the process runs as: `uid[:gid]` or `name[:group]`.
+    #[serde(rename = "User", default)]
+    pub user: Option<String>,
 }
 
 /// `rootfs` of an image config.

@@ -5,9 +5,9 @@
 //! of a tenant (uid range, cgroup subtree, netns, engine) is provisioned by the sandbox layer.
 
 pub mod idrange;
-pub mod subnet;
 mod model;
 mod store;
+pub mod subnet;
 
 pub use model::{Isolation, QuotaRequest, Quotas, Tenant, TenantFilter, TenantSpec, TenantState};
 pub use store::{Registry, TenantError};
