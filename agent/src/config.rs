@@ -86,6 +86,8 @@ pub struct Config {
     pub usage: UsageConfig,
     /// Registry pulls and the image store.
     pub images: crate::images::ImagesConfig,
+    /// Tenant networks.
+    pub network: crate::net::NetworkConfig,
     /// The CloudEvents push of billing records.
     pub export: crate::export::ExportConfig,
     /// Prometheus metrics and health probes over HTTP.
@@ -104,6 +106,7 @@ impl Default for Config {
             tenants: TenantsConfig::default(),
             usage: UsageConfig::default(),
             images: crate::images::ImagesConfig::default(),
+            network: crate::net::NetworkConfig::default(),
             export: crate::export::ExportConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
             log: LogConfig::default(),
@@ -345,6 +348,7 @@ impl Config {
         }
         self.export.validate()?;
         self.images.validate()?;
+        self.network.subnet_pool()?;
         let u = &self.usage;
         validate::check_range(
             "usage.window_secs",

@@ -21,6 +21,7 @@ pub mod ledger;
 pub mod logging;
 pub mod meter;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod sandbox;
 pub mod serve;

@@ -930,3 +930,95 @@ async fn the_container_quota_holds() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("max_containers"), "{}", e.message());
 }
+
+/// Host links of the kind the agent makes (`caas-*`), with their addresses.
+fn caas_links() -> BTreeMap<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    let mut links: BTreeMap<String, String> = BTreeMap::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 3 && f[1].starts_with("caas-") {
+            links.insert(f[1].to_string(), f[3].to_string());
+        }
+    }
+    let all = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    for l in String::from_utf8_lossy(&all.stdout).lines() {
+        if let Some(name) = l
+            .split(": ")
+            .nth(1)
+            .map(|n| n.split('@').next().unwrap_or(n))
+            && name.starts_with("caas-")
+        {
+            links.entry(name.to_string()).or_default();
+        }
+    }
+    links
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_networks_join_each_tenant_to_the_host_by_its_own_link() {
+    root_or_skip!("tenant_networks_join_each_tenant_to_the_host_by_its_own_link");
+    let before = caas_links();
+    let mut agent = TestAgent::start(|cfg| {
+        cfg.network.enabled = true;
+        cfg.network.pool = "10.231.0.0/24".parse().unwrap();
+    })
+    .await
+    .unwrap();
+    let mut api = Api::new(&agent).await;
+    let (a, b) = (caas_tests::unique("na"), caas_tests::unique("nb"));
+    api.tenant(&a, None).await;
+    api.tenant(&b, None).await;
+    let (la, lb) = (
+        caas_agent::net::link_name(&a),
+        caas_agent::net::link_name(&b),
+    );
+    let links = caas_links();
+    assert_eq!(links.get(&la).map(String::as_str), Some("10.231.0.1/30"));
+    assert_eq!(links.get(&lb).map(String::as_str), Some("10.231.0.5/30"));
+
+    // Inside: eth0 with the tenant's address, a default route via the host side.
+    api.run(&a, "ipa", "ip -4 addr show eth0; ip route").await;
+    api.wait(&a, "ipa").await;
+    let out = api.logs(&a, "ipa").await;
+    assert!(out.contains("inet 10.231.0.2/30"), "{out}");
+    assert!(out.contains("default via 10.231.0.1"), "{out}");
+
+    // The host reaches a listener in each tenant's container at that tenant's address.
+    for (t, ip) in [(&a, "10.231.0.2"), (&b, "10.231.0.6")] {
+        api.run(t, "srv", &format!("echo hello-{t} | nc -l -p 8080"))
+            .await;
+        let mut got = String::new();
+        for _ in 0..100 {
+            if let Ok(mut s) = std::net::TcpStream::connect((ip, 8080)) {
+                use std::io::Read;
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.read_to_string(&mut got);
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(got.trim(), format!("hello-{t}"), "{t} at {ip}");
+    }
+
+    // Deleting the tenants removes their links and addresses; nothing else changed.
+    for t in [&a, &b] {
+        api.t
+            .delete_tenant(pb::DeleteTenantRequest {
+                id: t.to_string(),
+                force: true,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(caas_links(), before, "links left behind");
+    agent.stop().await.unwrap();
+}

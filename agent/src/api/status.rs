@@ -23,7 +23,7 @@ pub fn tenant(e: TenantError, ctx: &Ctx) -> Status {
     match e {
         TenantError::NotFound { .. } => Status::not_found(e.to_string()),
         TenantError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        TenantError::TooMany { .. } | TenantError::Exhausted(_) => {
+        TenantError::TooMany { .. } | TenantError::Exhausted(_) | TenantError::Subnets(_) => {
             Status::resource_exhausted(e.to_string())
         }
         TenantError::Invalid(i) => invalid(i),

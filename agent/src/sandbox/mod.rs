@@ -87,7 +87,15 @@ impl Manager {
         metering: Option<Arc<Metering>>,
         images: Option<Arc<crate::images::ImageStore>>,
     ) -> Result<Self, SandboxError> {
-        let registry = Registry::open(&config.state_dir, config.tenants.clone())?;
+        let subnets = config
+            .network
+            .subnet_pool()
+            .map_err(|e| SandboxError::Engine {
+                tenant: String::new(),
+                message: e.to_string(),
+            })?;
+        let registry =
+            Registry::open(&config.state_dir, config.tenants.clone())?.with_subnets(subnets);
         let engine_binary = match &config.tenants.engine_binary {
             Some(b) => b.clone(),
             None => std::env::current_exe().map_err(|e| SandboxError::Engine {
@@ -143,7 +151,11 @@ impl Manager {
             if t.state == TenantState::Deleting {
                 continue;
             }
-            match self.ensure_engine(&t).await {
+            let recovered = match self.ensure_engine(&t).await {
+                Ok(eng) => self.ensure_network(&t).await.map(|()| eng),
+                Err(e) => Err(e),
+            };
+            match recovered {
                 Ok(mut eng) => {
                     let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
                     if let Some(m) = &self.metering {
@@ -181,7 +193,8 @@ impl Manager {
         let _g = lock.lock().await;
         let provisioned = async {
             self.cgroups.create(&t.id, &limits(&t))?;
-            self.ensure_engine(&t).await
+            self.ensure_engine(&t).await?;
+            self.ensure_network(&t).await
         }
         .await;
         match provisioned {
@@ -256,6 +269,9 @@ impl Manager {
         }
         let client = self.engines.lock().await.remove(&t.id).map(|(c, _)| c);
         engine_proc::stop(&self.proc_args(t), client).await;
+        if t.subnet.is_some() {
+            crate::net::detach(&t.id).await;
+        }
         if let Some(m) = &self.metering {
             m.finish_tenant(&t.id).await;
         }
@@ -285,6 +301,28 @@ impl Manager {
                 tracing::warn!(dir = %d.display(), error = %e, "removing a tenant dir failed");
             }
         }
+    }
+
+    /// Joins the tenant's netns to the host, unless it has no subnet or is joined already.
+    async fn ensure_network(&self, t: &Tenant) -> Result<(), SandboxError> {
+        let Some(subnet) = t.subnet else {
+            return Ok(());
+        };
+        if crate::net::attached(&t.id).await {
+            return Ok(());
+        }
+        let ns = self
+            .run_dir
+            .join("tenants")
+            .join(&t.id)
+            .join("ns")
+            .join("net");
+        crate::net::attach(&t.id, &ns, subnet)
+            .await
+            .map_err(|e| SandboxError::Engine {
+                tenant: t.id.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Connects to the tenant's engine, starting it if it does not answer.

@@ -143,6 +143,9 @@ pub struct Tenant {
     pub created_at_unix_ms: u64,
     /// The tenant's host uid/gid range.
     pub id_range: super::idrange::IdRange,
+    /// The tenant's network subnet, when tenant networks are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<super::subnet::Ipv4Net>,
 }
 
 /// Which tenants a list returns.

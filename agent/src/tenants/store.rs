@@ -66,6 +66,9 @@ pub enum TenantError {
     /// No uid/gid range is free.
     #[error(transparent)]
     Exhausted(#[from] super::idrange::PoolExhausted),
+    /// No tenant subnet is free.
+    #[error("{0}")]
+    Subnets(#[from] super::subnet::SubnetError),
     /// The filesystem did not answer in time.
     #[error(transparent)]
     Blocking(#[from] BlockingError),
@@ -83,6 +86,8 @@ pub struct Registry {
     dir: PathBuf,
     limits: TenantsConfig,
     tenants: Mutex<BTreeMap<String, Tenant>>,
+    /// Where tenant subnets come from, when tenant networks are on.
+    subnets: Option<super::subnet::SubnetPool>,
 }
 
 impl Registry {
@@ -120,7 +125,14 @@ impl Registry {
             dir,
             limits,
             tenants: Mutex::new(tenants),
+            subnets: None,
         })
+    }
+
+    /// Gives new tenants a subnet from `pool` (tenant networks on).
+    pub fn with_subnets(mut self, pool: Option<super::subnet::SubnetPool>) -> Self {
+        self.subnets = pool;
+        self
     }
 
     /// Records a new tenant.
@@ -143,6 +155,13 @@ impl Registry {
             ranges: self.limits.id_pool_ranges,
         };
         let id_range = pool.allocate(&taken, &reserved)?;
+        let subnet = match &self.subnets {
+            Some(p) => {
+                let taken: Vec<_> = map.values().filter_map(|t| t.subnet).collect();
+                Some(p.allocate(&taken, &[])?)
+            }
+            None => None,
+        };
         let tenant = Tenant {
             id: spec.id,
             isolation: spec.isolation,
@@ -152,6 +171,7 @@ impl Registry {
             message: "provisioning the sandbox".into(),
             created_at_unix_ms: now_ms(),
             id_range,
+            subnet,
         };
         self.persist(&tenant).await?;
         map.insert(tenant.id.clone(), tenant.clone());
