@@ -150,7 +150,7 @@ fn main() {
         );
         return;
     }
-    if let Err(e) = check_agent_binary() {
+    if let Err(e) = caas_tests::check_bench_agent_binary() {
         eprintln!("image_pull bench: {e:#}");
         std::process::exit(1);
     }
@@ -175,54 +175,6 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-}
-
-/// The bench starts `target/release/caas-agent`; say what to do when it is missing or stale.
-fn check_agent_binary() -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("bench executable not under target/<profile>/deps")?;
-    let agent = dir.join("caas-agent");
-    ensure!(
-        agent.exists(),
-        "{} is missing: run `cargo build --release --bins -p caas-agent` first",
-        agent.display()
-    );
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let newest = ["agent", "proto"]
-        .iter()
-        .filter_map(|d| newest_mtime(&ws.join(d)))
-        .max();
-    if let (Some(built), Some(src)) = (modified(&agent), newest)
-        && built < src
-    {
-        eprintln!(
-            "note: agent sources changed after {} was built; rebuild it with \
-             `cargo build --release --bins -p caas-agent` to bench the current agent",
-            agent.display()
-        );
-    }
-    Ok(())
-}
-
-fn modified(p: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let Ok(ft) = e.file_type() else { continue };
-        let t = if ft.is_dir() {
-            newest_mtime(&e.path())
-        } else {
-            modified(&e.path())
-        };
-        newest = newest.max(t);
-    }
-    newest
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ fn main() {
         println!("lifecycle bench: needs root (user namespaces, cgroups, mounts); skipped");
         return;
     }
-    if let Err(e) = check_engine_binary() {
+    if let Err(e) = caas_tests::check_bench_agent_binary() {
         eprintln!("lifecycle bench: {e:#}");
         std::process::exit(1);
     }
@@ -95,56 +95,6 @@ fn main() {
     let crun = bench_peer("crun");
     let runc = bench_peer("runc");
     print!("{}", table(&agent, &crun, &runc));
-}
-
-/// `caas_tests::bin` panics when the engine binary is missing; say what to do instead.
-fn check_engine_binary() -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("bench executable not under target/<profile>/deps")?;
-    let engine = dir.join("caas-agent");
-    ensure!(
-        engine.exists(),
-        "{} is missing: run `cargo build --release --bins -p caas-agent` first",
-        engine.display()
-    );
-    // Sources of the engine binary newer than it: it is stale (cargo bench does not rebuild it).
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let newest = ["agent", "proto"]
-        .iter()
-        .filter_map(|d| newest_mtime(&ws.join(d)))
-        .max();
-    if let (Some(built), Some(src)) = (modified(&engine), newest)
-        && built < src
-    {
-        eprintln!(
-            "note: agent sources changed after {} was built; rebuild it with \
-             `cargo build --release --bins -p caas-agent` to bench the current engine",
-            engine.display()
-        );
-    }
-    Ok(())
-}
-
-fn modified(p: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// The latest modification time of any file under `dir`.
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let Ok(ft) = e.file_type() else { continue };
-        let t = if ft.is_dir() {
-            newest_mtime(&e.path())
-        } else {
-            modified(&e.path())
-        };
-        newest = newest.max(t);
-    }
-    newest
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -402,3 +402,55 @@ pub fn tar_dir(dir: &Path) -> Vec<u8> {
     b.append_dir_all(".", dir).expect("tar");
     b.into_inner().expect("tar")
 }
+
+/// For benches (`harness = false`, release profile): `target/release/caas-agent`, which runs the
+/// agent and the tenant engines and which `cargo bench` does not build, must exist; a note is
+/// printed when agent sources are newer than it (it would bench an old agent).
+pub fn check_bench_agent_binary() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("bench executable not under target/<profile>/deps")?;
+    let agent = dir.join("caas-agent");
+    anyhow::ensure!(
+        agent.exists(),
+        "{} is missing: run `cargo build --release --bins -p caas-agent` first",
+        agent.display()
+    );
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newest = ["agent", "proto"]
+        .iter()
+        .filter_map(|d| newest_mtime(&ws.join(d)))
+        .max();
+    if let (Some(built), Some(src)) = (modified(&agent), newest)
+        && built < src
+    {
+        eprintln!(
+            "note: agent sources changed after {} was built; rebuild it with \
+             `cargo build --release --bins -p caas-agent` to bench the current agent",
+            agent.display()
+        );
+    }
+    Ok(())
+}
+
+fn modified(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// The latest modification time of any file under `dir`.
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        let t = if ft.is_dir() {
+            newest_mtime(&e.path())
+        } else {
+            modified(&e.path())
+        };
+        newest = newest.max(t);
+    }
+    newest
+}

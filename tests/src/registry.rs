@@ -988,26 +988,9 @@ impl TokenServer {
             requests: Mutex::default(),
         });
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    r = listener.accept() => {
-                        let Ok((stream, _)) = r else { continue };
-                        let st = st.clone();
-                        conns.spawn(async move {
-                            let svc = service_fn(move |req| {
-                                let st = st.clone();
-                                async move { Ok::<_, Infallible>(st.respond(&req)) }
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
+        let task = serve_http(listener, move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(st.respond(&req)) }
         });
         Ok(Self { addr, state, task })
     }
@@ -1754,6 +1737,35 @@ impl Drop for FaultProxy {
     }
 }
 
+/// Serves HTTP/1.1 on `listener` with `handler` until the returned task is aborted (which ends
+/// every connection with it).
+fn serve_http<F, Fut, B>(listener: TcpListener, handler: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                r = listener.accept() => {
+                    let Ok((stream, _)) = r else { continue };
+                    let handler = handler.clone();
+                    conns.spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service_fn(handler))
+                            .await;
+                    });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    })
+}
+
 impl FaultProxy {
     /// Listens on 127.0.0.1:0 and forwards to `upstream` (`127.0.0.1:PORT`).
     pub async fn start(upstream: &str) -> anyhow::Result<Self> {
@@ -1769,24 +1781,7 @@ impl FaultProxy {
             faults: Mutex::default(),
         });
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    r = listener.accept() => {
-                        let Ok((stream, _)) = r else { continue };
-                        let st = st.clone();
-                        conns.spawn(async move {
-                            let svc = service_fn(move |req| handle(st.clone(), req));
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let task = serve_http(listener, move |req| handle(st.clone(), req));
         Ok(Self { addr, state, task })
     }
 

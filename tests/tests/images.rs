@@ -354,6 +354,38 @@ fn tree(dir: &Path) -> BTreeSet<String> {
 }
 
 /// A busybox root filesystem as one layer tar (every applet linked).
+/// An agent that speaks plain HTTP to `reg`, tenants `a` and `b`, and a busybox image whose top
+/// layer holds /data/hello.txt = `greeting`, pushed as `<repo>:v1`. Returns the agent, its API,
+/// the pushed manifest, and the references by tag and by digest.
+async fn two_tenants_and_an_app(
+    reg: &Registry,
+    repo: &str,
+    greeting: &str,
+) -> (TestAgent, Api, RegistryManifest, String, String) {
+    let agent = agent_for(&[reg.host()]).await;
+    let mut api = Api::new(&agent).await;
+    api.tenant("a").await;
+    api.tenant("b").await;
+    let work = agent.dir.path().join("work");
+    let base = busybox_layer(&work);
+    let mut layout = OciLayout::new(&work.join("layout")).unwrap();
+    layout
+        .add_image(
+            &ImageBuilder::new()
+                .layer(base, Compression::Gzip)
+                .layer(hello_layer(&format!("{greeting}\n")), Compression::Gzip),
+            "app",
+        )
+        .unwrap();
+    let m = reg
+        .push(layout.dir(), "app", &format!("{repo}:v1"), PushMode::Oci)
+        .await
+        .unwrap();
+    let r = format!("{}/{repo}:v1", reg.host());
+    let by_digest = format!("{}/{repo}@{}", reg.host(), m.digest);
+    (agent, api, m, r, by_digest)
+}
+
 fn busybox_layer(dir: &Path) -> Vec<u8> {
     tar_dir(&busybox_rootfs(dir))
 }
@@ -1111,27 +1143,8 @@ async fn private_images_stay_with_the_tenant_that_pulled_them() {
     let reg = Registry::start(RegistryOpts::with_auth("alice", "s3cret"))
         .await
         .unwrap();
-    let agent = agent_for(&[reg.host()]).await;
-    let mut api = Api::new(&agent).await;
-    api.tenant("a").await;
-    api.tenant("b").await;
-    let work = agent.dir.path().join("work");
-    let base = busybox_layer(&work);
-    let mut layout = OciLayout::new(&work.join("layout")).unwrap();
-    layout
-        .add_image(
-            &ImageBuilder::new()
-                .layer(base, Compression::Gzip)
-                .layer(hello_layer("private\n"), Compression::Gzip),
-            "app",
-        )
-        .unwrap();
-    let m = reg
-        .push(layout.dir(), "app", "private/app:v1", PushMode::Oci)
-        .await
-        .unwrap();
-    let r = format!("{}/private/app:v1", reg.host());
-    let by_digest = format!("{}/private/app@{}", reg.host(), m.digest);
+    let (agent, mut api, m, r, by_digest) =
+        two_tenants_and_an_app(&reg, "private/app", "private").await;
 
     // No credentials or wrong ones, before anything is cached: PERMISSION_DENIED.
     let i = api.i.clone();
@@ -1261,27 +1274,7 @@ async fn token_auth_pulls_with_each_tenants_own_credentials() {
         .await
         .unwrap();
     let ts = reg.token_server().unwrap();
-    let agent = agent_for(&[reg.host()]).await;
-    let mut api = Api::new(&agent).await;
-    api.tenant("a").await;
-    api.tenant("b").await;
-    let work = agent.dir.path().join("work");
-    let base = busybox_layer(&work);
-    let mut layout = OciLayout::new(&work.join("layout")).unwrap();
-    layout
-        .add_image(
-            &ImageBuilder::new()
-                .layer(base, Compression::Gzip)
-                .layer(hello_layer("token\n"), Compression::Gzip),
-            "app",
-        )
-        .unwrap();
-    let m = reg
-        .push(layout.dir(), "app", "tok/app:v1", PushMode::Oci)
-        .await
-        .unwrap();
-    let r = format!("{}/tok/app:v1", reg.host());
-    let by_digest = format!("{}/tok/app@{}", reg.host(), m.digest);
+    let (_agent, mut api, m, r, by_digest) = two_tenants_and_an_app(&reg, "tok/app", "token").await;
     let i = api.i.clone();
     let pull_scope = ["repository:tok/app:pull".to_string()];
 

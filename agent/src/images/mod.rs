@@ -55,7 +55,8 @@ pub struct ImagesConfig {
     pub insecure_registries: Vec<String>,
     /// Largest image: its compressed blobs, and again its unpacked file content, in bytes.
     pub max_image_bytes: u64,
-    /// Layers of one image fetched and unpacked at the same time (1 ..= 16).
+    /// Blob downloads of one image at the same time (1 ..= 16); layer unpacks, across the whole
+    /// store, run at most min(CPUs, this) at once.
     pub parallel_layers: u32,
     /// Seconds to connect to a registry (1 ..= 300).
     pub connect_timeout_secs: u64,
