@@ -14,8 +14,10 @@ set -euo pipefail
 #   skopeo           pushes the tests' OCI layouts into it; a peer in tests/benches/image_pull.rs
 #   umoci            the other half of that peer (unpack)
 #   apache2-utils    htpasswd, for the registry's basic-auth test users
+#   nftables         the nft binary: the agent loads its firewall and NAT table with it
+#   iperf3           tests/benches/network.rs measures throughput with it
 PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
-  docker-registry skopeo umoci apache2-utils)
+  docker-registry skopeo umoci apache2-utils nftables iperf3)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""

@@ -54,6 +54,7 @@ fn run(keys: usize) -> anyhow::Result<Row> {
                         memory_peak: 128 << 20,
                         oom_kills: 0,
                         pids: 3,
+                        net: None,
                     },
                     last: false,
                 }

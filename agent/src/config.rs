@@ -589,6 +589,11 @@ level = "debug"
             metrics: crate::metrics::MetricsConfig {
                 listen: c.metrics.listen,
             },
+            network: crate::net::NetworkConfig {
+                uplinks: c.network.uplinks.clone(),
+                dns: c.network.dns.clone(),
+                ..Default::default()
+            },
             ..Config::default()
         };
         assert_eq!(c, defaults, "the example's values are the defaults");

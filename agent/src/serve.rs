@@ -22,7 +22,7 @@ use crate::{
     api::{self, AgentState, auth, limits::MessageLimitLayer},
     config::{Config, TlsConfig},
     ledger::LedgerConfig,
-    node,
+    net, node,
     sandbox::{Manager, SandboxError},
     systemd,
     usage::Metering,
@@ -67,6 +67,9 @@ pub enum ServeError {
     /// Tenant state could not be loaded.
     #[error(transparent)]
     Sandboxes(#[from] SandboxError),
+    /// Tenant networks could not be started.
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
     /// The usage ledger or the meter could not start.
     #[error("metering: {0}")]
     Metering(#[from] crate::usage::MeteringError),
@@ -136,11 +139,31 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         &config.state_dir,
         config.images.clone(),
     )?);
+    let network = if config.network.enabled {
+        let mut reserved = Vec::new();
+        if let Some(a) = config.api.tcp_listen {
+            reserved.push((net::ports::Proto::Tcp, a.port(), "the agent's API".into()));
+        }
+        if let Some(a) = config.metrics.listen {
+            reserved.push((
+                net::ports::Proto::Tcp,
+                a.port(),
+                "the agent's metrics".into(),
+            ));
+        }
+        Some(Arc::new(
+            net::Network::start(&config.network, &config.state_dir, reserved).await?,
+        ))
+    } else {
+        net::Network::remove_table().await;
+        None
+    };
     let sandboxes = Manager::open(
         &config,
         node.cgroup_layout,
         Some(metering.clone()),
         Some(images.clone()),
+        network,
     )?;
     sandboxes.recover().await;
     let state = Arc::new(AgentState {

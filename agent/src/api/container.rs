@@ -49,6 +49,13 @@ impl ContainerApi {
         Ok((container, eng))
     }
 
+    /// An engine's answer with the container's published ports, which the agent keeps.
+    async fn ported(&self, r: Response<pb::Container>) -> Result<Response<pb::Container>, Status> {
+        Ok(Response::new(
+            self.state.sandboxes.with_ports(r.into_inner()).await,
+        ))
+    }
+
     /// Ends a stream when the agent shuts down.
     fn until_shutdown<T: Send + 'static>(&self, s: tonic::Streaming<T>) -> Streamed<T> {
         Box::pin(s.take_until(self.state.shutdown.clone().cancelled_owned()))
@@ -73,7 +80,11 @@ impl ContainerService for ContainerApi {
             Scope::Tenant(&r.tenant),
         )
         .map_err(status::denied)?;
-        let (tenant, mut create) = convert::container_create(r)?;
+        let convert::ContainerCreate {
+            tenant,
+            publish,
+            engine: mut create,
+        } = convert::container_create(r)?;
         if create.rootfs.is_empty() {
             // Unknown tenant first, then unknown image.
             self.state
@@ -91,7 +102,7 @@ impl ContainerService for ContainerApi {
         let c = self
             .state
             .sandboxes
-            .create_container(&tenant, create)
+            .create_container(&tenant, create, &publish)
             .await
             .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(%tenant, container = %c.id, name = %c.name, caller = %ctx.caller.identity, "container created");
@@ -110,7 +121,7 @@ impl ContainerService for ContainerApi {
             .start(epb::ContainerId { container: c })
             .await
             .map_err(|e| engine_err(e, &ctx))?;
-        Ok(r)
+        self.ported(r).await
     }
 
     async fn stop_container(
@@ -123,13 +134,15 @@ impl ContainerService for ContainerApi {
         let (c, mut eng) = self
             .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
             .await?;
-        eng.stop(epb::StopRequest {
-            container: c,
-            signal: sig,
-            grace_seconds: r.grace_seconds,
-        })
-        .await
-        .map_err(|e| engine_err(e, &ctx))
+        let r = eng
+            .stop(epb::StopRequest {
+                container: c,
+                signal: sig,
+                grace_seconds: r.grace_seconds,
+            })
+            .await
+            .map_err(|e| engine_err(e, &ctx))?;
+        self.ported(r).await
     }
 
     async fn kill_container(
@@ -142,12 +155,14 @@ impl ContainerService for ContainerApi {
         let (c, mut eng) = self
             .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
             .await?;
-        eng.kill(epb::KillRequest {
-            container: c,
-            signal: sig,
-        })
-        .await
-        .map_err(|e| engine_err(e, &ctx))
+        let r = eng
+            .kill(epb::KillRequest {
+                container: c,
+                signal: sig,
+            })
+            .await
+            .map_err(|e| engine_err(e, &ctx))?;
+        self.ported(r).await
     }
 
     async fn delete_container(
@@ -225,9 +240,11 @@ impl ContainerService for ContainerApi {
         let (c, mut eng) = self
             .engine_for(&ctx, req.into_inner().r#ref, Action::ContainerRead)
             .await?;
-        eng.inspect(epb::ContainerId { container: c })
+        let r = eng
+            .inspect(epb::ContainerId { container: c })
             .await
-            .map_err(|e| engine_err(e, &ctx))
+            .map_err(|e| engine_err(e, &ctx))?;
+        self.ported(r).await
     }
 
     type ExecStream = Streamed<pb::ExecOutput>;

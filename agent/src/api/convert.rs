@@ -6,6 +6,7 @@ use tonic::Status;
 
 use super::status;
 use crate::{
+    net::ports::Proto,
     tenants::{Isolation, QuotaRequest, Quotas, Tenant, TenantFilter, TenantSpec, TenantState},
     validate::{self, Invalid},
 };
@@ -149,9 +150,7 @@ const MAX_ENV: usize = 1024;
 const MAX_ARGV_ENV_BYTES: usize = 256 << 10;
 
 /// Checks a create request and turns it into the engine's request. The id is generated here.
-pub fn container_create(
-    r: pb::CreateContainerRequest,
-) -> Result<(String, caas_proto::engine::v1::CreateRequest), Status> {
+pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate, Status> {
     use crate::config::{MAX_TENANT_CPUS, MAX_TENANT_MEMORY, MAX_TENANT_PIDS, MIN_TENANT_CPUS};
     let bad = |f: &str, m: String| status::invalid(Invalid::new(f, m));
     let tenant = id("tenant", r.tenant)?;
@@ -220,11 +219,7 @@ pub fn container_create(
             "must be an absolute path inside the container".into(),
         ));
     }
-    if !r.ports.is_empty() {
-        return Err(Status::unimplemented(
-            "published ports arrive with tenant networks; this agent version has none",
-        ));
-    }
+    let publish = ports(&r.ports)?;
     let res = r.resources.unwrap_or_default();
     if let Some(c) = res.cpus {
         validate::check_cpus("resources.cpus", c, MIN_TENANT_CPUS, MAX_TENANT_CPUS)
@@ -238,9 +233,10 @@ pub fn container_create(
         validate::check_range("resources.pids", p, 1, MAX_TENANT_PIDS).map_err(status::invalid)?;
     }
     let id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
-    Ok((
+    Ok(ContainerCreate {
         tenant,
-        caas_proto::engine::v1::CreateRequest {
+        publish,
+        engine: caas_proto::engine::v1::CreateRequest {
             id,
             image: if r.image.is_empty() {
                 r.rootfs_path.clone()
@@ -260,7 +256,53 @@ pub fn container_create(
             lower_dirs: Vec::new(),
             user: String::new(),
         },
-    ))
+    })
+}
+
+/// A checked container create request.
+#[derive(Debug)]
+pub struct ContainerCreate {
+    /// The tenant.
+    pub tenant: String,
+    /// Ports to publish: protocol, host port, container port.
+    pub publish: Vec<(Proto, u16, u16)>,
+    /// What the engine is asked.
+    pub engine: caas_proto::engine::v1::CreateRequest,
+}
+
+/// Checks published ports: ports 1 to 65535, tcp or udp, each host port once.
+fn ports(list: &[pb::PortMapping]) -> Result<Vec<(Proto, u16, u16)>, Status> {
+    let bad =
+        |i: usize, f: &str, m: String| status::invalid(Invalid::new(format!("ports[{i}].{f}"), m));
+    let port = |i: usize, f: &str, v: u32| {
+        u16::try_from(v)
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad(i, f, format!("{v} is not a port (1 to 65535)")))
+    };
+    let mut out: Vec<(Proto, u16, u16)> = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let proto = Proto::parse(&m.protocol)
+            .ok_or_else(|| bad(i, "protocol", format!("{:?} is not tcp or udp", m.protocol)))?;
+        if !m.host_ip.is_empty() {
+            return Err(bad(
+                i,
+                "host_ip",
+                "published ports listen on every host address; leave host_ip empty".into(),
+            ));
+        }
+        let host = port(i, "host_port", m.host_port)?;
+        let inside = port(i, "container_port", m.container_port)?;
+        if out.iter().any(|&(p, h, _)| p == proto && h == host) {
+            return Err(bad(
+                i,
+                "host_port",
+                format!("{host}/{} is asked for twice", proto.as_str()),
+            ));
+        }
+        out.push((proto, host, inside));
+    }
+    Ok(out)
 }
 
 /// A signal given by name (`SIGTERM`, `TERM`) or number; empty gives 0 (the engine's default).

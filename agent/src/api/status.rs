@@ -47,8 +47,46 @@ pub fn sandbox(e: SandboxError, ctx: &Ctx) -> Status {
             }
             _ => s,
         },
+        SandboxError::NoNetwork { .. } => Status::failed_precondition(e.to_string()),
+        SandboxError::Publish(p) => publish(p, ctx),
         SandboxError::Engine { .. } => Status::unavailable(e.to_string()),
         SandboxError::Cgroup(_) => internal(&e, ctx),
+    }
+}
+
+/// A port that cannot be published. The owner of a taken port is named to callers who may see
+/// its tenant; a tenant is not told another tenant's names.
+fn publish(e: crate::net::PublishError, ctx: &Ctx) -> Status {
+    use crate::net::{PublishError, ports::PortError};
+    match e {
+        PublishError::Port(PortError::Taken {
+            port,
+            proto,
+            tenant,
+            name,
+        }) => {
+            let visible = crate::authz::visible_tenant(&ctx.caller).is_none_or(|t| t == tenant);
+            if visible {
+                Status::already_exists(
+                    PortError::Taken {
+                        port,
+                        proto,
+                        tenant,
+                        name,
+                    }
+                    .to_string(),
+                )
+            } else {
+                Status::already_exists(format!(
+                    "host port {port}/{proto} is published by another tenant's container; pick another host port"
+                ))
+            }
+        }
+        PublishError::Port(p @ (PortError::Reserved { .. } | PortError::InUse { .. })) => {
+            Status::failed_precondition(p.to_string())
+        }
+        PublishError::Port(p @ PortError::Save { .. }) => internal(&p, ctx),
+        PublishError::Nft(n) => internal(&n, ctx),
     }
 }
 

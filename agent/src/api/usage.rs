@@ -74,8 +74,8 @@ pub fn record_out(r: Record) -> pb::BillingRecord {
         window_seconds: r.window_secs,
         memory_peak_bytes: r.memory_peak_bytes,
         oom_kills: r.oom_kills,
-        rx_bytes: 0,
-        tx_bytes: 0,
+        rx_bytes: r.rx_bytes,
+        tx_bytes: r.tx_bytes,
     }
 }
 
@@ -90,8 +90,8 @@ fn point_out(p: UsagePoint) -> pb::UsagePoint {
         memory_working_set_bytes: p.memory_working_set,
         memory_peak_bytes: p.memory_peak,
         oom_kills: p.oom_kills,
-        rx_bytes: 0,
-        tx_bytes: 0,
+        rx_bytes: p.rx_bytes,
+        tx_bytes: p.tx_bytes,
     }
 }
 

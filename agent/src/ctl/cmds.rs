@@ -239,9 +239,14 @@ fn print_containers(cs: Vec<pb::Container>, json: bool) {
         return;
     }
     out::table(
-        &["TENANT", "NAME", "ID", "STATE", "EXIT", "IMAGE", "CREATED"],
+        &["TENANT", "NAME", "ID", "STATE", "EXIT", "IMAGE", "PORTS", "CREATED"],
         cs.into_iter()
             .map(|c| {
+                let ports: Vec<String> = c
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol))
+                    .collect();
                 vec![
                     c.tenant,
                     c.name,
@@ -255,6 +260,7 @@ fn print_containers(cs: Vec<pb::Container>, json: bool) {
                         .unwrap_or_default(),
                     c.exit_code.to_string(),
                     c.image,
+                    ports.join(","),
                     out::time_ms(c.created_at_unix_ms),
                 ]
             })
@@ -668,6 +674,8 @@ fn print_records(rs: &[pb::BillingRecord]) {
             "GIB-S",
             "PEAK",
             "OOM",
+            "RX",
+            "TX",
         ],
         rs.iter()
             .map(|r| {
@@ -688,6 +696,8 @@ fn print_records(rs: &[pb::BillingRecord]) {
                     format!("{:.3}", r.memory_gib_seconds),
                     out::bytes(r.memory_peak_bytes),
                     r.oom_kills.to_string(),
+                    out::bytes(r.rx_bytes),
+                    out::bytes(r.tx_bytes),
                 ]
             })
             .collect(),
@@ -734,6 +744,8 @@ async fn usage(ch: Channel, cmd: UsageCmd, json: bool) -> anyhow::Result<ExitCod
                         "WORKING-SET",
                         "PEAK",
                         "OOM",
+                        "RX",
+                        "TX",
                     ],
                     r.points
                         .iter()
@@ -748,6 +760,8 @@ async fn usage(ch: Channel, cmd: UsageCmd, json: bool) -> anyhow::Result<ExitCod
                                 out::bytes(p.memory_working_set_bytes),
                                 out::bytes(p.memory_peak_bytes),
                                 p.oom_kills.to_string(),
+                                out::bytes(p.rx_bytes),
+                                out::bytes(p.tx_bytes),
                             ]
                         })
                         .collect(),

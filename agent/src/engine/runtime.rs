@@ -403,7 +403,9 @@ impl Engine {
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let rootfs_done = t0.elapsed();
         let cgroup = self.cgroup(&c.id);
+        let resolv = self.paths.run.join("resolv.conf");
         let spec = spec::build(&spec::ContainerSpec {
+            resolv_conf: resolv.exists().then_some(resolv.as_path()),
             rootfs: &root,
             command: &c.command,
             env: &c.env,

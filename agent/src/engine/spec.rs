@@ -8,7 +8,8 @@ use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxCpuBuilder, LinuxDeviceCgroup,
     LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder,
     LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
-    LinuxSeccompBuilder, LinuxSyscallBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxSeccompBuilder, LinuxSyscallBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    UserBuilder,
 };
 
 use crate::cgroups::tenant::CFS_PERIOD_US;
@@ -40,6 +41,8 @@ pub struct ContainerSpec<'a> {
     pub uid: u32,
     /// Its gid inside.
     pub gid: u32,
+    /// The tenant's resolv.conf, bound read-only at /etc/resolv.conf (tenant networks on).
+    pub resolv_conf: Option<&'a Path>,
 }
 
 /// Why a spec could not be built.
@@ -209,6 +212,22 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
         .capabilities(capabilities)
         .build()?;
     spec.set_process(Some(process));
+    if let Some(conf) = c.resolv_conf {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.push(
+            MountBuilder::default()
+                .destination("/etc/resolv.conf")
+                .typ("bind")
+                .source(conf)
+                .options(
+                    ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+                .build()?,
+        );
+        spec.set_mounts(Some(mounts));
+    }
 
     let ns = |t, path: Option<&Path>| {
         let b = LinuxNamespaceBuilder::default().typ(t);

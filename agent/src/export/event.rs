@@ -53,6 +53,11 @@ struct Usage<'a> {
     memory_byte_seconds: u64,
     memory_peak_bytes: u64,
     oom_kills: u64,
+    /// Bytes the tenant received over its network link in the window, L2 headers included (0
+    /// for a container: its traffic is in its tenant's event).
+    rx_bytes: u64,
+    /// Bytes the tenant sent over its network link in the window, L2 headers included.
+    tx_bytes: u64,
     /// The record's position in the node's ledger: increases with every record.
     cursor: u64,
 }
@@ -93,6 +98,8 @@ fn event(r: &Record) -> Result<Event<'_>, ExportError> {
             memory_byte_seconds: r.memory_byte_seconds,
             memory_peak_bytes: r.memory_peak_bytes,
             oom_kills: r.oom_kills,
+            rx_bytes: r.rx_bytes,
+            tx_bytes: r.tx_bytes,
             cursor: r.cursor,
         },
     })

@@ -489,6 +489,8 @@ fn a_record_becomes_a_cloudevent() {
         memory_byte_seconds: 3 << 30,
         memory_peak_bytes: 1 << 20,
         oom_kills: 1,
+        rx_bytes: 1500,
+        tx_bytes: 64,
     };
     let body = encode_batch(std::slice::from_ref(&record)).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -512,6 +514,8 @@ fn a_record_becomes_a_cloudevent() {
             "memory_byte_seconds": 3u64 << 30,
             "memory_peak_bytes": 1u64 << 20,
             "oom_kills": 1,
+            "rx_bytes": 1500,
+            "tx_bytes": 64,
             "cursor": 42,
         }
     }]);

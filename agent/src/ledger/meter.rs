@@ -3,6 +3,20 @@
 //! Pure logic, no SQL: [`Meter::apply`] turns a sample into a per-second row and zero, one or two
 //! closed windows, and [`super::Ledger`] persists the result in one transaction. Everything here is
 //! exact integer arithmetic; an overflow is an error, never a wrap.
+//!
+//! Network bytes (a tenant's link, `rx_bytes`/`tx_bytes`) are cumulative counters like CPU, with
+//! three differences, because the link is not the cgroup:
+//!
+//! - A reading without them (`Counters::net` is `None`: a container, no network, or a link that
+//!   could not be read) counts no bytes and leaves their baseline alone, so a link readable
+//!   again continues from it and nothing is lost or counted twice.
+//! - A link created again counts from 0 while the cgroup lives on: a reading below the baseline
+//!   is a new link, all of it new bytes (logged), as for a recreated cgroup's counters.
+//! - A key whose baseline is not a reading of its current link (`net_known` false: a key carried
+//!   over from a ledger of schema version 1, before bytes were metered) takes its first reading
+//!   as the baseline and counts nothing for it: the bytes before it were never metered, and
+//!   billing a link's whole life in one window would be wrong. A new cgroup (a fresh key) has a
+//!   new link too, so its baseline is 0 and known.
 
 use super::error::{LedgerError, add};
 use crate::meter::{MeterKey, Sample};
@@ -24,6 +38,13 @@ pub(super) struct Meter {
     /// The end of the key's last closed window: no later window may start before it, so a window
     /// id is never produced twice.
     pub billed_until: u64,
+    /// The last cumulative reading of the bytes the tenant received, counted.
+    pub rx_bytes: u64,
+    /// The last cumulative reading of the bytes the tenant sent, counted.
+    pub tx_bytes: u64,
+    /// Whether `rx_bytes`/`tx_bytes` are the baseline of the tenant's current link (see the
+    /// module doc).
+    pub net_known: bool,
     /// The window being accumulated, if any.
     pub open: Option<Window>,
 }
@@ -45,6 +66,10 @@ pub(super) struct Window {
     pub memory_peak: u64,
     /// OOM kills.
     pub oom_kills: u64,
+    /// Bytes the tenant received.
+    pub rx_bytes: u64,
+    /// Bytes the tenant sent.
+    pub tx_bytes: u64,
 }
 
 /// What one accepted sample contributes, as stored in the per-second table.
@@ -60,6 +85,10 @@ pub(super) struct SampleRow {
     pub working_set: u64,
     /// OOM-kill delta.
     pub oom_kills: u64,
+    /// Delta of the bytes the tenant received.
+    pub rx_bytes: u64,
+    /// Delta of the bytes the tenant sent.
+    pub tx_bytes: u64,
 }
 
 /// The result of an accepted sample.
@@ -89,6 +118,8 @@ impl Window {
             memory_byte_seconds: 0,
             memory_peak: 0,
             oom_kills: 0,
+            rx_bytes: 0,
+            tx_bytes: 0,
         })
     }
 
@@ -102,6 +133,8 @@ impl Window {
         )?;
         self.memory_peak = self.memory_peak.max(row.working_set);
         self.oom_kills = add(self.oom_kills, row.oom_kills, "window oom_kills")?;
+        self.rx_bytes = add(self.rx_bytes, row.rx_bytes, "window rx_bytes")?;
+        self.tx_bytes = add(self.tx_bytes, row.tx_bytes, "window tx_bytes")?;
         Ok(())
     }
 }
@@ -119,8 +152,8 @@ impl SampleRow {
 }
 
 /// `current - baseline` of a cumulative counter. A counter below its baseline belongs to a new
-/// cgroup (the old one was removed and created again without a `last` sample): its whole value is
-/// new usage, and it becomes the new baseline.
+/// cgroup or link (the old one was removed and created again without a `last` sample): its whole
+/// value is new usage, and it becomes the new baseline.
 fn delta(key: &MeterKey, counter: &'static str, baseline: u64, current: u64) -> u64 {
     match current.checked_sub(baseline) {
         Some(d) => d,
@@ -131,7 +164,8 @@ fn delta(key: &MeterKey, counter: &'static str, baseline: u64, current: u64) -> 
                 counter,
                 baseline,
                 current,
-                "cumulative counter went backwards: cgroup recreated, starting a new baseline"
+                "cumulative counter went backwards: its cgroup or link was recreated, starting a \
+                 new baseline"
             );
             current
         }
@@ -148,6 +182,9 @@ impl Meter {
             last_at_s: None,
             fresh: true,
             billed_until: 0,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            net_known: true,
             open: None,
         }
     }
@@ -167,13 +204,34 @@ impl Meter {
         let same_second = !self.fresh
             && self.last_at_s == Some(at)
             && c.cpu_ns >= self.cpu_ns
-            && c.oom_kills >= self.oom_kills;
+            && c.oom_kills >= self.oom_kills
+            && c.net.is_none_or(|n| {
+                !self.net_known || (n.rx_bytes >= self.rx_bytes && n.tx_bytes >= self.tx_bytes)
+            });
         if self.last_at_s.is_some_and(|last| at <= last) && !same_second {
             return Ok(None);
         }
-        let (cpu_base, oom_base, seconds) = match self.last_at_s {
-            Some(last) if !self.fresh => (self.cpu_ns, self.oom_kills, at - last),
-            _ => (0, 0, 1),
+        let (cpu_base, oom_base, seconds, new_cgroup) = match self.last_at_s {
+            Some(last) if !self.fresh => (self.cpu_ns, self.oom_kills, at - last, false),
+            _ => (0, 0, 1, true),
+        };
+        let (rx_bytes, tx_bytes) = match c.net {
+            None => (0, 0),
+            Some(n) if new_cgroup => (n.rx_bytes, n.tx_bytes),
+            Some(n) if self.net_known => (
+                delta(&sample.key, "rx_bytes", self.rx_bytes, n.rx_bytes),
+                delta(&sample.key, "tx_bytes", self.tx_bytes, n.tx_bytes),
+            ),
+            Some(n) => {
+                tracing::info!(
+                    tenant = %sample.key.tenant,
+                    rx_bytes = n.rx_bytes,
+                    tx_bytes = n.tx_bytes,
+                    "first network reading of a tenant metered before network bytes were: \
+                     taken as the baseline, bytes from now on are counted"
+                );
+                (0, 0)
+            }
         };
         let row = SampleRow {
             at_s: at,
@@ -181,6 +239,8 @@ impl Meter {
             cpu_ns: delta(&sample.key, "cpu_ns", cpu_base, c.cpu_ns),
             working_set: c.memory_working_set,
             oom_kills: delta(&sample.key, "oom_kills", oom_base, c.oom_kills),
+            rx_bytes,
+            tx_bytes,
         };
         let byte_seconds = row.byte_seconds()?;
 
@@ -206,6 +266,13 @@ impl Meter {
 
         self.cpu_ns = c.cpu_ns;
         self.oom_kills = c.oom_kills;
+        match c.net {
+            Some(n) => (self.rx_bytes, self.tx_bytes) = (n.rx_bytes, n.tx_bytes),
+            // A new cgroup without a reading of its link (yet): the link is new too.
+            None if new_cgroup => (self.rx_bytes, self.tx_bytes) = (0, 0),
+            None => {}
+        }
+        self.net_known |= c.net.is_some() || new_cgroup;
         self.last_at_s = Some(at);
         self.fresh = sample.last;
         Ok(Some(Applied { row, closed }))

@@ -13,6 +13,11 @@
 //!   committed baseline: the kernel kept counting while the agent was down, so the first delta
 //!   after a restart covers the downtime, and nothing is counted twice. OOM kills are counted the
 //!   same way.
+//! - **Network bytes** of a tenant's link (`rx_bytes`: received by the tenant, `tx_bytes`: sent)
+//!   are counted the same way, with their own baseline, since a link is created and removed
+//!   apart from its tenant's cgroup: a reading without them counts none and keeps the baseline;
+//!   see `meter.rs`. Containers have none (they share the tenant's network namespace), so the
+//!   tenant's figures are the whole tenant's.
 //! - **New cgroups count from 0.** A key never seen before, or seen again after its `last` sample,
 //!   has baseline 0: its cgroup was created by the agent with zeroed counters, which is what bills
 //!   a container that lived for less than a second and produced a single `last` sample.
@@ -310,8 +315,9 @@ fn record_id(node: &str, key: &MeterKey, window_start: u64) -> String {
 
 fn insert_key(tx: &Transaction<'_>, key: &MeterKey) -> Result<i64, LedgerError> {
     tx.prepare_cached(
-        "INSERT INTO meters (tenant, container, cpu_ns, oom_kills, last_at_s, fresh, billed_until)
-         VALUES (?1, ?2, 0, 0, 0, 1, 0) RETURNING key_id",
+        "INSERT INTO meters (tenant, container, cpu_ns, oom_kills, last_at_s, fresh, billed_until,
+             rx_bytes, tx_bytes, net_known)
+         VALUES (?1, ?2, 0, 0, 0, 1, 0, 0, 0, 1) RETURNING key_id",
     )
     .ctx("prepare key insert")?
     .query_row(params![key.tenant, container_column(key)], |r| r.get(0))
@@ -320,10 +326,12 @@ fn insert_key(tx: &Transaction<'_>, key: &MeterKey) -> Result<i64, LedgerError> 
 
 fn insert_sample(tx: &Transaction<'_>, key_id: i64, row: &SampleRow) -> Result<(), LedgerError> {
     tx.prepare_cached(
-        "INSERT INTO samples (key_id, at_s, seconds, cpu_ns, working_set, oom_kills)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO samples (key_id, at_s, seconds, cpu_ns, working_set, oom_kills, rx_bytes,
+             tx_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (key_id, at_s) DO UPDATE SET seconds = seconds + ?3,
-             cpu_ns = cpu_ns + ?4, working_set = ?5, oom_kills = oom_kills + ?6",
+             cpu_ns = cpu_ns + ?4, working_set = ?5, oom_kills = oom_kills + ?6,
+             rx_bytes = rx_bytes + ?7, tx_bytes = tx_bytes + ?8",
     )
     .ctx("prepare sample insert")?
     .execute(params![
@@ -333,6 +341,8 @@ fn insert_sample(tx: &Transaction<'_>, key_id: i64, row: &SampleRow) -> Result<(
         to_sql(row.cpu_ns, "sample cpu_ns")?,
         to_sql(row.working_set, "sample working set")?,
         to_sql(row.oom_kills, "sample oom_kills")?,
+        to_sql(row.rx_bytes, "sample rx_bytes")?,
+        to_sql(row.tx_bytes, "sample tx_bytes")?,
     ])
     .ctx("insert sample")?;
     Ok(())
@@ -341,7 +351,7 @@ fn insert_sample(tx: &Transaction<'_>, key_id: i64, row: &SampleRow) -> Result<(
 fn save_meter(tx: &Transaction<'_>, meter: &Meter) -> Result<(), LedgerError> {
     tx.prepare_cached(
         "UPDATE meters SET cpu_ns = ?2, oom_kills = ?3, last_at_s = ?4, fresh = ?5,
-                billed_until = ?6
+                billed_until = ?6, rx_bytes = ?7, tx_bytes = ?8, net_known = ?9
          WHERE key_id = ?1",
     )
     .ctx("prepare meter update")?
@@ -352,6 +362,9 @@ fn save_meter(tx: &Transaction<'_>, meter: &Meter) -> Result<(), LedgerError> {
         to_sql(meter.last_at_s.unwrap_or(0), "last sample second")?,
         meter.fresh,
         to_sql(meter.billed_until, "billed-until second")?,
+        to_sql(meter.rx_bytes, "baseline rx_bytes")?,
+        to_sql(meter.tx_bytes, "baseline tx_bytes")?,
+        meter.net_known,
     ])
     .ctx("update meter")?;
     match &meter.open {
@@ -364,11 +377,11 @@ fn save_meter(tx: &Transaction<'_>, meter: &Meter) -> Result<(), LedgerError> {
         Some(w) => {
             tx.prepare_cached(
                 "INSERT INTO open_windows (key_id, window_start, window_end, seconds, cpu_ns,
-                     memory_byte_seconds, memory_peak, oom_kills)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     memory_byte_seconds, memory_peak, oom_kills, rx_bytes, tx_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (key_id) DO UPDATE SET window_start = ?2, window_end = ?3,
                      seconds = ?4, cpu_ns = ?5, memory_byte_seconds = ?6, memory_peak = ?7,
-                     oom_kills = ?8",
+                     oom_kills = ?8, rx_bytes = ?9, tx_bytes = ?10",
             )
             .ctx("prepare open window write")?
             .execute(params![
@@ -380,6 +393,8 @@ fn save_meter(tx: &Transaction<'_>, meter: &Meter) -> Result<(), LedgerError> {
                 to_sql(w.memory_byte_seconds, "window memory byte-seconds")?,
                 to_sql(w.memory_peak, "window memory peak")?,
                 to_sql(w.oom_kills, "window oom_kills")?,
+                to_sql(w.rx_bytes, "window rx_bytes")?,
+                to_sql(w.tx_bytes, "window tx_bytes")?,
             ])
             .ctx("write open window")?;
         }
@@ -403,8 +418,8 @@ fn insert_record(
     let cursor: Option<i64> = tx
         .prepare_cached(
             "INSERT OR IGNORE INTO records (id, node, tenant, container, window_start, window_secs,
-                 seconds, cpu_ns, memory_byte_seconds, memory_peak, oom_kills)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING cursor",
+                 seconds, cpu_ns, memory_byte_seconds, memory_peak, oom_kills, rx_bytes, tx_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING cursor",
         )
         .ctx("prepare record insert")?
         .query_row(
@@ -420,6 +435,8 @@ fn insert_record(
                 to_sql(w.memory_byte_seconds, "record memory byte-seconds")?,
                 to_sql(w.memory_peak, "record memory peak")?,
                 to_sql(w.oom_kills, "record oom_kills")?,
+                to_sql(w.rx_bytes, "record rx_bytes")?,
+                to_sql(w.tx_bytes, "record tx_bytes")?,
             ],
             |r| r.get(0),
         )
@@ -441,5 +458,7 @@ fn insert_record(
         memory_byte_seconds: w.memory_byte_seconds,
         memory_peak_bytes: w.memory_peak,
         oom_kills: w.oom_kills,
+        rx_bytes: w.rx_bytes,
+        tx_bytes: w.tx_bytes,
     }))
 }

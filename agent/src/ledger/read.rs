@@ -4,6 +4,7 @@
 use rusqlite::{OptionalExtension, Row, TransactionBehavior, params};
 
 use super::error::{LedgerError, SqlContext, add, from_sql, to_sql};
+use super::meter::Window;
 use super::schema::TENANT_SUBTREE;
 use super::{Ledger, MeterKey};
 
@@ -33,6 +34,12 @@ pub struct Record {
     pub memory_peak_bytes: u64,
     /// OOM kills in the window.
     pub oom_kills: u64,
+    /// Bytes the tenant received over its network link in the window (L2, headers included);
+    /// 0 for a container, whose traffic is its tenant's.
+    pub rx_bytes: u64,
+    /// Bytes the tenant sent over its network link in the window (L2, headers included); 0 for
+    /// a container.
+    pub tx_bytes: u64,
 }
 
 impl Record {
@@ -74,6 +81,10 @@ pub struct UsagePoint {
     pub memory_peak: u64,
     /// OOM kills.
     pub oom_kills: u64,
+    /// Bytes the tenant received over its network link (0 for a container).
+    pub rx_bytes: u64,
+    /// Bytes the tenant sent over its network link (0 for a container).
+    pub tx_bytes: u64,
 }
 
 /// A usage series, oldest point first, with its total (whose `time_unix_s` is the query's start).
@@ -112,7 +123,7 @@ pub struct PruneReport {
 }
 
 const RECORD_COLUMNS: &str = "cursor, id, node, tenant, container, window_start, window_secs, \
-     cpu_ns, memory_byte_seconds, memory_peak, oom_kills";
+     cpu_ns, memory_byte_seconds, memory_peak, oom_kills, rx_bytes, tx_bytes";
 
 fn record_from_row(r: &Row<'_>) -> Result<Record, LedgerError> {
     let u = |i: usize, what: &'static str| -> Result<u64, LedgerError> {
@@ -131,6 +142,8 @@ fn record_from_row(r: &Row<'_>) -> Result<Record, LedgerError> {
         memory_byte_seconds: u(8, "record memory_byte_seconds")?,
         memory_peak_bytes: u(9, "record memory_peak")?,
         oom_kills: u(10, "record oom_kills")?,
+        rx_bytes: u(11, "record rx_bytes")?,
+        tx_bytes: u(12, "record tx_bytes")?,
     })
 }
 
@@ -343,7 +356,9 @@ impl Ledger {
                     let mut stmt = self
                         .conn
                         .prepare_cached(
-                            "SELECT at_s, seconds, cpu_ns, working_set, oom_kills FROM samples
+                            "SELECT at_s, seconds, cpu_ns, working_set, oom_kills, rx_bytes,
+                                    tx_bytes
+                             FROM samples
                              WHERE key_id = ?1 AND at_s >= ?2 AND at_s < ?3 ORDER BY at_s",
                         )
                         .ctx("prepare sample read")?;
@@ -368,6 +383,8 @@ impl Ledger {
                             memory_working_set: working_set,
                             memory_peak: working_set,
                             oom_kills: u(4, "sample oom_kills")?,
+                            rx_bytes: u(5, "sample rx_bytes")?,
+                            tx_bytes: u(6, "sample tx_bytes")?,
                         });
                     }
                 }
@@ -376,8 +393,8 @@ impl Ledger {
                 let mut stmt = self
                     .conn
                     .prepare_cached(
-                        "SELECT window_start, seconds, cpu_ns, memory_byte_seconds, memory_peak,
-                                oom_kills
+                        "SELECT window_start, window_secs, seconds, cpu_ns, memory_byte_seconds,
+                                memory_peak, oom_kills, rx_bytes, tx_bytes
                          FROM records
                          WHERE tenant = ?1 AND container = ?2
                            AND window_start >= ?3 AND window_start < ?4
@@ -392,26 +409,23 @@ impl Ledger {
                     let u = |i: usize, what: &'static str| -> Result<u64, LedgerError> {
                         from_sql(r.get(i).ctx("read window column")?, what)
                     };
-                    points.push(window_point(
-                        u(0, "record window_start")?,
-                        u(1, "record seconds")?,
-                        u(2, "record cpu_ns")?,
-                        u(3, "record memory_byte_seconds")?,
-                        u(4, "record memory_peak")?,
-                        u(5, "record oom_kills")?,
-                    ));
+                    let start = u(0, "record window_start")?;
+                    points.push(window_point(&Window {
+                        start,
+                        end: add(start, u(1, "record window_secs")?, "record window end")?,
+                        seconds: u(2, "record seconds")?,
+                        cpu_ns: u(3, "record cpu_ns")?,
+                        memory_byte_seconds: u(4, "record memory_byte_seconds")?,
+                        memory_peak: u(5, "record memory_peak")?,
+                        oom_kills: u(6, "record oom_kills")?,
+                        rx_bytes: u(7, "record rx_bytes")?,
+                        tx_bytes: u(8, "record tx_bytes")?,
+                    }));
                 }
                 if let Some(w) = self.meters.get(&key).and_then(|m| m.open.as_ref())
                     && (start_s..end_s).contains(&w.start)
                 {
-                    points.push(window_point(
-                        w.start,
-                        w.seconds,
-                        w.cpu_ns,
-                        w.memory_byte_seconds,
-                        w.memory_peak,
-                        w.oom_kills,
-                    ));
+                    points.push(window_point(w));
                 }
             }
         }
@@ -429,6 +443,8 @@ impl Ledger {
             )?;
             total.memory_peak = total.memory_peak.max(p.memory_peak);
             total.oom_kills = add(total.oom_kills, p.oom_kills, "usage oom_kills")?;
+            total.rx_bytes = add(total.rx_bytes, p.rx_bytes, "usage rx_bytes")?;
+            total.tx_bytes = add(total.tx_bytes, p.tx_bytes, "usage tx_bytes")?;
         }
         total.memory_working_set = average(total.memory_byte_seconds, total.seconds);
         Ok(UsageSeries { points, total })
@@ -477,21 +493,16 @@ fn average(byte_seconds: u64, seconds: u64) -> u64 {
     byte_seconds.checked_div(seconds).unwrap_or(0)
 }
 
-fn window_point(
-    start: u64,
-    seconds: u64,
-    cpu_ns: u64,
-    memory_byte_seconds: u64,
-    memory_peak: u64,
-    oom_kills: u64,
-) -> UsagePoint {
+fn window_point(w: &Window) -> UsagePoint {
     UsagePoint {
-        time_unix_s: start,
-        seconds,
-        cpu_ns,
-        memory_byte_seconds,
-        memory_working_set: average(memory_byte_seconds, seconds),
-        memory_peak,
-        oom_kills,
+        time_unix_s: w.start,
+        seconds: w.seconds,
+        cpu_ns: w.cpu_ns,
+        memory_byte_seconds: w.memory_byte_seconds,
+        memory_working_set: average(w.memory_byte_seconds, w.seconds),
+        memory_peak: w.memory_peak,
+        oom_kills: w.oom_kills,
+        rx_bytes: w.rx_bytes,
+        tx_bytes: w.tx_bytes,
     }
 }

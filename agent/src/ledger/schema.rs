@@ -1,5 +1,21 @@
-//! The database file: connection settings, the schema and its version, and loading the state of
-//! every key at open.
+//! The database file: connection settings, the schema and its version, the migrations of files
+//! written by older agents, and loading the state of every key at open.
+//!
+//! # Versions
+//!
+//! `PRAGMA user_version` says which schema a file holds. A new file gets [`SCHEMA`] as it is now.
+//! A file of an older version is brought up to date by the [`MIGRATIONS`] after its version, all
+//! in the transaction that checks the version, so a crash leaves the file either as it was or
+//! fully migrated. A migration only adds: a migrated file must end up with exactly the tables and
+//! columns a new one gets (a test compares them), so columns added by a migration go last in
+//! [`SCHEMA`] too, with the same default. Files of a newer version are refused: an agent must not
+//! be downgraded over its ledger.
+//!
+//! - 1: CPU, memory and OOM kills.
+//! - 2: network bytes (`rx_bytes`, `tx_bytes`) in `samples`, `open_windows` and `records`, and
+//!   the last readings in `meters`, with `net_known`: whether they are readings of the tenant's
+//!   current link. Rows of version 1 read 0 bytes, and their keys' first network reading is
+//!   taken as the baseline only (see `meter.rs`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,8 +31,25 @@ use crate::meter::MeterKey;
 const APPLICATION_ID: i64 = 0x6361_6173;
 
 /// The schema version this build writes (`PRAGMA user_version`). Files of a higher version are
-/// refused; lower versions will be migrated here when there are any.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+/// refused; lower versions are migrated by [`MIGRATIONS`].
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// The statements that bring a file of the version before each one up to it, oldest first; the
+/// last is [`SCHEMA_VERSION`].
+const MIGRATIONS: &[(i64, &str)] = &[(
+    2,
+    "
+ALTER TABLE meters ADD COLUMN rx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE meters ADD COLUMN tx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE meters ADD COLUMN net_known INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE open_windows ADD COLUMN rx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE open_windows ADD COLUMN tx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE samples ADD COLUMN rx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE samples ADD COLUMN tx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE records ADD COLUMN rx_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE records ADD COLUMN tx_bytes INTEGER NOT NULL DEFAULT 0;
+",
+)];
 
 /// How `container` is stored for a tenant's whole subtree. Container ids are 1..=63 bytes of
 /// `[a-z0-9-]`, so the empty string never collides with one.
@@ -34,6 +67,10 @@ CREATE TABLE meters (
     last_at_s    INTEGER NOT NULL,  -- samples at or before this second are replays
     fresh        INTEGER NOT NULL,  -- 1: the next sample is a new cgroup counting from 0
     billed_until INTEGER NOT NULL,  -- end of the last closed window
+    -- Network bytes of a tenant's link, from the tenant's side (version 2):
+    rx_bytes     INTEGER NOT NULL DEFAULT 0,  -- last cumulative reading counted
+    tx_bytes     INTEGER NOT NULL DEFAULT 0,  -- last cumulative reading counted
+    net_known    INTEGER NOT NULL DEFAULT 0,  -- 0: the next network reading is a baseline only
     UNIQUE (tenant, container)
 );
 
@@ -46,7 +83,9 @@ CREATE TABLE open_windows (
     cpu_ns              INTEGER NOT NULL,
     memory_byte_seconds INTEGER NOT NULL,
     memory_peak         INTEGER NOT NULL,
-    oom_kills           INTEGER NOT NULL
+    oom_kills           INTEGER NOT NULL,
+    rx_bytes            INTEGER NOT NULL DEFAULT 0,
+    tx_bytes            INTEGER NOT NULL DEFAULT 0
 );
 
 -- Per-second usage, kept for sample_retention_secs.
@@ -57,6 +96,8 @@ CREATE TABLE samples (
     cpu_ns      INTEGER NOT NULL,  -- delta
     working_set INTEGER NOT NULL,  -- bytes
     oom_kills   INTEGER NOT NULL,  -- delta
+    rx_bytes    INTEGER NOT NULL DEFAULT 0,  -- delta: bytes the tenant received
+    tx_bytes    INTEGER NOT NULL DEFAULT 0,  -- delta: bytes the tenant sent
     PRIMARY KEY (key_id, at_s)
 ) WITHOUT ROWID;
 CREATE INDEX samples_by_time ON samples (at_s);
@@ -75,7 +116,9 @@ CREATE TABLE records (
     cpu_ns              INTEGER NOT NULL,
     memory_byte_seconds INTEGER NOT NULL,
     memory_peak         INTEGER NOT NULL,
-    oom_kills           INTEGER NOT NULL
+    oom_kills           INTEGER NOT NULL,
+    rx_bytes            INTEGER NOT NULL DEFAULT 0,
+    tx_bytes            INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX records_by_key ON records (tenant, container, window_start);
 -- Ordered by cursor within a tenant (the rowid is the last column of every index).
@@ -169,6 +212,18 @@ pub(super) fn open(path: &Path) -> Result<Connection, LedgerError> {
             .map_err(open_err)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
+    } else if version < SCHEMA_VERSION {
+        for (to, statements) in MIGRATIONS.iter().filter(|(to, _)| *to > version) {
+            tx.execute_batch(statements).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", to)
+                .map_err(open_err)?;
+        }
+        tracing::info!(
+            path = %path.display(),
+            from = version,
+            to = SCHEMA_VERSION,
+            "ledger schema migrated"
+        );
     }
     tx.commit().map_err(open_err)?;
     Ok(conn)
@@ -180,7 +235,8 @@ pub(super) fn load_meters(conn: &Connection) -> Result<HashMap<MeterKey, Meter>,
         .prepare(
             "SELECT m.key_id, m.tenant, m.container, m.cpu_ns, m.oom_kills, m.last_at_s, m.fresh,
                     m.billed_until, w.window_start, w.window_end, w.seconds, w.cpu_ns,
-                    w.memory_byte_seconds, w.memory_peak, w.oom_kills
+                    w.memory_byte_seconds, w.memory_peak, w.oom_kills, w.rx_bytes, w.tx_bytes,
+                    m.rx_bytes, m.tx_bytes, m.net_known
              FROM meters m LEFT JOIN open_windows w ON w.key_id = m.key_id",
         )
         .ctx("prepare loading meters")?;
@@ -206,6 +262,8 @@ pub(super) fn load_meters(conn: &Connection) -> Result<HashMap<MeterKey, Meter>,
                 memory_byte_seconds: u(12, "window memory_byte_seconds")?,
                 memory_peak: u(13, "window memory_peak")?,
                 oom_kills: u(14, "window oom_kills")?,
+                rx_bytes: u(15, "window rx_bytes")?,
+                tx_bytes: u(16, "window tx_bytes")?,
             }),
         };
         let meter = Meter {
@@ -215,6 +273,9 @@ pub(super) fn load_meters(conn: &Connection) -> Result<HashMap<MeterKey, Meter>,
             last_at_s: Some(u(5, "meter last_at_s")?),
             fresh: r.get(6).ctx("read meter fresh")?,
             billed_until: u(7, "meter billed_until")?,
+            rx_bytes: u(17, "meter rx_bytes")?,
+            tx_bytes: u(18, "meter tx_bytes")?,
+            net_known: r.get(19).ctx("read meter net_known")?,
             open,
         };
         meters.insert(key, meter);

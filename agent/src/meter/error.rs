@@ -9,15 +9,16 @@ use crate::cgroups::CgroupLayout;
 /// Why a cgroup could not be metered, or a sampler request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MeterError {
-    /// The cgroup was removed (its directory is missing, or a read on an open file returned
-    /// `ENODEV`/`ENOENT`: open descriptors do not keep a cgroup from being removed).
-    #[error("cgroup {path} is gone")]
+    /// The cgroup (or network link) was removed: its directory is missing, or a read on an open
+    /// file returned `ENODEV`/`ENOENT` (open descriptors do not keep a cgroup or a link from
+    /// being removed).
+    #[error("{path} is gone")]
     Gone {
         /// The cgroup directory or counter file.
         path: PathBuf,
     },
     /// A counter file could not be opened or read.
-    #[error("cgroup file {path}: {source}")]
+    #[error("counter file {path}: {source}")]
     Io {
         /// The counter file.
         path: PathBuf,
@@ -25,7 +26,7 @@ pub enum MeterError {
         source: io::Error,
     },
     /// A counter file holds something other than what the kernel writes there.
-    #[error("cgroup file {path}: {reason}: {content:?}")]
+    #[error("counter file {path}: {reason}: {content:?}")]
     Malformed {
         /// The counter file.
         path: PathBuf,
@@ -39,6 +40,18 @@ pub enum MeterError {
     InvalidPath {
         /// The path as given.
         rel: String,
+    },
+    /// A network link name that is not a plain interface name.
+    #[error("network link name {link:?} is not 1..=15 bytes of [A-Za-z0-9_.-] (nor . or ..)")]
+    InvalidLink {
+        /// The name as given.
+        link: String,
+    },
+    /// Network bytes are metered per tenant: a container shares its tenant's network namespace.
+    #[error("{} cannot have a network link: containers share their tenant's", describe(.key))]
+    LinkOnContainer {
+        /// The key.
+        key: MeterKey,
     },
     /// The host layout has no hierarchy to read counters from.
     #[error("no cgroup hierarchy to meter under {root} (layout {layout})")]
@@ -135,7 +148,7 @@ mod tests {
     fn messages_name_the_file_and_quote_a_bounded_excerpt() {
         let e = MeterError::malformed(Path::new("/c/memory.current"), "not a number", &[b'x'; 500]);
         let msg = e.to_string();
-        assert!(msg.starts_with("cgroup file /c/memory.current: not a number: "));
+        assert!(msg.starts_with("counter file /c/memory.current: not a number: "));
         assert!(msg.len() < 150, "{msg}");
         let key = MeterKey {
             tenant: "a".into(),

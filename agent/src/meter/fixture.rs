@@ -1,9 +1,9 @@
-//! Test and benchmark support: cgroup fixture trees in a plain directory, and scratch cgroups on
-//! the real hierarchy (root only). Not used by the agent itself.
+//! Test and benchmark support: cgroup and network-link fixture trees in a plain directory, and
+//! scratch cgroups on the real hierarchy (root only). Not used by the agent itself.
 //!
-//! Fixtures hold what the kernel writes, in its formats, for the files the reader opens (plus
-//! neighbouring lines that must not be mistaken for them, such as v1's non-`total_`
-//! `inactive_file`).
+//! Fixtures hold what the kernel writes, in its formats, for the files the readers open (plus
+//! neighbouring lines and files that must not be mistaken for them, such as v1's non-`total_`
+//! `inactive_file` or a link's packet counters).
 
 use std::{
     fs, io,
@@ -138,6 +138,49 @@ fn memory_stat(c: &FixtureCounters, prefix: &str, v1_local: bool) -> String {
     line("unevictable", 0);
     line("pgfault", 1234);
     s
+}
+
+/// Writes (or overwrites in place) the counters of the network link `link` under the net root
+/// `root` (a stand-in for `/sys/class/net`), as the host side of the link counts them:
+/// `host_rx_bytes` is what the tenant sent, `host_tx_bytes` what it received.
+pub fn write_link_fixture(
+    root: &Path,
+    link: &str,
+    host_rx_bytes: u64,
+    host_tx_bytes: u64,
+) -> io::Result<()> {
+    let stats = root.join(link).join("statistics");
+    fs::create_dir_all(&stats)?;
+    fs::write(stats.join("rx_bytes"), format!("{host_rx_bytes}\n"))?;
+    fs::write(stats.join("tx_bytes"), format!("{host_tx_bytes}\n"))?;
+    fs::write(
+        stats.join("rx_packets"),
+        format!("{}\n", host_rx_bytes / 100),
+    )?;
+    fs::write(
+        stats.join("tx_packets"),
+        format!("{}\n", host_tx_bytes / 100),
+    )?;
+    fs::write(stats.join("rx_dropped"), "0\n")?;
+    fs::write(root.join(link).join("ifindex"), "7\n")
+}
+
+/// Removes the link `link` from a fixture tree. A removed link's sysfs files fail every read on
+/// a descriptor still open (`ENODEV`), which a plain file cannot do: the files are emptied first,
+/// so that open descriptors read nothing a counter can be parsed from.
+pub fn remove_link_fixture(root: &Path, link: &str) -> io::Result<()> {
+    let dir = root.join(link);
+    let stats = dir.join("statistics");
+    for name in ["rx_bytes", "tx_bytes"] {
+        match fs::write(stats.join(name), "") {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Scratch cgroups on the real hierarchy, removed when dropped (rmdir, leaf only).

@@ -63,9 +63,10 @@ enum Flavor {
     V2,
 }
 
-/// One open counter file and its path (kept for error messages only).
+/// One open counter file and its path (kept for error messages only). Also used for the link
+/// counters of `link.rs`.
 #[derive(Debug)]
-struct CounterFile {
+pub(super) struct CounterFile {
     file: File,
     path: PathBuf,
 }
@@ -73,7 +74,7 @@ struct CounterFile {
 impl CounterFile {
     /// Opens `path`. A missing file whose cgroup directory is missing too means the cgroup is
     /// gone; a missing file in an existing directory is an I/O error naming the file.
-    fn open(path: PathBuf) -> Result<Self, MeterError> {
+    pub(super) fn open(path: PathBuf) -> Result<Self, MeterError> {
         match File::open(&path) {
             Ok(file) => Ok(Self { file, path }),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -116,7 +117,7 @@ impl CounterFile {
     }
 
     /// A file holding one integer.
-    fn value(&self, buf: &mut [u8]) -> Result<u64, MeterError> {
+    pub(super) fn value(&self, buf: &mut [u8]) -> Result<u64, MeterError> {
         let bytes = self.read(buf)?;
         parse_u64(bytes).ok_or_else(|| MeterError::malformed(&self.path, "not an integer", bytes))
     }
@@ -268,6 +269,7 @@ impl CgroupReader {
             memory_peak,
             oom_kills,
             pids,
+            net: None,
         })
     }
 
@@ -314,6 +316,7 @@ mod tests {
             memory_peak: 70_000_000,
             oom_kills: 2,
             pids: 7,
+            net: None,
         }
     }
 

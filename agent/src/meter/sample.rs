@@ -22,6 +22,23 @@ pub struct Counters {
     pub oom_kills: u64,
     /// Current number of tasks.
     pub pids: u64,
+    /// The tenant's cumulative network bytes, from its host-side link. `None` when there was no
+    /// reading: a container (containers share their tenant's network namespace), a tenant
+    /// without a network, or a link that could not be read this time. `None` is not a reading
+    /// of 0: the ledger counts nothing for it and keeps its baseline.
+    pub net: Option<NetBytes>,
+}
+
+/// Cumulative byte counters of a tenant's network link, from the tenant's side: what it
+/// received and what it sent. Counted at L2 on the host-side veth (Ethernet headers included),
+/// so the tenant's `tx_bytes` is the host link's `rx_bytes` and the other way round. Both
+/// restart at 0 when the link is created again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NetBytes {
+    /// Bytes the tenant received (the host link's `tx_bytes`).
+    pub rx_bytes: u64,
+    /// Bytes the tenant sent (the host link's `rx_bytes`).
+    pub tx_bytes: u64,
 }
 
 /// One reading: a cgroup's counters at a wall-clock second.

@@ -21,6 +21,14 @@
 //! tick, logged once when it starts failing and once when it recovers; a target whose cgroup is
 //! gone is dropped (call [`SamplerHandle::finish`] before removing a cgroup to bill its last
 //! interval: that is how a container that lived 300 ms gets billed).
+//!
+//! A tenant target may also have a network link ([`SamplerHandle::set_link`]): each of its
+//! readings, ticks and final ones alike, then carries the link's byte counters. A link that
+//! cannot be read leaves them out of the reading (see `link.rs`) and never fails the sample;
+//! it is logged once when that starts and once when it ends, and counted in
+//! [`SamplerStats::link_errors`]. Once a reading before the tenant's removal was taken
+//! ([`SamplerHandle::read_now`]), the link being gone is expected (it is removed before the
+//! final reading) and neither logged as a failure nor counted.
 
 use std::{
     path::PathBuf,
@@ -32,7 +40,8 @@ use std::{
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 use super::{
-    CgroupReader, Counters, MeterError, MeterKey, Sample,
+    CgroupReader, Counters, DEFAULT_NET_ROOT, LinkReader, MeterError, MeterKey, NetBytes, Sample,
+    link::TenantLink,
     schedule::{Schedule, Step},
 };
 use crate::cgroups::CgroupLayout;
@@ -53,16 +62,19 @@ pub struct SamplerConfig {
     pub root: PathBuf,
     /// The host's layout.
     pub layout: CgroupLayout,
+    /// Where network links' counters are (normally `/sys/class/net`).
+    pub net_root: PathBuf,
     /// Tick period; ticks fall on multiples of it since the Unix epoch.
     pub period: Duration,
 }
 
 impl SamplerConfig {
-    /// One tick per wall-clock second.
+    /// One tick per wall-clock second, links under `/sys/class/net`.
     pub fn new(root: impl Into<PathBuf>, layout: CgroupLayout) -> Self {
         Self {
             root: root.into(),
             layout,
+            net_root: PathBuf::from(DEFAULT_NET_ROOT),
             period: DEFAULT_PERIOD,
         }
     }
@@ -89,6 +101,8 @@ pub struct SamplerStats {
     pub gone: u64,
     /// Samples that could not be delivered because the channel was closed.
     pub undelivered: u64,
+    /// Failed reads or opens of tenants' network links (their readings had no network bytes).
+    pub link_errors: u64,
 }
 
 enum Command {
@@ -109,6 +123,11 @@ enum Command {
         key: MeterKey,
         reply: oneshot::Sender<Result<Sample, MeterError>>,
     },
+    SetLink {
+        key: MeterKey,
+        link: String,
+        reply: oneshot::Sender<Result<(), MeterError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -120,6 +139,21 @@ struct Target {
     failing: bool,
     /// The last counters read, for a final sample after the cgroup is gone.
     last: Option<Counters>,
+    /// A tenant's network link.
+    link: Option<TenantLink>,
+    /// A reading before the tenant's removal was taken: its link going away is expected then (it
+    /// is removed before the final reading), so that is not logged as a failure.
+    removing: bool,
+}
+
+impl Target {
+    /// The network bytes to add to a reading just taken: `None` without a link, or when the link
+    /// cannot be read now (`retry_now`: reopen a closed link at once, for a reading on demand).
+    /// Counts each failure in `errors`.
+    fn read_link(&mut self, retry_now: bool, errors: &mut u64) -> Option<NetBytes> {
+        let link = self.link.as_mut()?;
+        link.read(&self.key.tenant, retry_now, self.removing, errors)
+    }
 }
 
 /// The sampling thread's state. Start it with [`Sampler::spawn`].
@@ -198,9 +232,10 @@ impl Sampler {
         let started = Instant::now();
         let at_unix_s = at.as_secs();
         let mut batch = Vec::with_capacity(self.targets.len());
-        let (mut errors, mut gone, mut failing) = (0, 0, 0);
+        let (mut errors, mut gone, mut failing, mut link_errors) = (0, 0, 0, 0);
         self.targets.retain_mut(|t| match t.reader.read() {
-            Ok(counters) => {
+            Ok(mut counters) => {
+                counters.net = t.read_link(false, &mut link_errors);
                 t.last = Some(counters);
                 if t.failing {
                     t.failing = false;
@@ -257,6 +292,7 @@ impl Sampler {
         self.stats.last_tick = started.elapsed();
         self.stats.last_lag = lag;
         self.stats.read_errors += errors;
+        self.stats.link_errors += link_errors;
         self.stats.gone += gone;
         self.stats.failing = failing;
         // Published before the batch leaves, so whoever receives it sees the tick's stats.
@@ -288,6 +324,11 @@ impl Sampler {
                 self.publish();
                 let _ = reply.send(result);
             }
+            Command::SetLink { key, link, reply } => {
+                let result = self.set_link(key, &link);
+                self.publish();
+                let _ = reply.send(result);
+            }
             // Handled by the loop, which must stop.
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
@@ -305,7 +346,30 @@ impl Sampler {
             reader,
             failing: false,
             last: None,
+            link: None,
+            removing: false,
         });
+        Ok(())
+    }
+
+    /// Gives the tenant target `key` the network link `link`; a link it has already is kept,
+    /// another replaces it. The link need not exist yet.
+    fn set_link(&mut self, key: MeterKey, link: &str) -> Result<(), MeterError> {
+        if key.container.is_some() {
+            return Err(MeterError::LinkOnContainer { key });
+        }
+        let reader = LinkReader::new(&self.config.net_root, link)?;
+        let Some(t) = self.targets.iter_mut().find(|t| t.key == key) else {
+            return Err(MeterError::NotMetered { key });
+        };
+        if t.link.as_ref().is_some_and(|l| l.name() == link) {
+            return Ok(());
+        }
+        t.link = Some(TenantLink::new(reader));
+        // Opened now, so a link that is missing from the start is logged at once.
+        let mut errors = 0;
+        t.read_link(true, &mut errors);
+        self.stats.link_errors += errors;
         Ok(())
     }
 
@@ -325,10 +389,15 @@ impl Sampler {
         let Some(mut t) = self.take(&key) else {
             return Err(MeterError::NotMetered { key });
         };
+        t.removing = true;
         let read = match t.reader.read_final() {
+            Ok(mut counters) => {
+                counters.net = t.read_link(true, &mut self.stats.link_errors);
+                Ok(counters)
+            }
             // Removed after a [`SamplerHandle::read_now`]: nothing ran since that reading.
             Err(e) if e.is_gone() && t.last.is_some() => t.last.ok_or(e),
-            other => other,
+            Err(e) => Err(e),
         };
         match read {
             Ok(counters) => {
@@ -357,8 +426,10 @@ impl Sampler {
         let Some(t) = self.targets.iter_mut().find(|t| t.key == key) else {
             return Err(MeterError::NotMetered { key });
         };
-        let counters = t.reader.read_final()?;
+        let mut counters = t.reader.read_final()?;
+        counters.net = t.read_link(true, &mut self.stats.link_errors);
         t.last = Some(counters);
+        t.removing = true;
         let sample = Sample {
             key,
             at_unix_s: since_epoch().as_secs(),
@@ -458,9 +529,21 @@ impl SamplerHandle {
 
     /// Reads `key` now and emits the reading as an ordinary sample, keeping the key metered:
     /// taken before an operation that may remove the cgroup (or may be refused), followed by
-    /// [`SamplerHandle::finish`] once it did.
+    /// [`SamplerHandle::finish`] once it did. From then on a tenant's network link found gone
+    /// is taken as removed with the tenant, not as a failure.
     pub async fn read_now(&self, key: MeterKey) -> Result<Sample, MeterError> {
         self.request(|reply| Command::ReadNow { key, reply })
+            .await?
+    }
+
+    /// Also reads the network link `link` (its name under the sampler's net root, e.g.
+    /// `caas-0123456789`) with every reading of the tenant target `key`, ticks and final ones
+    /// alike. The link need not exist yet: until it can be read, readings have no network bytes.
+    /// Fails if `key` is a container (containers share their tenant's network namespace), is not
+    /// metered, or `link` is not a plain interface name. Setting the same link again changes
+    /// nothing; another link replaces it.
+    pub async fn set_link(&self, key: MeterKey, link: String) -> Result<(), MeterError> {
+        self.request(|reply| Command::SetLink { key, link, reply })
             .await?
     }
 

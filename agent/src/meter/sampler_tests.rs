@@ -7,8 +7,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::*;
 use crate::meter::{
-    Counters,
-    fixture::{FixtureCounters, ScratchCgroup, write_fixture},
+    Counters, LINK_RETRY_EVERY, NetBytes,
+    fixture::{
+        FixtureCounters, ScratchCgroup, remove_link_fixture, write_fixture, write_link_fixture,
+    },
 };
 
 const PERIOD: Duration = Duration::from_millis(100);
@@ -35,9 +37,15 @@ fn start(root: &Path, layout: CgroupLayout) -> (SamplerHandle, UnboundedReceiver
     let (tx, rx) = unbounded_channel();
     let config = SamplerConfig {
         period: PERIOD,
+        net_root: net_root(root),
         ..SamplerConfig::new(root, layout)
     };
     (Sampler::spawn(config, tx).unwrap(), rx)
+}
+
+/// Where [`start`]'s sampler finds network links: a stand-in for `/sys/class/net`.
+fn net_root(root: &Path) -> PathBuf {
+    root.join("class-net")
 }
 
 async fn next_batch(rx: &mut UnboundedReceiver<Vec<Sample>>) -> Vec<Sample> {
@@ -106,6 +114,7 @@ async fn samples_every_target_on_each_tick_past_a_broken_one() {
             memory_peak: 4_000_000,
             oom_kills: 0,
             pids: b[0].counters.pids,
+            net: None,
         }
     );
 
@@ -276,5 +285,136 @@ async fn a_removed_real_cgroup_is_dropped() {
     assert_eq!(b[0].key, key("real", Some("b")));
     let st = h.stats();
     assert_eq!((st.gone, st.targets, st.read_errors), (1, 1, 0), "{st:?}");
+    h.shutdown().await.unwrap();
+}
+
+const LINK: &str = "caas-00c0ffee00";
+
+fn net_of(batch: &[Sample], k: &MeterKey) -> Option<Option<NetBytes>> {
+    batch.iter().find(|s| &s.key == k).map(|s| s.counters.net)
+}
+
+#[tokio::test]
+async fn a_tenant_link_is_read_with_each_tenant_sample_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = CgroupLayout::V2;
+    write_fixture(dir.path(), layout, "s/tenant-n", &numbers(1)).unwrap();
+    write_fixture(dir.path(), layout, "s/tenant-n/c-x", &numbers(1)).unwrap();
+    // The host side received 9000 bytes (the tenant sent them) and sent 300.
+    write_link_fixture(&net_root(dir.path()), LINK, 9000, 300).unwrap();
+    let (h, mut rx) = start(dir.path(), layout);
+    let (t, c) = (key("n", None), key("n", Some("x")));
+    h.add(t.clone(), "s/tenant-n".into()).await.unwrap();
+    h.add(c.clone(), "s/tenant-n/c-x".into()).await.unwrap();
+
+    let e = h.set_link(c.clone(), LINK.into()).await.unwrap_err();
+    assert!(matches!(e, MeterError::LinkOnContainer { .. }), "{e}");
+    let e = h.set_link(t.clone(), "../x".into()).await.unwrap_err();
+    assert!(matches!(e, MeterError::InvalidLink { .. }), "{e}");
+    let e = h
+        .set_link(key("other", None), LINK.into())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MeterError::NotMetered { .. }), "{e}");
+    h.set_link(t.clone(), LINK.into()).await.unwrap();
+    h.set_link(t.clone(), LINK.into()).await.unwrap();
+
+    let want = NetBytes {
+        rx_bytes: 300,
+        tx_bytes: 9000,
+    };
+    let b = batch_of(&mut rx, 2).await;
+    assert_eq!(net_of(&b, &t), Some(Some(want)));
+    assert_eq!(
+        net_of(&b, &c),
+        Some(None),
+        "containers share the tenant's link"
+    );
+
+    // A reading before a delete and the final reading carry the link's latest counters.
+    write_link_fixture(&net_root(dir.path()), LINK, 9100, 350).unwrap();
+    let now = h.read_now(t.clone()).await.unwrap();
+    assert_eq!(
+        now.counters.net.map(|n| (n.rx_bytes, n.tx_bytes)),
+        Some((350, 9100))
+    );
+    write_link_fixture(&net_root(dir.path()), LINK, 9200, 400).unwrap();
+    let last = h.finish(t.clone()).await.unwrap();
+    assert_eq!(
+        last.counters.net.map(|n| (n.rx_bytes, n.tx_bytes)),
+        Some((400, 9200))
+    );
+    assert_eq!(h.stats().link_errors, 0);
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_link_never_fails_the_tenant_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = CgroupLayout::V1;
+    write_fixture(dir.path(), layout, "s/tenant-m", &numbers(2)).unwrap();
+    let (h, mut rx) = start(dir.path(), layout);
+    let t = key("m", None);
+    h.add(t.clone(), "s/tenant-m".into()).await.unwrap();
+    // The link does not exist yet: accepted, and the samples go on without network bytes.
+    h.set_link(t.clone(), LINK.into()).await.unwrap();
+    let b = batch_of(&mut rx, 1).await;
+    assert_eq!(pids_of(&b), vec![(t.clone(), 2)]);
+    assert_eq!(net_of(&b, &t), Some(None));
+    let st = h.stats();
+    assert!(st.link_errors >= 1, "{st:?}");
+    assert_eq!((st.failing, st.read_errors), (0, 0), "{st:?}");
+
+    // It appears: read once the retry is due.
+    write_link_fixture(&net_root(dir.path()), LINK, 10, 20).unwrap();
+    let mut seen = None;
+    for _ in 0..2 * LINK_RETRY_EVERY + 2 {
+        if let Some(Some(n)) = net_of(&next_batch(&mut rx).await, &t) {
+            seen = Some(n);
+            break;
+        }
+    }
+    assert_eq!(seen.map(|n| (n.rx_bytes, n.tx_bytes)), Some((20, 10)));
+
+    // It goes away: the tenant is still sampled, without network bytes.
+    remove_link_fixture(&net_root(dir.path()), LINK).unwrap();
+    let mut without = false;
+    for _ in 0..5 {
+        let b = next_batch(&mut rx).await;
+        assert_eq!(pids_of(&b), vec![(t.clone(), 2)]);
+        without |= net_of(&b, &t) == Some(None);
+    }
+    assert!(without);
+    // The final reading looks for the link at once: created again, it counts from 0.
+    write_link_fixture(&net_root(dir.path()), LINK, 5, 1).unwrap();
+    let last = h.finish(t).await.unwrap();
+    assert_eq!(
+        last.counters.net.map(|n| (n.rx_bytes, n.tx_bytes)),
+        Some((1, 5))
+    );
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_link_removed_with_its_tenant_is_no_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = CgroupLayout::V2;
+    write_fixture(dir.path(), layout, "s/tenant-r", &numbers(1)).unwrap();
+    write_link_fixture(&net_root(dir.path()), LINK, 64, 32).unwrap();
+    let (h, _rx) = start(dir.path(), layout);
+    let t = key("r", None);
+    h.add(t.clone(), "s/tenant-r".into()).await.unwrap();
+    h.set_link(t.clone(), LINK.into()).await.unwrap();
+    // The delete: a reading before, the link removed, then the final reading.
+    let before = h.read_now(t.clone()).await.unwrap();
+    assert_eq!(
+        before.counters.net.map(|n| (n.rx_bytes, n.tx_bytes)),
+        Some((32, 64))
+    );
+    remove_link_fixture(&net_root(dir.path()), LINK).unwrap();
+    let last = h.finish(t).await.unwrap();
+    assert!(last.last);
+    assert_eq!(last.counters.net, None, "the link is gone: no bytes, not 0");
+    assert_eq!(h.stats().link_errors, 0, "an expected removal is no error");
     h.shutdown().await.unwrap();
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::MetricsSnapshot;
-use crate::meter::{Counters, MeterKey};
+use crate::meter::{Counters, MeterKey, NetBytes};
 
 /// The media type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -124,6 +124,29 @@ const CGROUP_FAMILIES: &[CgroupFamily] = &[
     },
 ];
 
+/// A family of a tenant's network link: tenants only (containers share their tenant's network
+/// namespace), and only those whose last reading had the link's counters.
+struct LinkFamily {
+    name: &'static str,
+    help: &'static str,
+    value: fn(&NetBytes) -> u64,
+}
+
+const LINK_FAMILIES: &[LinkFamily] = &[
+    LinkFamily {
+        name: "caas_tenant_network_receive_bytes_total",
+        help: "Bytes the tenant received over its network link (L2, headers included); \
+               restarts at 0 when the link is created again.",
+        value: |n| n.rx_bytes,
+    },
+    LinkFamily {
+        name: "caas_tenant_network_transmit_bytes_total",
+        help: "Bytes the tenant sent over its network link (L2, headers included); restarts at \
+               0 when the link is created again.",
+        value: |n| n.tx_bytes,
+    },
+];
+
 /// The snapshot in the Prometheus text format 0.0.4.
 pub fn render(s: &MetricsSnapshot) -> String {
     let mut out = Out(String::with_capacity(4096 + s.cgroups.len() * 400));
@@ -155,6 +178,18 @@ pub fn render(s: &MetricsSnapshot) -> String {
                     }
                     _ => {}
                 }
+            }
+        }
+    }
+    for f in LINK_FAMILIES {
+        out.family(f.name, Kind::Counter, f.help);
+        for (key, counters) in &cgroups {
+            if let (None, Some(net)) = (&key.container, &counters.net) {
+                out.sample(
+                    f.name,
+                    &[("tenant", &key.tenant)],
+                    Value::Int((f.value)(net)),
+                );
             }
         }
     }
@@ -208,6 +243,12 @@ pub fn render(s: &MetricsSnapshot) -> String {
         Kind::Counter,
         "Targets dropped because their cgroup was removed.",
         Value::Int(m.gone),
+    );
+    out.single(
+        "caas_meter_link_errors_total",
+        Kind::Counter,
+        "Failed reads of tenants' network links (those readings had no network bytes).",
+        Value::Int(m.link_errors),
     );
     out.single(
         "caas_meter_undelivered_samples_total",

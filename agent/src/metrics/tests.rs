@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::ledger::LedgerStats;
-use crate::meter::{Counters, MeterKey, SamplerStats};
+use crate::meter::{Counters, MeterKey, NetBytes, SamplerStats};
 
 type TestResult = anyhow::Result<()>;
 
@@ -34,7 +34,14 @@ fn counters(cpu_ns: u64) -> Counters {
         memory_peak: 456 << 20,
         oom_kills: 2,
         pids: 7,
+        net: None,
     }
+}
+
+/// A tenant's counters with its network link's bytes.
+fn with_net(mut c: Counters, rx_bytes: u64, tx_bytes: u64) -> Counters {
+    c.net = Some(NetBytes { rx_bytes, tx_bytes });
+    c
 }
 
 /// A snapshot with every optional part, and label values that need escaping.
@@ -42,8 +49,12 @@ fn awkward() -> MetricsSnapshot {
     MetricsSnapshot {
         node: "node \"one\"\\".to_owned(),
         cgroups: vec![
-            (key("acme", None), counters(1_500_000_001)),
-            (key("acme", Some("web")), counters(999)),
+            (
+                key("acme", None),
+                with_net(counters(1_500_000_001), 4096, 1 << 40),
+            ),
+            // A container never shows network bytes, even if a reading had some.
+            (key("acme", Some("web")), with_net(counters(999), 1, 1)),
             (key("we\"ird\\ten\nant", None), counters(0)),
             (
                 key("we\"ird\\ten\nant", Some("c\n\"x\"")),
@@ -62,6 +73,7 @@ fn awkward() -> MetricsSnapshot {
             read_errors: 5,
             gone: 6,
             undelivered: 0,
+            link_errors: 8,
         },
         ledger: Some(LedgerStats {
             db_bytes: 1 << 20,
@@ -243,6 +255,22 @@ fn render_is_well_formed_and_escapes_labels() {
         u64::MAX / 1_000_000_000,
         u64::MAX % 1_000_000_000
     )));
+    // Network bytes: tenants with a link only, from the tenant's side.
+    assert_eq!(
+        v(
+            "caas_tenant_network_receive_bytes_total",
+            &[("tenant", "acme")]
+        ),
+        Some(4096.0)
+    );
+    assert!(
+        text.contains("caas_tenant_network_transmit_bytes_total{tenant=\"acme\"} 1099511627776\n")
+    );
+    let net_series: Vec<_> = samples
+        .iter()
+        .filter(|s| s.0.contains("_network_"))
+        .collect();
+    assert_eq!(net_series.len(), 2, "{net_series:?}");
     // Tenant series carry no container label, container series always do.
     for (name, labels, _) in &samples {
         if name.starts_with("caas_tenant_") {
@@ -259,6 +287,7 @@ fn render_is_well_formed_and_escapes_labels() {
         ("caas_meter_last_tick_seconds", 0.001_234),
         ("caas_meter_lag_seconds", 0.002),
         ("caas_meter_read_errors_total", 5.0),
+        ("caas_meter_link_errors_total", 8.0),
         ("caas_ledger_bytes", 1_048_576.0),
         ("caas_ledger_records", 100.0),
         ("caas_ledger_unacked_records", 10.0),

@@ -1,11 +1,14 @@
-//! Tenant networks, first step: each tenant's network namespace is joined to the host by one
-//! veth pair (no bridge: routed, L3). The host side is `caas-<10 hex>` with the first address of
-//! the tenant's subnet; the tenant side is `eth0` in the tenant's netns with the second address
-//! and a default route via the host side. Forwarding is switched on for the host-side link only
-//! (the host's global `ip_forward` is left alone). Everything is done over rtnetlink.
-//!
-//! Not built yet (issue 7): egress NAT, the firewall between tenants, published ports, DNS and
-//! the byte counters in the meter. `docs/notes/tenant-networks-research.md` has the plan.
+//! Tenant networks. Each tenant's network namespace is joined to the host by one veth pair (no
+//! bridge: routed, L3; a tenant's containers share its netns, so they meet on its loopback and
+//! its `eth0`). The host side is `caas-<10 hex>` with the first address of the tenant's subnet;
+//! the tenant side is `eth0` with the second address and a default route via the host side.
+//! Forwarding is switched on per link (the tenant links and the configured uplinks), never
+//! globally. Links are made over rtnetlink; the firewall, egress NAT and published ports live in
+//! the agent's own nftables table ([`nft`]); published ports are owned in [`ports`]. Containers
+//! get a resolv.conf written here. `docs/design.md` has the design and its limits.
+
+pub mod nft;
+pub mod ports;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -42,6 +45,16 @@ pub struct NetworkConfig {
     pub pool: Ipv4Net,
     /// The prefix length of each tenant's subnet (pool's ..= 30).
     pub tenant_prefix: u8,
+    /// Host interfaces that lead out (replies to tenants' egress and published-port traffic
+    /// arrive on them): the agent switches IPv4 forwarding on for each, and only for them.
+    /// Empty: the interfaces of the host's default routes.
+    pub uplinks: Vec<String>,
+    /// Ranges no tenant may reach (cloud metadata, the control plane), besides other tenants'
+    /// subnets and the host's own addresses, which are always walled off.
+    pub denied: Vec<Ipv4Net>,
+    /// Name servers written into containers' /etc/resolv.conf. Empty: the host's
+    /// /etc/resolv.conf ones, without loopback addresses (a tenant cannot reach those).
+    pub dns: Vec<Ipv4Addr>,
 }
 
 impl Default for NetworkConfig {
@@ -51,6 +64,12 @@ impl Default for NetworkConfig {
             pool: Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16)
                 .unwrap_or_else(|_| unreachable!("10.88.0.0/16 is a valid network")),
             tenant_prefix: 30,
+            uplinks: Vec::new(),
+            denied: vec![
+                Ipv4Net::new(Ipv4Addr::new(169, 254, 0, 0), 16)
+                    .unwrap_or_else(|_| unreachable!("169.254.0.0/16 is a valid network")),
+            ],
+            dns: Vec::new(),
         }
     }
 }
@@ -61,10 +80,255 @@ impl NetworkConfig {
         if !self.enabled {
             return Ok(None);
         }
+        for (i, u) in self.uplinks.iter().enumerate() {
+            if u.is_empty() || u.len() > 15 || u.contains(['/', ' ', '\0']) || u == "." || u == ".."
+            {
+                return Err(Invalid::new(
+                    format!("network.uplinks[{i}]"),
+                    format!("{u:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"),
+                ));
+            }
+            if u.starts_with("caas-") {
+                return Err(Invalid::new(
+                    format!("network.uplinks[{i}]"),
+                    format!("{u:?}: caas- names belong to tenant links"),
+                ));
+            }
+        }
+        for (i, d) in self.denied.iter().enumerate() {
+            if d.overlaps(&self.pool) {
+                return Err(Invalid::new(
+                    format!("network.denied[{i}]"),
+                    format!("{d} overlaps the tenant pool {}", self.pool),
+                ));
+            }
+        }
         SubnetPool::new(self.pool, self.tenant_prefix)
             .map(Some)
             .map_err(|e| Invalid::new("network.tenant_prefix", e.to_string()))
     }
+
+    /// The uplinks: as configured, or the interfaces of the default routes.
+    pub fn uplinks(&self) -> Vec<String> {
+        if !self.uplinks.is_empty() {
+            return self.uplinks.clone();
+        }
+        let table = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        let mut out: Vec<String> = Vec::new();
+        for line in table.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Iface Destination Gateway Flags ... Mask: a default route has both zero.
+            if f.len() > 7
+                && f[1] == "00000000"
+                && f[7] == "00000000"
+                && !out.iter().any(|o| o == f[0])
+            {
+                out.push(f[0].to_string());
+            }
+        }
+        out
+    }
+
+    /// The name servers for containers.
+    pub fn name_servers(&self) -> Vec<Ipv4Addr> {
+        if !self.dns.is_empty() {
+            return self.dns.clone();
+        }
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        conf.lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .collect()
+    }
+}
+
+/// The resolv.conf a tenant's containers see.
+pub fn resolv_conf(servers: &[Ipv4Addr]) -> String {
+    let mut s = String::from("# written by caas-agent for this tenant's containers\n");
+    for a in servers {
+        s.push_str(&format!("nameserver {a}\n"));
+    }
+    s
+}
+
+/// Where the agent keeps a tenant's resolv.conf; the engine binds it into containers.
+pub fn resolv_conf_path(run_dir: &Path, tenant: &str) -> std::path::PathBuf {
+    run_dir.join("tenants").join(tenant).join("resolv.conf")
+}
+
+/// The node's network side: the nftables table, the published ports, the uplinks.
+#[derive(Debug)]
+pub struct Network {
+    /// `[network]`.
+    pub config: NetworkConfig,
+    nft: nft::Nft,
+    rules: nft::Ruleset,
+    /// Published ports.
+    pub ports: ports::PortTable,
+    /// The host sockets that hold published ports.
+    held: std::sync::Mutex<std::collections::HashMap<(ports::Proto, u16), std::os::fd::OwnedFd>>,
+}
+
+impl Network {
+    /// Starts the node's network side: switches forwarding on for the uplinks and loads the
+    /// table with the ports published before (atomically: a running tenant is never without
+    /// its firewall). `reserved` are the agent's own ports.
+    pub async fn start(
+        config: &NetworkConfig,
+        state_dir: &Path,
+        reserved: Vec<(ports::Proto, u16, String)>,
+    ) -> Result<Self, NetError> {
+        let ports = ports::PortTable::open(&state_dir.join("network").join("ports.json"), reserved)
+            .map_err(io_fail("ports.json", "reading the published ports"))?;
+        for u in config.uplinks() {
+            let f = format!("/proc/sys/net/ipv4/conf/{u}/forwarding");
+            match std::fs::write(&f, "1") {
+                Ok(()) => tracing::info!(uplink = %u, "IPv4 forwarding on for the uplink"),
+                Err(e) => {
+                    tracing::warn!(uplink = %u, error = %e, "uplink forwarding could not be switched on; tenants' egress and published ports through it will not work")
+                }
+            }
+        }
+        let rules = nft::Ruleset {
+            pool: config.pool,
+            denied: config.denied.clone(),
+        };
+        let mut held = std::collections::HashMap::new();
+        for p in ports.all().await {
+            match ports::hold(p.proto, p.host_port) {
+                Ok(fd) => {
+                    held.insert((p.proto, p.host_port), fd);
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %p.tenant, container = %p.name, error = %e, "a published port is also bound by a host process; that process gets no traffic on it")
+                }
+            }
+        }
+        let nft = nft::Nft::default();
+        nft.load(&rules, &ports.all().await)
+            .await
+            .map_err(|e| NetError {
+                link: "table inet caas".into(),
+                step: "loading the firewall",
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            config: config.clone(),
+            nft,
+            rules,
+            ports,
+            held: std::sync::Mutex::new(held),
+        })
+    }
+
+    /// Removes the agent's table, when networks are off (a table left by an earlier run).
+    pub async fn remove_table() {
+        if let Err(e) = nft::Nft::default().remove().await {
+            tracing::debug!(error = %e, "no nftables table to remove");
+        }
+    }
+
+    /// Loads the table again from the port table (after pruning).
+    pub async fn reload(&self) -> Result<(), NetError> {
+        self.nft
+            .load(&self.rules, &self.ports.all().await)
+            .await
+            .map_err(|e| NetError {
+                link: "table inet caas".into(),
+                step: "reloading the firewall",
+                message: e.to_string(),
+            })
+    }
+
+    /// Publishes `ports` (all of them or none).
+    pub async fn publish(&self, ports: &[ports::Published]) -> Result<(), PublishError> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        // The agent's table first (it names the owner of a taken port), then the host.
+        self.ports.reserve(ports).await?;
+        let (tenant, container) = (&ports[0].tenant, &ports[0].container);
+        let mut fds = Vec::new();
+        for p in ports {
+            match ports::hold(p.proto, p.host_port) {
+                Ok(fd) => fds.push(((p.proto, p.host_port), fd)),
+                Err(e) => {
+                    self.ports.release_container(tenant, container).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Err(e) = self.nft.publish(ports).await {
+            self.ports.release_container(tenant, container).await;
+            return Err(PublishError::Nft(e));
+        }
+        self.held_mut().extend(fds);
+        Ok(())
+    }
+
+    fn held_mut(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<(ports::Proto, u16), std::os::fd::OwnedFd>,
+    > {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn unpublish(&self, gone: Vec<ports::Published>) {
+        self.nft.unpublish(&gone).await;
+        let mut held = self.held_mut();
+        for p in &gone {
+            held.remove(&(p.proto, p.host_port));
+        }
+    }
+
+    /// Releases a container's ports.
+    pub async fn unpublish_container(&self, tenant: &str, container: &str) {
+        let gone = self.ports.release_container(tenant, container).await;
+        self.unpublish(gone).await;
+    }
+
+    /// Releases the ports of the tenant's containers that are not in `alive` (ids), and of
+    /// tenants not in `tenants` when that is given. The table is reloaded after by [`Self::reload`].
+    pub async fn prune(
+        &self,
+        tenant: Option<(&str, &std::collections::HashSet<String>)>,
+        tenants: Option<&std::collections::HashSet<String>>,
+    ) -> usize {
+        let mut gone = Vec::new();
+        if let Some((t, alive)) = tenant {
+            gone.extend(self.ports.prune_tenant(t, alive).await);
+        }
+        if let Some(known) = tenants {
+            gone.extend(self.ports.prune_tenants(known).await);
+        }
+        let mut held = self.held_mut();
+        for p in &gone {
+            held.remove(&(p.proto, p.host_port));
+        }
+        gone.len()
+    }
+
+    /// Releases a tenant's ports.
+    pub async fn unpublish_tenant(&self, tenant: &str) {
+        let gone = self.ports.release_tenant(tenant).await;
+        self.unpublish(gone).await;
+    }
+}
+
+/// Publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The port cannot be had.
+    #[error(transparent)]
+    Port(#[from] ports::PortError),
+    /// The kernel refused the map element.
+    #[error(transparent)]
+    Nft(nft::NftError),
 }
 
 /// A network step failed.
@@ -211,8 +475,12 @@ async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
         .execute()
         .await
         .map_err(fail(link, "addressing the host side"))?;
+    // route_localnet lets 127.0.0.1:PORT of a published port be forwarded to the tenant; the
+    // table's prerouting guard drops a tenant's packets to 127/8, and its input chain drops
+    // everything a tenant sends to the host, so this opens nothing to the tenant.
     let mut conf = InetDevConf::default();
     conf.forwarding = 1;
+    conf.route_localnet = 1;
     let up = LinkUnspec::new_with_index(idx)
         .up()
         .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
@@ -286,6 +554,32 @@ mod tests {
         assert!(a.starts_with("caas-"));
         assert_ne!(a, link_name("b"));
         assert_eq!(link_name(&"x".repeat(63)).len(), 15);
+    }
+
+    #[test]
+    fn bad_network_settings_name_the_field() {
+        let mut c = NetworkConfig {
+            enabled: true,
+            uplinks: vec!["caas-1".into()],
+            ..Default::default()
+        };
+        let e = c.subnet_pool().unwrap_err().to_string();
+        assert!(e.contains("network.uplinks[0]"), "{e}");
+        c.uplinks = vec!["eth0".into()];
+        c.denied = vec!["10.88.1.0/24".parse().unwrap()];
+        let e = c.subnet_pool().unwrap_err().to_string();
+        assert!(
+            e.contains("network.denied[0]") && e.contains("overlaps"),
+            "{e}"
+        );
+        c.denied = vec![];
+        assert!(c.subnet_pool().unwrap().is_some());
+        assert_eq!(c.uplinks(), vec!["eth0".to_string()]);
+        c.dns = vec![Ipv4Addr::new(10, 0, 0, 53)];
+        assert_eq!(
+            resolv_conf(&c.name_servers()),
+            "# written by caas-agent for this tenant's containers\nnameserver 10.0.0.53\n"
+        );
     }
 
     #[test]

@@ -43,6 +43,17 @@ pub enum SandboxError {
         /// How many.
         count: usize,
     },
+    /// Ports were asked for a tenant without a network.
+    #[error(
+        "tenant {tenant:?} has no network (tenant networks are off on this node, or the tenant predates them); create the container without published ports"
+    )]
+    NoNetwork {
+        /// Tenant.
+        tenant: String,
+    },
+    /// A port could not be published.
+    #[error(transparent)]
+    Publish(#[from] crate::net::PublishError),
     /// VM isolation is not built.
     #[error("isolation vm is not available on this node yet; use userns")]
     VmUnavailable,
@@ -67,6 +78,8 @@ pub struct Manager {
     metering: Option<Arc<Metering>>,
     /// The image store: a deleted tenant's images go with it.
     images: Option<Arc<crate::images::ImageStore>>,
+    /// Tenant networks' node side (firewall, published ports), when networks are on.
+    pub network: Option<Arc<crate::net::Network>>,
     /// One lock per tenant serializes provisioning, teardown and engine restarts.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -86,6 +99,7 @@ impl Manager {
         layout: CgroupLayout,
         metering: Option<Arc<Metering>>,
         images: Option<Arc<crate::images::ImageStore>>,
+        network: Option<Arc<crate::net::Network>>,
     ) -> Result<Self, SandboxError> {
         let subnets = config
             .network
@@ -118,6 +132,7 @@ impl Manager {
             engines: Mutex::new(HashMap::new()),
             metering,
             images,
+            network,
             locks: Mutex::new(HashMap::new()),
         })
     }
@@ -147,10 +162,12 @@ impl Manager {
 
     /// After an agent (re)start: reconnect to every running engine, start the missing ones.
     pub async fn recover(&self) {
-        for t in self.registry.list(&TenantFilter::default()).await {
+        let tenants = self.registry.list(&TenantFilter::default()).await;
+        for t in &tenants {
             if t.state == TenantState::Deleting {
                 continue;
             }
+            let t = t.clone();
             let recovered = match self.ensure_engine(&t).await {
                 Ok(eng) => self.ensure_network(&t).await.map(|()| eng),
                 Err(e) => Err(e),
@@ -160,15 +177,30 @@ impl Manager {
                     let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
                     if let Some(m) = &self.metering {
                         m.track_tenant(&t.id).await;
-                        match eng.list(epb::ListRequest {}).await {
-                            Ok(r) => {
-                                for c in r.into_inner().containers {
+                        if t.subnet.is_some() {
+                            m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
+                                .await;
+                        }
+                    }
+                    match eng.list(epb::ListRequest {}).await {
+                        Ok(r) => {
+                            let containers = r.into_inner().containers;
+                            if let Some(m) = &self.metering {
+                                for c in &containers {
                                     m.track_container(&t.id, &c.id, &c.name).await;
                                 }
                             }
-                            Err(e) => {
-                                tracing::error!(tenant = %t.id, error = %e, "listing containers to meter failed")
+                            // Ports of containers deleted while the agent was down go.
+                            if let Some(n) = &self.network {
+                                let alive = containers.into_iter().map(|c| c.id).collect();
+                                let gone = n.prune(Some((&t.id, &alive)), None).await;
+                                if gone > 0 {
+                                    tracing::info!(tenant = %t.id, ports = gone, "released the ports of containers that are gone");
+                                }
                             }
+                        }
+                        Err(e) => {
+                            tracing::error!(tenant = %t.id, error = %e, "listing containers failed")
                         }
                     }
                 }
@@ -179,6 +211,13 @@ impl Manager {
                         .set_state(&t.id, TenantState::Failed, &e.to_string())
                         .await;
                 }
+            }
+        }
+        if let Some(n) = &self.network {
+            let known = tenants.iter().map(|t| t.id.clone()).collect();
+            n.prune(None, Some(&known)).await;
+            if let Err(e) = n.reload().await {
+                tracing::error!(error = %e, "reloading the firewall after recovery failed");
             }
         }
     }
@@ -201,6 +240,10 @@ impl Manager {
             Ok(_) => {
                 if let Some(m) = &self.metering {
                     m.track_tenant(&t.id).await;
+                    if t.subnet.is_some() {
+                        m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
+                            .await;
+                    }
                 }
                 Ok(self
                     .registry
@@ -269,6 +312,9 @@ impl Manager {
         }
         let client = self.engines.lock().await.remove(&t.id).map(|(c, _)| c);
         engine_proc::stop(&self.proc_args(t), client).await;
+        if let Some(n) = &self.network {
+            n.unpublish_tenant(&t.id).await;
+        }
         if t.subnet.is_some() {
             crate::net::detach(&t.id).await;
         }
@@ -308,6 +354,16 @@ impl Manager {
         let Some(subnet) = t.subnet else {
             return Ok(());
         };
+        if let Some(n) = &self.network {
+            let path = crate::net::resolv_conf_path(&self.run_dir, &t.id);
+            let conf = crate::net::resolv_conf(&n.config.name_servers());
+            crate::fsutil::write_replace_volatile(&path, conf.as_bytes(), 0o644).map_err(|e| {
+                SandboxError::Engine {
+                    tenant: t.id.clone(),
+                    message: format!("writing {}: {e}", path.display()),
+                }
+            })?;
+        }
         if crate::net::attached(&t.id).await {
             return Ok(());
         }
@@ -395,24 +451,72 @@ impl Manager {
         Ok((t, e))
     }
 
-    /// Creates a container after checking the tenant's container quota.
+    /// Creates a container after checking the tenant's container quota, with its published
+    /// ports (`(protocol, host port, container port)`): all of them or no container.
     pub async fn create_container(
         &self,
         tenant: &str,
         mut req: epb::CreateRequest,
+        publish: &[(crate::net::ports::Proto, u16, u16)],
     ) -> Result<pb::Container, SandboxError> {
         let (t, mut eng) = self.engine_of(tenant).await?;
+        let mut published = Vec::new();
+        if !publish.is_empty() {
+            let (Some(n), Some(subnet)) = (&self.network, t.subnet) else {
+                return Err(SandboxError::NoNetwork { tenant: t.id });
+            };
+            let ip = crate::net::addresses(subnet).1;
+            published = publish
+                .iter()
+                .map(
+                    |&(proto, host_port, container_port)| crate::net::ports::Published {
+                        proto,
+                        host_port,
+                        container_port,
+                        tenant: t.id.clone(),
+                        container: req.id.clone(),
+                        name: req.name.clone(),
+                        tenant_ip: ip,
+                    },
+                )
+                .collect();
+            n.publish(&published).await?;
+        }
         // The engine counts its containers and refuses one over the quota.
         req.max_containers = t.quotas.max_containers;
-        let c = eng
-            .create(req)
-            .await
-            .map_err(SandboxError::Status)?
-            .into_inner();
+        let id = req.id.clone();
+        let c = match eng.create(req).await {
+            Ok(c) => c.into_inner(),
+            Err(e) => {
+                if let Some(n) = self.network.as_ref().filter(|_| !published.is_empty()) {
+                    n.unpublish_container(&t.id, &id).await;
+                }
+                return Err(SandboxError::Status(e));
+            }
+        };
         if let Some(m) = &self.metering {
             m.track_container(&t.id, &c.id, &c.name).await;
         }
-        Ok(c)
+        Ok(self.with_ports(c).await)
+    }
+
+    /// `c` with its published ports filled in (the agent, not the engine, keeps them).
+    pub async fn with_ports(&self, mut c: pb::Container) -> pb::Container {
+        if let Some(n) = &self.network {
+            c.ports = n
+                .ports
+                .of_container(&c.tenant, &c.id)
+                .await
+                .into_iter()
+                .map(|p| pb::PortMapping {
+                    host_port: p.host_port.into(),
+                    container_port: p.container_port.into(),
+                    protocol: p.proto.as_str().into(),
+                    host_ip: String::new(),
+                })
+                .collect();
+        }
+        c
     }
 
     /// A reading of a container's usage before its engine is asked to delete it.
@@ -422,8 +526,12 @@ impl Manager {
         }
     }
 
-    /// The final reading of a deleted container (the one taken before, if its cgroup is gone).
+    /// The final reading of a deleted container (the one taken before, if its cgroup is gone);
+    /// its published ports are released.
     pub async fn container_deleted(&self, tenant: &str, container: &str) {
+        if let Some(n) = &self.network {
+            n.unpublish_container(tenant, container).await;
+        }
         if let Some(m) = &self.metering {
             m.finish_container(tenant, container).await;
         }
@@ -444,13 +552,15 @@ impl Manager {
             .filter(|t| t.state == TenantState::Ready)
         {
             let mut eng = self.engine(&t).await?;
-            out.extend(
-                eng.list(epb::ListRequest {})
-                    .await
-                    .map_err(SandboxError::Status)?
-                    .into_inner()
-                    .containers,
-            );
+            for c in eng
+                .list(epb::ListRequest {})
+                .await
+                .map_err(SandboxError::Status)?
+                .into_inner()
+                .containers
+            {
+                out.push(self.with_ports(c).await);
+            }
         }
         Ok(out)
     }

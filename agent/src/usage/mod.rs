@@ -4,7 +4,8 @@
 //! the last record cursor written.
 //!
 //! What this module owns: which cgroups are metered (tenants once ready, containers once
-//! created), the readings around a cgroup's removal ([`Metering::flush_container`] before,
+//! created) and which tenants' network links with them ([`Metering::track_tenant_link`]), the
+//! readings around a cgroup's removal ([`Metering::flush_container`] before,
 //! [`Metering::finish_container`] after: if the cgroup is gone by then, the reading taken
 //! before is the final one), and flushing the ledger at shutdown. It never touches the
 //! kernel itself.
@@ -170,6 +171,33 @@ impl Metering {
         let rel = self.cgroups.tenant_path(tenant);
         let rel = rel.trim_start_matches('/').to_string();
         self.track(Self::tenant_key(tenant), rel).await;
+    }
+
+    /// Also meters the tenant's network bytes, from its host-side link `link` (e.g.
+    /// [`crate::net::link_name`] of the tenant), with every reading of the tenant: call it after
+    /// [`Metering::track_tenant`] once the tenant's network is up (or recovered). Calling it again
+    /// with the same link changes nothing. Containers get no network bytes: they share the
+    /// tenant's network namespace. A link that cannot be read (yet) never stops the tenant's
+    /// metering; the readings leave its bytes out until it can be.
+    pub async fn track_tenant_link(&self, tenant: &str, link: &str) {
+        let key = Self::tenant_key(tenant);
+        let tracked = self
+            .tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&key);
+        if !tracked {
+            // `track_tenant` failed (and said why), or was not called.
+            tracing::error!(
+                tenant,
+                link,
+                "tenant is not metered; its network bytes cannot be metered either"
+            );
+            return;
+        }
+        if let Err(e) = self.sampler.set_link(key, link.to_string()).await {
+            tracing::error!(tenant, link, error = %e, "network link cannot be metered");
+        }
     }
 
     /// Meters a container's cgroup (from its creation, or its recovery).

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::meter::Counters;
 
+mod network;
 mod random;
 
 type TestResult = anyhow::Result<()>;
@@ -474,11 +475,11 @@ fn config_is_validated() -> TestResult {
 fn future_schema_and_foreign_files_are_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     drop(Ledger::open(db(&dir), config(60))?);
-    rusqlite::Connection::open(db(&dir))?.pragma_update(None, "user_version", 2)?;
+    rusqlite::Connection::open(db(&dir))?.pragma_update(None, "user_version", 3)?;
     let err = Ledger::open(db(&dir), config(60)).expect_err("future version refused");
     assert!(
         err.to_string()
-            .contains("has schema version 2; this agent knows versions up to 1"),
+            .contains("has schema version 3; this agent knows versions up to 2"),
         "{err}"
     );
 

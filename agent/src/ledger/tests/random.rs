@@ -1,5 +1,6 @@
 //! A property test: random sample sequences, with crashes, restarts and replays at random
-//! points, bill exactly what the counters say.
+//! points, bill exactly what the counters say. Tenants also have a network link, read or not
+//! at random, and now and then created again.
 
 use std::collections::HashSet;
 
@@ -36,6 +37,12 @@ struct Sim {
     sampled: u64,
     memory: u64,
     prev_at: Option<u64>,
+    /// The tenant link's received-bytes counter (sent bytes are twice it, so both go back
+    /// together when the link is created again).
+    link: u64,
+    /// Network bytes billed by the model for past links, and the last reading of the current one.
+    link_billed_before: u64,
+    link_sampled: u64,
 }
 
 #[test]
@@ -70,10 +77,12 @@ fn run_random(seed: u64) -> TestResult {
         for (k, sim) in keys.iter().zip(sims.iter_mut()) {
             if !sim.alive {
                 if rng.chance(20) {
+                    // A new cgroup, and for a tenant a new link.
                     *sim = Sim {
                         alive: true,
                         billed_before: sim.billed_before + sim.sampled,
                         memory: sim.memory,
+                        link_billed_before: sim.link_billed_before + sim.link_sampled,
                         ..Sim::default()
                     };
                 } else {
@@ -81,6 +90,7 @@ fn run_random(seed: u64) -> TestResult {
                 }
             }
             sim.cpu += rng.below(4_000_000_000);
+            sim.link += rng.below(1 << 20);
             if sim.prev_at.is_some() && sim.sampled > 0 && rng.chance(3) {
                 // Recreated behind the meter's back, and sampled while its counter is still
                 // below the old one (otherwise nothing could tell): the old cgroup's unsampled
@@ -92,6 +102,24 @@ fn run_random(seed: u64) -> TestResult {
             }
             let ws = rng.below(1 << 34);
             let mut s = sample(k, at, sim.cpu, ws);
+            if k.container.is_none() {
+                let mut read = rng.chance(80);
+                if sim.link_sampled > 0 && rng.chance(3) {
+                    // The link is created again, and read while it is still below the old one's
+                    // last reading (as for the cgroup above).
+                    let old = std::mem::take(&mut sim.link_sampled);
+                    sim.link_billed_before += old;
+                    sim.link = rng.below(old);
+                    read = true;
+                }
+                if read {
+                    s.counters.net = Some(crate::meter::NetBytes {
+                        rx_bytes: sim.link,
+                        tx_bytes: 2 * sim.link,
+                    });
+                    sim.link_sampled = sim.link;
+                }
+            }
             s.last = rng.chance(5);
             sim.sampled = sim.cpu;
             sim.memory += ws * sim.prev_at.map_or(1, |p| at - p);
@@ -146,6 +174,15 @@ fn run_random(seed: u64) -> TestResult {
         assert_eq!(memory, sim.memory, "memory of {k:?}");
         let per_second = ledger.usage(&k.tenant, k.container.as_deref(), 0, end, Per::Second)?;
         assert_eq!(per_second.total.cpu_ns, cpu, "per-second cpu of {k:?}");
+        let rx: u64 = mine.iter().map(|r| r.rx_bytes).sum();
+        let tx: u64 = mine.iter().map(|r| r.tx_bytes).sum();
+        let link = sim.link_billed_before + sim.link_sampled;
+        assert_eq!((rx, tx), (link, 2 * link), "network bytes of {k:?}");
+        assert_eq!(
+            (per_second.total.rx_bytes, per_second.total.tx_bytes),
+            (rx, tx),
+            "per-second network bytes of {k:?}"
+        );
     }
     Ok(())
 }
