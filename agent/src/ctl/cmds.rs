@@ -239,7 +239,9 @@ fn print_containers(cs: Vec<pb::Container>, json: bool) {
         return;
     }
     out::table(
-        &["TENANT", "NAME", "ID", "STATE", "EXIT", "IMAGE", "PORTS", "CREATED"],
+        &[
+            "TENANT", "NAME", "ID", "STATE", "EXIT", "IMAGE", "PORTS", "CREATED",
+        ],
         cs.into_iter()
             .map(|c| {
                 let ports: Vec<String> = c
