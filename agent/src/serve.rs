@@ -155,7 +155,6 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
             net::Network::start(&config.network, &config.state_dir, reserved).await?,
         ))
     } else {
-        net::Network::remove_table().await;
         None
     };
     let sandboxes = Manager::open(
@@ -163,9 +162,18 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         node.cgroup_layout,
         Some(metering.clone()),
         Some(images.clone()),
-        network,
+        network.clone(),
     )?;
     sandboxes.recover().await;
+    match network {
+        Some(n) => {
+            let stop = shutdown.clone();
+            tokio::spawn(async move { n.guard(Duration::from_secs(5), stop).await });
+        }
+        // Networks off: recovery removed the tenants' links; then the table an earlier run
+        // left (never before: a link must not be without it).
+        None => net::Network::remove_table().await,
+    }
     let state = Arc::new(AgentState {
         config,
         node,

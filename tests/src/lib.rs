@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 pub use caas_agent::testing::{privileged_required, require_root, skip};
 
+pub mod calls;
 pub mod registry;
 
 /// A random suffix so parallel tests never share names.

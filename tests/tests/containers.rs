@@ -9,7 +9,7 @@ use caas_proto::v1::{
     self as pb, container_service_client::ContainerServiceClient,
     tenant_service_client::TenantServiceClient,
 };
-use caas_tests::{TestAgent, busybox_rootfs, require_root};
+use caas_tests::{TestAgent, busybox_rootfs, calls::cref, require_root};
 use futures::StreamExt;
 use tonic::{Code, transport::Channel};
 
@@ -69,31 +69,11 @@ impl Api {
     }
 
     async fn wait(&mut self, tenant: &str, name: &str) -> pb::WaitContainerResponse {
-        let call = self.c.wait_container(pb::WaitContainerRequest {
-            r#ref: cref(tenant, name),
-        });
-        tokio::time::timeout(Duration::from_secs(60), call)
-            .await
-            .expect("wait timed out")
-            .unwrap()
-            .into_inner()
+        caas_tests::calls::wait(&mut self.c, tenant, name).await
     }
 
     async fn logs(&mut self, tenant: &str, name: &str) -> String {
-        let mut s = self
-            .c
-            .logs(pb::LogsRequest {
-                r#ref: cref(tenant, name),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = String::new();
-        while let Some(chunk) = s.message().await.unwrap() {
-            out.push_str(&String::from_utf8_lossy(&chunk.data));
-        }
-        out
+        caas_tests::calls::logs(&mut self.c, tenant, name).await
     }
 
     /// Waits until the container's logs contain `needle`.
@@ -110,13 +90,6 @@ impl Api {
             self.logs(tenant, name).await
         );
     }
-}
-
-fn cref(tenant: &str, c: &str) -> Option<pb::ContainerRef> {
-    Some(pb::ContainerRef {
-        tenant: tenant.into(),
-        container: c.into(),
-    })
 }
 
 fn host_uid(pid: u32) -> u32 {

@@ -19,6 +19,7 @@ use caas_proto::v1::{
 };
 use caas_tests::{
     TestAgent, busybox_rootfs,
+    calls::cref,
     registry::{
         Compression, FaultProxy, ImageBuilder, LayerTar, OciLayout, PushMode, Registry,
         RegistryManifest, RegistryOpts, TOKEN_SERVICE, TokenRequest, digest_hex, incompressible,
@@ -257,20 +258,7 @@ impl Api {
     }
 
     async fn logs(&mut self, tenant: &str, name: &str) -> String {
-        let mut s = self
-            .c
-            .logs(pb::LogsRequest {
-                r#ref: cref(tenant, name),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = String::new();
-        while let Some(chunk) = s.message().await.unwrap() {
-            out.push_str(&String::from_utf8_lossy(&chunk.data));
-        }
-        out
+        caas_tests::calls::logs(&mut self.c, tenant, name).await
     }
 
     async fn delete(&mut self, tenant: &str, name: &str) {
@@ -325,13 +313,6 @@ impl Api {
             .collect();
         panic!("{what}: partial downloads left after the failed pull: {left:?}");
     }
-}
-
-fn cref(tenant: &str, c: &str) -> Option<pb::ContainerRef> {
-    Some(pb::ContainerRef {
-        tenant: tenant.into(),
-        container: c.into(),
-    })
 }
 
 /// Every path under `dir`, relative, symlinks not followed (empty when `dir` does not exist).

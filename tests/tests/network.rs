@@ -20,7 +20,7 @@ use caas_proto::v1::{
     self as pb, container_service_client::ContainerServiceClient,
     tenant_service_client::TenantServiceClient, usage_service_client::UsageServiceClient,
 };
-use caas_tests::{TestAgent, busybox_rootfs, require_root};
+use caas_tests::{TestAgent, busybox_rootfs, calls::cref, require_root};
 use tonic::{Code, transport::Channel};
 
 /// One test at a time: they all change the host's network.
@@ -128,6 +128,11 @@ impl Drop for TestHost {
     }
 }
 
+/// A host port in the agent's default publish range (30000-32767, below the ephemeral ports).
+fn publish_port() -> u16 {
+    30000 + (rand_u32() % 2768) as u16
+}
+
 fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     std::fs::File::open("/dev/urandom")
@@ -219,13 +224,6 @@ struct Api {
     rootfs: String,
 }
 
-fn cref(tenant: &str, c: &str) -> Option<pb::ContainerRef> {
-    Some(pb::ContainerRef {
-        tenant: tenant.into(),
-        container: c.into(),
-    })
-}
-
 fn publish(host: u16, inside: u16) -> pb::PortMapping {
     pb::PortMapping {
         host_port: host.into(),
@@ -309,32 +307,13 @@ impl Api {
     }
 
     async fn wait(&mut self, tenant: &str, name: &str) -> i32 {
-        let call = self.c.wait_container(pb::WaitContainerRequest {
-            r#ref: cref(tenant, name),
-        });
-        tokio::time::timeout(Duration::from_secs(60), call)
+        caas_tests::calls::wait(&mut self.c, tenant, name)
             .await
-            .expect("wait timed out")
-            .unwrap()
-            .into_inner()
             .exit_code
     }
 
     async fn logs(&mut self, tenant: &str, name: &str) -> String {
-        let mut s = self
-            .c
-            .logs(pb::LogsRequest {
-                r#ref: cref(tenant, name),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = String::new();
-        while let Some(chunk) = s.message().await.unwrap() {
-            out.push_str(&String::from_utf8_lossy(&chunk.data));
-        }
-        out
+        caas_tests::calls::logs(&mut self.c, tenant, name).await
     }
 
     /// Runs `script` in a new container and returns its exit code and output.
@@ -368,6 +347,8 @@ fn network_config(c: &mut Config, pool: &str, uplink: &str) {
     c.network.pool = pool.parse().unwrap();
     c.network.uplinks = vec![uplink.to_string()];
     c.network.dns = vec![Ipv4Addr::new(198, 18, 0, 53)];
+    // The API on every host address, so that a tenant's probes of it test the firewall.
+    c.api.tcp_listen = Some("0.0.0.0:0".parse().unwrap());
     c.usage.window_secs = 2;
 }
 
@@ -376,7 +357,6 @@ async fn restart(agent: &mut TestAgent, pool: &str, host: &TestHost) {
     agent.agent.take().unwrap().shutdown().await.unwrap();
     let mut c = caas_tests::test_config(agent.dir.path());
     c.tenants.cgroup_slice = agent.slice.clone();
-    c.api.tcp_listen = Some("127.0.0.1:0".parse().unwrap());
     c.api.tls = Some(agent.pki.tls_config());
     network_config(&mut c, pool, &host.link);
     let a = caas_agent::serve::start(c).await.unwrap();
@@ -401,6 +381,7 @@ fn host_network() -> serde_json::Value {
                     "valid_life_time",
                     "preferred_life_time",
                     "operstate",
+                    "tentative",
                     "linkmode",
                     "flags",
                     "link_index",
@@ -491,8 +472,16 @@ async fn tenants_reach_each_other_inside_and_the_world_by_nat_but_never_each_oth
         "a"
     );
 
-    // B reaches none of A, the host's API port (on any host address), or the metadata address.
+    // B reaches none of A, the host's API port (it listens on every host address), or the
+    // metadata address; the host itself reaches the API on those addresses.
     let api_port = agent.addr.port();
+    for ip in ["10.231.0.1", "10.231.0.5"] {
+        let a: SocketAddr = format!("{ip}:{api_port}").parse().unwrap();
+        tokio::task::spawn_blocking(move || TcpStream::connect_timeout(&a, Duration::from_secs(3)))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the host cannot reach its own API at {a}: {e}"));
+    }
     for (i, target) in [
         format!("{a_ip} 8081"),
         format!("10.231.0.1 {api_port}"),
@@ -516,6 +505,16 @@ async fn tenants_reach_each_other_inside_and_the_world_by_nat_but_never_each_oth
     );
     // The host itself does reach them (the wall is the tenants', not the host's).
     assert_eq!(fetch_soon(SocketAddr::from((METADATA, 80))).await, "hello");
+
+    // B's network works: the probes above failed for the wall, not for a broken B.
+    let (code, out) = api
+        .outcome(
+            &b,
+            "b-egress",
+            &format!("echo ping | nc -w 3 {} 9000", host.ip),
+        )
+        .await;
+    assert_eq!(code, 0, "tenant B has no egress: {out}");
 
     // Egress: A reaches the test host through NAT; the test host sees the uplink's address.
     let (code, out) = api
@@ -552,7 +551,7 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
     let (a, b) = (caas_tests::unique("pa"), caas_tests::unique("pb"));
     api.tenant(&a).await;
     api.tenant(&b).await;
-    let port = 20000 + (rand_u32() % 20000) as u16;
+    let port = publish_port();
 
     let c = api
         .run_publishing(
@@ -597,6 +596,12 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
     });
     assert_eq!(from_outside, "web-a", "from the test host");
 
+    // Another tenant reaches it too, through the host (hairpin).
+    let (code, out) = api
+        .outcome(&b, "hairpin", &format!("nc -w 3 {} {port}", host.host_ip))
+        .await;
+    assert_eq!((code, out.trim()), (0, "web-a"), "B to A's published port");
+
     // A second container, of either tenant, is refused the host port, and told who has it.
     for t in [&a, &b] {
         let e = api
@@ -620,7 +625,10 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
         .await
         .unwrap()
         .into_inner();
-    assert!(listed.containers.is_empty(), "{listed:?}");
+    assert!(
+        listed.containers.iter().all(|c| c.name != "web2"),
+        "{listed:?}"
+    );
     // Bad input is refused by field.
     for (m, field) in [
         (publish(0, 80), "ports[0].host_port"),
@@ -643,11 +651,29 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(field), "{}", e.message());
     }
+    // Outside the node's publish range; a port a host process has bound.
     let e = api
-        .create(&b, "own", "true", vec![publish(agent.addr.port(), 80)])
+        .create(&b, "low", "true", vec![publish(80, 80)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("30000-32767"), "{}", e.message());
+    let squatter = loop {
+        if let Ok(l) = TcpListener::bind(("0.0.0.0", publish_port())) {
+            break l;
+        }
+    };
+    let taken = squatter.local_addr().unwrap().port();
+    let e = api
+        .create(&b, "taken", "true", vec![publish(taken, 80)])
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("in use on the host"),
+        "{}",
+        e.message()
+    );
 
     // Deleting the owner releases the port: B can have it now.
     api.delete(&a, "web").await;
@@ -678,7 +704,7 @@ async fn deleting_tenants_leaves_the_host_network_as_it_was_also_after_a_restart
     for round in 0..2 {
         let t = caas_tests::unique("cl");
         api.tenant(&t).await;
-        let port = 20000 + (rand_u32() % 20000) as u16;
+        let port = publish_port();
         api.run_publishing(
             &t,
             "web",
@@ -725,7 +751,7 @@ async fn bytes_a_tenant_sends_are_billed() {
     // downloads it through the uplink. (busybox httpd sends with sendfile, as real servers do;
     // busybox nc would write 1 KiB at a time, and the link's counters include every packet's
     // headers.)
-    let port = 20000 + (rand_u32() % 20000) as u16;
+    let port = publish_port();
     api.run_publishing(
         &t,
         "send",

@@ -14,18 +14,11 @@ use caas_proto::v1::{
     self as pb, container_service_client::ContainerServiceClient,
     tenant_service_client::TenantServiceClient, usage_service_client::UsageServiceClient,
 };
-use caas_tests::{TestAgent, busybox_rootfs, require_root};
+use caas_tests::{TestAgent, busybox_rootfs, calls::cref, require_root};
 use futures::StreamExt;
 use tonic::{Code, transport::Channel};
 
 const MIB: f64 = (1u64 << 20) as f64;
-
-fn cref(tenant: &str, c: &str) -> Option<pb::ContainerRef> {
-    Some(pb::ContainerRef {
-        tenant: tenant.into(),
-        container: c.into(),
-    })
-}
 
 struct Api {
     t: TenantServiceClient<Channel>,
@@ -87,14 +80,8 @@ impl Api {
     }
 
     async fn wait(&mut self, tenant: &str, id: &str) -> i32 {
-        let call = self.c.wait_container(pb::WaitContainerRequest {
-            r#ref: cref(tenant, id),
-        });
-        tokio::time::timeout(Duration::from_secs(60), call)
+        caas_tests::calls::wait(&mut self.c, tenant, id)
             .await
-            .expect("wait timed out")
-            .unwrap()
-            .into_inner()
             .exit_code
     }
 

@@ -99,11 +99,16 @@ impl ContainerService for ContainerApi {
                 .map_err(|e| status::image(e, &ctx))?;
             convert::apply_image(&mut create, rootfs)?;
         }
-        let c = self
-            .state
-            .sandboxes
-            .create_container(&tenant, create, &publish)
+        // Publish, create and the rollback of a failed create are one step: a client that goes
+        // away (deadline, reset) must not leave ports held for a container that never was.
+        let state = self.state.clone();
+        let t = tenant.clone();
+        let c =
+            tokio::spawn(
+                async move { state.sandboxes.create_container(&t, create, &publish).await },
+            )
             .await
+            .map_err(|e| Status::internal(format!("creating the container: {e}")))?
             .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(%tenant, container = %c.id, name = %c.name, caller = %ctx.caller.identity, "container created");
         Ok(Response::new(c))
@@ -179,14 +184,30 @@ impl ContainerService for ContainerApi {
         let (c, mut eng) = self
             .engine_for(&ctx, r.r#ref, Action::ContainerWrite)
             .await?;
-        self.state.sandboxes.container_deleting(&tenant, &c).await;
-        eng.delete(epb::DeleteRequest {
-            container: c.clone(),
-            force: r.force,
+        // By id from here: a name may be taken again by a create running beside this delete.
+        let id = eng
+            .inspect(epb::ContainerId { container: c })
+            .await
+            .map_err(|e| engine_err(e, &ctx))?
+            .into_inner()
+            .id;
+        // The engine's delete and the agent's release are one step: a client that goes away
+        // (deadline, reset) must not leave the container's ports held by nobody.
+        let state = self.state.clone();
+        let force = r.force;
+        tokio::spawn(async move {
+            state.sandboxes.container_deleting(&tenant, &id).await;
+            eng.delete(epb::DeleteRequest {
+                container: id.clone(),
+                force,
+            })
+            .await?;
+            state.sandboxes.container_deleted(&tenant, &id).await;
+            Ok::<_, Status>(())
         })
         .await
+        .map_err(|e| Status::internal(format!("deleting the container: {e}")))?
         .map_err(|e| engine_err(e, &ctx))?;
-        self.state.sandboxes.container_deleted(&tenant, &c).await;
         Ok(Response::new(pb::DeleteContainerResponse {}))
     }
 

@@ -82,6 +82,12 @@ fn publish(e: crate::net::PublishError, ctx: &Ctx) -> Status {
                 ))
             }
         }
+        PublishError::Port(p @ PortError::OutOfRange { .. }) => {
+            Status::invalid_argument(p.to_string())
+        }
+        PublishError::Port(p @ PortError::TooMany { .. }) => {
+            Status::resource_exhausted(p.to_string())
+        }
         PublishError::Port(p @ (PortError::Reserved { .. } | PortError::InUse { .. })) => {
             Status::failed_precondition(p.to_string())
         }

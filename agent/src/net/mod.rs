@@ -55,6 +55,13 @@ pub struct NetworkConfig {
     /// Name servers written into containers' /etc/resolv.conf. Empty: the host's
     /// /etc/resolv.conf ones, without loopback addresses (a tenant cannot reach those).
     pub dns: Vec<Ipv4Addr>,
+    /// The lowest host port containers may publish.
+    pub publish_min: u16,
+    /// The highest (default 32767: below Linux's ephemeral ports, which published ports would
+    /// take from the host's outgoing connections).
+    pub publish_max: u16,
+    /// Published ports per tenant, at most.
+    pub max_published_per_tenant: u32,
 }
 
 impl Default for NetworkConfig {
@@ -70,6 +77,9 @@ impl Default for NetworkConfig {
                     .unwrap_or_else(|_| unreachable!("169.254.0.0/16 is a valid network")),
             ],
             dns: Vec::new(),
+            publish_min: 30000,
+            publish_max: 32767,
+            max_published_per_tenant: 64,
         }
     }
 }
@@ -81,11 +91,11 @@ impl NetworkConfig {
             return Ok(None);
         }
         for (i, u) in self.uplinks.iter().enumerate() {
-            if u.is_empty() || u.len() > 15 || u.contains(['/', ' ', '\0']) || u == "." || u == ".."
-            {
+            let ok_char = |c: char| c.is_ascii_alphanumeric() || "_.:@-".contains(c);
+            if u.is_empty() || u.len() > 15 || !u.chars().all(ok_char) || u == "." || u == ".." {
                 return Err(Invalid::new(
                     format!("network.uplinks[{i}]"),
-                    format!("{u:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"),
+                    format!("{u:?} is not an interface name (1 to 15 of a-z A-Z 0-9 _ . : @ -)"),
                 ));
             }
             if u.starts_with("caas-") {
@@ -102,6 +112,15 @@ impl NetworkConfig {
                     format!("{d} overlaps the tenant pool {}", self.pool),
                 ));
             }
+        }
+        if self.publish_min == 0 || self.publish_min > self.publish_max {
+            return Err(Invalid::new(
+                "network.publish_min",
+                format!(
+                    "the publish range {}-{} is empty or starts at 0",
+                    self.publish_min, self.publish_max
+                ),
+            ));
         }
         SubnetPool::new(self.pool, self.tenant_prefix)
             .map(Some)
@@ -134,12 +153,24 @@ impl NetworkConfig {
         if !self.dns.is_empty() {
             return self.dns.clone();
         }
-        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        conf.lines()
-            .filter_map(|l| l.trim().strip_prefix("nameserver"))
-            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-            .filter(|a| !a.is_loopback() && !a.is_unspecified())
-            .collect()
+        // systemd-resolved's stub (127.0.0.53) is unreachable from a tenant; its upstream list
+        // is in the second file.
+        for f in ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"] {
+            let conf = std::fs::read_to_string(f).unwrap_or_default();
+            let found: Vec<Ipv4Addr> = conf
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("nameserver"))
+                .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+                .filter(|a| !a.is_loopback() && !a.is_unspecified())
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        tracing::warn!(
+            "no name server a tenant can reach in the host's resolv.conf: containers get none; set [network] dns"
+        );
+        Vec::new()
     }
 }
 
@@ -179,21 +210,63 @@ impl Network {
         state_dir: &Path,
         reserved: Vec<(ports::Proto, u16, String)>,
     ) -> Result<Self, NetError> {
-        let ports = ports::PortTable::open(&state_dir.join("network").join("ports.json"), reserved)
+        let dir = state_dir.join("network");
+        let policy = ports::Policy {
+            range: (config.publish_min, config.publish_max),
+            per_tenant: config.max_published_per_tenant,
+        };
+        let ports = ports::PortTable::open(&dir.join("ports.json"), reserved, policy)
             .map_err(io_fail("ports.json", "reading the published ports"))?;
-        for u in config.uplinks() {
+        // Uplinks whose forwarding the agent switches on (kept, so that a restart still knows
+        // it was the agent): what enters on them may be forwarded to tenants only.
+        let routed_file = dir.join("routed-uplinks.json");
+        let mut routed: Vec<String> = std::fs::read(&routed_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let uplinks = config.uplinks();
+        if uplinks.is_empty() {
+            tracing::warn!(
+                "no uplink (no default route, and [network] uplinks is empty): tenants have no egress and published ports answer on no interface"
+            );
+        }
+        let mut switch = Vec::new();
+        for u in &uplinks {
             let f = format!("/proc/sys/net/ipv4/conf/{u}/forwarding");
-            match std::fs::write(&f, "1") {
-                Ok(()) => tracing::info!(uplink = %u, "IPv4 forwarding on for the uplink"),
-                Err(e) => {
-                    tracing::warn!(uplink = %u, error = %e, "uplink forwarding could not be switched on; tenants' egress and published ports through it will not work")
+            if std::fs::read_to_string(&f).is_ok_and(|v| v.trim() == "0") {
+                switch.push(f);
+                if !routed.contains(u) {
+                    routed.push(u.clone());
                 }
             }
         }
+        let saved = serde_json::to_vec(&routed).unwrap_or_default();
+        crate::fsutil::ensure_dir(&dir, 0o700)
+            .and_then(|()| crate::fsutil::write_atomic(&routed_file, &saved, 0o600))
+            .map_err(io_fail("routed-uplinks.json", "saving the uplinks"))?;
         let rules = nft::Ruleset {
             pool: config.pool,
             denied: config.denied.clone(),
+            uplinks,
+            routed,
         };
+        // The table before forwarding: never a moment of routing without the firewall.
+        let nft = nft::Nft::default();
+        nft.load(&rules, &ports.all().await)
+            .await
+            .map_err(|e| NetError {
+                link: "table inet caas".into(),
+                step: "loading the firewall",
+                message: e.to_string(),
+            })?;
+        for f in switch {
+            match std::fs::write(&f, "1") {
+                Ok(()) => tracing::info!(sysctl = %f, "IPv4 forwarding on for an uplink"),
+                Err(e) => {
+                    tracing::warn!(sysctl = %f, error = %e, "uplink forwarding could not be switched on; tenants' egress and published ports through it will not work")
+                }
+            }
+        }
         let mut held = std::collections::HashMap::new();
         for p in ports.all().await {
             match ports::hold(p.proto, p.host_port) {
@@ -205,14 +278,6 @@ impl Network {
                 }
             }
         }
-        let nft = nft::Nft::default();
-        nft.load(&rules, &ports.all().await)
-            .await
-            .map_err(|e| NetError {
-                link: "table inet caas".into(),
-                step: "loading the firewall",
-                message: e.to_string(),
-            })?;
         Ok(Self {
             config: config.clone(),
             nft,
@@ -278,8 +343,36 @@ impl Network {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Keeps the table loaded: something else may remove it (`nft flush ruleset`, a restart
+    /// of the host's nftables service), and without it tenants reach the host. Checks every
+    /// `period` until `stop`.
+    pub async fn guard(
+        &self,
+        period: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            if !self.nft.loaded().await {
+                tracing::error!(
+                    "the nftables table inet caas is gone (flushed by someone else?); loading it again"
+                );
+                if let Err(e) = self.reload().await {
+                    tracing::error!(error = %e, "reloading the firewall failed");
+                }
+            }
+        }
+    }
+
     async fn unpublish(&self, gone: Vec<ports::Published>) {
-        self.nft.unpublish(&gone).await;
+        if !self.nft.unpublish(&gone).await
+            && let Err(e) = self.reload().await
+        {
+            tracing::error!(error = %e, "reloading the firewall failed");
+        }
         let mut held = self.held_mut();
         for p in &gone {
             held.remove(&(p.proto, p.host_port));
@@ -433,6 +526,46 @@ pub async fn attached(tenant: &str) -> bool {
     }
 }
 
+/// Sets what the host side of a tenant link needs, again (a host sysctl change may have reset
+/// it): IPv4 forwarding and route_localnet on, IPv6 off (tenant networks are IPv4; with IPv6 on,
+/// a tenant could send router advertisements to the host).
+pub async fn configure_host_side(tenant: &str) -> Result<(), NetError> {
+    let link = link_name(tenant);
+    let h = connect(&link)?;
+    let idx = index_of(&h, &link).await.ok_or_else(|| NetError {
+        link: link.clone(),
+        step: "finding the link",
+        message: "it does not exist".into(),
+    })?;
+    host_side_conf(&h, idx, &link).await
+}
+
+async fn host_side_conf(h: &Handle, idx: u32, link: &str) -> Result<(), NetError> {
+    // IPv6 off first, before the link is ever up with a link-local address.
+    let v6 = format!("/proc/sys/net/ipv6/conf/{link}/disable_ipv6");
+    if Path::new(&v6).exists() {
+        std::fs::write(&v6, "1").map_err(io_fail(link, "switching IPv6 off"))?;
+    }
+    let mut conf = InetDevConf::default();
+    conf.forwarding = 1;
+    // route_localnet lets 127.0.0.1:PORT of a published port be forwarded to the tenant; the
+    // table's prerouting guard drops a tenant's packets to 127/8, and its input chain drops
+    // everything a tenant sends to the host, so this opens nothing to the tenant.
+    conf.route_localnet = 1;
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(
+                    vec![AfSpecInet::DevConfRequest(conf)],
+                )]))
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(fail(link, "setting forwarding"))?;
+    Ok(())
+}
+
 /// Joins the tenant's netns (bind-mounted at `ns`) to the host with a veth pair in `subnet`.
 /// On error nothing of it is left.
 pub async fn attach(tenant: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetError> {
@@ -475,20 +608,9 @@ async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
         .execute()
         .await
         .map_err(fail(link, "addressing the host side"))?;
-    // route_localnet lets 127.0.0.1:PORT of a published port be forwarded to the tenant; the
-    // table's prerouting guard drops a tenant's packets to 127/8, and its input chain drops
-    // everything a tenant sends to the host, so this opens nothing to the tenant.
-    let mut conf = InetDevConf::default();
-    conf.forwarding = 1;
-    conf.route_localnet = 1;
-    let up = LinkUnspec::new_with_index(idx)
-        .up()
-        .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
-            AfSpecInet::DevConfRequest(conf),
-        ])]))
-        .build();
+    host_side_conf(&host, idx, link).await?;
     host.link()
-        .set(up)
+        .set(LinkUnspec::new_with_index(idx).up().build())
         .execute()
         .await
         .map_err(fail(link, "bringing the host side up"))?;

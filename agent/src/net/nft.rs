@@ -52,6 +52,20 @@ pub struct Ruleset {
     pub pool: Ipv4Net,
     /// Ranges tenants may never reach (metadata services, the control plane).
     pub denied: Vec<Ipv4Net>,
+    /// The interfaces tenants' traffic leaves by (and is masqueraded on).
+    pub uplinks: Vec<String>,
+    /// Uplinks whose forwarding the agent switched on: what enters on them is forwarded to
+    /// tenants only, so the host does not become a router between its other networks.
+    pub routed: Vec<String>,
+}
+
+fn name_elements(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+        format!(" elements = {{ {} }};", list.join(", "))
+    }
 }
 
 fn set_elements(nets: &[Ipv4Net]) -> String {
@@ -108,6 +122,8 @@ delete table inet {TABLE}
 table inet {TABLE} {{
   set tenant_nets4 {{ type ipv4_addr; flags interval; elements = {{ {pool} }}; }}
   set denied4 {{ type ipv4_addr; flags interval;{denied} }}
+  set uplinks {{ type ifname;{uplinks} }}
+  set routed {{ type ifname;{routed} }}
 {maps}
   chain prerouting_guard {{
     type filter hook prerouting priority -300; policy accept;
@@ -132,20 +148,24 @@ table inet {TABLE} {{
   chain forward {{
     type filter hook forward priority 0; policy accept;
     iifname \"{l}\" ip daddr @denied4 drop
+    iifname \"{l}\" oifname != \"{l}\" oifname != @uplinks drop
     oifname \"{l}\" ct status dnat accept
     oifname \"{l}\" ct state established,related accept
     oifname \"{l}\" drop
+    iifname @routed drop
   }}
   chain postrouting_nat {{
     type nat hook postrouting priority 100; policy accept;
     oifname \"{l}\" ip saddr 127.0.0.0/8 masquerade
     oifname \"{l}\" ct status dnat ip saddr @tenant_nets4 masquerade
-    oifname != \"{l}\" ip saddr @tenant_nets4 ip daddr != @tenant_nets4 masquerade
+    oifname @uplinks ip saddr @tenant_nets4 ip daddr != @tenant_nets4 masquerade
   }}
 }}
 ",
             pool = self.pool,
             denied = set_elements(&self.denied),
+            uplinks = name_elements(&self.uplinks),
+            routed = name_elements(&self.routed),
         )
     }
 }
@@ -225,8 +245,10 @@ impl Nft {
         self.run("publishing ports", &s).await
     }
 
-    /// Removes published ports (missing ones are skipped, each in a transaction of its own).
-    pub async fn unpublish(&self, ports: &[Published]) {
+    /// Removes published ports, each in a transaction of its own. Returns false when one could
+    /// not be removed (the caller then reloads the whole table).
+    pub async fn unpublish(&self, ports: &[Published]) -> bool {
+        let mut all = true;
         for p in ports {
             let s = format!(
                 "delete element inet {TABLE} {} {{ {} }}\n",
@@ -234,9 +256,23 @@ impl Nft {
                 element(p, false)
             );
             if let Err(e) = self.run("unpublishing a port", &s).await {
-                tracing::debug!(port = p.host_port, error = %e, "unpublish");
+                tracing::warn!(port = p.host_port, error = %e, "unpublishing a port failed; reloading the table");
+                all = false;
             }
         }
+        all
+    }
+
+    /// Whether the table is loaded.
+    pub async fn loaded(&self) -> bool {
+        tokio::process::Command::new(&self.binary)
+            .args(["list", "table", "inet", TABLE])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
     }
 }
 
@@ -251,6 +287,8 @@ mod tests {
         let r = Ruleset {
             pool: "10.88.0.0/16".parse().unwrap(),
             denied: vec!["169.254.0.0/16".parse().unwrap()],
+            uplinks: vec!["eth0".into()],
+            routed: vec![],
         };
         let p = Published {
             proto: Proto::Udp,
@@ -264,6 +302,8 @@ mod tests {
         let s = r.script(std::slice::from_ref(&p));
         assert!(s.starts_with("add table inet caas\ndelete table inet caas\n"));
         assert!(s.contains("elements = { 169.254.0.0/16 }"));
+        assert!(s.contains("set uplinks { type ifname; elements = { \"eth0\" }; }"));
+        assert!(s.contains("set routed { type ifname; }"));
         assert!(s.contains("map publish_udp4 { type inet_service : ipv4_addr . inet_service; elements = { 5353 : 10.88.0.2 . 53 }; }"));
         assert!(s.contains("map publish_tcp4 { type inet_service : ipv4_addr . inet_service; }"));
         let empty = Ruleset {

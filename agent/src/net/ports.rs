@@ -90,6 +90,32 @@ pub enum PortError {
         /// Whose.
         why: String,
     },
+    /// Outside the node's publish range.
+    #[error(
+        "host port {port} is outside this node's publish range {lo}-{hi} ([network] publish_min, publish_max)"
+    )]
+    OutOfRange {
+        /// Host port.
+        port: u16,
+        /// Lowest allowed.
+        lo: u16,
+        /// Highest allowed.
+        hi: u16,
+    },
+    /// The tenant's cap.
+    #[error(
+        "tenant {tenant:?} publishes {had} port(s) and asks for {asked} more; the limit is {limit} ([network] max_published_per_tenant)"
+    )]
+    TooMany {
+        /// Tenant.
+        tenant: String,
+        /// Published now.
+        had: usize,
+        /// Asked for.
+        asked: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A process on the host has it.
     #[error(
         "host port {port}/{proto} is in use on the host (a host process has bound it); pick another host port"
@@ -110,18 +136,32 @@ pub enum PortError {
     },
 }
 
+/// Which host ports may be published, and how many per tenant.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The lowest and highest host port.
+    pub range: (u16, u16),
+    /// At most this many per tenant.
+    pub per_tenant: u32,
+}
+
 /// The published ports of the node, in memory and in `<state_dir>/network/ports.json`.
 #[derive(Debug)]
 pub struct PortTable {
     path: PathBuf,
     reserved: Vec<(Proto, u16, String)>,
+    policy: Policy,
     entries: Mutex<Vec<Published>>,
 }
 
 impl PortTable {
     /// Loads the table (a missing file is an empty table). `reserved` are host ports nobody may
     /// publish (the agent's own), with the reason.
-    pub fn open(path: &Path, reserved: Vec<(Proto, u16, String)>) -> std::io::Result<Self> {
+    pub fn open(
+        path: &Path,
+        reserved: Vec<(Proto, u16, String)>,
+        policy: Policy,
+    ) -> std::io::Result<Self> {
         let entries = match std::fs::read(path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 std::io::Error::new(
@@ -135,6 +175,7 @@ impl PortTable {
         Ok(Self {
             path: path.to_path_buf(),
             reserved,
+            policy,
             entries: Mutex::new(entries),
         })
     }
@@ -156,13 +197,13 @@ impl PortTable {
         self.entries.lock().await.clone()
     }
 
-    /// The ports a container publishes.
+    /// The ports a container (by id) publishes.
     pub async fn of_container(&self, tenant: &str, container: &str) -> Vec<Published> {
         self.entries
             .lock()
             .await
             .iter()
-            .filter(|p| p.tenant == tenant && (p.container == container || p.name == container))
+            .filter(|p| p.tenant == tenant && p.container == container)
             .cloned()
             .collect()
     }
@@ -170,8 +211,28 @@ impl PortTable {
     /// Takes all of `ports` for their container, or none of them.
     pub async fn reserve(&self, ports: &[Published]) -> Result<(), PortError> {
         let mut entries = self.entries.lock().await;
+        if let Some(p) = ports.first() {
+            let had = entries.iter().filter(|e| e.tenant == p.tenant).count();
+            let limit = self.policy.per_tenant as usize;
+            if had + ports.len() > limit {
+                return Err(PortError::TooMany {
+                    tenant: p.tenant.clone(),
+                    had,
+                    asked: ports.len(),
+                    limit,
+                });
+            }
+        }
         let mut asked = HashSet::new();
         for p in ports {
+            let (lo, hi) = self.policy.range;
+            if !(lo..=hi).contains(&p.host_port) {
+                return Err(PortError::OutOfRange {
+                    port: p.host_port,
+                    lo,
+                    hi,
+                });
+            }
             if let Some((_, _, why)) = self
                 .reserved
                 .iter()
@@ -225,12 +286,10 @@ impl PortTable {
         gone
     }
 
-    /// Releases a container's ports (`container`: its id or name).
+    /// Releases a container's ports (`container`: its id).
     pub async fn release_container(&self, tenant: &str, container: &str) -> Vec<Published> {
-        self.release_where(|p| {
-            p.tenant == tenant && (p.container == container || p.name == container)
-        })
-        .await
+        self.release_where(|p| p.tenant == tenant && p.container == container)
+            .await
     }
 
     /// Releases every port of a tenant.
@@ -291,7 +350,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("network/ports.json");
         let reserved = vec![(Proto::Tcp, 7443, "the agent's API".to_string())];
-        let t = PortTable::open(&path, reserved.clone()).unwrap();
+        let policy = Policy {
+            range: (1024, 32767),
+            per_tenant: 3,
+        };
+        let t = PortTable::open(&path, reserved.clone(), policy).unwrap();
         t.reserve(&[port("a", "c1", 8080)]).await.unwrap();
         let e = t.reserve(&[port("b", "c2", 8080)]).await.unwrap_err();
         assert!(
@@ -317,9 +380,25 @@ mod tests {
         udp.proto = Proto::Udp;
         t.reserve(&[udp]).await.unwrap();
 
-        let again = PortTable::open(&path, reserved).unwrap();
+        assert!(matches!(
+            t.reserve(&[port("b", "c2", 80)]).await,
+            Err(PortError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.reserve(&[
+                port("b", "c3", 9001),
+                port("b", "c3", 9002),
+                port("b", "c3", 9003)
+            ])
+            .await,
+            Err(PortError::TooMany { had: 1, .. })
+        ));
+        let again = PortTable::open(&path, reserved, policy).unwrap();
         assert_eq!(again.all().await.len(), 2);
-        assert_eq!(again.of_container("a", "n-c1").await.len(), 1);
+        assert_eq!(again.of_container("a", "c1").await.len(), 1);
+        // By id only: a name is not an id.
+        assert!(again.of_container("a", "n-c1").await.is_empty());
+        assert!(again.release_container("a", "n-c1").await.is_empty());
         assert_eq!(again.release_container("a", "c1").await.len(), 1);
         let alive = HashSet::new();
         assert_eq!(again.prune_tenant("b", &alive).await.len(), 1);
@@ -333,7 +412,7 @@ mod tests {
         assert!(std::net::TcpListener::bind(("0.0.0.0", p)).is_err());
         drop(held);
         assert!(
-            PortTable::open(&path, vec![])
+            PortTable::open(&path, vec![], policy)
                 .unwrap()
                 .all()
                 .await

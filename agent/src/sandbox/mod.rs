@@ -177,7 +177,7 @@ impl Manager {
                     let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
                     if let Some(m) = &self.metering {
                         m.track_tenant(&t.id).await;
-                        if t.subnet.is_some() {
+                        if t.subnet.is_some() && self.network.is_some() {
                             m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
                                 .await;
                         }
@@ -354,18 +354,26 @@ impl Manager {
         let Some(subnet) = t.subnet else {
             return Ok(());
         };
-        if let Some(n) = &self.network {
-            let path = crate::net::resolv_conf_path(&self.run_dir, &t.id);
-            let conf = crate::net::resolv_conf(&n.config.name_servers());
-            crate::fsutil::write_replace_volatile(&path, conf.as_bytes(), 0o644).map_err(|e| {
+        let Some(n) = &self.network else {
+            // Networks were switched off: no link without the firewall.
+            crate::net::detach(&t.id).await;
+            return Ok(());
+        };
+        let path = crate::net::resolv_conf_path(&self.run_dir, &t.id);
+        let conf = crate::net::resolv_conf(&n.config.name_servers());
+        crate::fsutil::write_replace_volatile(&path, conf.as_bytes(), 0o644).map_err(|e| {
+            SandboxError::Engine {
+                tenant: t.id.clone(),
+                message: format!("writing {}: {e}", path.display()),
+            }
+        })?;
+        if crate::net::attached(&t.id).await {
+            return crate::net::configure_host_side(&t.id).await.map_err(|e| {
                 SandboxError::Engine {
                     tenant: t.id.clone(),
-                    message: format!("writing {}: {e}", path.display()),
+                    message: e.to_string(),
                 }
-            })?;
-        }
-        if crate::net::attached(&t.id).await {
-            return Ok(());
+            });
         }
         let ns = self
             .run_dir
