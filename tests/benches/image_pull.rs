@@ -937,35 +937,7 @@ async fn rounds_loop(
 // ---------------------------------------------------------------------------------------------
 // Report
 
-#[derive(Clone, Copy)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(samples: impl IntoIterator<Item = f64>) -> Stats {
-    let mut s: Vec<f64> = samples.into_iter().collect();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return Stats {
-            median: f64::NAN,
-            min: f64::NAN,
-            max: f64::NAN,
-        };
-    }
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    Stats {
-        median,
-        min: s[0],
-        max: s[n - 1],
-    }
-}
+use caas_tests::{Stats, stats};
 
 fn median(samples: impl IntoIterator<Item = f64>) -> f64 {
     stats(samples).median

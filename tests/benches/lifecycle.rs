@@ -653,36 +653,7 @@ fn peer_child_inner() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Report
 
-struct Stats {
-    median: f64,
-    p90: f64,
-    min: f64,
-}
-
-fn stats(samples: &[f64]) -> Stats {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return Stats {
-            median: f64::NAN,
-            p90: f64::NAN,
-            min: f64::NAN,
-        };
-    }
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    // Nearest rank.
-    let p90 = s[(n * 9).div_ceil(10) - 1];
-    Stats {
-        median,
-        p90,
-        min: s[0],
-    }
-}
+use caas_tests::stats;
 
 const LABEL_W: usize = 58;
 

@@ -1013,34 +1013,7 @@ fn check_attached(link: &str, ns: &str, outer: Ipv4Addr, inner: Ipv4Addr) -> any
 // ---------------------------------------------------------------------------------------------
 // Report
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(samples: &[f64]) -> Stats {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return Stats {
-            median: f64::NAN,
-            min: f64::NAN,
-            max: f64::NAN,
-        };
-    }
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    Stats {
-        median,
-        min: s[0],
-        max: s[n - 1],
-    }
-}
+use caas_tests::stats;
 
 /// The median of the per-round ratios `a[r] / b[r]`.
 fn ratio(a: &[f64], b: &[f64]) -> f64 {

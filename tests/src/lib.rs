@@ -455,3 +455,49 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
     }
     newest
 }
+
+/// Summary of benchmark samples (every bench prints these). NaN for no samples.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// The median (the mean of the middle two for an even count).
+    pub median: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+    /// The 90th percentile, nearest rank.
+    pub p90: f64,
+}
+
+/// Summarizes benchmark samples.
+pub fn stats<I>(samples: I) -> Stats
+where
+    I: IntoIterator,
+    I::Item: std::borrow::Borrow<f64>,
+{
+    let mut s: Vec<f64> = samples
+        .into_iter()
+        .map(|x| *std::borrow::Borrow::borrow(&x))
+        .collect();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return Stats {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+            p90: f64::NAN,
+        };
+    }
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Stats {
+        median,
+        min: s[0],
+        max: s[n - 1],
+        p90: s[(n * 9).div_ceil(10) - 1],
+    }
+}
