@@ -16,8 +16,12 @@ set -euo pipefail
 #   apache2-utils    htpasswd, for the registry's basic-auth test users
 #   nftables         the nft binary: the agent loads its firewall and NAT table with it
 #   iperf3           tests/benches/network.rs measures throughput with it
+#   qemu-system-x86  the VMM of VM tenants (QEMU microvm); its tests boot real guests
+#   lz4, e2fsprogs   scripts/guest-kernel.sh inflates the guest kernel; tenant disks are ext4
+#   binutils         strip: the guest's copy of the agent binary goes without symbols
 PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
-  docker-registry skopeo umoci apache2-utils nftables iperf3)
+  docker-registry skopeo umoci apache2-utils nftables iperf3 qemu-system-x86 lz4 e2fsprogs
+  binutils)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""
@@ -48,6 +52,9 @@ if ! command -v promtool >/dev/null 2>&1; then
   $sudo install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool
   rm -rf "$tmp"
 fi
+
+# The guest kernel of VM tenants: Debian's cloud kernel, unpacked, not installed.
+bash "$(dirname "$0")/guest-kernel.sh"
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is not installed; install a Rust toolchain (1.88 or newer) with rustup first" >&2

@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod engine;
 pub mod export;
 pub mod fsutil;
+pub mod guest;
 pub mod images;
 pub mod ledger;
 pub mod logging;
@@ -30,6 +31,7 @@ pub mod systemd;
 pub mod tenants;
 pub mod usage;
 pub mod validate;
+pub mod vm;
 
 /// The agent's version, as reported by `NodeService.GetNodeInfo` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

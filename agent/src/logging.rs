@@ -2,7 +2,8 @@
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level; colours
+/// only on a terminal, and never with `NO_COLOR` set.
 pub fn init(cfg: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -11,7 +12,10 @@ pub fn init(cfg: &LogConfig) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .with_writer(std::io::stderr);
     // A second init (tests that start several agents in one process) keeps the first subscriber.
     let _ = match cfg.format {

@@ -20,6 +20,7 @@ pub use caas_agent::testing::{privileged_required, require_root, skip};
 
 pub mod calls;
 pub mod registry;
+pub mod vm;
 
 /// A random suffix so parallel tests never share names.
 pub fn unique(prefix: &str) -> String {

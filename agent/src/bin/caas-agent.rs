@@ -27,6 +27,9 @@ enum Cmd {
     /// Run one tenant's engine (started by the agent, not by hand).
     #[command(hide = true)]
     Engine(caas_agent::engine::EngineArgs),
+    /// Be the init of a VM tenant's guest (PID 1 inside the VM, started by its kernel).
+    #[command(hide = true)]
+    Guest(caas_agent::guest::GuestArgs),
     /// Certificates for development and tests.
     Certs {
         #[command(subcommand)]
@@ -97,6 +100,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Guest(args) => {
+            if std::process::id() != 1 {
+                eprintln!("caas-agent guest: only runs as the init (PID 1) of a VM tenant's guest");
+                return ExitCode::from(2);
+            }
+            if let Err(e) = caas_agent::guest::main(&args) {
+                eprintln!("caas-guest: {e}; powering off");
+            }
+            caas_agent::guest::power_off()
         }
         Cmd::Certs {
             cmd:
