@@ -94,6 +94,8 @@ pub struct Config {
     pub metrics: crate::metrics::MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// VM tenants' machine (`vmm-config`): without it, tenants with isolation vm are refused.
+    pub vm: Option<vmm_config::VmConfig>,
 }
 
 impl Default for Config {
@@ -110,6 +112,7 @@ impl Default for Config {
             export: crate::export::ExportConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
             log: LogConfig::default(),
+            vm: None,
         }
     }
 }
@@ -183,7 +186,58 @@ pub struct TenantsConfig {
     pub cgroup_root: PathBuf,
     /// The slice under which every tenant's cgroup subtree is made.
     pub cgroup_slice: String,
+    /// VM tenants: the guest kernel's `lib/modules/<version>` directory, whose virtio and
+    /// overlay modules go into the guest's initramfs (`scripts/guest-kernel.sh` puts it here).
+    pub vm_modules_dir: Option<PathBuf>,
+    /// VM tenants: size of a new tenant's disk (its images and container state), in MiB.
+    pub vm_disk_mib: u64,
+    /// VM tenants: how long a boot may take until the guest's engine answers, in seconds.
+    pub vm_boot_timeout_secs: u64,
 }
+
+/// Checks the `[vm]` template: what the agent sets per tenant must be left out, and the rest must
+/// pass vmm-config's own checks once those per-tenant parts are in.
+fn check_vm(vm: &vmm_config::VmConfig, run_dir: &Path) -> Result<(), Invalid> {
+    let per_tenant = "is set by the agent for each tenant; leave it out of [vm]";
+    if vm.backend.kind() != vmm_config::BackendKind::Qemu {
+        return Err(Invalid::new(
+            "vm.backend",
+            format!(
+                "{} cannot run VM tenants in this version: its engine channel would be vsock, \
+                 which the agent does not speak yet; use qemu",
+                vm.backend.kind().as_str()
+            ),
+        ));
+    }
+    for (field, set) in [
+        ("vm.initrd", vm.initrd.is_some()),
+        ("vm.disks", !vm.disks.is_empty()),
+        ("vm.ports", !vm.ports.is_empty()),
+        ("vm.vsock", vm.vsock.is_some()),
+        ("vm.serial", vm.serial != vmm_config::Serial::None),
+    ] {
+        if set {
+            return Err(Invalid::new(field, per_tenant));
+        }
+    }
+    let mut probe = vm.clone();
+    probe.ports.push(vmm_config::Port {
+        name: crate::guest::ENGINE_PORT.to_string(),
+        socket: run_dir.join("tenants/t/engine.sock"),
+    });
+    if let Err(e) = probe.prepare() {
+        // vmm-config's messages start with the field at fault: `vm.memory_mib: ...`.
+        let msg = e.to_string();
+        let (field, reason) = msg.split_once(": ").unwrap_or(("vm", msg.as_str()));
+        return Err(Invalid::new(field, reason));
+    }
+    Ok(())
+}
+
+/// Smallest and largest tenant disk of a VM tenant, in MiB.
+pub const VM_DISK_MIB: (u64, u64) = (64, 16 << 20);
+/// Shortest and longest boot timeout of a VM tenant, in seconds.
+pub const VM_BOOT_TIMEOUT_SECS: (u64, u64) = (5, 3600);
 
 impl Default for TenantsConfig {
     fn default() -> Self {
@@ -199,6 +253,9 @@ impl Default for TenantsConfig {
             subid_dir: PathBuf::from("/etc"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_slice: crate::cgroups::tenant::SLICE.to_string(),
+            vm_modules_dir: Some(PathBuf::from("/var/lib/caas-agent/guest/modules")),
+            vm_disk_mib: 2048,
+            vm_boot_timeout_secs: 120,
         }
     }
 }
@@ -421,6 +478,24 @@ impl Config {
                 "must be NAME.slice with NAME of [a-z0-9-], at most 64 bytes",
             ));
         }
+        if let Some(d) = &t.vm_modules_dir {
+            check_abs("tenants.vm_modules_dir", d)?;
+        }
+        validate::check_range(
+            "tenants.vm_disk_mib",
+            t.vm_disk_mib,
+            VM_DISK_MIB.0,
+            VM_DISK_MIB.1,
+        )?;
+        validate::check_range(
+            "tenants.vm_boot_timeout_secs",
+            t.vm_boot_timeout_secs,
+            VM_BOOT_TIMEOUT_SECS.0,
+            VM_BOOT_TIMEOUT_SECS.1,
+        )?;
+        if let Some(vm) = &self.vm {
+            check_vm(vm, &self.run_dir)?;
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(Invalid::new(
                 "log.level",
@@ -594,9 +669,12 @@ level = "debug"
                 dns: c.network.dns.clone(),
                 ..Default::default()
             },
+            vm: c.vm.clone(),
             ..Config::default()
         };
         assert_eq!(c, defaults, "the example's values are the defaults");
+        let vm = c.vm.as_ref().expect("the example shows [vm]");
+        assert_eq!(vm.backend.kind(), vmm_config::BackendKind::Qemu);
         assert_eq!(c.unix_socket(), Config::default().unix_socket());
     }
 
@@ -621,6 +699,28 @@ level = "debug"
             ("state_dir = \"relative\"", "state_dir"),
             ("[api]\ntcp_listen = \"127.0.0.1:1\"", "api.tcp_listen"),
             ("[log]\nlevel = \"=\"", "log.level"),
+            ("[tenants]\nvm_disk_mib = 1", "tenants.vm_disk_mib"),
+            (
+                "[tenants]\nvm_boot_timeout_secs = 0",
+                "tenants.vm_boot_timeout_secs",
+            ),
+            (
+                "[vm]\nbackend = \"qemu\"\nkernel = \"/k\"\nmemory_mib = 64",
+                "vm.memory_mib",
+            ),
+            ("[vm]\nbackend = \"xen\"\nkernel = \"/k\"", "vm.backend"),
+            (
+                "[vm]\nbackend = \"firecracker\"\nkernel = \"/k\"\n[vm.firecracker]\nconfig_file = \"/f.json\"",
+                "vm.backend",
+            ),
+            (
+                "[vm]\nbackend = \"qemu\"\nkernel = \"/k\"\n[[vm.ports]]\nname = \"x\"\nsocket = \"/s\"",
+                "vm.ports",
+            ),
+            (
+                "[vm]\nbackend = \"qemu\"\nkernel = \"relative\"",
+                "vm.kernel",
+            ),
         ] {
             let msg = parse(text).unwrap_err().to_string();
             assert!(msg.contains(field), "{text}: {msg}");

@@ -69,3 +69,193 @@ async fn guest_engine_serves_over_virtio_serial_and_powers_off_on_shutdown() {
     assert_eq!(info3.tenant, "vmt");
     drop(g2);
 }
+
+/// The `[vm]` part of an agent config for the tests: QEMU microvm under TCG with the guest
+/// kernel of scripts/guest-kernel.sh (it continues the `[tenants]` section
+/// `write_agent_config` opens).
+fn vm_config() -> String {
+    let g = vm::guest_dir();
+    format!(
+        "vm_modules_dir = \"{}\"\nvm_disk_mib = 256\n[vm]\nbackend = \"qemu\"\nvcpus = 1\nmemory_mib = 256\nkernel = \"{}\"\n[vm.qemu]\naccel = \"tcg\"\n",
+        g.join("modules").display(),
+        g.join("vmlinux").display()
+    )
+}
+
+fn pid_in(path: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_tenant_boots_survives_an_agent_kill_is_restarted_after_a_vmm_kill_and_leaves_nothing()
+{
+    use caas_proto::v1::{
+        self as pb, container_service_client::ContainerServiceClient,
+        tenant_service_client::TenantServiceClient,
+    };
+    let test =
+        "a_vm_tenant_boots_survives_an_agent_kill_is_restarted_after_a_vmm_kill_and_leaves_nothing";
+    if !vm::vm_available(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let slice = caas_tests::unique_slice();
+    let cfg = caas_tests::write_agent_config(dir.path(), &slice, &vm_config());
+    let socket = dir.path().join("run/agent.sock");
+    let mut agent = caas_tests::AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent.log"))
+        .await
+        .unwrap();
+    let ch = caas_agent::client::connect(&caas_agent::client::Target::Unix(socket.clone()))
+        .await
+        .unwrap();
+    let mut tenants = TenantServiceClient::new(ch.clone());
+
+    // Too little memory for the VM: refused, naming the field, and nothing is made.
+    let e = tenants
+        .create_tenant(pb::CreateTenantRequest {
+            id: "small".into(),
+            isolation: pb::Isolation::Vm as i32,
+            quotas: Some(pb::Quotas {
+                memory_bytes: Some(256 << 20),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("quotas.memory_bytes"), "{e:?}");
+    assert!(!dir.path().join("state/engines/small").exists());
+
+    let t = tenants
+        .create_tenant(pb::CreateTenantRequest {
+            id: "vmt".into(),
+            isolation: pb::Isolation::Vm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.state, pb::TenantState::Ready as i32, "{t:?}");
+    assert_eq!(t.isolation, pb::Isolation::Vm as i32);
+    let pid_file = dir.path().join("run/tenants/vmt/vmm.pid");
+    let vmm = pid_in(&pid_file).expect("vmm.pid");
+    // The VMM runs in the tenant's cgroup, so the host meter bills the whole VM.
+    let cg = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    assert!(
+        cg.lines()
+            .any(|l| l.contains(":memory:") && l.ends_with(&format!("/{slice}/tenant-vmt/vmm"))),
+        "{cg}"
+    );
+    let mut containers = ContainerServiceClient::new(ch.clone());
+    let list = |c: &mut ContainerServiceClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.list_containers(pb::ListContainersRequest {
+                tenant: "vmt".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    assert!(
+        list(&mut containers)
+            .await
+            .unwrap()
+            .into_inner()
+            .containers
+            .is_empty()
+    );
+
+    // kill -9 of the agent leaves the VM running; a new agent finds it.
+    agent.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    agent.wait_for_exit(Duration::from_secs(10)).await.unwrap();
+    assert!(alive(vmm), "the VM died with the agent");
+    let mut agent = caas_tests::AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent2.log"))
+        .await
+        .unwrap();
+    let ch = caas_agent::client::connect(&caas_agent::client::Target::Unix(socket.clone()))
+        .await
+        .unwrap();
+    let mut tenants = TenantServiceClient::new(ch.clone());
+    let mut containers = ContainerServiceClient::new(ch.clone());
+    let t = tenants
+        .get_tenant(pb::GetTenantRequest { id: "vmt".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        t.state,
+        pb::TenantState::Ready as i32,
+        "{t:?}\n{}\nconsole:\n{}",
+        agent.log_text(),
+        std::fs::read_to_string(dir.path().join("state/engines/vmt/console.log"))
+            .unwrap_or_default()
+    );
+    assert_eq!(
+        pid_in(&pid_file),
+        Some(vmm),
+        "the new agent booted another VM"
+    );
+    assert!(list(&mut containers).await.is_ok());
+
+    // kill -9 of the VMM: the next call finds it gone and boots the VM again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for _ in 0..100 {
+        if !alive(vmm) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(list(&mut containers).await.is_ok(), "{}", agent.log_text());
+    let vmm2 = pid_in(&pid_file).expect("vmm.pid after the restart");
+    assert_ne!(vmm2, vmm);
+    assert!(alive(vmm2));
+    assert!(
+        agent.log_text().contains("restarting"),
+        "{}",
+        agent.log_text()
+    );
+
+    // Deleting the tenant shuts the VM down and leaves nothing: no VMM, no sockets, no disk,
+    // no cgroup.
+    tenants
+        .delete_tenant(pb::DeleteTenantRequest {
+            id: "vmt".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert!(!alive(vmm2), "the VMM outlived its tenant");
+    for p in ["run/tenants/vmt", "state/engines/vmt"] {
+        assert!(!dir.path().join(p).exists(), "{p} is left");
+    }
+    for h in ["memory", "cpu", "pids"] {
+        let d = std::path::Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join(&slice)
+            .join("tenant-vmt");
+        assert!(!d.exists(), "{} is left", d.display());
+    }
+    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    agent.wait_for_exit(Duration::from_secs(30)).await.unwrap();
+    caas_tests::cleanup_tenants(&socket, &slice);
+}

@@ -184,6 +184,25 @@ impl TenantCgroups {
         Ok(())
     }
 
+    /// The `cgroup.procs` files of `rel` (a path under a tenant's subtree) in every hierarchy
+    /// [`TenantCgroups::add_pid`] would use, creating the directories: for a child that moves
+    /// itself in (writing `0`) between fork and exec, so nothing it allocates is charged elsewhere.
+    pub fn procs_files(&self, rel: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let mut v = Vec::new();
+        for h in self.all_hierarchies() {
+            let d = h.join(rel.trim_start_matches('/'));
+            if self.layout != CgroupLayout::V2
+                && !V1_LIMITED.iter().any(|c| h.ends_with(c))
+                && !d.exists()
+            {
+                continue;
+            }
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+            v.push(d.join("cgroup.procs"));
+        }
+        Ok(v)
+    }
+
     /// Removes the tenant's subtree in every hierarchy, deepest first. Fails with
     /// [`CgroupError::Busy`] if a process is still inside. Missing directories are fine.
     pub fn remove(&self, tenant: &str) -> Result<(), CgroupError> {

@@ -15,7 +15,8 @@
 //!    exits after a `Shutdown` call (exit status 0).
 //!
 //! A virtio console port reports "host not connected" by returning end-of-file on read and
-//! POLLHUP on poll without blocking, so waiting for the host to (re)connect is a short sleep loop.
+//! POLLHUP on poll without blocking, so waiting for the host to (re)connect is a short sleep loop
+//! (poll also reports POLLIN then, so POLLIN alone does not mean a host is there).
 
 use std::{
     ffi::CString,
@@ -380,12 +381,13 @@ fn relay_once(port: &Path, socket: &Path) -> io::Result<()> {
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(port)?;
-    // POLLHUP without POLLIN: nobody on the host side yet.
+    // While nobody is connected on the host side, poll returns at once with POLLHUP (and
+    // POLLIN, since a read would not block: it returns end-of-file).
     loop {
         let mut fds = [PollFd::new(dev.as_fd(), PollFlags::POLLIN)];
         poll(&mut fds, PollTimeout::from(1000u16)).map_err(io::Error::from)?;
         let ev = fds[0].revents().unwrap_or(PollFlags::empty());
-        if ev.contains(PollFlags::POLLIN) {
+        if !ev.contains(PollFlags::POLLHUP) {
             break;
         }
         thread::sleep(Duration::from_millis(5));

@@ -35,12 +35,33 @@ pub struct EngineProcess {
 }
 
 impl EngineProcess {
-    fn of(pid: u32) -> Option<Self> {
+    /// The live process `pid`, with its start time.
+    pub fn of(pid: u32) -> Option<Self> {
         let pid = i32::try_from(pid).ok()?;
         Some(Self {
             pid,
             start: start_time(pid)?,
         })
+    }
+
+    /// The process as written by [`EngineProcess::to_record`], if it still runs.
+    pub fn from_record(s: &str) -> Option<Self> {
+        let mut it = s.split_whitespace();
+        let p = Self {
+            pid: it.next()?.parse().ok()?,
+            start: it.next()?.parse().ok()?,
+        };
+        p.alive().then_some(p)
+    }
+
+    /// `pid start`, for a pid file that survives the agent.
+    pub fn to_record(self) -> String {
+        format!("{} {}\n", self.pid, self.start)
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 
     /// Whether the engine process still runs: one small procfs read, no RPC.

@@ -4,6 +4,7 @@
 //! restarts engines that die. The API's tenant and container calls come through here.
 
 mod engine_proc;
+mod vm_proc;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
@@ -54,9 +55,25 @@ pub enum SandboxError {
     /// A port could not be published.
     #[error(transparent)]
     Publish(#[from] crate::net::PublishError),
-    /// VM isolation is not built.
-    #[error("isolation vm is not available on this node yet; use userns")]
+    /// VM isolation is not configured on this node.
+    #[error(
+        "isolation vm is not available on this node: its agent config has no [vm] section (see scripts/config.example.toml); use userns"
+    )]
     VmUnavailable,
+    /// The tenant's memory quota cannot hold its VM.
+    #[error(
+        "quotas.memory_bytes: {quota} bytes cannot hold a VM of {vm_mib} MiB plus {overhead_mib} MiB for its VMM; ask for at least {needed} bytes"
+    )]
+    VmTooBig {
+        /// The tenant's memory quota.
+        quota: u64,
+        /// Guest memory.
+        vm_mib: u64,
+        /// What the VMM itself needs beyond guest memory.
+        overhead_mib: u64,
+        /// The smallest quota that fits.
+        needed: u64,
+    },
     /// The engine answered with an error status; it is passed on as is.
     #[error("{0}")]
     Status(tonic::Status),
@@ -82,6 +99,50 @@ pub struct Manager {
     pub network: Option<Arc<crate::net::Network>>,
     /// One lock per tenant serializes provisioning, teardown and engine restarts.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// VM tenants' machine template and settings, when `[vm]` is configured.
+    vm: Option<VmTemplate>,
+}
+
+/// What every VM tenant's machine starts from.
+#[derive(Debug, Clone)]
+struct VmTemplate {
+    machine: vmm_config::VmConfig,
+    modules_dir: Option<PathBuf>,
+    disk_mib: u64,
+    boot_timeout: Duration,
+    /// The node's default tenant memory quota, for tenants that do not ask.
+    default_memory_bytes: u64,
+}
+
+/// Memory the VMM process needs beyond guest memory, charged to the tenant's cgroup with it:
+/// under TCG QEMU holds about 200 MiB besides the guest (its translation cache among it).
+pub const VMM_OVERHEAD_MIB: u64 = 256;
+
+/// How a tenant's engine runs: a process on the host, or the init of a microVM.
+enum Proc {
+    Userns(engine_proc::Spawn),
+    Vm(Box<vm_proc::VmSpawn>),
+}
+
+impl Proc {
+    async fn connect(&self) -> Option<(Channel, engine_proc::EngineProcess)> {
+        match self {
+            Proc::Userns(s) => engine_proc::connect(&s.socket()).await,
+            Proc::Vm(s) => vm_proc::connect(s).await,
+        }
+    }
+    async fn spawn(&self) -> Result<(Channel, engine_proc::EngineProcess), String> {
+        match self {
+            Proc::Userns(s) => engine_proc::spawn(s).await,
+            Proc::Vm(s) => vm_proc::spawn(s).await,
+        }
+    }
+    async fn stop(&self, client: Option<EngineClient<Channel>>) {
+        match self {
+            Proc::Userns(s) => engine_proc::stop(s, client).await,
+            Proc::Vm(s) => vm_proc::stop(s, client).await,
+        }
+    }
 }
 
 fn limits(t: &Tenant) -> Limits {
@@ -134,21 +195,73 @@ impl Manager {
             images,
             network,
             locks: Mutex::new(HashMap::new()),
+            vm: config.vm.as_ref().map(|machine| VmTemplate {
+                machine: machine.clone(),
+                modules_dir: config.tenants.vm_modules_dir.clone(),
+                disk_mib: config.tenants.vm_disk_mib,
+                boot_timeout: Duration::from_secs(config.tenants.vm_boot_timeout_secs),
+                default_memory_bytes: config.tenants.default_memory_bytes,
+            }),
         })
     }
 
-    fn proc_args(&self, t: &Tenant) -> engine_proc::Spawn {
-        engine_proc::Spawn {
-            binary: self.engine_binary.clone(),
-            args: crate::engine::EngineArgs {
-                tenant: t.id.clone(),
-                id_start: t.id_range.start,
-                state_dir: self.state_dir.clone(),
-                run_dir: self.run_dir.clone(),
-                cgroup_root: self.cgroup_root.clone(),
-                cgroup_slice: self.cgroup_slice.clone(),
-            },
+    fn proc_args(&self, t: &Tenant) -> Result<Proc, SandboxError> {
+        let args = crate::engine::EngineArgs {
+            tenant: t.id.clone(),
+            id_start: t.id_range.start,
+            state_dir: self.state_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            cgroup_slice: self.cgroup_slice.clone(),
+        };
+        if t.isolation != crate::tenants::Isolation::Vm {
+            return Ok(Proc::Userns(engine_proc::Spawn {
+                binary: self.engine_binary.clone(),
+                args,
+            }));
         }
+        let Some(vm) = &self.vm else {
+            return Err(SandboxError::VmUnavailable);
+        };
+        let paths = args.paths();
+        let cgroup_procs = self
+            .cgroups
+            .procs_files(&format!("{}/vmm", self.cgroups.tenant_path(&t.id)))?;
+        Ok(Proc::Vm(Box::new(vm_proc::VmSpawn {
+            tenant: t.id.clone(),
+            id_start: t.id_range.start,
+            machine: vm.machine.clone(),
+            modules_dir: vm.modules_dir.clone(),
+            engine_binary: self.engine_binary.clone(),
+            disk_mib: vm.disk_mib,
+            state: paths.state,
+            run: paths.run,
+            cache: self.state_dir.join("vm"),
+            cgroup_procs,
+            boot_timeout: vm.boot_timeout,
+        })))
+    }
+
+    /// Refuses a VM tenant this node cannot run, before anything is made for it.
+    fn check_vm(&self, spec: &TenantSpec) -> Result<(), SandboxError> {
+        if spec.isolation != crate::tenants::Isolation::Vm {
+            return Ok(());
+        }
+        let Some(vm) = &self.vm else {
+            return Err(SandboxError::VmUnavailable);
+        };
+        let vm_mib = u64::from(vm.machine.memory_mib);
+        let needed = (vm_mib + VMM_OVERHEAD_MIB) << 20;
+        let quota = spec.quotas.memory_bytes.unwrap_or(vm.default_memory_bytes);
+        if quota < needed {
+            return Err(SandboxError::VmTooBig {
+                quota,
+                vm_mib,
+                overhead_mib: VMM_OVERHEAD_MIB,
+                needed,
+            });
+        }
+        Ok(())
     }
 
     async fn lock(&self, tenant: &str) -> Arc<Mutex<()>> {
@@ -224,9 +337,7 @@ impl Manager {
 
     /// Creates a tenant and its sandbox. On failure nothing is left behind.
     pub async fn create_tenant(&self, spec: TenantSpec) -> Result<Tenant, SandboxError> {
-        if spec.isolation == crate::tenants::Isolation::Vm {
-            return Err(SandboxError::VmUnavailable);
-        }
+        self.check_vm(&spec)?;
         let t = self.registry.create(spec).await?;
         let lock = self.lock(&t.id).await;
         let _g = lock.lock().await;
@@ -311,7 +422,12 @@ impl Manager {
             m.flush_tenant(&t.id).await;
         }
         let client = self.engines.lock().await.remove(&t.id).map(|(c, _)| c);
-        engine_proc::stop(&self.proc_args(t), client).await;
+        match self.proc_args(t) {
+            Ok(p) => p.stop(client).await,
+            Err(e) => {
+                tracing::error!(tenant = %t.id, error = %e, "cannot stop the tenant's engine")
+            }
+        }
         if let Some(n) = &self.network {
             n.unpublish_tenant(&t.id).await;
         }
@@ -354,6 +470,10 @@ impl Manager {
         let Some(subnet) = t.subnet else {
             return Ok(());
         };
+        if t.isolation == crate::tenants::Isolation::Vm {
+            // A VM tenant's network (a tap device into the guest) is not built yet.
+            return Ok(());
+        }
         let Some(n) = &self.network else {
             // Networks were switched off: no link without the firewall.
             crate::net::detach(&t.id).await;
@@ -401,15 +521,13 @@ impl Manager {
         if let Some(found) = self.engines.lock().await.get(&t.id) {
             return Ok(found.clone());
         }
-        let args = self.proc_args(t);
-        let (ch, process) = match engine_proc::connect(&args.socket()).await {
+        let args = self.proc_args(t)?;
+        let (ch, process) = match args.connect().await {
             Some(found) => found,
-            None => engine_proc::spawn(&args)
-                .await
-                .map_err(|message| SandboxError::Engine {
-                    tenant: t.id.clone(),
-                    message,
-                })?,
+            None => args.spawn().await.map_err(|message| SandboxError::Engine {
+                tenant: t.id.clone(),
+                message,
+            })?,
         };
         let client = EngineClient::new(ch);
         self.engines

@@ -1,0 +1,329 @@
+//! Starting, reaching and stopping a VM tenant's microVM, whose init runs the tenant's engine
+//! (see [`crate::guest`]). The VMM's unix socket for the engine port sits where a userns
+//! tenant's engine socket would, so the engine client is the same for both.
+//!
+//! Per tenant:
+//! - `<state_dir>/engines/<id>/disk.img`: the tenant's ext4 disk (the engine's state and
+//!   container layers), sparse, made on first boot and kept across reboots;
+//! - `<state_dir>/engines/<id>/console.log` (the guest's serial console; the previous boot's is
+//!   `console.previous.log`) and `vmm.log`;
+//! - `<run_dir>/tenants/<id>/engine.sock` (the engine port), `qmp.sock`, and `vmm.pid`
+//!   (`pid start-time`), by which a restarted agent finds the VMM again.
+//!
+//! The VMM runs in its own process group (it outlives the agent) and in the tenant's cgroup
+//! (`<tenant>/vmm`), which it joins itself between fork and exec, so the host meter bills the
+//! whole VM.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use caas_proto::engine::v1::{self as epb, engine_client::EngineClient};
+use tonic::transport::Channel;
+
+use super::engine_proc::EngineProcess;
+use crate::{
+    client::{self, Target},
+    guest::ENGINE_PORT,
+    vm::initramfs,
+};
+
+/// How to start one tenant's VM.
+#[derive(Debug, Clone)]
+pub struct VmSpawn {
+    /// Tenant id.
+    pub tenant: String,
+    /// First id of the tenant's range (the guest's containers use the same range).
+    pub id_start: u32,
+    /// The operator's VM template (`[vm]`); per-tenant paths are filled in here.
+    pub machine: vmm_config::VmConfig,
+    /// The guest kernel's modules, for the initramfs.
+    pub modules_dir: Option<PathBuf>,
+    /// The binary that becomes the guest's init and engine.
+    pub engine_binary: PathBuf,
+    /// Size of a new tenant disk.
+    pub disk_mib: u64,
+    /// `<state_dir>/engines/<id>`.
+    pub state: PathBuf,
+    /// `<run_dir>/tenants/<id>`.
+    pub run: PathBuf,
+    /// Where built initramfs archives are kept (`<state_dir>/vm`).
+    pub cache: PathBuf,
+    /// The `cgroup.procs` files the VMM joins.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// How long a boot may take until the engine answers.
+    pub boot_timeout: Duration,
+}
+
+impl VmSpawn {
+    /// The engine port's host socket.
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("engine.sock")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.run.join("vmm.pid")
+    }
+    fn disk(&self) -> PathBuf {
+        self.state.join("disk.img")
+    }
+    fn console(&self) -> PathBuf {
+        self.state.join("console.log")
+    }
+    fn vmm_log(&self) -> PathBuf {
+        self.state.join("vmm.log")
+    }
+
+    /// The VMM that runs this tenant's VM, if one does.
+    pub fn process(&self) -> Option<EngineProcess> {
+        let rec = std::fs::read_to_string(self.pid_file()).ok()?;
+        EngineProcess::from_record(&rec)
+    }
+
+    /// This tenant's machine: the template with its initramfs, disk, engine port, console and
+    /// QMP socket, and the kernel command line that starts the guest init.
+    fn machine(&self, initrd: &Path) -> Result<vmm_config::Prepared, String> {
+        let mut m = self.machine.clone();
+        m.initrd = Some(initrd.to_path_buf());
+        m.disks = vec![vmm_config::Disk {
+            path: self.disk(),
+            read_only: false,
+            format: vmm_config::DiskFormat::Raw,
+        }];
+        m.ports = vec![vmm_config::Port {
+            name: ENGINE_PORT.to_string(),
+            socket: self.socket(),
+        }];
+        m.serial = vmm_config::Serial::File(self.console());
+        if let vmm_config::Backend::Qemu(q) = &mut m.backend {
+            q.qmp_socket = Some(self.run.join("qmp.sock"));
+        }
+        let base = match &m.cmdline {
+            Some(c) => c.clone(),
+            None => {
+                let mut probe = m.clone();
+                probe.cmdline = None;
+                probe
+                    .prepare()
+                    .map_err(|e| e.to_string())?
+                    .cmdline()
+                    .to_string()
+            }
+        };
+        m.cmdline = Some(format!(
+            "{base} rdinit={} -- guest --tenant {} --id-start {}",
+            initramfs::GUEST_BINARY,
+            self.tenant,
+            self.id_start
+        ));
+        let p = m.prepare().map_err(|e| e.to_string())?;
+        p.validate_host().map_err(|e| e.to_string())?;
+        Ok(p)
+    }
+}
+
+/// A channel to the tenant's engine inside a running VM, and the VMM process; None when no VM
+/// runs or its engine does not answer.
+pub async fn connect(s: &VmSpawn) -> Option<(Channel, EngineProcess)> {
+    let process = s.process()?;
+    let ch = client::connect(&Target::Unix(s.socket())).await.ok()?;
+    let mut c = EngineClient::new(ch.clone());
+    let info = tokio::time::timeout(Duration::from_secs(10), c.info(epb::InfoRequest {}))
+        .await
+        .ok()?
+        .ok()?;
+    (info.into_inner().tenant == s.tenant).then_some((ch, process))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// Makes the tenant's disk when it has none: a sparse file with an empty ext4.
+async fn ensure_disk(s: &VmSpawn) -> Result<(), String> {
+    let disk = s.disk();
+    if disk.exists() {
+        return Ok(());
+    }
+    let tmp = disk.with_extension("img.tmp");
+    let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.set_len(s.disk_mib << 20)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    drop(f);
+    let out = tokio::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "caas-tenant"])
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(&tmp)
+        .output()
+        .await
+        .map_err(|e| format!("running mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "mkfs.ext4 {}: {}",
+            tmp.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    std::fs::rename(&tmp, &disk).map_err(|e| format!("{}: {e}", disk.display()))
+}
+
+/// Boots the tenant's VM and waits until its engine answers.
+pub async fn spawn(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
+    for (d, mode) in [(&s.state, 0o700), (&s.run, 0o711)] {
+        crate::fsutil::ensure_dir(d, mode).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    ensure_disk(s).await?;
+    let spec = initramfs::Spec {
+        binary: s.engine_binary.clone(),
+        modules_dir: s.modules_dir.clone(),
+        modules: initramfs::DEFAULT_MODULES
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    };
+    let cache = s.cache.clone();
+    let built = crate::blocking::run(
+        "building the guest initramfs",
+        Duration::from_secs(120),
+        move || initramfs::cached(&spec, &cache),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let launch = s.machine(&built.path)?.render();
+    for f in &launch.files {
+        std::fs::write(&f.path, &f.contents).map_err(|e| format!("{}: {e}", f.path.display()))?;
+    }
+    let _ = std::fs::remove_file(s.socket());
+    // The VMM truncates the console file: keep the previous boot's (a crash's last words).
+    let _ = std::fs::rename(s.console(), s.state.join("console.previous.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.vmm_log())
+        .map_err(|e| format!("{}: {e}", s.vmm_log().display()))?;
+    let Some((program, args)) = launch.argv.split_first() else {
+        return Err("the VM configuration rendered no command".into());
+    };
+    let procs: Vec<CString> = s
+        .cgroup_procs
+        .iter()
+        .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(false);
+    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close) on
+    // buffers made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for p in &procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if !ok {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", Path::new(program).display()))?;
+    let process = child
+        .id()
+        .and_then(EngineProcess::of)
+        .ok_or_else(|| "the VMM exited at once".to_string())?;
+    crate::fsutil::write_replace_volatile(&s.pid_file(), process.to_record().as_bytes(), 0o600)
+        .map_err(|e| format!("{}: {e}", s.pid_file().display()))?;
+    let deadline = tokio::time::Instant::now() + s.boot_timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            let _ = std::fs::remove_file(s.pid_file());
+            return Err(format!(
+                "the VMM exited with {st} before the guest engine answered: {} (console: {})",
+                tail(&s.vmm_log(), 3),
+                tail(&s.console(), 3)
+            ));
+        }
+        if s.socket().exists()
+            && let Some(found) = connect(s).await
+        {
+            // Reap it when it exits, so no zombie is left while the agent runs.
+            let tenant = s.tenant.clone();
+            tokio::spawn(async move {
+                if let Ok(st) = child.wait().await {
+                    tracing::info!(%tenant, status = %st, "tenant VM exited");
+                }
+            });
+            return Ok(found);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let _ = std::fs::remove_file(s.pid_file());
+            return Err(format!(
+                "the guest engine did not answer within {:?} (console: {})",
+                s.boot_timeout,
+                tail(&s.console(), 3)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Shuts the VM down: the engine stops every container and exits, the guest init unmounts the
+/// disk and powers off, the VMM exits. A VMM still running after 30 s is killed.
+pub async fn stop(s: &VmSpawn, client: Option<EngineClient<Channel>>) {
+    let Some(process) = s.process() else {
+        return;
+    };
+    let client = match client {
+        Some(c) => Some(c),
+        None => connect(s).await.map(|(ch, _)| EngineClient::new(ch)),
+    };
+    if let Some(mut c) = client
+        && let Err(e) = c
+            .shutdown(epb::ShutdownRequest {
+                kill_containers: true,
+            })
+            .await
+    {
+        tracing::warn!(tenant = %s.tenant, error = %e, "engine shutdown call failed");
+    }
+    let pid = nix::unistd::Pid::from_raw(process.pid());
+    for _ in 0..600 {
+        if !process.alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if process.alive() {
+        tracing::warn!(tenant = %s.tenant, "the VM did not power off within 30 s; killing its VMM");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        for _ in 0..100 {
+            if !process.alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for f in [s.pid_file(), s.socket(), s.run.join("qmp.sock")] {
+        let _ = std::fs::remove_file(f);
+    }
+}
