@@ -11,6 +11,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 pub enum Target {
     /// The agent's unix socket.
     Unix(PathBuf),
+    /// A VM's engine: the VMM's unix socket for the guest's virtio-serial port, where every
+    /// connection starts with the relay handshake ([`crate::vm::handshake`]).
+    Relayed(PathBuf),
     /// `https://host:port` with mutual TLS.
     Tls {
         /// The URL.
@@ -50,21 +53,42 @@ pub enum ConnectError {
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Ping interval on unix-socket connections, and how long a ping may go unanswered.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// Connects and returns a channel for any of the generated clients.
 pub async fn connect(target: &Target) -> Result<Channel, ConnectError> {
     match target {
-        Target::Unix(path) => {
+        Target::Unix(path) | Target::Relayed(path) => {
+            let relayed = matches!(target, Target::Relayed(_));
             let path = path.clone();
             let shown = path.display().to_string();
             // The URI is required by the API but unused: the connector dials the socket.
             Endpoint::from_static("http://localhost")
                 .connect_timeout(CONNECT_TIMEOUT)
+                // A peer that stops answering (a VM's engine relay that lost its engine, a hung
+                // process) is noticed by unanswered pings, and the next call dials again.
+                .http2_keep_alive_interval(KEEPALIVE)
+                .keep_alive_timeout(KEEPALIVE)
+                .keep_alive_while_idle(true)
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
+                        let mut s = tokio::net::UnixStream::connect(path).await?;
+                        if relayed {
+                            tokio::time::timeout(
+                                CONNECT_TIMEOUT,
+                                crate::vm::handshake::client(&mut s),
+                            )
+                            .await
+                            .map_err(|_| {
+                                std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "the guest relay did not answer the handshake",
+                                )
+                            })??;
+                        }
+                        Ok::<_, std::io::Error>(TokioIo::new(s))
                     }
                 }))
                 .await

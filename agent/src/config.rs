@@ -220,10 +220,24 @@ fn check_vm(vm: &vmm_config::VmConfig, run_dir: &Path) -> Result<(), Invalid> {
             return Err(Invalid::new(field, per_tenant));
         }
     }
+    // The longest tenant id gives the longest socket paths the VMM will be handed.
+    let longest = run_dir
+        .join("tenants")
+        .join("t".repeat(63))
+        .join("engine.sock");
+    if longest.as_os_str().len() > 107 {
+        return Err(Invalid::new(
+            "run_dir",
+            format!(
+                "is too long for VM tenants: their sockets ({}) may have at most 107 bytes",
+                longest.display()
+            ),
+        ));
+    }
     let mut probe = vm.clone();
     probe.ports.push(vmm_config::Port {
         name: crate::guest::ENGINE_PORT.to_string(),
-        socket: run_dir.join("tenants/t/engine.sock"),
+        socket: longest,
     });
     if let Err(e) = probe.prepare() {
         // vmm-config's messages start with the field at fault: `vm.memory_mib: ...`.

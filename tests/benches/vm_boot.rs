@@ -187,7 +187,7 @@ async fn run() {
                 let mut g = Guest::boot(&Boot {
                     dir: d.path(),
                     initrd: &agent.path,
-                    init_args: "rdinit=/bin/caas-agent -- guest --tenant bench --id-start 1048576",
+                    init_args: "rdinit=/bin/caas-agent -- guest --tenant bench --id-start 1048576 --disk /dev/vda",
                     disk: Some(&disk),
                     memory_mib: MEMORY_MIB,
                 })

@@ -129,7 +129,7 @@ impl Guest {
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(b.dir.join("qemu.log"))?)
             .spawn()
             .context("starting qemu")?;
         Ok(Self {
@@ -140,9 +140,14 @@ impl Guest {
         })
     }
 
-    /// The guest's console output so far.
+    /// The guest's console output so far, and what QEMU itself said.
     pub fn console_text(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
+        let qemu = self.console.with_file_name("qemu.log");
+        format!(
+            "{}\n[qemu] {}",
+            std::fs::read_to_string(&self.console).unwrap_or_default(),
+            std::fs::read_to_string(qemu).unwrap_or_default().trim()
+        )
     }
 
     /// Connects to the guest's engine once it answers `Info`, within `within`.
@@ -159,7 +164,7 @@ impl Guest {
                 );
             }
             if self.socket.exists()
-                && let Ok(ch) = client::connect(&Target::Unix(self.socket.clone())).await
+                && let Ok(ch) = client::connect(&Target::Relayed(self.socket.clone())).await
             {
                 let mut c = EngineClient::new(ch);
                 let info =

@@ -25,7 +25,7 @@ async fn guest_engine_serves_over_virtio_serial_and_powers_off_on_shutdown() {
         Guest::boot(&Boot {
             dir,
             initrd: &initrd.path,
-            init_args: "rdinit=/bin/caas-agent -- guest --tenant vmt --id-start 1048576",
+            init_args: "rdinit=/bin/caas-agent -- guest --tenant vmt --id-start 1048576 --disk /dev/vda",
             disk: Some(&disk),
             memory_mib: 256,
         })
@@ -39,10 +39,12 @@ async fn guest_engine_serves_over_virtio_serial_and_powers_off_on_shutdown() {
     assert!(console.contains(caas_agent::guest::READY_LINE), "{console}");
     assert!(console.contains("state on disk"), "{console}");
 
-    // A second connection after the first goes away: the relay serves the host again (this is
-    // what an agent restart does).
+    // A second connection right after the first goes away: the relay serves the host again (an
+    // agent restart, a channel that dials again). The handshake lets the guest tell the two
+    // apart even when it never sees the port disconnected in between; without it this waited
+    // for the keepalive to give up on the first (20 s).
     drop(c);
-    let (c2, info2) = g.engine(Duration::from_secs(30)).await.unwrap();
+    let (c2, info2) = g.engine(Duration::from_secs(10)).await.unwrap();
     assert_eq!(
         info2.pid, info.pid,
         "the same engine answers the new connection"
@@ -234,6 +236,40 @@ async fn a_vm_tenant_boots_survives_an_agent_kill_is_restarted_after_a_vmm_kill_
         "{}",
         agent.log_text()
     );
+
+    // A tenant whose VMM died is deleted without booting it again, and without a hang (the
+    // delete holds the tenant's lock; finding the engine must not take it again).
+    tenants
+        .create_tenant(pb::CreateTenantRequest {
+            id: "vmd".into(),
+            isolation: pb::Isolation::Vm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dead = pid_in(&dir.path().join("run/tenants/vmd/vmm.pid")).expect("vmd's vmm.pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dead),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while alive(dead) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tenants.delete_tenant(pb::DeleteTenantRequest {
+            id: "vmd".into(),
+            force: false,
+        }),
+    )
+    .await
+    .expect("deleting a tenant whose VMM died hung")
+    .unwrap();
+    assert!(pid_in(&dir.path().join("run/tenants/vmd/vmm.pid")).is_none());
+    for p in ["run/tenants/vmd", "state/engines/vmd"] {
+        assert!(!dir.path().join(p).exists(), "{p} is left");
+    }
 
     // Deleting the tenant shuts the VM down and leaves nothing: no VMM, no sockets, no disk,
     // no cgroup.

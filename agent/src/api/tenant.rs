@@ -30,11 +30,12 @@ impl TenantService for TenantApi {
         authz::authorize(&ctx.caller, Action::TenantWrite, Scope::Tenant(&r.id))
             .map_err(status::denied)?;
         let spec = convert::tenant_spec(r)?;
-        let t = self
-            .state
-            .sandboxes
-            .create_tenant(spec)
+        // Its own task: a caller that goes away (deadline, reset) while a VM boots must not
+        // leave a half-made tenant; the creation finishes or rolls back either way.
+        let state = self.state.clone();
+        let t = tokio::spawn(async move { state.sandboxes.create_tenant(spec).await })
             .await
+            .map_err(|e| Status::internal(format!("creating the tenant: {e}")))?
             .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(tenant = %t.id, caller = %ctx.caller.identity, "tenant created");
         Ok(Response::new(convert::tenant_out(t)))
@@ -100,10 +101,12 @@ impl TenantService for TenantApi {
         authz::authorize(&ctx.caller, Action::TenantWrite, Scope::Tenant(&r.id))
             .map_err(status::denied)?;
         let id = convert::id("id", r.id)?;
-        self.state
-            .sandboxes
-            .delete_tenant(&id, r.force)
+        // Its own task, so a caller going away cannot stop a teardown halfway.
+        let state = self.state.clone();
+        let (tid, force) = (id.clone(), r.force);
+        tokio::spawn(async move { state.sandboxes.delete_tenant(&tid, force).await })
             .await
+            .map_err(|e| Status::internal(format!("deleting the tenant: {e}")))?
             .map_err(|e| status::sandbox(e, &ctx))?;
         tracing::info!(tenant = %id, caller = %ctx.caller.identity, "tenant deleted");
         Ok(Response::new(pb::DeleteTenantResponse {}))

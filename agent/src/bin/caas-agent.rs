@@ -106,6 +106,12 @@ fn main() -> ExitCode {
                 eprintln!("caas-agent guest: only runs as the init (PID 1) of a VM tenant's guest");
                 return ExitCode::from(2);
             }
+            // A panic anywhere in the guest's init (its relay thread included) must not leave a
+            // guest that runs but cannot be reached: power off, and the host boots it again.
+            std::panic::set_hook(Box::new(|info| {
+                eprintln!("caas-guest: {info}; powering off");
+                caas_agent::guest::power_off()
+            }));
             if let Err(e) = caas_agent::guest::main(&args) {
                 eprintln!("caas-guest: {e}; powering off");
             }

@@ -40,7 +40,7 @@ use nix::{
 use crate::{
     cgroups::{CgroupLayout, Limits, TenantCgroups},
     engine::EngineArgs,
-    vm::initramfs::LOAD_ORDER,
+    vm::{handshake, initramfs::LOAD_ORDER},
 };
 
 /// Name of the virtio-serial port the engine protocol runs over.
@@ -65,9 +65,10 @@ pub struct GuestArgs {
     /// The virtio-serial port to serve the engine protocol on.
     #[arg(long, default_value = ENGINE_PORT)]
     pub port: String,
-    /// Block device holding the tenant's state (ext4); without it, state lives in memory.
-    #[arg(long, default_value = "/dev/vda")]
-    pub disk: PathBuf,
+    /// Block device holding the tenant's state (ext4); without it, state lives in memory. A
+    /// disk that is named but does not appear is an error, never a silent fallback.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
 }
 
 fn log(msg: impl std::fmt::Display) {
@@ -81,7 +82,7 @@ pub fn main(args: &GuestArgs) -> Result<(), String> {
     let t0 = Instant::now();
     mount_basics()?;
     load_modules()?;
-    let persistent = mount_state(&args.disk)?;
+    let persistent = mount_state(args.disk.as_deref())?;
     let limits = guest_limits();
     let cg = TenantCgroups::with_slice(
         Path::new("/sys/fs/cgroup"),
@@ -209,33 +210,26 @@ fn module_params(cmdline: &str, name: &str) -> String {
         .join(" ")
 }
 
-/// Mounts the tenant's disk at [`STATE_DIR`] if there is one; otherwise a tmpfs.
-fn mount_state(disk: &Path) -> Result<bool, String> {
-    // The block device appears once virtio_blk has probed; allow it a moment.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !disk.exists() && Instant::now() < deadline && disk.starts_with("/dev/vd") {
+/// Mounts the tenant's disk at [`STATE_DIR`], or a tmpfs when there is none.
+fn mount_state(disk: Option<&Path>) -> Result<bool, String> {
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let Some(disk) = disk else {
+        mnt("tmpfs", STATE_DIR, "tmpfs", flags, Some("mode=0700"))?;
+        return Ok(false);
+    };
+    // The block device appears once virtio_blk has probed it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !disk.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the tenant's disk {} did not appear (is the VMM given a virtio-blk disk?)",
+                disk.display()
+            ));
+        }
         thread::sleep(Duration::from_millis(10));
     }
-    if disk.exists() {
-        let d = disk.to_string_lossy();
-        mnt(
-            &d,
-            STATE_DIR,
-            "ext4",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None,
-        )?;
-        Ok(true)
-    } else {
-        mnt(
-            "tmpfs",
-            STATE_DIR,
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=0700"),
-        )?;
-        Ok(false)
-    }
+    mnt(&disk.to_string_lossy(), STATE_DIR, "ext4", flags, None)?;
+    Ok(true)
 }
 
 /// The whole guest is the tenant's: its vCPUs, its memory, and the kernel's pid limit.
@@ -350,10 +344,43 @@ fn supervise(mut engine: Child, args: &EngineArgs) -> Result<(), String> {
     }
 }
 
-/// Powers the guest off after flushing the disk. Never returns.
+/// Powers the guest off, with the disk clean: every process is killed, the mounts on or under
+/// the state and run dirs (container overlays) come off deepest first, then the disk; if it is
+/// still busy it is remounted read-only. Never returns.
 pub fn power_off() -> ! {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // Reap what was killed, so nothing holds a mount.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(10)),
+            Ok(_) => {}
+            Err(_) => break, // no children left
+        }
+    }
     nix::unistd::sync();
-    let _ = nix::mount::umount2(STATE_DIR, nix::mount::MntFlags::MNT_DETACH);
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|t| (t.starts_with(RUN_DIR) || t.starts_with(STATE_DIR)) && *t != STATE_DIR)
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+    }
+    if nix::mount::umount(STATE_DIR).is_err() {
+        let _ = mount(
+            None::<&str>,
+            STATE_DIR,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        );
+    }
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     // If power-off is not wired up, a reboot ends the VMM (it runs with -no-reboot).
@@ -373,56 +400,174 @@ fn relay_forever(port: &Path, socket: &Path) {
     }
 }
 
-/// Waits until the host side of the port is connected, then copies both ways until either side
-/// closes.
+/// Serves one host connection of the port after another until the host side goes away: each
+/// starts with the handshake of [`crate::vm::handshake`] and gets an engine connection of its
+/// own. One thread, non-blocking descriptors and poll: when the host goes away (POLLHUP on the
+/// port) whatever is buffered for either side is dropped at once, and a write to the port never
+/// blocks the relay.
 fn relay_once(port: &Path, socket: &Path) -> io::Result<()> {
     let dev = fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(port)?;
-    // While nobody is connected on the host side, poll returns at once with POLLHUP (and
-    // POLLIN, since a read would not block: it returns end-of-file).
+    let mut buf = vec![0u8; 64 * 1024];
+    // Host bytes not yet relayed: before a hello, what may hold one.
+    let mut pending: Vec<u8> = Vec::new();
     loop {
-        let mut fds = [PollFd::new(dev.as_fd(), PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::from(1000u16)).map_err(io::Error::from)?;
-        let ev = fds[0].revents().unwrap_or(PollFlags::empty());
-        if !ev.contains(PollFlags::POLLHUP) {
-            break;
+        let nonce = loop {
+            if let Some((end, nonce)) = handshake::find_hello(&pending) {
+                pending.drain(..end);
+                break nonce;
+            }
+            // Keep a tail that may be the start of a hello cut by a read.
+            let keep = handshake::HELLO.len() + handshake::NONCE_LEN - 1;
+            if pending.len() > keep {
+                pending.drain(..pending.len() - keep);
+            }
+            let mut fds = [PollFd::new(dev.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ev = fds[0].revents().unwrap_or(PollFlags::empty());
+            // While nobody is connected on the host side, poll returns at once with POLLHUP
+            // (and POLLIN: a read would return end-of-file); wait a little and look again.
+            if ev.contains(PollFlags::POLLHUP) {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            if ev.contains(PollFlags::POLLIN) && !read_into(&mut &dev, &mut buf, &mut pending)? {
+                thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let engine = UnixStream::connect(socket)?;
+        engine.set_nonblocking(true)?;
+        match pump(
+            &dev,
+            &engine,
+            handshake::ack(&nonce),
+            std::mem::take(&mut pending),
+        )? {
+            PumpEnd::HostGone => return Ok(()),
+            // A new host connection: this engine connection ends, the next one starts.
+            PumpEnd::Hello(bytes) => pending = bytes,
         }
-        thread::sleep(Duration::from_millis(5));
     }
-    let engine = UnixStream::connect(socket)?;
-    let (mut dev_r, mut dev_w) = (dev.try_clone()?, dev);
-    let (mut eng_r, mut eng_w) = (engine.try_clone()?, engine);
-    let up = thread::Builder::new()
-        .name("relay-up".into())
-        .spawn(move || {
-            let r = copy(&mut eng_r, &mut dev_w);
-            // The engine closed, or the host went: either way the connection is over.
-            let _ = eng_r.shutdown(std::net::Shutdown::Both);
-            r
-        })?;
-    let down = copy(&mut dev_r, &mut eng_w);
-    let _ = eng_w.shutdown(std::net::Shutdown::Both);
-    let _ = up.join();
-    down.map(|_| ())
 }
 
-/// Copies until end-of-file (the host disconnected, or the engine closed) or an error.
-fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+/// Bytes waiting for one side, at most this many before reading from the other side pauses.
+const RELAY_BUFFER: usize = 256 * 1024;
+
+/// Why relaying one connection stopped.
+enum PumpEnd {
+    /// The host side disconnected.
+    HostGone,
+    /// A read from the port began with a hello: these bytes, from it on.
+    Hello(Vec<u8>),
+}
+
+fn pump(
+    dev: &fs::File,
+    engine: &UnixStream,
+    mut to_host: Vec<u8>,
+    mut to_engine: Vec<u8>,
+) -> io::Result<PumpEnd> {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
     loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
+        let mut dev_ev = PollFlags::empty();
+        let mut eng_ev = PollFlags::empty();
+        if to_engine.len() < RELAY_BUFFER {
+            dev_ev |= PollFlags::POLLIN;
+        }
+        if !to_host.is_empty() {
+            dev_ev |= PollFlags::POLLOUT;
+        }
+        if to_host.len() < RELAY_BUFFER {
+            eng_ev |= PollFlags::POLLIN;
+        }
+        if !to_engine.is_empty() {
+            eng_ev |= PollFlags::POLLOUT;
+        }
+        let mut fds = [
+            PollFd::new(dev.as_fd(), dev_ev),
+            PollFd::new(engine.as_fd(), eng_ev),
+        ];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let d = fds[0].revents().unwrap_or(PollFlags::empty());
+        let e = fds[1].revents().unwrap_or(PollFlags::empty());
+        if d.contains(PollFlags::POLLHUP) {
+            return Ok(PumpEnd::HostGone); // buffers are dropped with the connection
+        }
+        if d.contains(PollFlags::POLLIN) {
+            loop {
+                match (&*dev).read(&mut buf) {
+                    Ok(0) => return Ok(PumpEnd::HostGone),
+                    Ok(n) if buf[..n].starts_with(&handshake::HELLO) => {
+                        return Ok(PumpEnd::Hello(buf[..n].to_vec()));
+                    }
+                    Ok(n) => {
+                        to_engine.extend_from_slice(&buf[..n]);
+                        if to_engine.len() >= RELAY_BUFFER {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if e.intersects(PollFlags::POLLIN | PollFlags::POLLHUP)
+            && !read_into(&mut &*engine, &mut buf, &mut to_host)?
+            && to_host.is_empty()
+        {
+            return Err(io::Error::other("the engine closed the connection"));
+        }
+        if !to_host.is_empty() {
+            write_from(&mut &*dev, &mut to_host)?;
+        }
+        if !to_engine.is_empty() {
+            write_from(&mut &*engine, &mut to_engine)?;
+        }
     }
+}
+
+/// Reads what is there into `out`; false at end-of-file.
+fn read_into(from: &mut impl Read, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<bool> {
+    loop {
+        match from.read(buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.len() >= RELAY_BUFFER {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes as much of `pending` as goes now, and keeps the rest.
+fn write_from(to: &mut impl Write, pending: &mut Vec<u8>) -> io::Result<()> {
+    while !pending.is_empty() {
+        match to.write(pending) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                pending.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub enum SandboxError {
     },
     /// Ports were asked for a tenant without a network.
     #[error(
-        "tenant {tenant:?} has no network (tenant networks are off on this node, or the tenant predates them); create the container without published ports"
+        "tenant {tenant:?} has no network (tenant networks are off on this node, the tenant predates them, or it is a VM tenant, whose network is not built yet); create the container without published ports"
     )]
     NoNetwork {
         /// Tenant.
@@ -220,9 +220,7 @@ impl Manager {
                 args,
             }));
         }
-        let Some(vm) = &self.vm else {
-            return Err(SandboxError::VmUnavailable);
-        };
+        let vm = self.vm.as_ref();
         let paths = args.paths();
         let cgroup_procs = self
             .cgroups
@@ -230,21 +228,26 @@ impl Manager {
         Ok(Proc::Vm(Box::new(vm_proc::VmSpawn {
             tenant: t.id.clone(),
             id_start: t.id_range.start,
-            machine: vm.machine.clone(),
-            modules_dir: vm.modules_dir.clone(),
+            machine: vm.map(|v| v.machine.clone()),
+            modules_dir: vm.and_then(|v| v.modules_dir.clone()),
             engine_binary: self.engine_binary.clone(),
-            disk_mib: vm.disk_mib,
+            disk_mib: vm.map_or(0, |v| v.disk_mib),
             state: paths.state,
             run: paths.run,
             cache: self.state_dir.join("vm"),
             cgroup_procs,
-            boot_timeout: vm.boot_timeout,
+            boot_timeout: vm.map_or(Duration::from_secs(120), |v| v.boot_timeout),
         })))
     }
 
-    /// Refuses a VM tenant this node cannot run, before anything is made for it.
-    fn check_vm(&self, spec: &TenantSpec) -> Result<(), SandboxError> {
-        if spec.isolation != crate::tenants::Isolation::Vm {
+    /// Refuses a VM tenant this node cannot run, before anything is made for it (or before its
+    /// quota shrinks below what its VM needs).
+    fn check_vm(
+        &self,
+        isolation: crate::tenants::Isolation,
+        memory_bytes: Option<u64>,
+    ) -> Result<(), SandboxError> {
+        if isolation != crate::tenants::Isolation::Vm {
             return Ok(());
         }
         let Some(vm) = &self.vm else {
@@ -252,7 +255,7 @@ impl Manager {
         };
         let vm_mib = u64::from(vm.machine.memory_mib);
         let needed = (vm_mib + VMM_OVERHEAD_MIB) << 20;
-        let quota = spec.quotas.memory_bytes.unwrap_or(vm.default_memory_bytes);
+        let quota = memory_bytes.unwrap_or(vm.default_memory_bytes);
         if quota < needed {
             return Err(SandboxError::VmTooBig {
                 quota,
@@ -281,6 +284,8 @@ impl Manager {
                 continue;
             }
             let t = t.clone();
+            let lock = self.lock(&t.id).await;
+            let _g = lock.lock().await;
             let recovered = match self.ensure_engine(&t).await {
                 Ok(eng) => self.ensure_network(&t).await.map(|()| eng),
                 Err(e) => Err(e),
@@ -290,7 +295,10 @@ impl Manager {
                     let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
                     if let Some(m) = &self.metering {
                         m.track_tenant(&t.id).await;
-                        if t.subnet.is_some() && self.network.is_some() {
+                        if t.subnet.is_some()
+                            && self.network.is_some()
+                            && t.isolation != crate::tenants::Isolation::Vm
+                        {
                             m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
                                 .await;
                         }
@@ -337,7 +345,7 @@ impl Manager {
 
     /// Creates a tenant and its sandbox. On failure nothing is left behind.
     pub async fn create_tenant(&self, spec: TenantSpec) -> Result<Tenant, SandboxError> {
-        self.check_vm(&spec)?;
+        self.check_vm(spec.isolation, spec.quotas.memory_bytes)?;
         let t = self.registry.create(spec).await?;
         let lock = self.lock(&t.id).await;
         let _g = lock.lock().await;
@@ -351,7 +359,7 @@ impl Manager {
             Ok(_) => {
                 if let Some(m) = &self.metering {
                     m.track_tenant(&t.id).await;
-                    if t.subnet.is_some() {
+                    if t.subnet.is_some() && t.isolation != crate::tenants::Isolation::Vm {
                         m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
                             .await;
                     }
@@ -373,6 +381,9 @@ impl Manager {
     /// Changes quotas in the record and in the kernel.
     pub async fn update_quotas(&self, id: &str, q: QuotaRequest) -> Result<Tenant, SandboxError> {
         let before = self.registry.get(id).await?;
+        if q.memory_bytes.is_some() {
+            self.check_vm(before.isolation, q.memory_bytes)?;
+        }
         let after = self.registry.update_quotas(id, q).await?;
         if let Err(e) = self.cgroups.set_limits(id, &limits(&after)) {
             // Keep record and kernel in agreement.
@@ -393,7 +404,7 @@ impl Manager {
         let t = self.registry.get(id).await?;
         let lock = self.lock(id).await;
         let _g = lock.lock().await;
-        if let Ok(mut eng) = self.engine(&t).await {
+        if let Some(mut eng) = self.engine_for_delete(&t).await {
             let n = eng
                 .list(epb::ListRequest {})
                 .await
@@ -509,7 +520,26 @@ impl Manager {
             })
     }
 
-    /// Connects to the tenant's engine, starting it if it does not answer.
+    /// The engine to ask before a delete, with the tenant's lock held: a userns tenant's dead
+    /// engine is started again (it adopts the containers that still run), a VM tenant's dead VM
+    /// is not (its containers died with it).
+    async fn engine_for_delete(&self, t: &Tenant) -> Option<EngineClient<Channel>> {
+        let cached = self.engines.lock().await.get(&t.id).cloned();
+        if let Some((c, p)) = cached
+            && p.alive()
+        {
+            return Some(c);
+        }
+        self.engines.lock().await.remove(&t.id);
+        if t.isolation == crate::tenants::Isolation::Vm {
+            let p = self.proc_args(t).ok()?;
+            return p.connect().await.map(|(ch, _)| EngineClient::new(ch));
+        }
+        self.ensure_engine(t).await.ok()
+    }
+
+    /// Connects to the tenant's engine, starting it if it does not answer. The caller holds the
+    /// tenant's lock.
     async fn ensure_engine(&self, t: &Tenant) -> Result<EngineClient<Channel>, SandboxError> {
         Ok(self.ensure_engine_process(t).await?.0)
     }
@@ -537,23 +567,37 @@ impl Manager {
         Ok((client, process))
     }
 
-    /// The engine of a ready tenant; a dead engine is restarted (its containers are re-adopted).
-    /// Whether it lives is one procfs read (its pid and start time), not a round trip: every
-    /// container call comes through here.
+    /// The engine of a ready tenant; a dead engine is restarted (its containers are re-adopted;
+    /// a VM is booted again). Whether it lives is one procfs read (its pid and start time), not a
+    /// round trip: every container call comes through here. Starting one happens under the
+    /// tenant's lock, after checking again that the tenant is not being deleted.
     pub async fn engine(&self, t: &Tenant) -> Result<EngineClient<Channel>, SandboxError> {
-        let (c, process) = self.ensure_engine_process(t).await?;
-        if process.alive() {
+        let cached = self.engines.lock().await.get(&t.id).cloned();
+        if let Some((c, p)) = cached
+            && p.alive()
+        {
             return Ok(c);
         }
-        tracing::warn!(tenant = %t.id, "tenant engine is gone; restarting it");
         let lock = self.lock(&t.id).await;
         let _g = lock.lock().await;
-        // Another caller may have restarted it while this one waited for the lock.
-        let current = self.engines.lock().await.get(&t.id).map(|(_, p)| *p);
-        if current == Some(process) {
-            self.engines.lock().await.remove(&t.id);
+        // Another caller may have started it while this one waited for the lock.
+        let cached = self.engines.lock().await.get(&t.id).cloned();
+        match cached {
+            Some((c, p)) if p.alive() => return Ok(c),
+            Some(_) => {
+                tracing::warn!(tenant = %t.id, "tenant engine is gone; restarting it");
+                self.engines.lock().await.remove(&t.id);
+            }
+            None => {}
         }
-        self.ensure_engine(t).await
+        let current = self.registry.get(&t.id).await?;
+        if matches!(current.state, TenantState::Deleting) {
+            return Err(SandboxError::Engine {
+                tenant: t.id.clone(),
+                message: "the tenant is being deleted".into(),
+            });
+        }
+        self.ensure_engine(&current).await
     }
 
     /// The tenant named `id`.
@@ -588,7 +632,11 @@ impl Manager {
         let (t, mut eng) = self.engine_of(tenant).await?;
         let mut published = Vec::new();
         if !publish.is_empty() {
-            let (Some(n), Some(subnet)) = (&self.network, t.subnet) else {
+            let (Some(n), Some(subnet), false) = (
+                &self.network,
+                t.subnet,
+                t.isolation == crate::tenants::Isolation::Vm,
+            ) else {
                 return Err(SandboxError::NoNetwork { tenant: t.id });
             };
             let ip = crate::net::addresses(subnet).1;

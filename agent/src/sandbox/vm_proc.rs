@@ -39,8 +39,9 @@ pub struct VmSpawn {
     pub tenant: String,
     /// First id of the tenant's range (the guest's containers use the same range).
     pub id_start: u32,
-    /// The operator's VM template (`[vm]`); per-tenant paths are filled in here.
-    pub machine: vmm_config::VmConfig,
+    /// The operator's VM template (`[vm]`); per-tenant paths are filled in here. None when the
+    /// node has no `[vm]` any more: the VM can still be found and stopped, not booted.
+    pub machine: Option<vmm_config::VmConfig>,
     /// The guest kernel's modules, for the initramfs.
     pub modules_dir: Option<PathBuf>,
     /// The binary that becomes the guest's init and engine.
@@ -86,7 +87,10 @@ impl VmSpawn {
     /// This tenant's machine: the template with its initramfs, disk, engine port, console and
     /// QMP socket, and the kernel command line that starts the guest init.
     fn machine(&self, initrd: &Path) -> Result<vmm_config::Prepared, String> {
-        let mut m = self.machine.clone();
+        let mut m = self.machine.clone().ok_or_else(|| {
+            "this node's agent config has no [vm] section any more; a VM tenant cannot boot"
+                .to_string()
+        })?;
         m.initrd = Some(initrd.to_path_buf());
         m.disks = vec![vmm_config::Disk {
             path: self.disk(),
@@ -114,7 +118,7 @@ impl VmSpawn {
             }
         };
         m.cmdline = Some(format!(
-            "{base} rdinit={} -- guest --tenant {} --id-start {}",
+            "{base} rdinit={} -- guest --tenant {} --id-start {} --disk /dev/vda",
             initramfs::GUEST_BINARY,
             self.tenant,
             self.id_start
@@ -129,7 +133,7 @@ impl VmSpawn {
 /// runs or its engine does not answer.
 pub async fn connect(s: &VmSpawn) -> Option<(Channel, EngineProcess)> {
     let process = s.process()?;
-    let ch = client::connect(&Target::Unix(s.socket())).await.ok()?;
+    let ch = client::connect(&Target::Relayed(s.socket())).await.ok()?;
     let mut c = EngineClient::new(ch.clone());
     let info = tokio::time::timeout(Duration::from_secs(10), c.info(epb::InfoRequest {}))
         .await
@@ -151,30 +155,105 @@ async fn ensure_disk(s: &VmSpawn) -> Result<(), String> {
         return Ok(());
     }
     let tmp = disk.with_extension("img.tmp");
-    let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.set_len(s.disk_mib << 20)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    drop(f);
-    let out = tokio::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "caas-tenant"])
-        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
-        .arg(&tmp)
-        .output()
-        .await
-        .map_err(|e| format!("running mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!(
-            "mkfs.ext4 {}: {}",
-            tmp.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let made = async {
+        let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.set_len(s.disk_mib << 20)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        drop(f);
+        let out = tokio::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "caas-tenant"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(&tmp)
+            .output()
+            .await
+            .map_err(|e| format!("running mkfs.ext4 (Debian package e2fsprogs): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mkfs.ext4 {}: {}",
+                tmp.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        std::fs::rename(&tmp, &disk).map_err(|e| format!("{}: {e}", disk.display()))
     }
-    std::fs::rename(&tmp, &disk).map_err(|e| format!("{}: {e}", disk.display()))
+    .await;
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made
+}
+
+/// Kills every process in the tenant's VMM cgroup (a VMM nobody tracks any more, say one whose
+/// pid file was lost) and waits until they are gone: two VMMs must never share a disk.
+async fn kill_strays(s: &VmSpawn) {
+    for _ in 0..100 {
+        let pids: Vec<i32> = s
+            .cgroup_procs
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            tracing::warn!(tenant = %s.tenant, pid = p, "killing a stray process in the VMM cgroup");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `process` exits, up to `limit`; then kills it and waits for that.
+async fn end(process: EngineProcess, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while process.alive() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if process.alive() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(process.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for _ in 0..100 {
+            if !process.alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Makes sure the tenant's VM runs and its engine answers: a VM that runs already (still booting,
+/// say, when a restarted agent comes back) gets until the boot timeout to answer, then is killed
+/// and booted again; otherwise the VM is booted.
+pub async fn spawn(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
+    if let Some(running) = s.process() {
+        let deadline = tokio::time::Instant::now() + s.boot_timeout;
+        while running.alive() && tokio::time::Instant::now() < deadline {
+            if let Some(found) = connect(s).await {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if running.alive() {
+            tracing::warn!(tenant = %s.tenant, "the tenant's VM does not answer; killing it to boot again");
+        }
+        end(running, Duration::ZERO).await;
+    }
+    kill_strays(s).await;
+    boot(s).await
 }
 
 /// Boots the tenant's VM and waits until its engine answers.
-pub async fn spawn(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
+async fn boot(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
     for (d, mode) in [(&s.state, 0o700), (&s.run, 0o711)] {
         crate::fsutil::ensure_dir(d, mode).map_err(|e| format!("{}: {e}", d.display()))?;
     }
@@ -242,15 +321,29 @@ pub async fn spawn(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", Path::new(program).display()))?;
-    let process = child
-        .id()
-        .and_then(EngineProcess::of)
-        .ok_or_else(|| "the VMM exited at once".to_string())?;
-    crate::fsutil::write_replace_volatile(&s.pid_file(), process.to_record().as_bytes(), 0o600)
-        .map_err(|e| format!("{}: {e}", s.pid_file().display()))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        format!(
+            "starting {} in the cgroups {}: {e}",
+            Path::new(program).display(),
+            s.cgroup_procs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let Some(process) = child.id().and_then(EngineProcess::of) else {
+        let _ = child.wait().await;
+        return Err(format!("the VMM exited at once: {}", tail(&s.vmm_log(), 3)));
+    };
+    if let Err(e) =
+        crate::fsutil::write_replace_volatile(&s.pid_file(), process.to_record().as_bytes(), 0o600)
+    {
+        // Untracked, it would hold the disk for ever.
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(format!("{}: {e}", s.pid_file().display()));
+    }
     let deadline = tokio::time::Instant::now() + s.boot_timeout;
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -288,41 +381,46 @@ pub async fn spawn(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
 }
 
 /// Shuts the VM down: the engine stops every container and exits, the guest init unmounts the
-/// disk and powers off, the VMM exits. A VMM still running after 30 s is killed.
+/// disk and powers off, the VMM exits. A VMM still running 30 s after a shutdown call that
+/// worked, or 10 s after SIGTERM when the call failed, is killed; so is anything else left in
+/// the VMM's cgroup.
 pub async fn stop(s: &VmSpawn, client: Option<EngineClient<Channel>>) {
-    let Some(process) = s.process() else {
-        return;
-    };
-    let client = match client {
-        Some(c) => Some(c),
-        None => connect(s).await.map(|(ch, _)| EngineClient::new(ch)),
-    };
-    if let Some(mut c) = client
-        && let Err(e) = c
-            .shutdown(epb::ShutdownRequest {
-                kill_containers: true,
-            })
-            .await
-    {
-        tracing::warn!(tenant = %s.tenant, error = %e, "engine shutdown call failed");
-    }
-    let pid = nix::unistd::Pid::from_raw(process.pid());
-    for _ in 0..600 {
-        if !process.alive() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if process.alive() {
-        tracing::warn!(tenant = %s.tenant, "the VM did not power off within 30 s; killing its VMM");
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        for _ in 0..100 {
-            if !process.alive() {
-                break;
+    if let Some(process) = s.process() {
+        let client = match client {
+            Some(c) => Some(c),
+            None => connect(s).await.map(|(ch, _)| EngineClient::new(ch)),
+        };
+        let asked = match client {
+            Some(mut c) => {
+                let call = c.shutdown(epb::ShutdownRequest {
+                    kill_containers: true,
+                });
+                match tokio::time::timeout(Duration::from_secs(20), call).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(tenant = %s.tenant, error = %e, "engine shutdown call failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(tenant = %s.tenant, "engine shutdown call timed out");
+                        false
+                    }
+                }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            None => false,
+        };
+        if asked {
+            end(process, Duration::from_secs(30)).await;
+        } else {
+            // QEMU ends on SIGTERM; the guest's disk was not unmounted, its journal recovers.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(process.pid()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            end(process, Duration::from_secs(10)).await;
         }
     }
+    kill_strays(s).await;
     for f in [s.pid_file(), s.socket(), s.run.join("qmp.sock")] {
         let _ = std::fs::remove_file(f);
     }

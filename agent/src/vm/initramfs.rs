@@ -93,6 +93,11 @@ pub struct Built {
 /// Returns the initramfs for `spec` from `cache_dir`, building it first when the binary, the
 /// module list or the modules directory changed since (the file name carries a digest of them).
 pub fn cached(spec: &Spec, cache_dir: &Path) -> Result<Built, InitramfsError> {
+    // One builder at a time in this process: two tenants booting at once share the archive.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
     let key = cache_key(spec)?;
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
@@ -110,7 +115,7 @@ pub fn cached(spec: &Spec, cache_dir: &Path) -> Result<Built, InitramfsError> {
         for e in rd.flatten() {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if n.starts_with("initramfs-") && n.ends_with(".cpio") {
+            if n.starts_with("initramfs-") && (n.ends_with(".cpio") || n.ends_with(".tmp")) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -166,8 +171,15 @@ fn plan(spec: &Spec) -> Result<Plan, InitramfsError> {
     })
 }
 
+/// A temporary name beside `out` that no other writer uses.
+fn temp_name(out: &Path, what: &str) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    out.with_extension(format!("{what}.{}.{n}.tmp", std::process::id()))
+}
+
 fn write(plan: &Plan, out: &Path) -> Result<Built, InitramfsError> {
-    let tmp = out.with_extension("cpio.tmp");
+    let tmp = temp_name(out, "cpio");
     let f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let mut w = CpioWriter::new(io::BufWriter::new(f));
     let res = (|| -> io::Result<()> {
@@ -197,7 +209,12 @@ fn write(plan: &Plan, out: &Path) -> Result<Built, InitramfsError> {
             order.push('\n');
         }
         w.file(LOAD_ORDER.trim_start_matches('/'), 0o644, order.as_bytes())?;
-        w.finish()?;
+        // On disk before it is renamed in: a cached archive cut short by a crash would be
+        // booted for ever.
+        w.finish()?
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()?;
         Ok(())
     })();
     if let Err(e) = res {
@@ -221,7 +238,7 @@ fn write(plan: &Plan, out: &Path) -> Result<Built, InitramfsError> {
 /// debug build is four times smaller that way, and all of it sits in the guest's memory. The
 /// host keeps the full binary for its own backtraces.
 fn stripped(binary: &Path, out: &Path) -> io::Result<Vec<u8>> {
-    let tmp = out.with_extension("strip.tmp");
+    let tmp = temp_name(out, "strip");
     let ok = Command::new("strip")
         .arg("--strip-all")
         .arg("-o")
