@@ -17,6 +17,10 @@ struct Api {
     t: TenantServiceClient<Channel>,
     c: ContainerServiceClient<Channel>,
     rootfs: String,
+    /// What `tenant()` creates: the same tests run against userns and VM tenants.
+    isolation: pb::Isolation,
+    /// The agent's engines dir (VM tenants' guest consoles are there).
+    engines: std::path::PathBuf,
 }
 
 impl Api {
@@ -26,6 +30,31 @@ impl Api {
             t: TenantServiceClient::new(ch.clone()),
             c: ContainerServiceClient::new(ch),
             rootfs: busybox_rootfs(agent.dir.path()).display().to_string(),
+            isolation: pb::Isolation::Userns,
+            engines: agent.dir.path().join("state/engines"),
+        }
+    }
+
+    /// The consoles of this agent's VM guests, for failure messages.
+    fn guest_consoles(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(&self.engines)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(t) = std::fs::read_to_string(e.path().join("console.log")) {
+                out.push_str(&format!("--- guest console of {:?}:\n{t}\n", e.file_name()));
+            }
+        }
+        out
+    }
+
+    /// The same, for VM tenants (the agent must have `[vm]`, see [`vm_agent`]).
+    async fn vm(agent: &TestAgent) -> Self {
+        Self {
+            isolation: pb::Isolation::Vm,
+            ..Self::new(agent).await
         }
     }
 
@@ -34,6 +63,7 @@ impl Api {
             .create_tenant(pb::CreateTenantRequest {
                 id: id.into(),
                 quotas,
+                isolation: self.isolation as i32,
                 ..Default::default()
             })
             .await
@@ -53,7 +83,10 @@ impl Api {
 
     async fn run_req(&mut self, req: pb::CreateContainerRequest) -> pb::Container {
         let tenant = req.tenant.clone();
-        let c = self.c.create_container(req).await.unwrap().into_inner();
+        let c = match self.c.create_container(req).await {
+            Ok(c) => c.into_inner(),
+            Err(e) => panic!("{e:?}\n{}", self.guest_consoles()),
+        };
         self.c
             .start_container(pb::StartContainerRequest {
                 r#ref: cref(&tenant, &c.name),
@@ -96,6 +129,29 @@ fn host_uid(pid: u32) -> u32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = s.lines().find(|l| l.starts_with("Uid:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// An agent that can run VM tenants (QEMU microvm under TCG, the guest kernel of
+/// scripts/guest-kernel.sh), or None when this machine cannot (the skip is recorded).
+async fn vm_agent(test: &str) -> Option<TestAgent> {
+    if !caas_tests::vm::vm_available(test) {
+        return None;
+    }
+    let g = caas_tests::vm::guest_dir();
+    let vm: vmm_config::VmConfig = toml::from_str(&format!(
+        "backend = \"qemu\"\nvcpus = 1\nmemory_mib = 256\nkernel = \"{}\"\n[qemu]\naccel = \"tcg\"\n",
+        g.join("vmlinux").display()
+    ))
+    .unwrap();
+    Some(
+        TestAgent::start(|c| {
+            c.vm = Some(vm);
+            c.tenants.vm_modules_dir = Some(g.join("modules"));
+            c.tenants.vm_disk_mib = 512;
+        })
+        .await
+        .unwrap(),
+    )
 }
 
 macro_rules! root_or_skip {
@@ -203,7 +259,18 @@ async fn a_tenants_containers_share_a_network_that_other_tenants_cannot_reach() 
 async fn exit_codes_logs_and_stop_escalation() {
     root_or_skip!("exit_codes_logs_and_stop_escalation");
     let agent = TestAgent::start(|_| {}).await.unwrap();
-    let mut api = Api::new(&agent).await;
+    exit_codes_logs_and_stop_escalation_in(&mut Api::new(&agent).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_exit_codes_logs_and_stop_escalation() {
+    let Some(agent) = vm_agent("vm_exit_codes_logs_and_stop_escalation").await else {
+        return;
+    };
+    exit_codes_logs_and_stop_escalation_in(&mut Api::vm(&agent).await).await;
+}
+
+async fn exit_codes_logs_and_stop_escalation_in(api: &mut Api) {
     api.tenant("t", None).await;
 
     api.run("t", "ok", "true").await;
@@ -310,7 +377,20 @@ async fn exit_codes_logs_and_stop_escalation() {
 async fn memory_and_pids_limits_hold() {
     root_or_skip!("memory_and_pids_limits_hold");
     let agent = TestAgent::start(|_| {}).await.unwrap();
-    let mut api = Api::new(&agent).await;
+    memory_and_pids_limits_hold_in(&mut Api::new(&agent).await, Some(&agent.slice)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_memory_and_pids_limits_hold() {
+    let Some(agent) = vm_agent("vm_memory_and_pids_limits_hold").await else {
+        return;
+    };
+    memory_and_pids_limits_hold_in(&mut Api::vm(&agent).await, None).await;
+}
+
+/// `host_slice`: where the tenant's cgroups are on this host (userns tenants; a VM tenant's
+/// containers have theirs inside the guest).
+async fn memory_and_pids_limits_hold_in(api: &mut Api, host_slice: Option<&str>) {
     api.tenant("t", None).await;
     let mut hog = api.req(
         "t",
@@ -355,13 +435,15 @@ async fn memory_and_pids_limits_hold() {
         .await
         .unwrap()
         .into_inner();
-    let dir = format!("/sys/fs/cgroup/pids/{}/tenant-t/c-{}", agent.slice, c.id);
-    let peak: u64 = std::fs::read_to_string(format!("{dir}/pids.current"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(peak <= 20, "pids.current {peak}");
+    if let Some(slice) = host_slice {
+        let dir = format!("/sys/fs/cgroup/pids/{slice}/tenant-t/c-{}", c.id);
+        let peak: u64 = std::fs::read_to_string(format!("{dir}/pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(peak <= 20, "pids.current {peak}");
+    }
     // And the host stays responsive meanwhile: a container of the same tenant still runs.
     api.run("t", "alive", "echo alive").await;
     assert_eq!(api.wait("t", "alive").await.exit_code, 0);
@@ -608,11 +690,26 @@ async fn kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_finds_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_exec_returns_output_and_exit_code() {
+    let Some(agent) = vm_agent("vm_exec_returns_output_and_exit_code").await else {
+        return;
+    };
+    let mut api = Api::vm(&agent).await;
+    api.tenant("t", None).await;
+    exec_returns_output_and_exit_code_in(&mut api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop() {
     root_or_skip!("exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop");
     let agent = TestAgent::start(|_| {}).await.unwrap();
     let mut api = Api::new(&agent).await;
     api.tenant("t", None).await;
+    exec_returns_output_and_exit_code_in(&mut api).await;
+    cpu_quota_caps_a_busy_loop(&mut api, &agent.slice).await;
+}
+
+async fn exec_returns_output_and_exit_code_in(api: &mut Api) {
     api.run("t", "box", "echo up; sleep 600").await;
     api.logs_until("t", "box", "up").await;
     let mut s = api
@@ -652,7 +749,9 @@ async fn exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop() {
         .err()
         .unwrap();
     assert_eq!(e.code(), Code::NotFound);
+}
 
+async fn cpu_quota_caps_a_busy_loop(api: &mut Api, slice: &str) {
     // CPU quota: half a CPU holds a busy loop to about half a CPU.
     let mut busy = api.req("t", "busy", "while :; do :; done");
     busy.resources = Some(pb::Resources {
@@ -661,8 +760,8 @@ async fn exec_returns_output_and_exit_code_and_cpu_quota_caps_a_busy_loop() {
     });
     let c = api.run_req(busy).await;
     let usage = format!(
-        "/sys/fs/cgroup/cpuacct/{}/tenant-t/c-{}/cpuacct.usage",
-        agent.slice, c.id
+        "/sys/fs/cgroup/cpuacct/{slice}/tenant-t/c-{}/cpuacct.usage",
+        c.id
     );
     let read = || {
         std::fs::read_to_string(&usage)

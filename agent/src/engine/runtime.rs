@@ -80,6 +80,10 @@ impl Paths {
     fn images(&self) -> PathBuf {
         self.state.join("images")
     }
+    /// Root filesystems and image files the host sent in (VM tenants).
+    pub fn imports(&self) -> PathBuf {
+        self.state.join("imports")
+    }
     /// The tenant's namespace files.
     pub fn ns(&self) -> PathBuf {
         self.run.join("ns")
@@ -295,6 +299,11 @@ impl Engine {
     pub fn get(&self, key: &str) -> Result<&Record, EngineError> {
         let id = self.resolve(key)?;
         self.recs.get(&id).ok_or(EngineError::NotFound(id))
+    }
+
+    /// The engine's directories.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
     }
 
     /// All containers.

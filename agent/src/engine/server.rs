@@ -381,6 +381,133 @@ impl epb::engine_server::Engine for EngineSvc {
         self.shutdown.cancel();
         Ok(Response::new(epb::ShutdownResponse {}))
     }
+
+    async fn import(
+        &self,
+        req: Request<tonic::Streaming<epb::ImportChunk>>,
+    ) -> Result<Response<epb::ImportResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("import: the stream is empty"))?;
+        let key = import_key(&first.key)?;
+        let kind = epb::ImportKind::try_from(first.kind)
+            .ok()
+            .filter(|k| *k != epb::ImportKind::Unspecified)
+            .ok_or_else(|| Status::invalid_argument("import: kind must be dir-tar or file"))?;
+        let dir = self.lock()?.paths().imports();
+        let dest = dir.join(key);
+        if dest.join(IMPORT_COMPLETE).exists() {
+            return Ok(Response::new(epb::ImportResponse {
+                path: import_path(&dest, kind).to_string_lossy().into_owned(),
+            }));
+        }
+        let tmp = dir.join(format!(".tmp-{key}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| internal_io(&tmp, &e))?;
+        let received = async {
+            use std::io::Write;
+            let data = tmp.join("data");
+            let mut f = std::fs::File::create(&data).map_err(|e| internal_io(&data, &e))?;
+            f.write_all(&first.data)
+                .map_err(|e| internal_io(&data, &e))?;
+            let mut total = first.data.len() as u64;
+            while let Some(m) = stream.message().await? {
+                total += m.data.len() as u64;
+                if total > MAX_IMPORT_BYTES {
+                    return Err(Status::resource_exhausted(format!(
+                        "import: larger than {MAX_IMPORT_BYTES} bytes"
+                    )));
+                }
+                f.write_all(&m.data).map_err(|e| internal_io(&data, &e))?;
+            }
+            f.sync_all().map_err(|e| internal_io(&data, &e))?;
+            drop(f);
+            match kind {
+                epb::ImportKind::DirTar => {
+                    let root = tmp.join("rootfs");
+                    let file = std::fs::File::open(&data).map_err(|e| internal_io(&data, &e))?;
+                    let mut ar = tar::Archive::new(std::io::BufReader::new(file));
+                    ar.set_preserve_ownerships(true);
+                    ar.set_preserve_permissions(true);
+                    ar.set_unpack_xattrs(false);
+                    ar.set_overwrite(true);
+                    ar.unpack(&root).map_err(|e| {
+                        Status::invalid_argument(format!("import {key}: unpacking the tar: {e}"))
+                    })?;
+                    let _ = std::fs::remove_file(&data);
+                }
+                _ => {
+                    let to = tmp.join("image.tar");
+                    std::fs::rename(&data, &to).map_err(|e| internal_io(&to, &e))?;
+                }
+            }
+            std::fs::write(tmp.join(IMPORT_COMPLETE), b"").map_err(|e| internal_io(&tmp, &e))?;
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::rename(&tmp, &dest).map_err(|e| internal_io(&dest, &e))
+        }
+        .await;
+        if let Err(e) = received {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        Ok(Response::new(epb::ImportResponse {
+            path: import_path(&dest, kind).to_string_lossy().into_owned(),
+        }))
+    }
+
+    async fn imported(
+        &self,
+        req: Request<epb::ImportedRequest>,
+    ) -> Result<Response<epb::ImportedResponse>, Status> {
+        let r = req.into_inner();
+        let key = import_key(&r.key)?;
+        let dest = self.lock()?.paths().imports().join(key);
+        if !dest.join(IMPORT_COMPLETE).exists() {
+            return Ok(Response::new(epb::ImportedResponse::default()));
+        }
+        let kind = if dest.join("rootfs").is_dir() {
+            epb::ImportKind::DirTar
+        } else {
+            epb::ImportKind::File
+        };
+        Ok(Response::new(epb::ImportedResponse {
+            present: true,
+            path: import_path(&dest, kind).to_string_lossy().into_owned(),
+        }))
+    }
+}
+
+/// Marks a finished import.
+const IMPORT_COMPLETE: &str = ".complete";
+/// The largest import (the tenant's disk bounds it too).
+const MAX_IMPORT_BYTES: u64 = 64 << 30;
+
+fn import_key(key: &str) -> Result<&str, Status> {
+    let ok = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(key)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "import: key {key:?} must be 1 to 64 of [a-z0-9-]"
+        )))
+    }
+}
+
+fn import_path(dest: &std::path::Path, kind: epb::ImportKind) -> PathBuf {
+    match kind {
+        epb::ImportKind::DirTar => dest.join("rootfs"),
+        _ => dest.join("image.tar"),
+    }
+}
+
+fn internal_io(path: &std::path::Path, e: &std::io::Error) -> Status {
+    Status::internal(format!("{}: {e}", path.display()))
 }
 
 fn chunk(stream: pb::LogStream, data: Vec<u8>) -> pb::LogChunk {

@@ -2,7 +2,8 @@
 //!
 //! The host boots the guest kernel with the initramfs of [`crate::vm::initramfs`] and the kernel
 //! command line `rdinit=/bin/caas-agent -- guest --tenant <id> --id-start <n>`. This process then
-//! 1. mounts /proc, /sys, /dev, /run, /tmp and the cgroup2 hierarchy;
+//! 1. moves the root onto a bind mount of the initramfs (so containers can `pivot_root`), and
+//!    mounts /proc, /sys, /dev, /run, /tmp and the cgroup2 hierarchy;
 //! 2. loads the kernel modules listed in the initramfs, in order, with the parameters the
 //!    command line gives them (what modprobe would do);
 //! 3. mounts the tenant's disk (`/dev/vda`, ext4, made by the host) as the engine's state dir;
@@ -80,6 +81,7 @@ fn log(msg: impl std::fmt::Display) {
 pub fn main(args: &GuestArgs) -> Result<(), String> {
     crate::validate::check_id("--tenant", &args.tenant).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
+    leave_rootfs()?;
     mount_basics()?;
     load_modules()?;
     let persistent = mount_state(args.disk.as_deref())?;
@@ -134,6 +136,29 @@ fn mnt(
     fs::create_dir_all(target).map_err(|e| format!("{target}: {e}"))?;
     mount(Some(src), target, Some(fstype), flags, data)
         .map_err(|e| format!("mounting {fstype} on {target}: {e}"))
+}
+
+/// Moves the root onto a bind mount of itself. The initramfs is the kernel's `rootfs`, a mount
+/// with no parent, and `pivot_root` refuses to move such a root: every container's runtime would
+/// fail with EINVAL. With a bind mount of it as the root (the way switch_root leaves a real root),
+/// the containers' mount namespaces pivot as on any host.
+fn leave_rootfs() -> Result<(), String> {
+    fn err(what: &'static str) -> impl Fn(nix::Error) -> String {
+        move |e| format!("making the root pivotable: {what}: {e}")
+    }
+    fs::create_dir_all("/newroot").map_err(|e| format!("/newroot: {e}"))?;
+    mount(
+        Some("/"),
+        "/newroot",
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err("bind mount"))?;
+    nix::unistd::chdir("/newroot").map_err(err("chdir"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(err("move"))?;
+    nix::unistd::chroot(".").map_err(err("chroot"))?;
+    nix::unistd::chdir("/").map_err(err("chdir /"))
 }
 
 fn mount_basics() -> Result<(), String> {

@@ -4,6 +4,7 @@
 //! restarts engines that die. The API's tenant and container calls come through here.
 
 mod engine_proc;
+mod vm_import;
 mod vm_proc;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
@@ -655,6 +656,17 @@ impl Manager {
                 )
                 .collect();
             n.publish(&published).await?;
+        }
+        if t.isolation == crate::tenants::Isolation::Vm {
+            if !req.lower_dirs.is_empty() {
+                return Err(SandboxError::Status(tonic::Status::failed_precondition(
+                    "images from the tenant's image store do not run in VM tenants yet (their \
+                     layers are not sent into the guest); create the container from rootfs_path",
+                )));
+            }
+            if !req.rootfs.is_empty() {
+                req.rootfs = vm_import::import(&mut eng, &req.rootfs).await?;
+            }
         }
         // The engine counts its containers and refuses one over the quota.
         req.max_containers = t.quotas.max_containers;
