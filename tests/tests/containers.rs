@@ -1002,3 +1002,101 @@ async fn the_container_quota_holds() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("max_containers"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_tenant_containers_see_their_guest_not_the_host() {
+    let Some(agent) = vm_agent("vm_tenant_containers_see_their_guest_not_the_host").await else {
+        return;
+    };
+    let mut api = Api::vm(&agent).await;
+    api.tenant("t", None).await;
+    // A file only the host has, and the host's own kernel and sizes.
+    let secret = agent.dir.path().join("host-secret");
+    std::fs::write(&secret, "host only").unwrap();
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let script = format!(
+        "echo kernel=$(cat /proc/sys/kernel/osrelease); \
+         echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+         echo mem_kib=$(awk '/^MemTotal:/ {{print $2}}' /proc/meminfo); \
+         echo procs=$(ls -d /proc/[0-9]* | wc -l); \
+         cat {} 2>/dev/null && echo SECRET-VISIBLE; \
+         ls /proc/1/root/ >/dev/null 2>&1; echo uid=$(id -u)",
+        secret.display()
+    );
+    api.run("t", "look", &script).await;
+    assert_eq!(api.wait("t", "look").await.exit_code, 0);
+    let l = api.logs("t", "look").await;
+    let get = |k: &str| -> String {
+        l.lines()
+            .find_map(|x| x.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {l}"))
+            .to_string()
+    };
+    // Its own kernel: the guest's, not the host's.
+    assert_ne!(get("kernel"), host_kernel.trim(), "{l}");
+    // The VM's size, not the host's: 1 vCPU and at most the 256 MiB of guest memory.
+    assert_eq!(get("cpus"), "1", "{l}");
+    let mem: u64 = get("mem_kib").parse().unwrap();
+    assert!(mem <= 256 * 1024, "the container sees {mem} KiB: {l}");
+    // Its own processes only (the container's shell and its children).
+    let procs: u32 = get("procs").parse().unwrap();
+    assert!(procs < 10, "{procs} processes visible: {l}");
+    assert!(!l.contains("SECRET-VISIBLE"), "{l}");
+    assert_eq!(get("uid"), "0");
+    // A memory hog bigger than the whole VM is stopped inside the guest, and the VMM on the host
+    // never holds more than the guest's memory plus its own overhead.
+    let hog = api.req("t", "hog", "dd if=/dev/zero of=/dev/null bs=1G count=1");
+    api.run_req(hog).await;
+    let w = api.wait("t", "hog").await;
+    assert_ne!(w.exit_code, 0, "{w:?}");
+    let pid_file = agent.dir.path().join("run/tenants/t/vmm.pid");
+    let vmm: u32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|x| x.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < (256 + 256) * 1024,
+        "the VMM holds {rss_kib} KiB for a 256 MiB guest"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_tenant_on_a_node_without_its_kernel_is_refused_and_leaves_nothing() {
+    root_or_skip!("a_vm_tenant_on_a_node_without_its_kernel_is_refused_and_leaves_nothing");
+    let vm: vmm_config::VmConfig = toml::from_str(
+        "backend = \"qemu\"\nkernel = \"/nonexistent/vmlinux\"\n[qemu]\naccel = \"tcg\"\n",
+    )
+    .unwrap();
+    let agent = TestAgent::start(|c| c.vm = Some(vm)).await.unwrap();
+    let mut api = Api::vm(&agent).await;
+    let e = api
+        .t
+        .create_tenant(pb::CreateTenantRequest {
+            id: "nok".into(),
+            isolation: pb::Isolation::Vm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("vm.kernel"), "{e:?}");
+    let left = api
+        .t
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!agent.dir.path().join("state/engines/nok").exists());
+    assert!(!agent.dir.path().join("run/tenants/nok").exists());
+}

@@ -41,6 +41,7 @@ pub fn sandbox(e: SandboxError, ctx: &Ctx) -> Status {
         SandboxError::HasContainers { .. } => Status::failed_precondition(e.to_string()),
         SandboxError::VmUnavailable => Status::failed_precondition(e.to_string()),
         SandboxError::VmTooBig { .. } => Status::invalid_argument(e.to_string()),
+        SandboxError::VmHost(_) => Status::failed_precondition(e.to_string()),
         SandboxError::Status(s) => match s.code() {
             tonic::Code::Internal | tonic::Code::Unknown => {
                 tracing::error!(request_id = %ctx.request_id, error = %s.message(), "engine error");

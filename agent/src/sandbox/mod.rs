@@ -61,6 +61,9 @@ pub enum SandboxError {
         "isolation vm is not available on this node: its agent config has no [vm] section (see scripts/config.example.toml); use userns"
     )]
     VmUnavailable,
+    /// This node's VM set-up is missing something (the kernel, the VMM, the guest's modules).
+    #[error("isolation vm: {0}")]
+    VmHost(String),
     /// The tenant's memory quota cannot hold its VM.
     #[error(
         "quotas.memory_bytes: {quota} bytes cannot hold a VM of {vm_mib} MiB plus {overhead_mib} MiB for its VMM; ask for at least {needed} bytes"
@@ -247,6 +250,7 @@ impl Manager {
         &self,
         isolation: crate::tenants::Isolation,
         memory_bytes: Option<u64>,
+        host: bool,
     ) -> Result<(), SandboxError> {
         if isolation != crate::tenants::Isolation::Vm {
             return Ok(());
@@ -265,7 +269,10 @@ impl Manager {
                 needed,
             });
         }
-        Ok(())
+        if !host {
+            return Ok(());
+        }
+        vm_proc::check_host(&vm.machine, vm.modules_dir.as_deref()).map_err(SandboxError::VmHost)
     }
 
     async fn lock(&self, tenant: &str) -> Arc<Mutex<()>> {
@@ -346,7 +353,7 @@ impl Manager {
 
     /// Creates a tenant and its sandbox. On failure nothing is left behind.
     pub async fn create_tenant(&self, spec: TenantSpec) -> Result<Tenant, SandboxError> {
-        self.check_vm(spec.isolation, spec.quotas.memory_bytes)?;
+        self.check_vm(spec.isolation, spec.quotas.memory_bytes, true)?;
         let t = self.registry.create(spec).await?;
         let lock = self.lock(&t.id).await;
         let _g = lock.lock().await;
@@ -383,7 +390,7 @@ impl Manager {
     pub async fn update_quotas(&self, id: &str, q: QuotaRequest) -> Result<Tenant, SandboxError> {
         let before = self.registry.get(id).await?;
         if q.memory_bytes.is_some() {
-            self.check_vm(before.isolation, q.memory_bytes)?;
+            self.check_vm(before.isolation, q.memory_bytes, false)?;
         }
         let after = self.registry.update_quotas(id, q).await?;
         if let Err(e) = self.cgroups.set_limits(id, &limits(&after)) {

@@ -129,6 +129,32 @@ impl VmSpawn {
     }
 }
 
+/// What can be checked of the node's VM template before a tenant is made: the VMM binary and
+/// the kernel exist (the error names the field), and the guest's modules directory is there.
+pub fn check_host(
+    machine: &vmm_config::VmConfig,
+    modules_dir: Option<&Path>,
+) -> Result<(), String> {
+    let mut probe = machine.clone();
+    probe.ports = vec![vmm_config::Port {
+        name: ENGINE_PORT.to_string(),
+        socket: PathBuf::from("/engine.sock"),
+    }];
+    probe
+        .prepare()
+        .and_then(|p| p.validate_host())
+        .map_err(|e| e.to_string())?;
+    if let Some(d) = modules_dir
+        && !d.is_dir()
+    {
+        return Err(format!(
+            "tenants.vm_modules_dir: {} is not a directory (scripts/guest-kernel.sh puts the guest kernel's modules there)",
+            d.display()
+        ));
+    }
+    Ok(())
+}
+
 /// A channel to the tenant's engine inside a running VM, and the VMM process; None when no VM
 /// runs or its engine does not answer.
 pub async fn connect(s: &VmSpawn) -> Option<(Channel, EngineProcess)> {
