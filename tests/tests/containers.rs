@@ -134,6 +134,13 @@ fn host_uid(pid: u32) -> u32 {
 /// An agent that can run VM tenants (QEMU microvm under TCG, the guest kernel of
 /// scripts/guest-kernel.sh), or None when this machine cannot (the skip is recorded).
 async fn vm_agent(test: &str) -> Option<TestAgent> {
+    vm_agent_with(test, |_| {}).await
+}
+
+async fn vm_agent_with(
+    test: &str,
+    tweak: impl FnOnce(&mut caas_agent::config::Config),
+) -> Option<TestAgent> {
     if !caas_tests::vm::vm_available(test) {
         return None;
     }
@@ -148,6 +155,7 @@ async fn vm_agent(test: &str) -> Option<TestAgent> {
             c.vm = Some(vm);
             c.tenants.vm_modules_dir = Some(g.join("modules"));
             c.tenants.vm_disk_mib = 512;
+            tweak(c);
         })
         .await
         .unwrap(),
@@ -1099,4 +1107,62 @@ async fn a_vm_tenant_on_a_node_without_its_kernel_is_refused_and_leaves_nothing(
     assert!(left.is_empty(), "{left:?}");
     assert!(!agent.dir.path().join("state/engines/nok").exists());
     assert!(!agent.dir.path().join("run/tenants/nok").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_cpu_burn_is_billed_to_the_tenant_as_the_vmm_cgroup_counts_it() {
+    let test = "vm_cpu_burn_is_billed_to_the_tenant_as_the_vmm_cgroup_counts_it";
+    let Some(agent) = vm_agent_with(test, |c| c.usage.window_secs = 1).await else {
+        return;
+    };
+    let mut api = Api::vm(&agent).await;
+    let usage = caas_proto::v1::usage_service_client::UsageServiceClient::new(agent.unix().await);
+    api.tenant("b", None).await;
+    let vmm_counter = std::path::Path::new("/sys/fs/cgroup/cpuacct")
+        .join(&agent.slice)
+        .join("tenant-b/vmm/cpuacct.usage");
+    let vmm_seconds = || -> f64 {
+        std::fs::read_to_string(&vmm_counter)
+            .unwrap_or_else(|e| panic!("{}: {e}", vmm_counter.display()))
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+            / 1e9
+    };
+    let billed = || {
+        let mut u = usage.clone();
+        async move {
+            u.get_usage(pb::GetUsageRequest {
+                tenant: "b".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .total
+            .map_or(0.0, |t| t.cpu_seconds)
+        }
+    };
+    // Readings on the meter's ticks: wait one out before each pair of readings.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (v0, b0) = (vmm_seconds(), billed().await);
+    api.run(
+        "b",
+        "burn",
+        "end=$(($(date +%s) + 4)); while [ $(date +%s) -lt $end ]; do :; done",
+    )
+    .await;
+    assert_eq!(api.wait("b", "burn").await.exit_code, 0);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (v1, b1) = (vmm_seconds(), billed().await);
+    let (vmm, bill) = (v1 - v0, b1 - b0);
+    eprintln!(
+        "measured: VM container burn of 4 s: VMM cgroup {vmm:.3} CPU-s, billed {bill:.3} CPU-s"
+    );
+    assert!(vmm > 3.0, "the burn did not show in the VMM cgroup: {vmm}");
+    assert!(
+        (bill - vmm).abs() <= vmm * 0.10,
+        "billed {bill:.3} CPU-s, the VMM cgroup counted {vmm:.3}"
+    );
+    drop(usage);
 }

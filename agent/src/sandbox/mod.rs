@@ -314,7 +314,13 @@ impl Manager {
                     match eng.list(epb::ListRequest {}).await {
                         Ok(r) => {
                             let containers = r.into_inner().containers;
-                            if let Some(m) = &self.metering {
+                            // A VM tenant's containers have their cgroups inside the guest;
+                            // the host meters the whole VM through the tenant's cgroup.
+                            if let Some(m) = self
+                                .metering
+                                .as_ref()
+                                .filter(|_| t.isolation != crate::tenants::Isolation::Vm)
+                            {
                                 for c in &containers {
                                     m.track_container(&t.id, &c.id, &c.name).await;
                                 }
@@ -687,7 +693,13 @@ impl Manager {
                 return Err(SandboxError::Status(e));
             }
         };
-        if let Some(m) = &self.metering {
+        // A VM tenant's containers have their cgroups inside the guest; the host meters the
+        // whole VM through the tenant's cgroup.
+        if let Some(m) = self
+            .metering
+            .as_ref()
+            .filter(|_| t.isolation != crate::tenants::Isolation::Vm)
+        {
             m.track_container(&t.id, &c.id, &c.name).await;
         }
         Ok(self.with_ports(c).await)
