@@ -157,13 +157,14 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     } else {
         None
     };
-    let sandboxes = Manager::open(
+    let mut sandboxes = Manager::open(
         &config,
         node.cgroup_layout,
         Some(metering.clone()),
         Some(images.clone()),
         network.clone(),
     )?;
+    sandboxes.resolve_vm_accelerator().await;
     sandboxes.recover().await;
     match network {
         Some(n) => {

@@ -17,7 +17,8 @@
 //!   (modules loaded, disk mounted, engine serving): engine-ready.
 //!
 //! Each time runs from spawning QEMU on the host to the first byte (bare) or answer (agent) on the
-//! host side of the port.
+//! host side of the port. Then, through the agent's API: CreateTenant of a VM tenant until it is
+//! Ready, and create+start+wait of `/bin/true` in it.
 
 #![allow(clippy::unwrap_used)] // a benchmark harness: a failing setup step should stop it loudly
 
@@ -210,6 +211,7 @@ async fn run() {
         }
         eprintln!("round {round}/{ROUNDS} done");
     }
+    let api = through_the_api().await;
     let (b, a, o, r) = (stats(t_bare), stats(t_agent), stats(over), stats(rss));
     println!();
     println!(
@@ -249,4 +251,98 @@ async fn run() {
         "{:<52}{:>9.1}{:>9.1}{:>8.1}",
         "VMM RSS total at engine ready, MiB", r.median, r.p90, r.min
     );
+    println!("{:-<78}", "");
+    println!("through the agent's gRPC API (in-process agent), ms");
+    println!(
+        "{:<52}{:>9.0}",
+        "CreateTenant (isolation vm) until it returns Ready", api.create_tenant_ms
+    );
+    println!(
+        "{:<52}{:>9.0}",
+        "first container: create (rootfs sent into the guest)", api.first_create_ms
+    );
+    let l = stats(api.lifecycle_ms);
+    println!(
+        "{:<52}{:>9.1}{:>9.1}{:>8.1}",
+        "create+start+wait of /bin/true in the VM tenant", l.median, l.p90, l.min
+    );
+}
+
+struct ApiResults {
+    create_tenant_ms: f64,
+    first_create_ms: f64,
+    lifecycle_ms: Vec<f64>,
+}
+
+/// A VM tenant through the agent: CreateTenant until Ready, then ROUNDS lifecycles of /bin/true
+/// (after one that also sends the root filesystem into the guest).
+async fn through_the_api() -> ApiResults {
+    use caas_proto::v1::{
+        self as pb, container_service_client::ContainerServiceClient,
+        tenant_service_client::TenantServiceClient,
+    };
+    let agent = caas_tests::TestAgent::start(vm::configure).await.unwrap();
+    let ch = agent.unix().await;
+    let mut tenants = TenantServiceClient::new(ch.clone());
+    let mut containers = ContainerServiceClient::new(ch);
+    let rootfs = caas_tests::busybox_rootfs(agent.dir.path());
+    let t0 = Instant::now();
+    let t = tenants
+        .create_tenant(pb::CreateTenantRequest {
+            id: "bench".into(),
+            isolation: pb::Isolation::Vm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let create_tenant_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(t.state, pb::TenantState::Ready as i32);
+    let cref = |n: &str| caas_tests::calls::cref("bench", n);
+    let (mut first_create_ms, mut lifecycle_ms) = (0.0, Vec::new());
+    for i in 0..=ROUNDS {
+        let name = format!("c{i}");
+        let t0 = Instant::now();
+        containers
+            .create_container(pb::CreateContainerRequest {
+                tenant: "bench".into(),
+                name: name.clone(),
+                rootfs_path: rootfs.display().to_string(),
+                command: vec!["/bin/true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if i == 0 {
+            first_create_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        }
+        containers
+            .start_container(pb::StartContainerRequest { r#ref: cref(&name) })
+            .await
+            .unwrap();
+        let w = caas_tests::calls::wait(&mut containers, "bench", &name).await;
+        assert_eq!(w.exit_code, 0);
+        if i > 0 {
+            lifecycle_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        containers
+            .delete_container(pb::DeleteContainerRequest {
+                r#ref: cref(&name),
+                force: true,
+            })
+            .await
+            .unwrap();
+    }
+    tenants
+        .delete_tenant(pb::DeleteTenantRequest {
+            id: "bench".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    ApiResults {
+        create_tenant_ms,
+        first_create_ms,
+        lifecycle_ms,
+    }
 }

@@ -22,6 +22,22 @@ pub fn guest_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from("/var/lib/caas-agent/guest"), PathBuf::from)
 }
 
+/// Sets an agent config up for VM tenants as the tests run them: QEMU `microvm` under TCG, one
+/// vCPU, 256 MiB, the guest kernel and modules of `scripts/guest-kernel.sh`, 512 MiB disks.
+pub fn configure(c: &mut caas_agent::config::Config) {
+    let g = guest_dir();
+    let qemu = vmm_config::QemuMicrovm {
+        accel: vmm_config::Accel::Tcg,
+        ..Default::default()
+    };
+    let mut vm = vmm_config::VmConfig::new(vmm_config::Backend::Qemu(qemu), g.join("vmlinux"));
+    vm.vcpus = 1;
+    vm.memory_mib = 256;
+    c.vm = Some(vm);
+    c.tenants.vm_modules_dir = Some(g.join("modules"));
+    c.tenants.vm_disk_mib = 512;
+}
+
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
 

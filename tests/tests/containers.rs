@@ -144,17 +144,9 @@ async fn vm_agent_with(
     if !caas_tests::vm::vm_available(test) {
         return None;
     }
-    let g = caas_tests::vm::guest_dir();
-    let vm: vmm_config::VmConfig = toml::from_str(&format!(
-        "backend = \"qemu\"\nvcpus = 1\nmemory_mib = 256\nkernel = \"{}\"\n[qemu]\naccel = \"tcg\"\n",
-        g.join("vmlinux").display()
-    ))
-    .unwrap();
     Some(
         TestAgent::start(|c| {
-            c.vm = Some(vm);
-            c.tenants.vm_modules_dir = Some(g.join("modules"));
-            c.tenants.vm_disk_mib = 512;
+            caas_tests::vm::configure(c);
             tweak(c);
         })
         .await

@@ -295,3 +295,52 @@ async fn a_vm_tenant_boots_survives_an_agent_kill_is_restarted_after_a_vmm_kill_
     agent.wait_for_exit(Duration::from_secs(30)).await.unwrap();
     caas_tests::cleanup_tenants(&socket, &slice);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accelerator_is_what_really_boots_and_tcg_is_announced() {
+    use caas_proto::v1::{self as pb, node_service_client::NodeServiceClient};
+    let test = "the_accelerator_is_what_really_boots_and_tcg_is_announced";
+    if !vm::vm_available(test) {
+        return;
+    }
+    // accel = "auto": the agent boots a probe guest under KVM at start-up and keeps KVM only if
+    // it reached its init. On machines whose /dev/kvm cannot run an unmodified guest (PVM), that
+    // is TCG, announced as a warning.
+    let agent = caas_tests::TestAgent::start(|c| {
+        vm::configure(c);
+        if let Some(vmm_config::Backend::Qemu(q)) = c.vm.as_mut().map(|v| &mut v.backend) {
+            q.accel = vmm_config::Accel::Auto;
+        }
+    })
+    .await
+    .unwrap();
+    let info = NodeServiceClient::new(agent.unix().await)
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let tcg_warning = info
+        .warnings
+        .iter()
+        .any(|w| w.contains("software emulation (TCG)"));
+    match info.vm_accelerator.as_str() {
+        "kvm" => assert!(!tcg_warning, "{info:?}"),
+        "tcg" => assert!(tcg_warning, "{info:?}"),
+        other => panic!("vm_accelerator {other:?}: {info:?}"),
+    }
+    eprintln!(
+        "measured: accelerator here: {} ({:?})",
+        info.vm_accelerator, info.warnings
+    );
+    // Whatever it chose, a VM tenant boots on it.
+    let t = caas_proto::v1::tenant_service_client::TenantServiceClient::new(agent.unix().await)
+        .create_tenant(pb::CreateTenantRequest {
+            id: "acc".into(),
+            isolation: pb::Isolation::Vm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.state, pb::TenantState::Ready as i32, "{t:?}");
+}

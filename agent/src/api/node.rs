@@ -36,13 +36,14 @@ impl NodeService for NodeApi {
                 n.cgroup_layout
             ));
         }
+        let (accel, vm_warning) = self.state.sandboxes.vm_accelerator();
+        warnings.extend(vm_warning.map(String::from));
         Ok(Response::new(pb::NodeInfo {
             node: n.node.clone(),
             version: crate::VERSION.into(),
             kernel: n.kernel.clone(),
             cgroup_layout: n.cgroup_layout.to_string(),
-            // The accelerator probe (does a KVM guest really boot?) belongs to VM tenants.
-            vm_accelerator: "unprobed".into(),
+            vm_accelerator: accel.to_string(),
             capacity: Some(pb::Capacity {
                 cpus: n.cpus,
                 memory_bytes: n.memory_bytes,

@@ -54,15 +54,22 @@ pub const RUN_DIR: &str = "/run/caas";
 /// console log look for it).
 pub const READY_LINE: &str = "caas-guest: engine ready";
 
+/// What a probing guest prints when it reached its init.
+pub const PROBE_LINE: &str = "caas-guest: probe reached init";
+
 /// The guest init's command line (after `--` on the kernel command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct GuestArgs {
     /// Tenant id.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "probe", default_value = "")]
     pub tenant: String,
     /// First uid/gid of the tenant's range (the same range as on the host).
-    #[arg(long)]
+    #[arg(long, required_unless_present = "probe", default_value_t = 0)]
     pub id_start: u32,
+    /// Only say [`PROBE_LINE`] and power off: the host's check that a guest boots to its init
+    /// under an accelerator.
+    #[arg(long)]
+    pub probe: bool,
     /// The virtio-serial port to serve the engine protocol on.
     #[arg(long, default_value = ENGINE_PORT)]
     pub port: String,
@@ -79,6 +86,10 @@ fn log(msg: impl std::fmt::Display) {
 /// Runs the guest init. Returns only on a failure the guest cannot continue from; the caller then
 /// powers off, so a broken guest stops instead of hanging.
 pub fn main(args: &GuestArgs) -> Result<(), String> {
+    if args.probe {
+        eprintln!("{PROBE_LINE}");
+        return Ok(());
+    }
     crate::validate::check_id("--tenant", &args.tenant).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     leave_rootfs()?;

@@ -105,6 +105,8 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// VM tenants' machine template and settings, when `[vm]` is configured.
     vm: Option<VmTemplate>,
+    /// What VM tenants run on, and the warning for the operator (set at start-up).
+    vm_accel: (String, Option<String>),
 }
 
 /// What every VM tenant's machine starts from.
@@ -206,6 +208,7 @@ impl Manager {
                 boot_timeout: Duration::from_secs(config.tenants.vm_boot_timeout_secs),
                 default_memory_bytes: config.tenants.default_memory_bytes,
             }),
+            vm_accel: ("unprobed".into(), None),
         })
     }
 
@@ -612,6 +615,58 @@ impl Manager {
             });
         }
         self.ensure_engine(&current).await
+    }
+
+    /// Decides, once at start-up, what VM tenants run on. With `accel = "tcg"` that is TCG; with
+    /// `kvm` or `auto` a probe VM must really boot to its init under KVM (see
+    /// `vm_proc::probe_kvm`), else VM tenants run under TCG, with a loud warning in the log and
+    /// in `NodeService`. No `[vm]`: "none".
+    pub async fn resolve_vm_accelerator(&mut self) {
+        let Some(vm) = self.vm.as_mut() else {
+            self.vm_accel = ("none".into(), None);
+            return;
+        };
+        let vmm_config::Backend::Qemu(q) = &mut vm.machine.backend else {
+            return;
+        };
+        if q.accel == vmm_config::Accel::Tcg {
+            let w = "VM tenants run under software emulation (TCG), as configured ([vm.qemu] accel = \"tcg\"): they are many times slower than under KVM";
+            tracing::warn!("{w}");
+            self.vm_accel = ("tcg".into(), Some(w.into()));
+            return;
+        }
+        let probe = vm_proc::probe_kvm(
+            &vm.machine,
+            vm.modules_dir.as_deref(),
+            &self.engine_binary,
+            &self.state_dir.join("vm"),
+            &self.run_dir.join("vm-probe"),
+        )
+        .await;
+        let vmm_config::Backend::Qemu(q) = &mut vm.machine.backend else {
+            return;
+        };
+        match probe {
+            Ok(()) => {
+                tracing::info!("a KVM guest boots here: VM tenants run under KVM");
+                q.accel = vmm_config::Accel::Kvm;
+                self.vm_accel = ("kvm".into(), None);
+            }
+            Err(e) => {
+                let w = format!(
+                    "VM tenants run under software emulation (TCG), many times slower than KVM: {e}"
+                );
+                tracing::warn!("{w}");
+                q.accel = vmm_config::Accel::Tcg;
+                q.cpu = None;
+                self.vm_accel = ("tcg".into(), Some(w));
+            }
+        }
+    }
+
+    /// What VM tenants run on ("kvm", "tcg", "none") and the warning that goes with it.
+    pub fn vm_accelerator(&self) -> (&str, Option<&str>) {
+        (&self.vm_accel.0, self.vm_accel.1.as_deref())
     }
 
     /// The tenant named `id`.

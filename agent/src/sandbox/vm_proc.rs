@@ -129,6 +129,95 @@ impl VmSpawn {
     }
 }
 
+/// Whether a guest really boots to its init under KVM here: boots the guest kernel with the
+/// agent's initramfs in probe mode (`caas-agent guest --probe`, which prints
+/// [`crate::guest::PROBE_LINE`] and powers off) and reads its console. `/dev/kvm` existing, or
+/// even KVM initializing in the VMM, is not enough: on some hosts (PVM) a vCPU cannot be set up,
+/// or an unmodified guest dies in instruction emulation.
+pub async fn probe_kvm(
+    machine: &vmm_config::VmConfig,
+    modules_dir: Option<&Path>,
+    engine_binary: &Path,
+    cache: &Path,
+    dir: &Path,
+) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    crate::fsutil::ensure_dir(dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let spec = initramfs::Spec {
+        binary: engine_binary.to_path_buf(),
+        modules_dir: modules_dir.map(Path::to_path_buf),
+        modules: initramfs::DEFAULT_MODULES
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    };
+    let cache = cache.to_path_buf();
+    let built = crate::blocking::run(
+        "building the guest initramfs",
+        Duration::from_secs(120),
+        move || initramfs::cached(&spec, &cache),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let mut m = machine.clone();
+    if let vmm_config::Backend::Qemu(q) = &mut m.backend {
+        q.accel = vmm_config::Accel::Kvm;
+        q.cpu = None;
+        q.qmp_socket = None;
+    }
+    let console = dir.join("console.log");
+    m.initrd = Some(built.path);
+    m.disks = Vec::new();
+    m.ports = vec![vmm_config::Port {
+        name: ENGINE_PORT.to_string(),
+        socket: dir.join("engine.sock"),
+    }];
+    m.serial = vmm_config::Serial::File(console.clone());
+    let mut base = m.clone();
+    base.cmdline = None;
+    let base = base
+        .prepare()
+        .map_err(|e| e.to_string())?
+        .cmdline()
+        .to_string();
+    m.cmdline = Some(format!(
+        "{base} rdinit={} -- guest --probe",
+        initramfs::GUEST_BINARY
+    ));
+    let p = m.prepare().map_err(|e| e.to_string())?;
+    p.validate_host().map_err(|e| e.to_string())?;
+    let launch = p.render();
+    let Some((program, args)) = launch.argv.split_first() else {
+        return Err("the VM configuration rendered no command".into());
+    };
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", Path::new(program).display()))?;
+    let waited = tokio::time::timeout(Duration::from_secs(30), out.wait_with_output()).await;
+    let said = std::fs::read_to_string(&console).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(dir);
+    match waited {
+        _ if said.contains(crate::guest::PROBE_LINE) => Ok(()),
+        Ok(Ok(o)) => Err(format!(
+            "the KVM guest did not reach its init ({}; {})",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .chain(said.lines())
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("no output")
+        )),
+        Ok(Err(e)) => Err(format!("waiting for the probe VM: {e}")),
+        Err(_) => Err("the KVM guest did not reach its init within 30 s".into()),
+    }
+}
+
 /// What can be checked of the node's VM template before a tenant is made: the VMM binary and
 /// the kernel exist (the error names the field), and the guest's modules directory is there.
 pub fn check_host(
