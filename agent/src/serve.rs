@@ -184,6 +184,20 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });
+    {
+        // A VM whose VMM died is reported failed, then booted again, without waiting for a call.
+        let state = state.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => state.sandboxes.check_vms().await,
+                }
+            }
+        });
+    }
     let cfg = &state.config;
     let limit = cfg.api.max_message_bytes;
     let (health, health_svc) = tonic_health::server::health_reporter();

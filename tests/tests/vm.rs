@@ -215,27 +215,65 @@ async fn a_vm_tenant_boots_survives_an_agent_kill_is_restarted_after_a_vmm_kill_
     );
     assert!(list(&mut containers).await.is_ok());
 
-    // kill -9 of the VMM: the next call finds it gone and boots the VM again.
+    // kill -9 of the VMM: the tenant is reported failed, the VM is booted again, and the
+    // container that ran in it is reported exited (vm crashed).
+    let rootfs = caas_tests::busybox_rootfs(dir.path());
+    containers
+        .create_container(pb::CreateContainerRequest {
+            tenant: "vmt".into(),
+            name: "long".into(),
+            rootfs_path: rootfs.display().to_string(),
+            command: vec!["sleep".into(), "600".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    containers
+        .start_container(pb::StartContainerRequest {
+            r#ref: caas_tests::calls::cref("vmt", "long"),
+        })
+        .await
+        .unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vmm),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    for _ in 0..100 {
-        if !alive(vmm) {
+    let (mut saw_failed, mut ready) = (false, false);
+    for _ in 0..1200 {
+        let t = tenants
+            .get_tenant(pb::GetTenantRequest { id: "vmt".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if t.state == pb::TenantState::Failed as i32 {
+            assert!(t.message.contains("crashed"), "{t:?}");
+            saw_failed = true;
+        }
+        if saw_failed && t.state == pb::TenantState::Ready as i32 {
+            ready = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(list(&mut containers).await.is_ok(), "{}", agent.log_text());
+    assert!(
+        saw_failed && ready,
+        "failed seen: {saw_failed}, ready again: {ready}\n{}",
+        agent.log_text()
+    );
     let vmm2 = pid_in(&pid_file).expect("vmm.pid after the restart");
     assert_ne!(vmm2, vmm);
     assert!(alive(vmm2));
-    assert!(
-        agent.log_text().contains("restarting"),
-        "{}",
-        agent.log_text()
-    );
+    let long = containers
+        .inspect_container(pb::InspectContainerRequest {
+            r#ref: caas_tests::calls::cref("vmt", "long"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(long.state, pb::ContainerState::Exited as i32, "{long:?}");
+    assert!(long.message.contains("vm crashed"), "{long:?}");
+    assert!(list(&mut containers).await.is_ok());
 
     // A tenant whose VMM died is deleted without booting it again, and without a hang (the
     // delete holds the tenant's lock; finding the engine must not take it again).
@@ -276,7 +314,7 @@ async fn a_vm_tenant_boots_survives_an_agent_kill_is_restarted_after_a_vmm_kill_
     tenants
         .delete_tenant(pb::DeleteTenantRequest {
             id: "vmt".into(),
-            force: false,
+            force: true,
         })
         .await
         .unwrap();

@@ -46,6 +46,10 @@ pub struct EngineArgs {
     /// The slice tenants live in.
     #[arg(long, default_value = crate::cgroups::tenant::SLICE)]
     pub cgroup_slice: String,
+    /// The engine runs inside a VM tenant's guest (containers left running by an earlier boot
+    /// of it are reported as ended by a VM crash).
+    #[arg(long)]
+    pub in_vm: bool,
 }
 
 impl EngineArgs {
@@ -62,6 +66,9 @@ impl EngineArgs {
         put("--run-dir", self.run_dir.as_os_str());
         put("--cgroup-root", self.cgroup_root.as_os_str());
         put("--cgroup-slice", self.cgroup_slice.as_ref());
+        if self.in_vm {
+            v.push("--in-vm".into());
+        }
         v
     }
 
@@ -102,13 +109,20 @@ pub fn main(args: EngineArgs) -> Result<(), String> {
 }
 
 async fn serve(args: EngineArgs, paths: runtime::Paths, cg: TenantCgroups) -> Result<(), String> {
-    let engine = runtime::Engine::open(
+    let mut engine = runtime::Engine::open(
         args.tenant.clone(),
         args.id_start,
         paths.clone(),
         cg,
         args.cgroup_root.clone(),
     );
+    engine.set_durable(args.in_vm);
+    engine.check_boot(if args.in_vm {
+        "exited (vm crashed): the VM it ran in stopped without shutting down"
+    } else {
+        "exited: the host restarted"
+    });
+    engine.adopt();
     let adopted = engine.adopted_running();
     let eng = Arc::new(Mutex::new(engine));
     let shutdown = CancellationToken::new();
@@ -181,6 +195,7 @@ mod tests {
             run_dir: "/run/x".into(),
             cgroup_root: "/sys/fs/cgroup".into(),
             cgroup_slice: "caas-test.slice".into(),
+            in_vm: true,
         };
         let mut argv: Vec<std::ffi::OsString> = vec!["engine".into()];
         argv.extend(a.to_args());

@@ -66,9 +66,13 @@ impl Record {
     /// or the agent (it does: the page cache outlives them), not a crash of the host, which ends
     /// the container anyway. Three saves per container lifecycle made six fsyncs, a large share
     /// of the create-to-delete time.
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+    pub fn save(&self, dir: &Path, durable: bool) -> std::io::Result<()> {
         let body = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        fsutil::write_replace_volatile(&dir.join("record.json"), &body, 0o600)
+        if durable {
+            fsutil::write_atomic(&dir.join("record.json"), &body, 0o600)
+        } else {
+            fsutil::write_replace_volatile(&dir.join("record.json"), &body, 0o600)
+        }
     }
 
     /// Reads a record back; refuses other format versions.

@@ -146,6 +146,8 @@ pub struct Engine {
     execs: HashMap<i32, tokio::sync::oneshot::Sender<i32>>,
     backlog: VecDeque<pb::ContainerEvent>,
     seq: u64,
+    /// Records are fsynced when saved (a VM guest, whose crash loses its page cache).
+    durable: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -157,7 +159,8 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads the records a previous engine left and re-adopts their containers.
+    /// Loads the records a previous engine left; [`Engine::check_boot`] and [`Engine::adopt`]
+    /// then settle what became of their containers.
     pub fn open(
         tenant: String,
         id_start: u32,
@@ -194,13 +197,53 @@ impl Engine {
             execs: HashMap::new(),
             backlog: VecDeque::new(),
             seq: 0,
+            durable: false,
         };
         let ids: Vec<String> = eng.recs.keys().cloned().collect();
         for id in ids {
             eng.exits.insert(id.clone(), watch::channel(false).0);
-            eng.check_adopted(&id);
         }
         eng
+    }
+
+    /// Re-adopts the containers a previous engine left running: those whose process is gone are
+    /// marked exited. Call after [`Engine::check_boot`].
+    pub fn adopt(&mut self) {
+        let ids: Vec<String> = self.recs.keys().cloned().collect();
+        for id in ids {
+            self.check_adopted(&id);
+        }
+    }
+
+    /// Records survive a crash of the machine (a VM's guest): each is on disk when saved. On a
+    /// host, an engine crash keeps the page cache, so records are written without waiting.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
+    }
+
+    /// Containers recorded as running under an earlier boot of the machine (its boot id, kept in
+    /// `<state>/boot_id`, differs) died with it: their pids mean nothing now, so they are marked
+    /// exited with `message`, whatever runs under those pids today.
+    pub fn check_boot(&mut self, message: &str) {
+        let now = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let file = self.paths.state.join("boot_id");
+        let before = fs::read_to_string(&file).ok();
+        if before.as_deref().is_some_and(|b| b != now) {
+            let ids: Vec<String> = self
+                .recs
+                .values()
+                .filter(|r| r.state != State::Exited)
+                .map(|r| r.id.clone())
+                .collect();
+            for id in ids {
+                self.mark_exited(&id, -1, message);
+            }
+        }
+        if before.as_deref() != Some(now.as_str())
+            && let Err(e) = fs::write(&file, &now)
+        {
+            tracing::warn!(file = %file.display(), error = %e, "recording the boot id failed");
+        }
     }
 
     /// A re-adopted container is not our child: if its pid is gone, it exited while no engine
@@ -277,7 +320,7 @@ impl Engine {
 
     fn save(&self, id: &str) {
         if let Some(r) = self.recs.get(id)
-            && let Err(e) = r.save(&self.paths.container(id))
+            && let Err(e) = r.save(&self.paths.container(id), self.durable)
         {
             tracing::error!(container = id, error = %e, "persisting a container record failed");
         }

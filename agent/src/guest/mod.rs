@@ -111,6 +111,7 @@ pub fn main(args: &GuestArgs) -> Result<(), String> {
         run_dir: PathBuf::from(RUN_DIR),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         cgroup_slice: crate::cgroups::tenant::SLICE.to_string(),
+        in_vm: true,
     };
     let socket = engine_args.paths().socket();
     let port = find_port(&args.port, Duration::from_secs(10))?;

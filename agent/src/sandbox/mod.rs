@@ -220,6 +220,7 @@ impl Manager {
             run_dir: self.run_dir.clone(),
             cgroup_root: self.cgroup_root.clone(),
             cgroup_slice: self.cgroup_slice.clone(),
+            in_vm: false,
         };
         if t.isolation != crate::tenants::Isolation::Vm {
             return Ok(Proc::Userns(engine_proc::Spawn {
@@ -660,6 +661,51 @@ impl Manager {
                 q.accel = vmm_config::Accel::Tcg;
                 q.cpu = None;
                 self.vm_accel = ("tcg".into(), Some(w));
+            }
+        }
+    }
+
+    /// Finds VM tenants whose VMM died: each is reported failed ("the VM crashed"), then booted
+    /// again and reported ready; its containers come back as exited (vm crashed).
+    pub async fn check_vms(&self) {
+        if self.vm.is_none() {
+            return;
+        }
+        let dead: Vec<String> = self
+            .engines
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, (_, p))| !p.alive())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dead {
+            let Ok(t) = self.registry.get(&id).await else {
+                continue;
+            };
+            if t.isolation != crate::tenants::Isolation::Vm || t.state != TenantState::Ready {
+                continue;
+            }
+            tracing::error!(tenant = %id, "the tenant's VM crashed (its VMM exited); booting it again");
+            let _ = self
+                .registry
+                .set_state(&id, TenantState::Failed, "the VM crashed; booting it again")
+                .await;
+            match self.engine(&t).await {
+                Ok(_) => {
+                    let _ = self.registry.set_state(&id, TenantState::Ready, "").await;
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %id, error = %e, "booting the crashed VM again failed");
+                    let _ = self
+                        .registry
+                        .set_state(
+                            &id,
+                            TenantState::Failed,
+                            &format!("the VM crashed, and booting it again failed: {e}"),
+                        )
+                        .await;
+                }
             }
         }
     }
