@@ -131,9 +131,14 @@ impl Api {
     }
 
     async fn tenant(&mut self, id: &str) {
+        self.tenant_as(id, pb::Isolation::Userns).await;
+    }
+
+    async fn tenant_as(&mut self, id: &str, isolation: pb::Isolation) {
         self.t
             .create_tenant(pb::CreateTenantRequest {
                 id: id.into(),
+                isolation: isolation as i32,
                 ..Default::default()
             })
             .await
@@ -1596,4 +1601,71 @@ async fn eventually_uncached(api: &Api, digests: &[String]) {
     }
     let left: Vec<_> = digests.iter().filter(|d| api.cached(d)).collect();
     panic!("blobs no image references are still cached: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_images_run_in_a_vm_tenant_with_whiteouts_opaque_dirs_and_setuid() {
+    let test = "pulled_images_run_in_a_vm_tenant_with_whiteouts_opaque_dirs_and_setuid";
+    if !require_root(test) || !tools_available(test) || !caas_tests::vm::vm_available(test) {
+        return;
+    }
+    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
+    let insecure = vec![reg.host()];
+    let agent = TestAgent::start(move |cfg| {
+        cfg.images.insecure_registries = insecure;
+        caas_tests::vm::configure(cfg);
+    })
+    .await
+    .unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant_as("v", pb::Isolation::Vm).await;
+    let work = agent.dir.path().join("work");
+    let base = busybox_layer(&work);
+    let mut layout = OciLayout::new(&work.join("layout")).unwrap();
+    // The layers of the userns test: files, then a whiteout and an opaque dir over them.
+    let layered = ImageBuilder::new()
+        .layer(base, Compression::Gzip)
+        .layer(
+            LayerTar::new()
+                .dir("etc")
+                .file("etc/motd", b"lower motd\n")
+                .dir("opt")
+                .dir("opt/keep")
+                .file("opt/keep/a", b"a\n")
+                .file("opt/keep/b", b"b\n")
+                .file("opt/stay", b"stay\n")
+                .file_mode("bin/suid-tool", b"#!/bin/sh\n", 0o4755)
+                .into_tar(),
+            Compression::Gzip,
+        )
+        .layer(hello_layer("hello from a layer\n"), Compression::Gzip)
+        .layer(
+            LayerTar::new()
+                .whiteout("etc/motd")
+                .dir("opt/keep")
+                .opaque("opt/keep")
+                .file("opt/keep/new", b"new\n")
+                .into_tar(),
+            Compression::Gzip,
+        )
+        .workdir("/data")
+        .cmd(&["/bin/sh", "-c", "cat hello.txt"]);
+    layout.add_image(&layered, "layered").unwrap();
+    reg.push(layout.dir(), "layered", "layered/vm:v1", PushMode::Oci)
+        .await
+        .unwrap();
+    let r = format!("{}/layered/vm:v1", reg.host());
+    api.pull("v", &r).await.unwrap();
+    let out = api
+        .sh(
+            "v",
+            "layered",
+            &r,
+            "cat /data/hello.txt; test ! -e /etc/motd && echo motd-gone; ls /opt/keep; cat /opt/stay; stat -c '%u %a' /bin/suid-tool",
+        )
+        .await;
+    assert_eq!(out, "hello from a layer\nmotd-gone\nnew\nstay\n0 4755\n");
+    // The image's own command, and a second container from the layers already in the guest.
+    let (code, out) = api.run("v", "cmd", &r, &[], &[]).await;
+    assert_eq!((code, out.as_str()), (0, "hello from a layer\n"));
 }

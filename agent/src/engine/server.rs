@@ -425,7 +425,7 @@ impl epb::engine_server::Engine for EngineSvc {
             f.sync_all().map_err(|e| internal_io(&data, &e))?;
             drop(f);
             match kind {
-                epb::ImportKind::DirTar => {
+                epb::ImportKind::DirTar | epb::ImportKind::LayerTar => {
                     let root = tmp.join("rootfs");
                     let file = std::fs::File::open(&data).map_err(|e| internal_io(&data, &e))?;
                     let mut ar = tar::Archive::new(std::io::BufReader::new(file));
@@ -433,10 +433,21 @@ impl epb::engine_server::Engine for EngineSvc {
                     ar.set_preserve_permissions(true);
                     ar.set_unpack_xattrs(false);
                     ar.set_overwrite(true);
-                    ar.unpack(&root).map_err(|e| {
-                        Status::invalid_argument(format!("import {key}: unpacking the tar: {e}"))
-                    })?;
+                    std::fs::create_dir_all(&root).map_err(|e| internal_io(&root, &e))?;
+                    unpack_import(&mut ar, &root, kind == epb::ImportKind::LayerTar).map_err(
+                        |e| {
+                            let cause = std::error::Error::source(&e)
+                                .map(|c| format!(": {c}"))
+                                .unwrap_or_default();
+                            Status::invalid_argument(format!(
+                                "import {key}: unpacking the tar: {e}{cause}"
+                            ))
+                        },
+                    )?;
                     let _ = std::fs::remove_file(&data);
+                    if kind == epb::ImportKind::LayerTar {
+                        opaque_markers_to_xattrs(&root).map_err(|e| internal_io(&root, &e))?;
+                    }
                 }
                 _ => {
                     let to = tmp.join("image.tar");
@@ -499,9 +510,74 @@ fn import_key(key: &str) -> Result<&str, Status> {
     }
 }
 
+/// Unpacks an import's tar under `root`. tar's own unpacking makes device entries into empty
+/// files, so they are handled here: in a layer, a 0/0 character device is an overlayfs whiteout
+/// and is made as one; any other device node is skipped, as the host's image unpacker does.
+fn unpack_import<R: std::io::Read>(
+    ar: &mut tar::Archive<R>,
+    root: &std::path::Path,
+    layer: bool,
+) -> std::io::Result<()> {
+    for entry in ar.entries()? {
+        let mut e = entry?;
+        let kind = e.header().entry_type();
+        if kind == tar::EntryType::Char || kind == tar::EntryType::Block {
+            let (major, minor) = (
+                e.header().device_major()?.unwrap_or(0),
+                e.header().device_minor()?.unwrap_or(0),
+            );
+            if !(layer && kind == tar::EntryType::Char && major == 0 && minor == 0) {
+                continue;
+            }
+            let rel = e.path()?.into_owned();
+            if !rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(std::io::Error::other(format!(
+                    "{}: not a plain relative path",
+                    rel.display()
+                )));
+            }
+            let dst = root.join(&rel);
+            let _ = std::fs::remove_file(&dst);
+            let c = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())
+                .map_err(std::io::Error::other)?;
+            // SAFETY: a NUL-terminated path; a 0/0 character device is an overlayfs whiteout.
+            if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let (uid, gid) = (e.header().uid()?, e.header().gid()?);
+            std::os::unix::fs::lchown(&dst, u32::try_from(uid).ok(), u32::try_from(gid).ok())?;
+            continue;
+        }
+        e.unpack_in(root)?;
+    }
+    Ok(())
+}
+
+/// The name of the marker file that stands for an opaque directory in a layer tar (as in OCI).
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Turns every [`OPAQUE_MARKER`] file under `root` into its directory's overlayfs opaque
+/// attribute.
+fn opaque_markers_to_xattrs(root: &std::path::Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(root)? {
+        let e = e?;
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            opaque_markers_to_xattrs(&e.path())?;
+        } else if ft.is_file() && e.file_name() == OPAQUE_MARKER {
+            std::fs::remove_file(e.path())?;
+            super::unpack::set_opaque(root)?;
+        }
+    }
+    Ok(())
+}
+
 fn import_path(dest: &std::path::Path, kind: epb::ImportKind) -> PathBuf {
     match kind {
-        epb::ImportKind::DirTar => dest.join("rootfs"),
+        epb::ImportKind::DirTar | epb::ImportKind::LayerTar => dest.join("rootfs"),
         _ => dest.join("image.tar"),
     }
 }

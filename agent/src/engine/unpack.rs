@@ -186,6 +186,29 @@ fn overlay_whiteout(p: &Path) -> io::Result<()> {
 }
 
 /// Marks `dir` opaque for overlayfs: lower layers' entries under it are hidden.
+pub(crate) fn set_opaque(dir: &Path) -> io::Result<()> {
+    overlay_opaque(dir)
+}
+
+/// Whether `dir` is marked opaque for overlayfs.
+pub(crate) fn is_opaque(dir: &Path) -> bool {
+    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut v = [0u8; 4];
+    // SAFETY: both strings are NUL-terminated; `v` is writable for its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            v.as_mut_ptr().cast(),
+            v.len(),
+        )
+    };
+    n == 1 && v[0] == b'y'
+}
+
+/// Marks `dir` opaque for overlayfs: lower layers' entries under it are hidden.
 fn overlay_opaque(dir: &Path) -> io::Result<()> {
     let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let (name, value) = (c"trusted.overlay.opaque", b"y");

@@ -773,10 +773,7 @@ impl Manager {
         }
         if t.isolation == crate::tenants::Isolation::Vm {
             if !req.lower_dirs.is_empty() {
-                return Err(SandboxError::Status(tonic::Status::failed_precondition(
-                    "images from the tenant's image store do not run in VM tenants yet (their \
-                     layers are not sent into the guest); create the container from rootfs_path",
-                )));
+                req.lower_dirs = vm_import::import_layers(&mut eng, &req.lower_dirs).await?;
             }
             if !req.rootfs.is_empty() {
                 req.rootfs = vm_import::import(&mut eng, &req.rootfs).await?;

@@ -4,7 +4,7 @@
 
 use std::{
     io::{self, Write},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
@@ -38,7 +38,31 @@ pub async fn import(
     } else {
         return Err(missing());
     };
-    let key = key(&path, &meta);
+    send(eng, &path, kind, host_path).await
+}
+
+/// Sends each image layer directory (overlayfs form, owners in the tenant's range) into the guest
+/// unless it is there; returns their guest paths, in the same order.
+pub async fn import_layers(
+    eng: &mut EngineClient<Channel>,
+    dirs: &[String],
+) -> Result<Vec<String>, SandboxError> {
+    let mut out = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        out.push(send(eng, Path::new(d), epb::ImportKind::LayerTar, d).await?);
+    }
+    Ok(out)
+}
+
+async fn send(
+    eng: &mut EngineClient<Channel>,
+    path: &Path,
+    kind: epb::ImportKind,
+    shown: &str,
+) -> Result<String, SandboxError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| SandboxError::Status(Status::failed_precondition(format!("{shown}: {e}"))))?;
+    let key = key(path, &meta);
     let have = eng
         .imported(epb::ImportedRequest { key: key.clone() })
         .await
@@ -48,14 +72,14 @@ pub async fn import(
         return Ok(have.path);
     }
     let (tx, rx) = mpsc::channel::<epb::ImportChunk>(4);
-    let first = epb::ImportChunk {
+    tx.send(epb::ImportChunk {
         key,
         kind: kind as i32,
         data: Vec::new(),
-    };
-    tx.send(first)
-        .await
-        .map_err(|_| SandboxError::Status(Status::internal("import: the stream closed")))?;
+    })
+    .await
+    .map_err(|_| SandboxError::Status(Status::internal("import: the stream closed")))?;
+    let src = path.to_path_buf();
     let producer = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let mut w = ChunkWriter {
             tx,
@@ -65,11 +89,17 @@ pub async fn import(
             epb::ImportKind::DirTar => {
                 let mut b = tar::Builder::new(&mut w);
                 b.follow_symlinks(false);
-                b.append_dir_all(".", &path)?;
+                b.append_dir_all(".", &src)?;
+                b.finish()?;
+            }
+            epb::ImportKind::LayerTar => {
+                let mut b = tar::Builder::new(&mut w);
+                b.follow_symlinks(false);
+                append_layer(&mut b, &src, Path::new(""))?;
                 b.finish()?;
             }
             _ => {
-                io::copy(&mut std::fs::File::open(&path)?, &mut w)?;
+                io::copy(&mut std::fs::File::open(&src)?, &mut w)?;
             }
         }
         w.flush()
@@ -80,13 +110,59 @@ pub async fn import(
     let produced = producer
         .await
         .map_err(|e| SandboxError::Status(Status::internal(format!("import: {e}"))))?;
-    let path = sent.map_err(SandboxError::Status)?.into_inner().path;
+    let guest = sent.map_err(SandboxError::Status)?.into_inner().path;
     produced.map_err(|e| {
         SandboxError::Status(Status::failed_precondition(format!(
-            "rootfs_path {host_path}: reading it: {e}"
+            "{shown}: reading it: {e}"
         )))
     })?;
-    Ok(path)
+    Ok(guest)
+}
+
+/// Appends `root/rel` and everything under it, entries sorted by name; an opaque directory gets
+/// an empty `.wh..wh..opq` file (the guest turns it back into the attribute).
+fn append_layer<W: Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -> io::Result<()> {
+    let path = root.join(rel);
+    let meta = std::fs::symlink_metadata(&path)?;
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", rel.display()));
+    if rel.as_os_str().is_empty() {
+        // The layer's root: made by the guest's unpack.
+    } else if meta.file_type().is_char_device() {
+        // An overlayfs whiteout. (tar's own path for device files names the entry by its host
+        // path, so the header is made here.)
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata(&meta);
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_size(0);
+        let rdev = meta.rdev();
+        h.set_device_major(libc::major(rdev)).map_err(named)?;
+        h.set_device_minor(libc::minor(rdev)).map_err(named)?;
+        b.append_data(&mut h, rel, io::empty()).map_err(named)?;
+    } else {
+        b.append_path_with_name(&path, rel).map_err(named)?;
+    }
+    if meta.is_dir() {
+        if crate::engine::unpack::is_opaque(&path) {
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata(&meta); // the directory's owner and time
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(0);
+            h.set_mode(0o644);
+            b.append_data(
+                &mut h,
+                rel.join(crate::engine::server::OPAQUE_MARKER),
+                io::empty(),
+            )?;
+        }
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&path)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for n in names {
+            append_layer(b, root, &rel.join(n))?;
+        }
+    }
+    Ok(())
 }
 
 /// A digest of the path and its size and change time: new content gets a new key.
@@ -135,5 +211,41 @@ impl Write for ChunkWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.send()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_tar_carries_links_whiteouts_and_opaque_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let l = d.path().join("layer");
+        std::fs::create_dir_all(l.join("bin")).unwrap();
+        std::fs::create_dir_all(l.join("opt/keep")).unwrap();
+        std::fs::write(l.join("bin/busybox"), b"x").unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", l.join("bin/sh")).unwrap();
+        crate::engine::unpack::set_opaque(&l.join("opt/keep")).unwrap();
+        let wh = std::ffi::CString::new(l.join("bin/gone").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        let rc = unsafe { libc::mknod(wh.as_ptr(), libc::S_IFCHR | 0o600, 0) };
+        assert_eq!(rc, 0);
+        let mut b = tar::Builder::new(Vec::new());
+        b.follow_symlinks(false);
+        append_layer(&mut b, &l, Path::new("")).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let mut ar = tar::Archive::new(bytes.as_slice());
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert!(
+            names.contains(&"opt/keep/.wh..wh..opq".to_string()),
+            "{names:?}"
+        );
+        assert!(names.contains(&"bin/sh".to_string()), "{names:?}");
+        assert!(names.contains(&"bin/gone".to_string()), "{names:?}");
     }
 }
