@@ -1156,5 +1156,27 @@ async fn vm_cpu_burn_is_billed_to_the_tenant_as_the_vmm_cgroup_counts_it() {
         (bill - vmm).abs() <= vmm * 0.10,
         "billed {bill:.3} CPU-s, the VMM cgroup counted {vmm:.3}"
     );
+    // Inspect shows both: the container's CPU time inside the guest, and its share of the VMM's
+    // on the host (the guest's figure scaled to the host's).
+    let c = api
+        .c
+        .inspect_container(pb::InspectContainerRequest {
+            r#ref: cref("b", "burn"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let u = c
+        .vm_usage
+        .expect("a VM container's inspect carries vm_usage");
+    eprintln!(
+        "measured: burn container: guest {:.3} CPU-s, its host share {:.3} CPU-s",
+        u.guest_cpu_seconds, u.host_cpu_seconds
+    );
+    assert!(u.guest_cpu_seconds > 3.0, "{u:?}");
+    assert!(
+        u.host_cpu_seconds >= u.guest_cpu_seconds * 0.99 && u.host_cpu_seconds <= v1,
+        "{u:?}; the VMM's whole CPU time is {v1:.3} s"
+    );
     drop(usage);
 }

@@ -265,7 +265,12 @@ impl ContainerService for ContainerApi {
             .inspect(epb::ContainerId { container: c })
             .await
             .map_err(|e| engine_err(e, &ctx))?;
-        self.ported(r).await
+        let r = self
+            .state
+            .sandboxes
+            .with_vm_usage(r.into_inner(), &mut eng)
+            .await;
+        self.ported(Response::new(r)).await
     }
 
     type ExecStream = Streamed<pb::ExecOutput>;

@@ -184,6 +184,33 @@ impl TenantCgroups {
         Ok(())
     }
 
+    /// CPU time (µs) and memory in use (bytes) of `rel`, a path under the slice; None where the
+    /// cgroup or its counters are missing.
+    pub fn usage(&self, rel: &str) -> (Option<u64>, Option<u64>) {
+        let rel = rel.trim_start_matches('/');
+        let num = |p: PathBuf| -> Option<u64> { fs::read_to_string(p).ok()?.trim().parse().ok() };
+        match self.layout {
+            CgroupLayout::V2 => {
+                let d = self.root.join(rel);
+                let cpu = fs::read_to_string(d.join("cpu.stat")).ok().and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("usage_usec "))
+                        .and_then(|v| v.trim().parse().ok())
+                });
+                (cpu, num(d.join("memory.current")))
+            }
+            CgroupLayout::V1 | CgroupLayout::Hybrid => (
+                num(self.root.join("cpuacct").join(rel).join("cpuacct.usage")).map(|ns| ns / 1000),
+                num(self
+                    .root
+                    .join("memory")
+                    .join(rel)
+                    .join("memory.usage_in_bytes")),
+            ),
+            CgroupLayout::None => (None, None),
+        }
+    }
+
     /// The `cgroup.procs` files of `rel` (a path under a tenant's subtree) in every hierarchy
     /// [`TenantCgroups::add_pid`] would use, creating the directories: for a child that moves
     /// itself in (writing `0`) between fork and exec, so nothing it allocates is charged elsewhere.

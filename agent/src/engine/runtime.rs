@@ -344,6 +344,15 @@ impl Engine {
         self.recs.get(&id).ok_or(EngineError::NotFound(id))
     }
 
+    /// A container's CPU time (µs) and memory in use, and the tenant's whole CPU time (µs), as
+    /// this engine's cgroups count them.
+    pub fn usage(&self, key: &str) -> Result<(u64, u64, u64), EngineError> {
+        let id = self.resolve(key)?;
+        let (cpu, mem) = self.cgroups.usage(&self.cgroup(&id));
+        let (tenant, _) = self.cgroups.usage(&self.cgroups.tenant_path(&self.tenant));
+        Ok((cpu.unwrap_or(0), mem.unwrap_or(0), tenant.unwrap_or(0)))
+    }
+
     /// The engine's directories.
     pub fn paths(&self) -> &Paths {
         &self.paths
@@ -816,5 +825,6 @@ pub fn to_pb(tenant: &str, r: &Record) -> pb::Container {
         labels: r.labels.clone(),
         ports: Vec::new(),
         message: r.message.clone(),
+        vm_usage: None,
     }
 }

@@ -468,6 +468,21 @@ impl epb::engine_server::Engine for EngineSvc {
         }))
     }
 
+    async fn usage(
+        &self,
+        req: Request<epb::UsageRequest>,
+    ) -> Result<Response<epb::UsageReport>, Status> {
+        let (cpu, mem, tenant) = self
+            .lock()?
+            .usage(&req.into_inner().container)
+            .map_err(status)?;
+        Ok(Response::new(epb::UsageReport {
+            container_cpu_usec: cpu,
+            container_memory_bytes: mem,
+            tenant_cpu_usec: tenant,
+        }))
+    }
+
     async fn imported(
         &self,
         req: Request<epb::ImportedRequest>,

@@ -803,6 +803,50 @@ impl Manager {
         Ok(self.with_ports(c).await)
     }
 
+    /// `c` with its usage inside the guest and its share of the VMM's CPU time on the host, when
+    /// its tenant is a VM tenant: the guest's figure scaled by the VMM's CPU time over the guest
+    /// tenant cgroup's, so the VM's own overhead is shared out in proportion.
+    pub async fn with_vm_usage(
+        &self,
+        mut c: pb::Container,
+        eng: &mut EngineClient<Channel>,
+    ) -> pb::Container {
+        let vm = self
+            .registry
+            .get(&c.tenant)
+            .await
+            .is_ok_and(|t| t.isolation == crate::tenants::Isolation::Vm);
+        if !vm {
+            return c;
+        }
+        let Ok(r) = eng
+            .usage(epb::UsageRequest {
+                container: c.id.clone(),
+            })
+            .await
+        else {
+            return c;
+        };
+        let r = r.into_inner();
+        let (host, _) = self
+            .cgroups
+            .usage(&format!("{}/vmm", self.cgroups.tenant_path(&c.tenant)));
+        #[allow(clippy::cast_precision_loss)]
+        let (guest, factor) = (
+            r.container_cpu_usec as f64 / 1e6,
+            match host {
+                Some(h) if r.tenant_cpu_usec > 0 => h as f64 / r.tenant_cpu_usec as f64,
+                _ => 1.0,
+            },
+        );
+        c.vm_usage = Some(pb::VmUsage {
+            guest_cpu_seconds: guest,
+            guest_memory_bytes: r.container_memory_bytes,
+            host_cpu_seconds: guest * factor,
+        });
+        c
+    }
+
     /// `c` with its published ports filled in (the agent, not the engine, keeps them).
     pub async fn with_ports(&self, mut c: pb::Container) -> pb::Container {
         if let Some(n) = &self.network {
