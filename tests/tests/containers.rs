@@ -1180,3 +1180,50 @@ async fn vm_cpu_burn_is_billed_to_the_tenant_as_the_vmm_cgroup_counts_it() {
     );
     drop(usage);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_cpu_quota_caps_a_busy_loop() {
+    let Some(agent) = vm_agent("vm_cpu_quota_caps_a_busy_loop").await else {
+        return;
+    };
+    let mut api = Api::vm(&agent).await;
+    api.tenant("t", None).await;
+    // The limits userns tenants get hold inside the guest too: half a CPU holds a busy loop to
+    // about half a CPU, as the guest's cgroup counts it (inspect's vm_usage).
+    let mut busy = api.req("t", "busy", "while :; do :; done");
+    busy.resources = Some(pb::Resources {
+        cpus: Some(0.5),
+        ..Default::default()
+    });
+    api.run_req(busy).await;
+    let mut c = api.c.clone();
+    let read = || {
+        let mut c = c.clone();
+        async move {
+            c.inspect_container(pb::InspectContainerRequest {
+                r#ref: cref("t", "busy"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .vm_usage
+            .expect("vm_usage")
+            .guest_cpu_seconds
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (u0, t0) = (read().await, std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (u1, t1) = (read().await, std::time::Instant::now());
+    let cpus = (u1 - u0) / (t1 - t0).as_secs_f64();
+    assert!(
+        cpus > 0.3 && cpus < 0.6,
+        "busy loop used {cpus:.3} CPUs under a 0.5 quota in the guest"
+    );
+    let _ = c
+        .delete_container(pb::DeleteContainerRequest {
+            r#ref: cref("t", "busy"),
+            force: true,
+        })
+        .await;
+}
