@@ -459,29 +459,11 @@ async fn pulled_images_of_every_kind_run() {
     let layered = ImageBuilder::new()
         .layer(base.clone(), Compression::Gzip)
         .layer(
-            LayerTar::new()
-                .dir("etc")
-                .file("etc/motd", b"lower motd\n")
-                .dir("opt")
-                .dir("opt/keep")
-                .file("opt/keep/a", b"a\n")
-                .file("opt/keep/b", b"b\n")
-                .file("opt/stay", b"stay\n")
-                .file_mode("bin/suid-tool", b"#!/bin/sh\n", 0o4755)
-                .char_device("etc/evil-mem", 1, 1)
-                .into_tar(),
+            lower_files().char_device("etc/evil-mem", 1, 1).into_tar(),
             Compression::Gzip,
         )
         .layer(hello_layer("hello from a layer\n"), Compression::Gzip)
-        .layer(
-            LayerTar::new()
-                .whiteout("etc/motd")
-                .dir("opt/keep")
-                .opaque("opt/keep")
-                .file("opt/keep/new", b"new\n")
-                .into_tar(),
-            Compression::Gzip,
-        )
+        .layer(whiteouts_over_lower_files(), Compression::Gzip)
         .env("GREETING=from-image")
         .workdir("/data")
         .cmd(&[
@@ -1625,29 +1607,9 @@ async fn pulled_images_run_in_a_vm_tenant_with_whiteouts_opaque_dirs_and_setuid(
     // The layers of the userns test: files, then a whiteout and an opaque dir over them.
     let layered = ImageBuilder::new()
         .layer(base, Compression::Gzip)
-        .layer(
-            LayerTar::new()
-                .dir("etc")
-                .file("etc/motd", b"lower motd\n")
-                .dir("opt")
-                .dir("opt/keep")
-                .file("opt/keep/a", b"a\n")
-                .file("opt/keep/b", b"b\n")
-                .file("opt/stay", b"stay\n")
-                .file_mode("bin/suid-tool", b"#!/bin/sh\n", 0o4755)
-                .into_tar(),
-            Compression::Gzip,
-        )
+        .layer(lower_files().into_tar(), Compression::Gzip)
         .layer(hello_layer("hello from a layer\n"), Compression::Gzip)
-        .layer(
-            LayerTar::new()
-                .whiteout("etc/motd")
-                .dir("opt/keep")
-                .opaque("opt/keep")
-                .file("opt/keep/new", b"new\n")
-                .into_tar(),
-            Compression::Gzip,
-        )
+        .layer(whiteouts_over_lower_files(), Compression::Gzip)
         .workdir("/data")
         .cmd(&["/bin/sh", "-c", "cat hello.txt"]);
     layout.add_image(&layered, "layered").unwrap();
@@ -1668,4 +1630,27 @@ async fn pulled_images_run_in_a_vm_tenant_with_whiteouts_opaque_dirs_and_setuid(
     // The image's own command, and a second container from the layers already in the guest.
     let (code, out) = api.run("v", "cmd", &r, &[], &[]).await;
     assert_eq!((code, out.as_str()), (0, "hello from a layer\n"));
+}
+
+/// Files that a later layer deletes (`etc/motd`) or hides (`opt/keep`), and a setuid file.
+fn lower_files() -> LayerTar {
+    LayerTar::new()
+        .dir("etc")
+        .file("etc/motd", b"lower motd\n")
+        .dir("opt")
+        .dir("opt/keep")
+        .file("opt/keep/a", b"a\n")
+        .file("opt/keep/b", b"b\n")
+        .file("opt/stay", b"stay\n")
+        .file_mode("bin/suid-tool", b"#!/bin/sh\n", 0o4755)
+}
+
+/// Over [`lower_files`]: a whiteout of `etc/motd`, and `opt/keep` made opaque with a new file.
+fn whiteouts_over_lower_files() -> Vec<u8> {
+    LayerTar::new()
+        .whiteout("etc/motd")
+        .dir("opt/keep")
+        .opaque("opt/keep")
+        .file("opt/keep/new", b"new\n")
+        .into_tar()
 }

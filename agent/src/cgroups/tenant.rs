@@ -170,16 +170,8 @@ impl TenantCgroups {
 
     /// Moves `pid` into `rel` (a path under the tenant's subtree) in every hierarchy it exists in.
     pub fn add_pid(&self, rel: &str, pid: u32) -> Result<(), CgroupError> {
-        for h in self.all_hierarchies() {
-            let d = h.join(rel.trim_start_matches('/'));
-            if self.layout != CgroupLayout::V2
-                && !V1_LIMITED.iter().any(|c| h.ends_with(c))
-                && !d.exists()
-            {
-                continue;
-            }
-            fs::create_dir_all(&d).map_err(io_err(&d))?;
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        for procs in self.procs_files(rel)? {
+            write(&procs, &pid.to_string())?;
         }
         Ok(())
     }

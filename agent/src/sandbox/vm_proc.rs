@@ -129,6 +129,31 @@ impl VmSpawn {
     }
 }
 
+/// The guest's initramfs for `engine_binary`, built once and then reused from `cache`.
+async fn guest_initramfs(
+    engine_binary: &Path,
+    modules_dir: Option<&Path>,
+    cache: &Path,
+) -> Result<initramfs::Built, String> {
+    let spec = initramfs::Spec {
+        binary: engine_binary.to_path_buf(),
+        modules_dir: modules_dir.map(Path::to_path_buf),
+        modules: initramfs::DEFAULT_MODULES
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    };
+    let cache = cache.to_path_buf();
+    crate::blocking::run(
+        "building the guest initramfs",
+        Duration::from_secs(120),
+        move || initramfs::cached(&spec, &cache),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
 /// Whether a guest really boots to its init under KVM here: boots the guest kernel with the
 /// agent's initramfs in probe mode (`caas-agent guest --probe`, which prints
 /// [`crate::guest::PROBE_LINE`] and powers off) and reads its console. `/dev/kvm` existing, or
@@ -143,23 +168,7 @@ pub async fn probe_kvm(
 ) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir);
     crate::fsutil::ensure_dir(dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let spec = initramfs::Spec {
-        binary: engine_binary.to_path_buf(),
-        modules_dir: modules_dir.map(Path::to_path_buf),
-        modules: initramfs::DEFAULT_MODULES
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-    };
-    let cache = cache.to_path_buf();
-    let built = crate::blocking::run(
-        "building the guest initramfs",
-        Duration::from_secs(120),
-        move || initramfs::cached(&spec, &cache),
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let built = guest_initramfs(engine_binary, modules_dir, cache).await?;
     let mut m = machine.clone();
     if let vmm_config::Backend::Qemu(q) = &mut m.backend {
         q.accel = vmm_config::Accel::Kvm;
@@ -373,23 +382,7 @@ async fn boot(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
         crate::fsutil::ensure_dir(d, mode).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     ensure_disk(s).await?;
-    let spec = initramfs::Spec {
-        binary: s.engine_binary.clone(),
-        modules_dir: s.modules_dir.clone(),
-        modules: initramfs::DEFAULT_MODULES
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-    };
-    let cache = s.cache.clone();
-    let built = crate::blocking::run(
-        "building the guest initramfs",
-        Duration::from_secs(120),
-        move || initramfs::cached(&spec, &cache),
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let built = guest_initramfs(&s.engine_binary, s.modules_dir.as_deref(), &s.cache).await?;
     let launch = s.machine(&built.path)?.render();
     for f in &launch.files {
         std::fs::write(&f.path, &f.contents).map_err(|e| format!("{}: {e}", f.path.display()))?;
