@@ -1067,6 +1067,37 @@ async fn vm_tenant_containers_see_their_guest_not_the_host() {
         rss_kib < (256 + 256) * 1024,
         "the VMM holds {rss_kib} KiB for a 256 MiB guest"
     );
+
+    // A root filesystem the host cannot read whole (a unix socket cannot go into a tar) is
+    // refused, and stays refused: the guest keeps nothing of a send that did not finish.
+    let odd = agent.dir.path().join("odd-rootfs");
+    std::fs::create_dir_all(&odd).unwrap();
+    for e in std::fs::read_dir(&api.rootfs).unwrap() {
+        let e = e.unwrap();
+        let to = odd.join(e.file_name());
+        if e.file_type().unwrap().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), to).unwrap();
+        } else if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+        }
+    }
+    std::fs::copy(
+        std::path::Path::new(&api.rootfs).join("bin/busybox"),
+        odd.join("bin/busybox"),
+    )
+    .unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(odd.join("tmp/s.sock")).unwrap();
+    for attempt in 0..2 {
+        let mut req = api.req("t", &format!("odd{attempt}"), "true");
+        req.rootfs_path = odd.display().to_string();
+        let e = api.c.create_container(req).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::FailedPrecondition,
+            "attempt {attempt}: {e:?}"
+        );
+        assert!(e.message().contains("odd-rootfs"), "{e:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

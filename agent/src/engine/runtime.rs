@@ -240,7 +240,7 @@ impl Engine {
             }
         }
         if before.as_deref() != Some(now.as_str())
-            && let Err(e) = fs::write(&file, &now)
+            && let Err(e) = crate::fsutil::write_atomic(&file, now.as_bytes(), 0o600)
         {
             tracing::warn!(file = %file.display(), error = %e, "recording the boot id failed");
         }
@@ -348,9 +348,13 @@ impl Engine {
     /// this engine's cgroups count them.
     pub fn usage(&self, key: &str) -> Result<(u64, u64, u64), EngineError> {
         let id = self.resolve(key)?;
-        let (cpu, mem) = self.cgroups.usage(&self.cgroup(&id));
+        let (Some(cpu), mem) = self.cgroups.usage(&self.cgroup(&id)) else {
+            return Err(EngineError::State(format!(
+                "container {key:?} has no cgroup (it has exited)"
+            )));
+        };
         let (tenant, _) = self.cgroups.usage(&self.cgroups.tenant_path(&self.tenant));
-        Ok((cpu.unwrap_or(0), mem.unwrap_or(0), tenant.unwrap_or(0)))
+        Ok((cpu, mem.unwrap_or(0), tenant.unwrap_or(0)))
     }
 
     /// The engine's directories.

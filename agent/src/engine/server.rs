@@ -403,7 +403,9 @@ impl epb::engine_server::Engine for EngineSvc {
                 path: import_path(&dest, kind).to_string_lossy().into_owned(),
             }));
         }
-        let tmp = dir.join(format!(".tmp-{key}"));
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".tmp-{key}-{n}"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| internal_io(&tmp, &e))?;
         let received = async {
@@ -413,6 +415,7 @@ impl epb::engine_server::Engine for EngineSvc {
             f.write_all(&first.data)
                 .map_err(|e| internal_io(&data, &e))?;
             let mut total = first.data.len() as u64;
+            let mut done = first.done.then_some(first.total_bytes);
             while let Some(m) = stream.message().await? {
                 total += m.data.len() as u64;
                 if total > MAX_IMPORT_BYTES {
@@ -421,6 +424,22 @@ impl epb::engine_server::Engine for EngineSvc {
                     )));
                 }
                 f.write_all(&m.data).map_err(|e| internal_io(&data, &e))?;
+                if m.done {
+                    done = Some(m.total_bytes);
+                }
+            }
+            match done {
+                Some(n) if n == total => {}
+                Some(n) => {
+                    return Err(Status::data_loss(format!(
+                        "import {key}: {total} bytes arrived, the host sent {n}"
+                    )));
+                }
+                None => {
+                    return Err(Status::aborted(format!(
+                        "import {key}: the stream ended before the host said it was whole"
+                    )));
+                }
             }
             f.sync_all().map_err(|e| internal_io(&data, &e))?;
             drop(f);
@@ -454,9 +473,14 @@ impl epb::engine_server::Engine for EngineSvc {
                     std::fs::rename(&data, &to).map_err(|e| internal_io(&to, &e))?;
                 }
             }
+            // On disk before it is called complete: a VM crash loses the guest's page cache.
+            let fs = std::fs::File::open(&tmp).map_err(|e| internal_io(&tmp, &e))?;
+            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&fs))
+                .map_err(|e| internal_io(&tmp, &e.into()))?;
             std::fs::write(tmp.join(IMPORT_COMPLETE), b"").map_err(|e| internal_io(&tmp, &e))?;
             let _ = std::fs::remove_dir_all(&dest);
-            std::fs::rename(&tmp, &dest).map_err(|e| internal_io(&dest, &e))
+            std::fs::rename(&tmp, &dest).map_err(|e| internal_io(&dest, &e))?;
+            crate::fsutil::sync_dir(&dir).map_err(|e| internal_io(&dir, &e))
         }
         .await;
         if let Err(e) = received {

@@ -471,6 +471,7 @@ fn relay_once(port: &Path, socket: &Path) -> io::Result<()> {
             // While nobody is connected on the host side, poll returns at once with POLLHUP
             // (and POLLIN: a read would return end-of-file); wait a little and look again.
             if ev.contains(PollFlags::POLLHUP) {
+                pending.clear(); // what a host that went away sent is of no use
                 thread::sleep(Duration::from_millis(5));
                 continue;
             }
@@ -511,6 +512,7 @@ fn pump(
     mut to_engine: Vec<u8>,
 ) -> io::Result<PumpEnd> {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut engine_eof = false;
     loop {
         let mut dev_ev = PollFlags::empty();
         let mut eng_ev = PollFlags::empty();
@@ -520,7 +522,7 @@ fn pump(
         if !to_host.is_empty() {
             dev_ev |= PollFlags::POLLOUT;
         }
-        if to_host.len() < RELAY_BUFFER {
+        if to_host.len() < RELAY_BUFFER && !engine_eof {
             eng_ev |= PollFlags::POLLIN;
         }
         if !to_engine.is_empty() {
@@ -538,6 +540,9 @@ fn pump(
         let e = fds[1].revents().unwrap_or(PollFlags::empty());
         if d.contains(PollFlags::POLLHUP) {
             return Ok(PumpEnd::HostGone); // buffers are dropped with the connection
+        }
+        if d.contains(PollFlags::POLLERR) || e.contains(PollFlags::POLLERR) {
+            return Err(io::Error::other("the port or the engine socket failed"));
         }
         if d.contains(PollFlags::POLLIN) {
             loop {
@@ -558,10 +563,13 @@ fn pump(
                 }
             }
         }
-        if e.intersects(PollFlags::POLLIN | PollFlags::POLLHUP)
+        if !engine_eof
+            && e.intersects(PollFlags::POLLIN | PollFlags::POLLHUP)
             && !read_into(&mut &*engine, &mut buf, &mut to_host)?
-            && to_host.is_empty()
         {
+            engine_eof = true;
+        }
+        if engine_eof && to_host.is_empty() {
             return Err(io::Error::other("the engine closed the connection"));
         }
         if !to_host.is_empty() {

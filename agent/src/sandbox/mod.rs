@@ -107,6 +107,10 @@ pub struct Manager {
     vm: Option<VmTemplate>,
     /// What VM tenants run on, and the warning for the operator (set at start-up).
     vm_accel: (String, Option<String>),
+    /// One lock per VM tenant serializes sending root filesystems and layers into its guest.
+    import_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// When the watcher last tried to boot again a VM tenant it had marked failed.
+    vm_retries: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// What every VM tenant's machine starts from.
@@ -119,6 +123,9 @@ struct VmTemplate {
     /// The node's default tenant memory quota, for tenants that do not ask.
     default_memory_bytes: u64,
 }
+
+/// How the watcher's failed state for a crashed VM begins (it retries only those).
+const CRASHED: &str = "the VM crashed";
 
 /// Memory the VMM process needs beyond guest memory, charged to the tenant's cgroup with it:
 /// under TCG QEMU holds about 200 MiB besides the guest (its translation cache among it).
@@ -209,6 +216,8 @@ impl Manager {
                 default_memory_bytes: config.tenants.default_memory_bytes,
             }),
             vm_accel: ("unprobed".into(), None),
+            import_locks: Mutex::new(HashMap::new()),
+            vm_retries: Mutex::new(HashMap::new()),
         })
     }
 
@@ -651,6 +660,7 @@ impl Manager {
             Ok(()) => {
                 tracing::info!("a KVM guest boots here: VM tenants run under KVM");
                 q.accel = vmm_config::Accel::Kvm;
+                q.tb_size_mib = None;
                 self.vm_accel = ("kvm".into(), None);
             }
             Err(e) => {
@@ -666,12 +676,15 @@ impl Manager {
     }
 
     /// Finds VM tenants whose VMM died: each is reported failed ("the VM crashed"), then booted
-    /// again and reported ready; its containers come back as exited (vm crashed).
+    /// again and reported ready; its containers come back as exited (vm crashed). A VM whose
+    /// boot failed is tried again every 30 s. State changes happen under the tenant's lock, and
+    /// never over a tenant being deleted.
     pub async fn check_vms(&self) {
+        const RETRY: Duration = Duration::from_secs(30);
         if self.vm.is_none() {
             return;
         }
-        let dead: Vec<String> = self
+        let dead: std::collections::HashSet<String> = self
             .engines
             .lock()
             .await
@@ -679,30 +692,61 @@ impl Manager {
             .filter(|(_, (_, p))| !p.alive())
             .map(|(id, _)| id.clone())
             .collect();
-        for id in dead {
-            let Ok(t) = self.registry.get(&id).await else {
-                continue;
-            };
-            if t.isolation != crate::tenants::Isolation::Vm || t.state != TenantState::Ready {
+        let tenants = self.registry.list(&TenantFilter::default()).await;
+        for t in tenants {
+            if t.isolation != crate::tenants::Isolation::Vm {
                 continue;
             }
-            tracing::error!(tenant = %id, "the tenant's VM crashed (its VMM exited); booting it again");
-            let _ = self
-                .registry
-                .set_state(&id, TenantState::Failed, "the VM crashed; booting it again")
-                .await;
-            match self.engine(&t).await {
+            let crashed = t.state == TenantState::Ready && dead.contains(&t.id);
+            let retry = t.state == TenantState::Failed
+                && t.message.starts_with(CRASHED)
+                && self
+                    .vm_retries
+                    .lock()
+                    .await
+                    .get(&t.id)
+                    .is_none_or(|at| at.elapsed() >= RETRY);
+            if !crashed && !retry {
+                continue;
+            }
+            let lock = self.lock(&t.id).await;
+            let _g = lock.lock().await;
+            let Ok(now) = self.registry.get(&t.id).await else {
+                continue;
+            };
+            if now.state != t.state {
+                continue; // someone else (a delete, a call) got there first
+            }
+            if crashed {
+                tracing::error!(tenant = %t.id, "the tenant's VM crashed (its VMM exited); booting it again");
+                let _ = self
+                    .registry
+                    .set_state(
+                        &t.id,
+                        TenantState::Failed,
+                        &format!("{CRASHED}; booting it again"),
+                    )
+                    .await;
+            }
+            self.vm_retries
+                .lock()
+                .await
+                .insert(t.id.clone(), std::time::Instant::now());
+            self.engines.lock().await.remove(&t.id);
+            match self.ensure_engine(&now).await {
                 Ok(_) => {
-                    let _ = self.registry.set_state(&id, TenantState::Ready, "").await;
+                    self.vm_retries.lock().await.remove(&t.id);
+                    let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
+                    tracing::info!(tenant = %t.id, "the crashed VM runs again");
                 }
                 Err(e) => {
-                    tracing::error!(tenant = %id, error = %e, "booting the crashed VM again failed");
+                    tracing::error!(tenant = %t.id, error = %e, "booting the crashed VM again failed; trying again in 30 s");
                     let _ = self
                         .registry
                         .set_state(
-                            &id,
+                            &t.id,
                             TenantState::Failed,
-                            &format!("the VM crashed, and booting it again failed: {e}"),
+                            &format!("{CRASHED}, and booting it again failed (tried again every 30 s): {e}"),
                         )
                         .await;
                 }
@@ -772,6 +816,16 @@ impl Manager {
             n.publish(&published).await?;
         }
         if t.isolation == crate::tenants::Isolation::Vm {
+            // One import at a time per tenant: two creates from the same image must not send
+            // the same layer twice at once.
+            let lock = self
+                .import_locks
+                .lock()
+                .await
+                .entry(t.id.clone())
+                .or_default()
+                .clone();
+            let _one = lock.lock().await;
             if !req.lower_dirs.is_empty() {
                 req.lower_dirs = vm_import::import_layers(&mut eng, &req.lower_dirs).await?;
             }
@@ -828,9 +882,15 @@ impl Manager {
             return c;
         };
         let r = r.into_inner();
-        let (host, _) = self
-            .cgroups
-            .usage(&format!("{}/vmm", self.cgroups.tenant_path(&c.tenant)));
+        // The VMM process's own CPU time covers this boot only (the cgroup's would add every
+        // earlier boot's), as the guest's counters do.
+        let vmm = self
+            .engines
+            .lock()
+            .await
+            .get(&c.tenant)
+            .map(|(_, p)| p.pid());
+        let host = vmm.and_then(engine_proc::cpu_usec);
         #[allow(clippy::cast_precision_loss)]
         let (guest, factor) = (
             r.container_cpu_usec as f64 / 1e6,

@@ -62,7 +62,7 @@ async fn send(
 ) -> Result<String, SandboxError> {
     let meta = std::fs::metadata(path)
         .map_err(|e| SandboxError::Status(Status::failed_precondition(format!("{shown}: {e}"))))?;
-    let key = key(path, &meta);
+    let key = key(path, &meta, kind);
     let have = eng
         .imported(epb::ImportedRequest { key: key.clone() })
         .await
@@ -75,7 +75,7 @@ async fn send(
     tx.send(epb::ImportChunk {
         key,
         kind: kind as i32,
-        data: Vec::new(),
+        ..Default::default()
     })
     .await
     .map_err(|_| SandboxError::Status(Status::internal("import: the stream closed")))?;
@@ -84,6 +84,7 @@ async fn send(
         let mut w = ChunkWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            total: 0,
         };
         match kind {
             epb::ImportKind::DirTar => {
@@ -102,7 +103,16 @@ async fn send(
                 io::copy(&mut std::fs::File::open(&src)?, &mut w)?;
             }
         }
-        w.flush()
+        w.flush()?;
+        // Only a source read to its end is declared whole: on any error above the stream just
+        // ends, and the guest keeps nothing.
+        let total = w.total;
+        w.tx.blocking_send(epb::ImportChunk {
+            done: true,
+            total_bytes: total,
+            ..Default::default()
+        })
+        .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the guest stopped the import"))
     });
     let sent = eng
         .import(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -110,13 +120,14 @@ async fn send(
     let produced = producer
         .await
         .map_err(|e| SandboxError::Status(Status::internal(format!("import: {e}"))))?;
-    let guest = sent.map_err(SandboxError::Status)?.into_inner().path;
+    // The host's own failure first: it says what is wrong with the source; the guest then only
+    // says the stream ended early.
     produced.map_err(|e| {
         SandboxError::Status(Status::failed_precondition(format!(
             "{shown}: reading it: {e}"
         )))
     })?;
-    Ok(guest)
+    Ok(sent.map_err(SandboxError::Status)?.into_inner().path)
 }
 
 /// Appends `root/rel` and everything under it, entries sorted by name; an opaque directory gets
@@ -166,8 +177,9 @@ fn append_layer<W: Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -> i
 }
 
 /// A digest of the path and its size and change time: new content gets a new key.
-fn key(path: &Path, meta: &std::fs::Metadata) -> String {
+fn key(path: &Path, meta: &std::fs::Metadata, kind: epb::ImportKind) -> String {
     let mut h = Sha256::new();
+    h.update((kind as i32).to_le_bytes());
     h.update(path.as_os_str().as_encoded_bytes());
     h.update(meta.size().to_le_bytes());
     h.update(meta.mtime().to_le_bytes());
@@ -182,6 +194,8 @@ fn key(path: &Path, meta: &std::fs::Metadata) -> String {
 struct ChunkWriter {
     tx: mpsc::Sender<epb::ImportChunk>,
     buf: Vec<u8>,
+    /// Bytes sent so far.
+    total: u64,
 }
 
 impl ChunkWriter {
@@ -190,6 +204,7 @@ impl ChunkWriter {
             return Ok(());
         }
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.total += data.len() as u64;
         self.tx
             .blocking_send(epb::ImportChunk {
                 data,

@@ -172,7 +172,7 @@ pub async fn probe_kvm(
     let mut m = machine.clone();
     if let vmm_config::Backend::Qemu(q) = &mut m.backend {
         q.accel = vmm_config::Accel::Kvm;
-        q.cpu = None;
+        q.tb_size_mib = None; // a TCG setting, refused with kvm
         q.qmp_socket = None;
     }
     let console = dir.join("console.log");

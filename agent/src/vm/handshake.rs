@@ -60,10 +60,14 @@ where
     }
 }
 
-/// Guest side: where the first hello in `data` ends (its nonce included), and its nonce; None
-/// when `data` holds no complete hello.
+/// Guest side: where the last complete hello in `data` ends (its nonce included), and its
+/// nonce; None when `data` holds no complete hello. The last: earlier ones are from hosts that
+/// gave up waiting for the answer.
 pub fn find_hello(data: &[u8]) -> Option<(usize, [u8; NONCE_LEN])> {
-    let at = data.windows(HELLO.len()).position(|w| w == HELLO)?;
+    let whole = data.len().checked_sub(NONCE_LEN)?;
+    let at = data[..whole]
+        .windows(HELLO.len())
+        .rposition(|w| w == HELLO)?;
     let end = at + HELLO.len() + NONCE_LEN;
     let nonce: [u8; NONCE_LEN] = data.get(at + HELLO.len()..end)?.try_into().ok()?;
     Some((end, nonce))
