@@ -117,6 +117,14 @@ async fn serve(args: EngineArgs, paths: runtime::Paths, cg: TenantCgroups) -> Re
         args.cgroup_root.clone(),
     );
     engine.set_durable(args.in_vm);
+    // Imports a crash or a dropped call left half done.
+    if let Ok(rd) = std::fs::read_dir(paths.imports()) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     engine.check_boot(if args.in_vm {
         "exited (vm crashed): the VM it ran in stopped without shutting down"
     } else {

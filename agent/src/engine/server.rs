@@ -579,6 +579,15 @@ fn unpack_import<R: std::io::Read>(
                 )));
             }
             let dst = root.join(&rel);
+            // Through no symlink an earlier entry made: the parent must resolve under the root.
+            let parent = dst.parent().map(std::fs::canonicalize).transpose()?;
+            let base = std::fs::canonicalize(root)?;
+            if !parent.is_some_and(|p| p.starts_with(&base)) {
+                return Err(std::io::Error::other(format!(
+                    "{}: its directory is outside the import",
+                    rel.display()
+                )));
+            }
             let _ = std::fs::remove_file(&dst);
             let c = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())
                 .map_err(std::io::Error::other)?;
