@@ -12,6 +12,9 @@ const PROTOS: &[&str] = &[
     "caas/engine/v1/engine.proto",
 ];
 
+/// The vendored Kubernetes CRI (see `k8s/README.md`), compiled apart: it has no serde types.
+const CRI_PROTOS: &[&str] = &["runtime/v1/api.proto"];
+
 /// Enum-typed fields that `--json` output should show by name, not as a number.
 const ENUM_FIELDS: &[(&str, &str)] = &[
     ("caas.v1.Tenant.isolation", "isolation"),
@@ -42,5 +45,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     cfg.compile_fds(fds)?;
+
+    for p in CRI_PROTOS {
+        println!("cargo:rerun-if-changed=k8s/{p}");
+    }
+    let cri = protox::compile(CRI_PROTOS, ["k8s"])?;
+    fs::write(
+        out.join("cri_descriptor.bin"),
+        prost::Message::encode_to_vec(&cri),
+    )?;
+    tonic_prost_build::configure().compile_fds(cri)?;
     Ok(())
 }

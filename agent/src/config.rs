@@ -94,6 +94,8 @@ pub struct Config {
     pub metrics: crate::metrics::MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The Kubernetes CRI socket.
+    pub cri: crate::cri::CriConfig,
     /// VM tenants' machine (`vmm-config`): without it, tenants with isolation vm are refused.
     pub vm: Option<vmm_config::VmConfig>,
 }
@@ -112,6 +114,7 @@ impl Default for Config {
             export: crate::export::ExportConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
             log: LogConfig::default(),
+            cri: crate::cri::CriConfig::default(),
             vm: None,
         }
     }
@@ -419,6 +422,7 @@ impl Config {
         }
         self.export.validate()?;
         self.images.validate()?;
+        self.cri.validate()?;
         self.network.subnet_pool()?;
         let u = &self.usage;
         validate::check_range(
@@ -525,6 +529,14 @@ impl Config {
             .unix_socket
             .clone()
             .unwrap_or_else(|| self.run_dir.join("agent.sock"))
+    }
+
+    /// The CRI socket path, defaulted from `run_dir`.
+    pub fn cri_socket(&self) -> PathBuf {
+        self.cri
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("cri.sock"))
     }
 
     /// This node's name: configured, or the host name.
@@ -683,10 +695,16 @@ level = "debug"
                 dns: c.network.dns.clone(),
                 ..Default::default()
             },
+            cri: crate::cri::CriConfig {
+                socket: c.cri.socket.clone(),
+                default_quotas: c.cri.default_quotas,
+                ..Default::default()
+            },
             vm: c.vm.clone(),
             ..Config::default()
         };
         assert_eq!(c, defaults, "the example's values are the defaults");
+        assert_eq!(c.cri_socket(), Config::default().cri_socket());
         let vm = c.vm.as_ref().expect("the example shows [vm]");
         assert_eq!(vm.backend.kind(), vmm_config::BackendKind::Qemu);
         assert_eq!(c.unix_socket(), Config::default().unix_socket());

@@ -90,6 +90,28 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode))
 }
 
+/// Bytes allocated on disk and inodes used under `dir` (symlinks not followed; unreadable
+/// entries skipped). Hard links count once per link.
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            bytes += m.blocks() * 512;
+            inodes += 1;
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

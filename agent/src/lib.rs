@@ -12,6 +12,7 @@ pub mod certs;
 pub mod cgroups;
 pub mod client;
 pub mod config;
+pub mod cri;
 pub mod ctl;
 pub mod engine;
 pub mod export;

@@ -94,6 +94,8 @@ pub enum ServeError {
 pub struct Agent {
     /// The unix socket it serves on.
     pub unix_socket: PathBuf,
+    /// The CRI socket, when `[cri] enabled`.
+    pub cri_socket: Option<PathBuf>,
     /// The TCP address it serves on, if any (the real port when configured with `:0`).
     pub tcp_addr: Option<SocketAddr>,
     /// The metrics address, if any (the real port when configured with `:0`).
@@ -226,6 +228,40 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         });
     }
 
+    let mut cri_socket = None;
+    if cfg.cri.enabled {
+        let path = cfg.cri_socket();
+        let listener = bind_unix(&path).await?;
+        let cri = crate::cri::Cri::open(state.clone())
+            .await
+            .map_err(|source| ServeError::Dir {
+                path: cfg.state_dir.join("cri"),
+                source,
+            })?;
+        // kubelet runs as root; the CRI has no roles of its own.
+        let auth = auth::authenticator(auth::Transport::Unix {
+            allowed_uids: Vec::new(),
+        });
+        let routes = crate::cri::routes(cri);
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            Server::builder()
+                .layer(MessageLimitLayer::new(limit))
+                .layer(InterceptorLayer::new(auth))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .map_err(|source| ServeError::Serve {
+                    what: "CRI socket",
+                    source,
+                })
+        });
+        cri_socket = Some(path);
+    }
+
     let mut tcp_addr = None;
     if let (Some(addr), Some(tls)) = (cfg.api.tcp_listen, cfg.api.tls.as_ref()) {
         let tls = server_tls(tls).await?;
@@ -302,12 +338,14 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         node = %state.node.node,
         unix = %unix_socket.display(),
         tcp = %tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        cri = %cri_socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into()),
         cgroups = %state.node.cgroup_layout,
         tenants = state.sandboxes.registry.allocated().await.0,
         "caas-agent listening"
     );
     Ok(Agent {
         unix_socket,
+        cri_socket,
         tcp_addr,
         metrics_addr,
         state,
@@ -370,10 +408,12 @@ impl Agent {
             }
         }
         self.state.metering.shutdown().await;
-        if let Err(e) = std::fs::remove_file(&self.unix_socket)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(socket = %self.unix_socket.display(), error = %e, "could not remove the socket");
+        for socket in std::iter::once(&self.unix_socket).chain(self.cri_socket.as_ref()) {
+            if let Err(e) = std::fs::remove_file(socket)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(socket = %socket.display(), error = %e, "could not remove the socket");
+            }
         }
         tracing::info!("caas-agent stopped");
         match first_error {

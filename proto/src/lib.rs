@@ -18,6 +18,18 @@ pub mod engine {
     }
 }
 
+/// The Kubernetes Container Runtime Interface, vendored from kubernetes/cri-api
+/// (`proto/k8s/README.md` names the version).
+pub mod cri {
+    /// Generated messages and the `RuntimeService` and `ImageService` of package `runtime.v1`.
+    #[allow(missing_docs, clippy::all, rustdoc::all)]
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+    /// The encoded `FileDescriptorSet` of the CRI proto, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cri_descriptor");
+}
+
 /// The encoded `FileDescriptorSet` of every caas proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("caas_descriptor");
 

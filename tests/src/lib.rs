@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 pub use caas_agent::testing::{privileged_required, require_root, skip};
 
 pub mod calls;
+pub mod cri;
 pub mod registry;
 pub mod vm;
 

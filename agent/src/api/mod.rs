@@ -6,7 +6,7 @@
 
 pub mod auth;
 mod container;
-mod convert;
+pub(crate) mod convert;
 mod image;
 pub mod limits;
 mod node;

@@ -187,7 +187,8 @@ impl ImageRecord {
         normalize(q).is_some_and(|n| n == self.normalized)
     }
 
-    fn normalized_repo_at(&self) -> String {
+    /// `registry/repository@digest` of this image.
+    pub fn normalized_repo_at(&self) -> String {
         let repo = self
             .normalized
             .rsplit_once('@')
@@ -343,6 +344,19 @@ impl ImageStore {
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1.reference).cmp(&(&b.0, &b.1.reference)));
         out
+    }
+
+    /// The `User` of an image's config, when the config is readable and sets one.
+    pub fn rootfs_config_user(&self, r: &ImageRecord) -> Option<String> {
+        let bytes = self
+            .blobs
+            .read_small(&r.config_digest, manifest::MAX_JSON_BYTES)
+            .ok()?;
+        manifest::parse_config(&bytes, r.layers.len())
+            .ok()?
+            .config?
+            .user
+            .filter(|u| !u.is_empty())
     }
 
     /// One image of a tenant.

@@ -19,6 +19,16 @@ pub enum Isolation {
     Vm,
 }
 
+impl Isolation {
+    /// Its name in the config and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Userns => "userns",
+            Self::Vm => "vm",
+        }
+    }
+}
+
 /// Where a tenant is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

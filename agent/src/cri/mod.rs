@@ -1,0 +1,164 @@
+//! The Kubernetes Container Runtime Interface (CRI v1): `runtime.v1.RuntimeService` and
+//! `runtime.v1.ImageService` on a unix socket of their own, for kubelet and crictl.
+//!
+//! It is a second front door to the same domain, not a second runtime: a pod sandbox lives in a
+//! tenant (annotation `caas.io/tenant`, else the pod's namespace), its containers are that
+//! tenant's containers, made by the tenant's engine, metered and billed like any other. What the
+//! CRI adds is kept in [`store`]: the pod sandboxes, and per container the CRI metadata that the
+//! caas model has no field for (pod, attempt, annotations, log path).
+
+mod image;
+mod logs;
+mod runtime;
+mod stats;
+pub mod store;
+
+use std::{path::PathBuf, sync::Arc};
+
+use caas_proto::cri::v1::{
+    image_service_server::ImageServiceServer, runtime_service_server::RuntimeServiceServer,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{api::AgentState, validate::Invalid};
+
+/// The pod annotation that names a pod's tenant.
+pub const TENANT_ANNOTATION: &str = "caas.io/tenant";
+/// The runtime handler (RuntimeClass) of user-namespaced sandboxes; also the default ("").
+pub const HANDLER_USERNS: &str = "caas-userns";
+/// The runtime handler of VM tenants.
+pub const HANDLER_VM: &str = "caas-vm";
+
+/// `[cri]`: the CRI socket.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// Serve the CRI (default off: a node that is not a Kubernetes node does not need it).
+    pub enabled: bool,
+    /// The socket (default `<run_dir>/cri.sock`); root only, like containerd's.
+    pub socket: Option<PathBuf>,
+    /// Refuse pods whose tenant does not exist, instead of creating it on first use.
+    pub require_known_tenants: bool,
+    /// The tenant that a `PullImage` without a pod config (`crictl pull`) pulls into.
+    pub image_tenant: String,
+    /// Quotas of tenants created on first use (unset: the `[tenants]` defaults).
+    pub default_quotas: DefaultQuotas,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            socket: None,
+            require_known_tenants: false,
+            image_tenant: "default".into(),
+            default_quotas: DefaultQuotas::default(),
+        }
+    }
+}
+
+/// Quotas of the tenants the CRI creates.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultQuotas {
+    /// CPUs.
+    pub cpus: Option<f64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Process ids.
+    pub pids: Option<u64>,
+    /// Containers at once.
+    pub max_containers: Option<u32>,
+}
+
+impl CriConfig {
+    /// Checks paths and the image tenant's id.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(p) = &self.socket {
+            if !p.is_absolute() {
+                return Err(Invalid::new(
+                    "cri.socket",
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+            if p.as_os_str().len() > 107 {
+                return Err(Invalid::new(
+                    "cri.socket",
+                    "is longer than the 107 bytes a unix socket path may have",
+                ));
+            }
+        }
+        crate::validate::check_id("cri.image_tenant", &self.image_tenant)
+    }
+}
+
+/// What the CRI services share.
+#[derive(Debug)]
+pub struct Cri {
+    /// The agent's state: tenants, engines, images, meter.
+    pub state: Arc<AgentState>,
+    /// Pod sandboxes and CRI container records.
+    pub store: store::CriStore,
+    /// The copiers writing containers' output to kubelet's log files.
+    pub logs: logs::Copiers,
+}
+
+impl Cri {
+    /// Opens the CRI state under `<state_dir>/cri` and resumes the log copiers of running
+    /// containers.
+    pub async fn open(state: Arc<AgentState>) -> std::io::Result<Arc<Self>> {
+        let store = store::CriStore::open(&state.config.state_dir.join("cri"))?;
+        let cri = Arc::new(Self {
+            store,
+            logs: logs::Copiers::new(state.shutdown.clone()),
+            state,
+        });
+        cri.resume_logs().await;
+        Ok(cri)
+    }
+
+    async fn resume_logs(self: &Arc<Self>) {
+        for c in self.store.containers().await {
+            if c.log_path.is_empty() {
+                continue;
+            }
+            if let Ok((_, mut eng)) = self.state.sandboxes.engine_of(&c.tenant).await
+                && let Ok(r) = eng
+                    .inspect(caas_proto::engine::v1::ContainerId {
+                        container: c.id.clone(),
+                    })
+                    .await
+                && r.into_inner().started_at_unix_ms > 0
+            {
+                self.logs.start(self.clone(), &c, true).await;
+            }
+        }
+    }
+}
+
+/// The CRI services, ready to serve.
+pub fn routes(cri: Arc<Cri>) -> tonic::service::Routes {
+    let limit = cri.state.config.api.max_message_bytes;
+    let mut b = tonic::service::Routes::builder();
+    b.add_service(
+        RuntimeServiceServer::new(runtime::RuntimeApi::new(cri.clone()))
+            .max_decoding_message_size(limit),
+    )
+    .add_service(
+        ImageServiceServer::new(image::ImageApi::new(cri)).max_decoding_message_size(limit),
+    );
+    b.routes()
+}
+
+/// Nanoseconds since the epoch of a millisecond time (CRI times are nanoseconds).
+fn ns(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX / 1_000_000) * 1_000_000
+}
+
+/// Nanoseconds since the epoch, now.
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

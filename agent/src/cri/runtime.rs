@@ -1,0 +1,1342 @@
+//! `runtime.v1.RuntimeService`: pod sandboxes and their containers, mapped onto tenants and
+//! their engines.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use caas_proto::{cri::v1 as cri, engine::v1 as epb, v1 as pb};
+use futures::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::{
+    Cri, HANDLER_USERNS, HANDLER_VM, TENANT_ANNOTATION, now_ns, ns, stats,
+    store::{AddError, ContainerRecord, PodRecord},
+};
+use crate::{
+    api::{auth::Ctx, convert, status},
+    tenants::{Isolation, QuotaRequest, TenantSpec, TenantState},
+    validate::{self, Invalid},
+};
+
+/// Longest a `ExecSync` may return per stream; more is cut.
+const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// How long a pod waits for its tenant when another call is creating it.
+const TENANT_WAIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct RuntimeApi {
+    cri: Arc<Cri>,
+}
+
+impl RuntimeApi {
+    pub fn new(cri: Arc<Cri>) -> Self {
+        Self { cri }
+    }
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> Status {
+    status::invalid(Invalid::new(field, reason))
+}
+
+fn unsupported(field: &str) -> Status {
+    Status::unimplemented(format!(
+        "{field} is not supported by caas-agent {} yet; leave it unset",
+        crate::VERSION
+    ))
+}
+
+fn sorted(m: HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn unsorted(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn io_err(e: &std::io::Error, ctx: &Ctx) -> Status {
+    status::internal(e, ctx)
+}
+
+/// The tenant a pod lives in: its `caas.io/tenant` annotation, else its namespace.
+pub fn tenant_of(config: &cri::PodSandboxConfig) -> Result<String, Status> {
+    if let Some(t) = config.annotations.get(TENANT_ANNOTATION) {
+        let field = format!("config.annotations[{TENANT_ANNOTATION}]");
+        validate::check_id(&field, t).map_err(status::invalid)?;
+        return Ok(t.clone());
+    }
+    let ns = config
+        .metadata
+        .as_ref()
+        .map(|m| m.namespace.clone())
+        .unwrap_or_default();
+    validate::check_id("config.metadata.namespace", &ns).map_err(|e| {
+        status::invalid(Invalid::new(
+            e.field,
+            format!(
+                "{}; it names the pod's tenant unless the pod has the annotation {TENANT_ANNOTATION}",
+                e.reason
+            ),
+        ))
+    })?;
+    Ok(ns)
+}
+
+fn isolation_of(handler: &str) -> Result<Isolation, Status> {
+    match handler {
+        "" | HANDLER_USERNS => Ok(Isolation::Userns),
+        HANDLER_VM => Ok(Isolation::Vm),
+        other => Err(bad(
+            "runtime_handler",
+            format!(
+                "{other:?} is not a handler of this runtime; use {HANDLER_USERNS:?} or {HANDLER_VM:?}"
+            ),
+        )),
+    }
+}
+
+impl Cri {
+    /// The tenant of a pod: made on first use (unless known tenants are required) and ready.
+    pub async fn ensure_tenant(
+        &self,
+        id: &str,
+        isolation: Isolation,
+        ctx: &Ctx,
+    ) -> Result<crate::tenants::Tenant, Status> {
+        let sandboxes = &self.state.sandboxes;
+        let deadline = tokio::time::Instant::now() + TENANT_WAIT;
+        loop {
+            match sandboxes.tenant(id).await {
+                Ok(t) if t.isolation != isolation => {
+                    return Err(Status::failed_precondition(format!(
+                        "tenant {id} has isolation {}, but the pod asks for {}; use the runtime handler {:?}",
+                        t.isolation.as_str(),
+                        isolation.as_str(),
+                        match t.isolation {
+                            Isolation::Userns => HANDLER_USERNS,
+                            Isolation::Vm => HANDLER_VM,
+                        }
+                    )));
+                }
+                Ok(t) if t.state == TenantState::Ready => return Ok(t),
+                Ok(t)
+                    if t.state == TenantState::Pending
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(t) => {
+                    return Err(Status::unavailable(format!(
+                        "tenant {id} is {}: {}",
+                        format!("{:?}", t.state).to_lowercase(),
+                        t.message
+                    )));
+                }
+                Err(crate::sandbox::SandboxError::Tenant(
+                    crate::tenants::TenantError::NotFound { .. },
+                )) => {
+                    if self.state.config.cri.require_known_tenants {
+                        return Err(Status::failed_precondition(format!(
+                            "tenant {id} does not exist and cri.require_known_tenants is set; create it first (caasctl tenant create {id})"
+                        )));
+                    }
+                    let q = self.state.config.cri.default_quotas;
+                    let spec = TenantSpec {
+                        id: id.into(),
+                        isolation,
+                        quotas: QuotaRequest {
+                            cpus: q.cpus,
+                            memory_bytes: q.memory_bytes,
+                            pids: q.pids,
+                            max_containers: q.max_containers,
+                        },
+                        labels: BTreeMap::from([("caas.io/created-by".into(), "cri".into())]),
+                    };
+                    match sandboxes.create_tenant(spec).await {
+                        Ok(t) => {
+                            tracing::info!(tenant = %id, isolation = isolation.as_str(), "tenant created for a pod");
+                            return Ok(t);
+                        }
+                        // Another pod's call made it meanwhile: wait for it above.
+                        Err(crate::sandbox::SandboxError::Tenant(
+                            crate::tenants::TenantError::AlreadyExists { .. },
+                        )) => {}
+                        Err(e) => return Err(status::sandbox(e, ctx)),
+                    }
+                }
+                Err(e) => return Err(status::sandbox(e, ctx)),
+            }
+        }
+    }
+
+    async fn pod_or_not_found(&self, id: &str) -> Result<PodRecord, Status> {
+        self.store
+            .pod(id)
+            .await
+            .ok_or_else(|| Status::not_found(format!("pod sandbox {id:?} does not exist")))
+    }
+
+    async fn container_or_not_found(&self, id: &str) -> Result<ContainerRecord, Status> {
+        self.store
+            .container(id)
+            .await
+            .ok_or_else(|| Status::not_found(format!("container {id:?} does not exist")))
+    }
+
+    /// The engine's view of a CRI container (None when the engine no longer has it).
+    async fn inspect(
+        &self,
+        c: &ContainerRecord,
+        ctx: &Ctx,
+    ) -> Result<Option<pb::Container>, Status> {
+        let (_, mut eng) = self
+            .state
+            .sandboxes
+            .engine_of(&c.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, ctx))?;
+        match eng
+            .inspect(epb::ContainerId {
+                container: c.id.clone(),
+            })
+            .await
+        {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(status::sandbox(
+                crate::sandbox::SandboxError::Status(s),
+                ctx,
+            )),
+        }
+    }
+
+    /// Deletes a container in its engine and forgets it; gone already is fine.
+    async fn remove_container(&self, c: &ContainerRecord, ctx: &Ctx) -> Result<(), Status> {
+        let state = self.state.clone();
+        let (tenant, id) = (c.tenant.clone(), c.id.clone());
+        // The engine's delete and the agent's release are one step, whatever the caller does.
+        let deleted = tokio::spawn(async move {
+            let mut eng = match state.sandboxes.engine_of(&tenant).await {
+                Ok((_, e)) => e,
+                // The tenant is gone, and its containers with it.
+                Err(crate::sandbox::SandboxError::Tenant(
+                    crate::tenants::TenantError::NotFound { .. },
+                )) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            state.sandboxes.container_deleting(&tenant, &id).await;
+            match eng
+                .delete(epb::DeleteRequest {
+                    container: id.clone(),
+                    force: true,
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(crate::sandbox::SandboxError::Status(s)),
+            }
+            state.sandboxes.container_deleted(&tenant, &id).await;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("deleting the container: {e}")))?;
+        deleted.map_err(|e| status::sandbox(e, ctx))?;
+        self.store
+            .remove_container(&c.id)
+            .await
+            .map_err(|e| io_err(&e, ctx))
+    }
+
+    fn pod_status(&self, p: &PodRecord, ip: String) -> cri::PodSandboxStatus {
+        cri::PodSandboxStatus {
+            id: p.id.clone(),
+            metadata: Some(pod_metadata(p)),
+            state: pod_state(p) as i32,
+            created_at: p.created_at_ns,
+            network: Some(cri::PodSandboxNetworkStatus {
+                ip,
+                additional_ips: Vec::new(),
+            }),
+            linux: Some(cri::LinuxPodSandboxStatus {
+                namespaces: Some(cri::Namespace {
+                    options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        target_id: String::new(),
+                        userns_options: None,
+                    }),
+                }),
+            }),
+            labels: unsorted(&p.labels),
+            annotations: unsorted(&p.annotations),
+            runtime_handler: p.runtime_handler.clone(),
+        }
+    }
+
+    async fn pod_ip(&self, p: &PodRecord) -> String {
+        self.state
+            .sandboxes
+            .tenant(&p.tenant)
+            .await
+            .ok()
+            .and_then(|t| t.subnet)
+            .map(|s| crate::net::addresses(s).1.to_string())
+            .unwrap_or_default()
+    }
+}
+
+fn pod_metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: p.name.clone(),
+        uid: p.uid.clone(),
+        namespace: p.namespace.clone(),
+        attempt: p.attempt,
+    }
+}
+
+fn pod_state(p: &PodRecord) -> cri::PodSandboxState {
+    if p.ready {
+        cri::PodSandboxState::SandboxReady
+    } else {
+        cri::PodSandboxState::SandboxNotready
+    }
+}
+
+fn container_state(c: Option<&pb::Container>) -> cri::ContainerState {
+    match c.map(|c| pb::ContainerState::try_from(c.state)) {
+        Some(Ok(pb::ContainerState::Created)) => cri::ContainerState::ContainerCreated,
+        Some(Ok(pb::ContainerState::Running)) => cri::ContainerState::ContainerRunning,
+        Some(Ok(pb::ContainerState::Exited)) => cri::ContainerState::ContainerExited,
+        _ => cri::ContainerState::ContainerUnknown,
+    }
+}
+
+fn container_metadata(c: &ContainerRecord) -> cri::ContainerMetadata {
+    cri::ContainerMetadata {
+        name: c.name.clone(),
+        attempt: c.attempt,
+    }
+}
+
+fn image_spec(c: &ContainerRecord) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: c.image.clone(),
+        ..Default::default()
+    }
+}
+
+fn cri_container(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::Container {
+    cri::Container {
+        id: r.id.clone(),
+        pod_sandbox_id: r.pod.clone(),
+        metadata: Some(container_metadata(r)),
+        image: Some(image_spec(r)),
+        image_ref: r.image_id.clone(),
+        state: container_state(c) as i32,
+        created_at: r.created_at_ns,
+        labels: unsorted(&r.labels),
+        annotations: unsorted(&r.annotations),
+        image_id: r.image_id.clone(),
+    }
+}
+
+fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::ContainerStatus {
+    let state = container_state(c);
+    let (reason, message) = match c {
+        Some(c) if state == cri::ContainerState::ContainerExited => (
+            if c.oom_killed {
+                "OOMKilled"
+            } else if c.exit_code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            },
+            c.message.clone(),
+        ),
+        Some(c) => ("", c.message.clone()),
+        None => (
+            "NotFound",
+            "the container's engine no longer has it".to_string(),
+        ),
+    };
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: Some(container_metadata(r)),
+        state: state as i32,
+        created_at: r.created_at_ns,
+        started_at: c.map_or(0, |c| ns(c.started_at_unix_ms)),
+        finished_at: c.map_or(0, |c| ns(c.finished_at_unix_ms)),
+        exit_code: c.map_or(0, |c| c.exit_code),
+        image: Some(image_spec(r)),
+        image_ref: r.image_id.clone(),
+        reason: reason.into(),
+        message,
+        labels: unsorted(&r.labels),
+        annotations: unsorted(&r.annotations),
+        mounts: Vec::new(),
+        log_path: r.log_path.clone(),
+        resources: None,
+        image_id: r.image_id.clone(),
+        user: None,
+    }
+}
+
+fn labels_match(have: &BTreeMap<String, String>, want: &HashMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+/// Refuses what a pod asks for that this runtime cannot give yet, naming the field.
+fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
+    let m = c
+        .metadata
+        .as_ref()
+        .ok_or_else(|| bad("config.metadata", "is required"))?;
+    if m.name.is_empty() {
+        return Err(bad("config.metadata.name", "must not be empty"));
+    }
+    if !c.port_mappings.is_empty() {
+        return Err(unsupported("config.port_mappings (hostPort)"));
+    }
+    if !c.log_directory.is_empty() && !c.log_directory.starts_with('/') {
+        return Err(bad("config.log_directory", "must be an absolute path"));
+    }
+    if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
+        if sc.privileged {
+            return Err(unsupported("config.linux.security_context.privileged"));
+        }
+        if let Some(ns) = &sc.namespace_options {
+            check_namespaces("config.linux.security_context.namespace_options", ns)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_namespaces(field: &str, ns: &cri::NamespaceOption) -> Result<(), Status> {
+    let node = cri::NamespaceMode::Node as i32;
+    for (name, mode) in [("network", ns.network), ("pid", ns.pid), ("ipc", ns.ipc)] {
+        if mode == node {
+            return Err(unsupported(&format!(
+                "{field}.{name} = NODE (the host's namespace)"
+            )));
+        }
+    }
+    if ns.userns_options.is_some() {
+        return Err(unsupported(&format!(
+            "{field}.userns_options (every tenant has its own user namespace already)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses container fields this runtime cannot give yet, naming the field.
+fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
+    let m = c
+        .metadata
+        .as_ref()
+        .ok_or_else(|| bad("config.metadata", "is required"))?;
+    if m.name.is_empty() {
+        return Err(bad("config.metadata.name", "must not be empty"));
+    }
+    if c.image.as_ref().is_none_or(|i| i.image.is_empty()) {
+        return Err(bad("config.image.image", "must name an image"));
+    }
+    for (set, field) in [
+        (!c.mounts.is_empty(), "config.mounts"),
+        (!c.devices.is_empty(), "config.devices"),
+        (!c.cdi_devices.is_empty(), "config.cdi_devices"),
+        (c.tty, "config.tty"),
+        (c.stdin, "config.stdin"),
+    ] {
+        if set {
+            return Err(unsupported(field));
+        }
+    }
+    if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
+        let f = "config.linux.security_context";
+        for (set, field) in [
+            (sc.privileged, "privileged"),
+            (sc.readonly_rootfs, "readonly_rootfs"),
+            (!sc.supplemental_groups.is_empty(), "supplemental_groups"),
+        ] {
+            if set {
+                return Err(unsupported(&format!("{f}.{field}")));
+            }
+        }
+        if let Some(ns) = &sc.namespace_options {
+            check_namespaces(&format!("{f}.namespace_options"), ns)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `user` an engine is given from a container's security context (None: the image's).
+fn user_of(c: &cri::ContainerConfig) -> Result<Option<String>, Status> {
+    let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) else {
+        return Ok(None);
+    };
+    let id = |field: &str, v: i64| {
+        u32::try_from(v).map_err(|_| {
+            bad(
+                &format!("config.linux.security_context.{field}"),
+                format!("{v} is not a uid/gid"),
+            )
+        })
+    };
+    let user = match (&sc.run_as_user, sc.run_as_username.as_str()) {
+        (Some(u), _) => Some(id("run_as_user", u.value)?.to_string()),
+        (None, "") => None,
+        (None, name) => Some(name.to_string()),
+    };
+    let group = sc
+        .run_as_group
+        .as_ref()
+        .map(|g| id("run_as_group", g.value))
+        .transpose()?;
+    Ok(match (user, group) {
+        (None, None) => None,
+        (Some(u), None) => Some(u),
+        (Some(u), Some(g)) => Some(format!("{u}:{g}")),
+        (None, Some(_)) => {
+            return Err(bad(
+                "config.linux.security_context.run_as_group",
+                "needs run_as_user or run_as_username",
+            ));
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl cri::runtime_service_server::RuntimeService for RuntimeApi {
+    async fn version(
+        &self,
+        _req: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: "caas-agent".into(),
+            runtime_version: crate::VERSION.into(),
+            runtime_api_version: "v1".into(),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let config = r.config.ok_or_else(|| bad("config", "is required"))?;
+        check_pod_config(&config)?;
+        let isolation = isolation_of(&r.runtime_handler)?;
+        let tenant = tenant_of(&config)?;
+        self.cri.ensure_tenant(&tenant, isolation, &ctx).await?;
+        let m = config.metadata.unwrap_or_default();
+        let p = PodRecord {
+            id: format!("{:032x}", rand::random::<u128>()),
+            tenant,
+            name: m.name,
+            uid: m.uid,
+            namespace: m.namespace,
+            attempt: m.attempt,
+            ready: true,
+            created_at_ns: now_ns(),
+            log_directory: config.log_directory,
+            hostname: config.hostname,
+            labels: sorted(config.labels),
+            annotations: sorted(config.annotations),
+            runtime_handler: r.runtime_handler,
+        };
+        match self.cri.store.add_pod(p.clone()).await {
+            Ok(()) => {}
+            Err(e @ AddError::Exists(_)) => return Err(Status::already_exists(e.to_string())),
+            Err(AddError::Io(e)) => return Err(io_err(&e, &ctx)),
+        }
+        tracing::info!(pod = %p.id, tenant = %p.tenant, name = %p.name, namespace = %p.namespace, "pod sandbox running");
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: p.id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let id = req.into_inner().pod_sandbox_id;
+        // Stopping what is gone already succeeds.
+        let Some(p) = self.cri.store.pod(&id).await else {
+            return Ok(Response::new(cri::StopPodSandboxResponse {}));
+        };
+        self.cri
+            .store
+            .set_pod_ready(&p.id, false)
+            .await
+            .map_err(|e| io_err(&e, &ctx))?;
+        for c in self.cri.store.containers_of(&p.id).await {
+            let Some(now) = self.cri.inspect(&c, &ctx).await? else {
+                continue;
+            };
+            if now.state == pb::ContainerState::Running as i32 {
+                let (_, mut eng) = self
+                    .cri
+                    .state
+                    .sandboxes
+                    .engine_of(&c.tenant)
+                    .await
+                    .map_err(|e| status::sandbox(e, &ctx))?;
+                match eng
+                    .stop(epb::StopRequest {
+                        container: c.id.clone(),
+                        signal: libc::SIGKILL,
+                        grace_seconds: 1,
+                    })
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => {
+                        return Err(status::sandbox(
+                            crate::sandbox::SandboxError::Status(s),
+                            &ctx,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let id = req.into_inner().pod_sandbox_id;
+        let Some(p) = self.cri.store.pod(&id).await else {
+            return Ok(Response::new(cri::RemovePodSandboxResponse {}));
+        };
+        self.cri
+            .store
+            .set_pod_ready(&p.id, false)
+            .await
+            .map_err(|e| io_err(&e, &ctx))?;
+        for c in self.cri.store.containers_of(&p.id).await {
+            self.cri.remove_container(&c, &ctx).await?;
+        }
+        self.cri
+            .store
+            .remove_pod(&p.id)
+            .await
+            .map_err(|e| io_err(&e, &ctx))?;
+        tracing::info!(pod = %p.id, tenant = %p.tenant, "pod sandbox removed");
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let p = self.cri.pod_or_not_found(&r.pod_sandbox_id).await?;
+        let ip = self.cri.pod_ip(&p).await;
+        let mut info = HashMap::new();
+        if r.verbose {
+            info.insert(
+                "info".into(),
+                serde_json::json!({ "tenant": p.tenant, "hostname": p.hostname, "log_directory": p.log_directory })
+                    .to_string(),
+            );
+        }
+        let mut containers_statuses = Vec::new();
+        for c in self.cri.store.containers_of(&p.id).await {
+            let now = self.cri.inspect(&c, &ctx).await.ok().flatten();
+            containers_statuses.push(cri_container_status(&c, now.as_ref()));
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(self.cri.pod_status(&p, ip)),
+            info,
+            containers_statuses,
+            timestamp: now_ns(),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let mut items: Vec<cri::PodSandbox> = self
+            .cri
+            .store
+            .pods()
+            .await
+            .into_iter()
+            .filter(|p| f.id.is_empty() || p.id.starts_with(&f.id))
+            .filter(|p| {
+                f.state
+                    .as_ref()
+                    .is_none_or(|s| s.state == pod_state(p) as i32)
+            })
+            .filter(|p| labels_match(&p.labels, &f.label_selector))
+            .map(|p| cri::PodSandbox {
+                id: p.id.clone(),
+                metadata: Some(pod_metadata(&p)),
+                state: pod_state(&p) as i32,
+                created_at: p.created_at_ns,
+                labels: unsorted(&p.labels),
+                annotations: unsorted(&p.annotations),
+                runtime_handler: p.runtime_handler.clone(),
+            })
+            .collect();
+        items.sort_by_key(|p| p.created_at);
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let p = self.cri.pod_or_not_found(&r.pod_sandbox_id).await?;
+        if !p.ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is stopped; run a new pod sandbox",
+                p.id
+            )));
+        }
+        let config = r.config.ok_or_else(|| bad("config", "is required"))?;
+        check_container_config(&config)?;
+        let user = user_of(&config)?;
+        let meta = config.metadata.clone().unwrap_or_default();
+        if let Some(o) = self
+            .cri
+            .store
+            .containers_of(&p.id)
+            .await
+            .iter()
+            .find(|c| c.name == meta.name && c.attempt == meta.attempt)
+        {
+            return Err(Status::already_exists(format!(
+                "pod sandbox {} has a container {:?} attempt {} already: {}",
+                p.id, meta.name, meta.attempt, o.id
+            )));
+        }
+        let image = config.image.clone().unwrap_or_default().image;
+        let rootfs = self.cri.image_for(&p.tenant, &image, &ctx).await?;
+        let mut id;
+        loop {
+            id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+            if !self.cri.store.has_container(&id).await {
+                break;
+            }
+        }
+        let env: Vec<String> = config
+            .envs
+            .iter()
+            .map(|kv| format!("{}={}", kv.key, kv.value))
+            .collect();
+        for (i, kv) in config.envs.iter().enumerate() {
+            if kv.key.is_empty()
+                || kv.key.contains('=')
+                || kv.key.contains('\0')
+                || kv.value.contains('\0')
+            {
+                return Err(bad(
+                    &format!("config.envs[{i}]"),
+                    format!("{:?} is not a variable name", kv.key),
+                ));
+            }
+        }
+        // Kubernetes: command replaces the image's Entrypoint, args its Cmd.
+        let run = rootfs.config.config.clone().unwrap_or_default();
+        let command: Vec<String> = match (config.command.is_empty(), config.args.is_empty()) {
+            (false, _) => config.command.iter().chain(&config.args).cloned().collect(),
+            (true, false) => run
+                .entrypoint
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .chain(config.args.iter().cloned())
+                .collect(),
+            (true, true) => Vec::new(),
+        };
+        if !config.working_dir.is_empty() && !config.working_dir.starts_with('/') {
+            return Err(bad(
+                "config.working_dir",
+                "must be an absolute path inside the container",
+            ));
+        }
+        let mut create = epb::CreateRequest {
+            id: id.clone(),
+            name: format!("k8s-{id}"),
+            image: image.clone(),
+            rootfs: String::new(),
+            command,
+            env,
+            workdir: config.working_dir.clone(),
+            resources: Some(resources_of(&config)?),
+            labels: BTreeMap::from([("caas.io/pod".into(), p.id.clone())]),
+            max_containers: 0,
+            lower_dirs: Vec::new(),
+            user: String::new(),
+        };
+        let image_id = rootfs.image.config_digest.to_string();
+        convert::apply_image(&mut create, rootfs)?;
+        if let Some(u) = user {
+            create.user = u;
+        }
+        let log_path = match (p.log_directory.is_empty(), config.log_path.is_empty()) {
+            (false, false) => {
+                let rel = std::path::Path::new(&config.log_path);
+                if rel.is_absolute()
+                    || rel
+                        .components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    return Err(bad(
+                        "config.log_path",
+                        "must be a relative path inside the pod's log_directory, without `..`",
+                    ));
+                }
+                std::path::Path::new(&p.log_directory)
+                    .join(rel)
+                    .display()
+                    .to_string()
+            }
+            _ => String::new(),
+        };
+        let record = ContainerRecord {
+            id: id.clone(),
+            pod: p.id.clone(),
+            tenant: p.tenant.clone(),
+            name: meta.name,
+            attempt: meta.attempt,
+            image,
+            image_id,
+            labels: sorted(config.labels),
+            annotations: sorted(config.annotations),
+            log_path,
+            created_at_ns: now_ns(),
+        };
+        // The record first: a container the engine made is never one the CRI does not know.
+        self.cri
+            .store
+            .add_container(record)
+            .await
+            .map_err(|e| io_err(&e, &ctx))?;
+        let state = self.cri.state.clone();
+        let tenant = p.tenant.clone();
+        let made =
+            tokio::spawn(
+                async move { state.sandboxes.create_container(&tenant, create, &[]).await },
+            )
+            .await
+            .map_err(|e| Status::internal(format!("creating the container: {e}")))?;
+        if let Err(e) = made {
+            let _ = self.cri.store.remove_container(&id).await;
+            return Err(status::sandbox(e, &ctx));
+        }
+        tracing::info!(pod = %p.id, container = %id, tenant = %p.tenant, "container created");
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let c = self
+            .cri
+            .container_or_not_found(&req.into_inner().container_id)
+            .await?;
+        let (_, mut eng) = self
+            .cri
+            .state
+            .sandboxes
+            .engine_of(&c.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        eng.start(epb::ContainerId {
+            container: c.id.clone(),
+        })
+        .await
+        .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))?;
+        self.cri.logs.start(self.cri.clone(), &c, false).await;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let c = self.cri.container_or_not_found(&r.container_id).await?;
+        let Some(now) = self.cri.inspect(&c, &ctx).await? else {
+            return Ok(Response::new(cri::StopContainerResponse {}));
+        };
+        if now.state != pb::ContainerState::Running as i32 {
+            return Ok(Response::new(cri::StopContainerResponse {}));
+        }
+        let (_, mut eng) = self
+            .cri
+            .state
+            .sandboxes
+            .engine_of(&c.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        let grace = u32::try_from(r.timeout.max(0)).unwrap_or(u32::MAX);
+        let stopped = if grace == 0 {
+            eng.kill(epb::KillRequest {
+                container: c.id.clone(),
+                signal: libc::SIGKILL,
+            })
+            .await
+            .map(|_| ())
+        } else {
+            eng.stop(epb::StopRequest {
+                container: c.id.clone(),
+                signal: libc::SIGTERM,
+                grace_seconds: grace,
+            })
+            .await
+            .map(|_| ())
+        };
+        match stopped {
+            Ok(()) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => {
+                return Err(status::sandbox(
+                    crate::sandbox::SandboxError::Status(s),
+                    &ctx,
+                ));
+            }
+        }
+        if grace == 0 {
+            // A kill does not wait: the container is stopped when this returns.
+            let _ = eng
+                .wait(epb::ContainerId {
+                    container: c.id.clone(),
+                })
+                .await;
+        }
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let id = req.into_inner().container_id;
+        if let Some(c) = self.cri.store.container(&id).await {
+            self.cri.remove_container(&c, &ctx).await?;
+        }
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let records: Vec<ContainerRecord> = self
+            .cri
+            .store
+            .containers()
+            .await
+            .into_iter()
+            .filter(|c| f.id.is_empty() || c.id.starts_with(&f.id))
+            .filter(|c| f.pod_sandbox_id.is_empty() || c.pod.starts_with(&f.pod_sandbox_id))
+            .filter(|c| labels_match(&c.labels, &f.label_selector))
+            .collect();
+        let mut engines: HashMap<String, Option<HashMap<String, pb::Container>>> = HashMap::new();
+        for c in &records {
+            if !engines.contains_key(&c.tenant) {
+                let list = self
+                    .cri
+                    .state
+                    .sandboxes
+                    .list_containers(Some(&c.tenant))
+                    .await
+                    .ok()
+                    .map(|l| l.into_iter().map(|x| (x.id.clone(), x)).collect());
+                engines.insert(c.tenant.clone(), list);
+            }
+        }
+        let mut containers: Vec<cri::Container> = records
+            .iter()
+            .map(|r| {
+                let now = engines
+                    .get(&r.tenant)
+                    .and_then(|l| l.as_ref())
+                    .and_then(|l| l.get(&r.id));
+                cri_container(r, now)
+            })
+            .filter(|c| f.state.as_ref().is_none_or(|s| s.state == c.state))
+            .collect();
+        containers.sort_by_key(|c| c.created_at);
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let c = self.cri.container_or_not_found(&r.container_id).await?;
+        let now = self.cri.inspect(&c, &ctx).await?;
+        let mut info = HashMap::new();
+        if r.verbose {
+            info.insert(
+                "info".into(),
+                serde_json::json!({ "tenant": c.tenant, "pod": c.pod, "pid": now.as_ref().map(|n| n.pid) })
+                    .to_string(),
+            );
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(cri_container_status(&c, now.as_ref())),
+            info,
+        }))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(status::unimplemented("UpdateContainerResources"))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let c = self
+            .cri
+            .container_or_not_found(&req.into_inner().container_id)
+            .await?;
+        if !self.cri.logs.reopen(&c.id).await {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running: its log is not being written",
+                c.id
+            )));
+        }
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(
+        &self,
+        req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let c = self.cri.container_or_not_found(&r.container_id).await?;
+        if r.cmd.first().is_none_or(String::is_empty) {
+            return Err(bad("cmd", "must not be empty"));
+        }
+        let (_, mut eng) = self
+            .cri
+            .state
+            .sandboxes
+            .engine_of(&c.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        let run = async {
+            let mut s = eng
+                .exec(epb::ExecRequest {
+                    container: c.id.clone(),
+                    command: r.cmd.clone(),
+                    env: Vec::new(),
+                    workdir: String::new(),
+                })
+                .await?
+                .into_inner();
+            let mut out = cri::ExecSyncResponse::default();
+            while let Some(m) = s.next().await {
+                match m?.output {
+                    Some(pb::exec_output::Output::Stdout(d)) => append_capped(&mut out.stdout, &d),
+                    Some(pb::exec_output::Output::Stderr(d)) => append_capped(&mut out.stderr, &d),
+                    Some(pb::exec_output::Output::ExitCode(code)) => out.exit_code = code,
+                    None => {}
+                }
+            }
+            Ok::<_, Status>(out)
+        };
+        let out = if r.timeout > 0 {
+            tokio::time::timeout(Duration::from_secs(r.timeout.unsigned_abs()), run)
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "the command did not finish within {} s",
+                        r.timeout
+                    ))
+                })?
+        } else {
+            run.await
+        };
+        out.map(Response::new)
+            .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))
+    }
+
+    async fn exec(
+        &self,
+        _req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(status::unimplemented("the CRI streaming server (Exec)"))
+    }
+
+    async fn attach(
+        &self,
+        _req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(status::unimplemented("the CRI streaming server (Attach)"))
+    }
+
+    async fn port_forward(
+        &self,
+        _req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(status::unimplemented(
+            "the CRI streaming server (PortForward)",
+        ))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let c = self
+            .cri
+            .container_or_not_found(&req.into_inner().container_id)
+            .await?;
+        let readings = stats::Readings::now(&self.cri);
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats::container(&c, &readings)),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let readings = stats::Readings::now(&self.cri);
+        let mut records: Vec<ContainerRecord> = self
+            .cri
+            .store
+            .containers()
+            .await
+            .into_iter()
+            .filter(|c| f.id.is_empty() || c.id.starts_with(&f.id))
+            .filter(|c| f.pod_sandbox_id.is_empty() || c.pod.starts_with(&f.pod_sandbox_id))
+            .filter(|c| labels_match(&c.labels, &f.label_selector))
+            .collect();
+        records.sort_by_key(|c| c.created_at_ns);
+        Ok(Response::new(cri::ListContainerStatsResponse {
+            stats: records
+                .iter()
+                .map(|c| stats::container(c, &readings))
+                .collect(),
+        }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let p = self
+            .cri
+            .pod_or_not_found(&req.into_inner().pod_sandbox_id)
+            .await?;
+        let readings = stats::Readings::now(&self.cri);
+        let containers = self.cri.store.containers_of(&p.id).await;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats::pod(&p, &containers, &readings)),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let readings = stats::Readings::now(&self.cri);
+        let mut pods: Vec<PodRecord> = self
+            .cri
+            .store
+            .pods()
+            .await
+            .into_iter()
+            .filter(|p| f.id.is_empty() || p.id.starts_with(&f.id))
+            .filter(|p| labels_match(&p.labels, &f.label_selector))
+            .collect();
+        pods.sort_by_key(|p| p.created_at_ns);
+        let mut out = Vec::new();
+        for p in &pods {
+            let containers = self.cri.store.containers_of(&p.id).await;
+            out.push(stats::pod(p, &containers, &readings));
+        }
+        Ok(Response::new(cri::ListPodSandboxStatsResponse {
+            stats: out,
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        // kubelet sends the pod CIDR; tenant networks come from the agent's own pool.
+        if let Some(cidr) = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .filter(|c| !c.is_empty())
+        {
+            tracing::info!(pod_cidr = %cidr, "kubelet's pod CIDR noted; tenant networks use [network] subnet_pool");
+        }
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let verbose = req.into_inner().verbose;
+        let network = self.cri.state.config.network.enabled;
+        let conditions = vec![
+            cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: network,
+                reason: if network { "" } else { "NetworkDisabled" }.into(),
+                message: if network {
+                    String::new()
+                } else {
+                    "tenant networks are off ([network] enabled = false)".into()
+                },
+            },
+        ];
+        let handler = |name: &str| cri::RuntimeHandler {
+            name: name.into(),
+            features: Some(cri::RuntimeHandlerFeatures {
+                recursive_read_only_mounts: false,
+                user_namespaces: false,
+            }),
+        };
+        let mut info = HashMap::new();
+        if verbose {
+            let (accel, warning) = self.cri.state.sandboxes.vm_accelerator();
+            info.insert(
+                "config".into(),
+                serde_json::json!({ "vm_accelerator": accel, "vm_warning": warning, "require_known_tenants": self.cri.state.config.cri.require_known_tenants })
+                    .to_string(),
+            );
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers: vec![handler(""), handler(HANDLER_USERNS), handler(HANDLER_VM)],
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _req: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(status::unimplemented("CheckpointContainer"))
+    }
+
+    type GetContainerEventsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>,
+    >;
+
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(status::unimplemented("GetContainerEvents"))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: Vec::new(),
+        }))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(status::unimplemented("ListPodSandboxMetrics"))
+    }
+
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+}
+
+/// A container's limits from its CRI resources (unset: the tenant's).
+fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
+    let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref()) else {
+        return Ok(pb::Resources::default());
+    };
+    let mut out = pb::Resources::default();
+    if r.cpu_quota > 0 && r.cpu_period > 0 {
+        #[allow(clippy::cast_precision_loss)]
+        let cpus = r.cpu_quota as f64 / r.cpu_period as f64;
+        out.cpus = Some(
+            validate::check_cpus(
+                "config.linux.resources.cpu_quota",
+                cpus.max(crate::config::MIN_TENANT_CPUS),
+                crate::config::MIN_TENANT_CPUS,
+                crate::config::MAX_TENANT_CPUS,
+            )
+            .map_err(status::invalid)?,
+        );
+    }
+    if r.memory_limit_in_bytes > 0 {
+        let m = r.memory_limit_in_bytes.unsigned_abs();
+        validate::check_range(
+            "config.linux.resources.memory_limit_in_bytes",
+            m,
+            4 << 20,
+            crate::config::MAX_TENANT_MEMORY,
+        )
+        .map_err(status::invalid)?;
+        out.memory_bytes = Some(m);
+    }
+    Ok(out)
+}
+
+fn append_capped(buf: &mut Vec<u8>, d: &[u8]) {
+    let room = MAX_EXEC_OUTPUT.saturating_sub(buf.len());
+    buf.extend_from_slice(&d[..d.len().min(room)]);
+}

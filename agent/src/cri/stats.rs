@@ -1,0 +1,142 @@
+//! `ContainerStats`, `ListContainerStats`, `PodSandboxStats` and `ListPodSandboxStats` from the
+//! agent's per-second meter: the same readings that are billed, never a second sampler.
+//!
+//! A container's figures are its cgroup's last reading (at most a second old); a pod's are the
+//! sums over its containers. CPU is the cumulative `usage_core_nano_seconds`; kubelet derives
+//! the rate from two readings, so `usage_nano_cores` is left unset.
+
+use std::collections::HashMap;
+
+use caas_proto::cri::v1 as cri;
+
+use super::{
+    Cri, now_ns,
+    store::{ContainerRecord, PodRecord},
+};
+use crate::meter::{Counters, MeterKey};
+
+/// The meter's last readings, by (tenant, container).
+pub struct Readings(HashMap<(String, String), Counters>);
+
+impl Readings {
+    /// The readings now.
+    pub fn now(cri: &Cri) -> Self {
+        Self(
+            cri.state
+                .metering
+                .latest()
+                .into_iter()
+                .filter_map(|(MeterKey { tenant, container }, c)| {
+                    container.map(|id| ((tenant, id), c))
+                })
+                .collect(),
+        )
+    }
+
+    fn of(&self, c: &ContainerRecord) -> Option<&Counters> {
+        self.0.get(&(c.tenant.clone(), c.id.clone()))
+    }
+}
+
+fn u64v(v: u64) -> Option<cri::UInt64Value> {
+    Some(cri::UInt64Value { value: v })
+}
+
+fn cpu(ts: i64, c: Option<&Counters>) -> Option<cri::CpuUsage> {
+    c.map(|c| cri::CpuUsage {
+        timestamp: ts,
+        usage_core_nano_seconds: u64v(c.cpu_ns),
+        usage_nano_cores: None,
+    })
+}
+
+fn memory(ts: i64, c: Option<&Counters>) -> Option<cri::MemoryUsage> {
+    c.map(|c| cri::MemoryUsage {
+        timestamp: ts,
+        working_set_bytes: u64v(c.memory_working_set),
+        available_bytes: None,
+        usage_bytes: None,
+        rss_bytes: None,
+        page_faults: None,
+        major_page_faults: None,
+    })
+}
+
+/// One container's stats.
+pub fn container(r: &ContainerRecord, readings: &Readings) -> cri::ContainerStats {
+    let ts = now_ns();
+    let c = readings.of(r);
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: r.id.clone(),
+            metadata: Some(cri::ContainerMetadata {
+                name: r.name.clone(),
+                attempt: r.attempt,
+            }),
+            labels: r
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            annotations: r
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }),
+        cpu: cpu(ts, c),
+        memory: memory(ts, c),
+        writable_layer: None,
+        swap: None,
+    }
+}
+
+/// A pod's stats: the sums over its containers that the meter reads, and each container's.
+pub fn pod(
+    p: &PodRecord,
+    containers: &[ContainerRecord],
+    readings: &Readings,
+) -> cri::PodSandboxStats {
+    let ts = now_ns();
+    let mut sum = Counters::default();
+    let mut any = false;
+    for c in containers.iter().filter_map(|c| readings.of(c)) {
+        any = true;
+        sum.cpu_ns += c.cpu_ns;
+        sum.memory_working_set += c.memory_working_set;
+        sum.pids += c.pids;
+    }
+    let sum = any.then_some(&sum);
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: p.id.clone(),
+            metadata: Some(cri::PodSandboxMetadata {
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                namespace: p.namespace.clone(),
+                attempt: p.attempt,
+            }),
+            labels: p
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            annotations: p
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: cpu(ts, sum),
+            memory: memory(ts, sum),
+            network: None,
+            process: sum.map(|s| cri::ProcessUsage {
+                timestamp: ts,
+                process_count: u64v(s.pids),
+            }),
+            containers: containers.iter().map(|c| container(c, readings)).collect(),
+        }),
+        windows: None,
+    }
+}

@@ -1,0 +1,254 @@
+//! What the CRI keeps beside the caas model: pod sandboxes, and per container the CRI metadata.
+//!
+//! One JSON file per object under `<state_dir>/cri/{pods,containers}/<id>.json`, replaced
+//! atomically, all loaded at start-up. The container's process state is never kept here: it is
+//! the engine's, asked on every call.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+/// A pod sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PodRecord {
+    /// 32 hex digits.
+    pub id: String,
+    /// The tenant it lives in.
+    pub tenant: String,
+    /// `metadata`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.attempt`.
+    pub attempt: u32,
+    /// Whether it is ready (false once stopped).
+    pub ready: bool,
+    /// Creation time, ns since the epoch.
+    pub created_at_ns: i64,
+    /// Where kubelet wants its containers' logs.
+    pub log_directory: String,
+    /// The pod's hostname.
+    pub hostname: String,
+    /// Labels as given.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations as given.
+    pub annotations: BTreeMap<String, String>,
+    /// The runtime handler it was run with.
+    pub runtime_handler: String,
+}
+
+/// The CRI side of one container of a pod.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerRecord {
+    /// The caas container id (also the CRI id).
+    pub id: String,
+    /// Its pod.
+    pub pod: String,
+    /// Its tenant (the pod's).
+    pub tenant: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.attempt`.
+    pub attempt: u32,
+    /// The image as kubelet named it.
+    pub image: String,
+    /// The image id (config digest).
+    pub image_id: String,
+    /// Labels as given.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations as given.
+    pub annotations: BTreeMap<String, String>,
+    /// Absolute path of the CRI log file, or empty.
+    pub log_path: String,
+    /// Creation time, ns since the epoch.
+    pub created_at_ns: i64,
+}
+
+/// Every pod and CRI container record.
+#[derive(Debug)]
+pub struct CriStore {
+    root: PathBuf,
+    pods: Mutex<HashMap<String, PodRecord>>,
+    containers: Mutex<HashMap<String, ContainerRecord>>,
+}
+
+fn load<T: for<'de> Deserialize<'de>>(dir: &Path) -> io::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            // A temp file of a write a crash interrupted.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let data = crate::fsutil::read_capped(&path, 1 << 20)?;
+        match serde_json::from_slice(&data) {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "unreadable CRI record skipped; remove it")
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl CriStore {
+    /// Opens (and creates) the store under `root`.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        for d in ["pods", "containers"] {
+            crate::fsutil::ensure_dir(&root.join(d), 0o700)?;
+        }
+        let pods: Vec<PodRecord> = load(&root.join("pods"))?;
+        let containers: Vec<ContainerRecord> = load(&root.join("containers"))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            pods: Mutex::new(pods.into_iter().map(|p| (p.id.clone(), p)).collect()),
+            containers: Mutex::new(containers.into_iter().map(|c| (c.id.clone(), c)).collect()),
+        })
+    }
+
+    fn path(&self, kind: &str, id: &str) -> PathBuf {
+        self.root.join(kind).join(format!("{id}.json"))
+    }
+
+    fn write<T: Serialize>(&self, kind: &str, id: &str, v: &T) -> io::Result<()> {
+        let data = serde_json::to_vec(v).map_err(io::Error::other)?;
+        crate::fsutil::write_atomic(&self.path(kind, id), &data, 0o600)
+    }
+
+    fn unlink(&self, kind: &str, id: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path(kind, id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds a pod unless one with the same name, namespace, uid and attempt exists (then its
+    /// id is the error).
+    pub async fn add_pod(&self, p: PodRecord) -> Result<(), AddError> {
+        let mut pods = self.pods.lock().await;
+        if let Some(o) = pods.values().find(|o| {
+            o.name == p.name
+                && o.namespace == p.namespace
+                && o.uid == p.uid
+                && o.attempt == p.attempt
+        }) {
+            return Err(AddError::Exists(o.id.clone()));
+        }
+        self.write("pods", &p.id, &p).map_err(AddError::Io)?;
+        pods.insert(p.id.clone(), p);
+        Ok(())
+    }
+
+    /// The pod `id`, or the one pod whose id starts with it.
+    pub async fn pod(&self, id: &str) -> Option<PodRecord> {
+        let pods = self.pods.lock().await;
+        if let Some(p) = pods.get(id) {
+            return Some(p.clone());
+        }
+        let mut m = pods
+            .values()
+            .filter(|p| !id.is_empty() && p.id.starts_with(id));
+        match (m.next(), m.next()) {
+            (Some(p), None) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every pod.
+    pub async fn pods(&self) -> Vec<PodRecord> {
+        self.pods.lock().await.values().cloned().collect()
+    }
+
+    /// Marks a pod not ready.
+    pub async fn set_pod_ready(&self, id: &str, ready: bool) -> io::Result<()> {
+        let mut pods = self.pods.lock().await;
+        if let Some(p) = pods.get_mut(id)
+            && p.ready != ready
+        {
+            let mut q = p.clone();
+            q.ready = ready;
+            self.write("pods", id, &q)?;
+            *p = q;
+        }
+        Ok(())
+    }
+
+    /// Forgets a pod.
+    pub async fn remove_pod(&self, id: &str) -> io::Result<()> {
+        let mut pods = self.pods.lock().await;
+        self.unlink("pods", id)?;
+        pods.remove(id);
+        Ok(())
+    }
+
+    /// Whether a container id is taken by a CRI container.
+    pub async fn has_container(&self, id: &str) -> bool {
+        self.containers.lock().await.contains_key(id)
+    }
+
+    /// Adds a container record.
+    pub async fn add_container(&self, c: ContainerRecord) -> io::Result<()> {
+        let mut cs = self.containers.lock().await;
+        self.write("containers", &c.id, &c)?;
+        cs.insert(c.id.clone(), c);
+        Ok(())
+    }
+
+    /// The container `id`, or the one whose id starts with it.
+    pub async fn container(&self, id: &str) -> Option<ContainerRecord> {
+        let cs = self.containers.lock().await;
+        if let Some(c) = cs.get(id) {
+            return Some(c.clone());
+        }
+        let mut m = cs
+            .values()
+            .filter(|c| !id.is_empty() && c.id.starts_with(id));
+        match (m.next(), m.next()) {
+            (Some(c), None) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every container record.
+    pub async fn containers(&self) -> Vec<ContainerRecord> {
+        self.containers.lock().await.values().cloned().collect()
+    }
+
+    /// The containers of a pod.
+    pub async fn containers_of(&self, pod: &str) -> Vec<ContainerRecord> {
+        self.containers
+            .lock()
+            .await
+            .values()
+            .filter(|c| c.pod == pod)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets a container.
+    pub async fn remove_container(&self, id: &str) -> io::Result<()> {
+        let mut cs = self.containers.lock().await;
+        self.unlink("containers", id)?;
+        cs.remove(id);
+        Ok(())
+    }
+}
+
+/// Why a pod could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// The same pod (name, namespace, uid, attempt) exists.
+    #[error("pod sandbox {0} has the same name, namespace, uid and attempt")]
+    Exists(String),
+    /// Its record could not be written.
+    #[error("writing the pod record: {0}")]
+    Io(io::Error),
+}
