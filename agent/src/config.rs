@@ -695,6 +695,10 @@ level = "debug"
                 dns: c.network.dns.clone(),
                 ..Default::default()
             },
+            images: crate::images::ImagesConfig {
+                mirrors: c.images.mirrors.clone(),
+                ..Default::default()
+            },
             cri: crate::cri::CriConfig {
                 socket: c.cri.socket.clone(),
                 default_quotas: c.cri.default_quotas,

@@ -167,6 +167,16 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
         network.clone(),
     )?;
     sandboxes.resolve_vm_accelerator().await;
+    let cri_store = if config.cri.enabled {
+        let store = crate::cri::Cri::open_store(&config).map_err(|source| ServeError::Dir {
+            path: config.state_dir.join("cri"),
+            source,
+        })?;
+        sandboxes.keep_port_owners(store.port_owners());
+        Some(store)
+    } else {
+        None
+    };
     sandboxes.recover().await;
     match network {
         Some(n) => {
@@ -229,15 +239,10 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     }
 
     let mut cri_socket = None;
-    if cfg.cri.enabled {
+    if let Some(store) = cri_store {
         let path = cfg.cri_socket();
         let listener = bind_unix(&path).await?;
-        let cri = crate::cri::Cri::open(state.clone())
-            .await
-            .map_err(|source| ServeError::Dir {
-                path: cfg.state_dir.join("cri"),
-                source,
-            })?;
+        let cri = crate::cri::Cri::open(state.clone(), store).await;
         // kubelet runs as root; the CRI has no roles of its own.
         let auth = auth::authenticator(auth::Transport::Unix {
             allowed_uids: Vec::new(),

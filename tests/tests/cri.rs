@@ -1,11 +1,14 @@
 //! The Kubernetes CRI (`runtime.v1`) end to end: an agent with `[cri] enabled`, driven over its
 //! CRI socket by the generated CRI client the way a kubelet drives a runtime. Pods become
 //! tenants, images come from a real registry on 127.0.0.1 (tests/src/registry.rs), containers
-//! follow Kubernetes command/args semantics, write the CRI log format, run as the user asked,
-//! and pods of two namespaces are two tenants that cannot see each other.
+//! follow Kubernetes command/args semantics, get the pod's host name and DNS config and the
+//! capabilities asked for, write the CRI log format (kept whole across an agent restart and a
+//! log rotation), run as the user asked, and pods of two namespaces are two tenants that cannot
+//! see each other.
 //!
 //! The refusals of fields that are not supported yet are all in one test,
-//! [`unsupported_container_fields_are_refused_by_name`], so they are easy to update.
+//! [`unsupported_container_fields_are_refused_by_name`], so they are easy to update (those of
+//! capabilities beyond the default set are with the capability test).
 
 #![allow(clippy::unwrap_used)] // integration-test helpers panic on purpose: that is a failing test
 
@@ -142,6 +145,31 @@ impl Kubelet {
         let r = k.pull(&bb.reference, None).await.unwrap();
         assert_eq!(r, bb.id, "PullImage answers the image id");
         (k, images, bb)
+    }
+
+    /// Shuts the agent down, waits `down`, and starts it again on the same state with
+    /// `cri.enabled`, then `tweak` (the same tweak it was started with); the tenants and their
+    /// engines live on, so do the containers. Every client is reconnected (the CRI socket is
+    /// `<run_dir>/cri.sock` again).
+    async fn restart(&mut self, down: Duration, tweak: impl FnOnce(&mut Config)) {
+        self.agent.agent.take().unwrap().shutdown().await.unwrap();
+        tokio::time::sleep(down).await;
+        let mut cfg = caas_tests::test_config(self.agent.dir.path());
+        cfg.tenants.cgroup_slice = self.agent.slice.clone();
+        cfg.api.tcp_listen = Some("127.0.0.1:0".parse().unwrap());
+        cfg.api.tls = Some(self.agent.pki.tls_config());
+        cfg.cri.enabled = true;
+        tweak(&mut cfg);
+        cfg.validate().unwrap();
+        let a = caas_agent::serve::start(cfg).await.unwrap();
+        self.agent.addr = a.tcp_addr.unwrap();
+        self.agent.socket = a.unix_socket.clone();
+        self.agent.agent = Some(a);
+        let socket = self.agent.dir.path().join("run/cri.sock");
+        self.cri = CriClient::connect(&socket).await.unwrap();
+        let ch = self.agent.unix().await;
+        self.tenants = TenantServiceClient::new(ch.clone());
+        self.caas_images = CaasImageClient::new(ch);
     }
 
     #[track_caller]
@@ -465,6 +493,41 @@ impl Kubelet {
             .await
             .unwrap_or_else(|e| panic!("ExecSync {id} {cmd:?}: {e:?}"))
             .into_inner()
+    }
+
+    /// ExecSync with the given timeout in seconds, its answer as it is.
+    async fn exec_within(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        self.cri
+            .rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: strings(cmd),
+                timeout: timeout_s,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Starts the container and waits until it runs.
+    async fn running(&mut self, id: &str) -> cri::ContainerStatus {
+        self.start_container(id).await;
+        self.wait_state(id, cri::ContainerState::ContainerRunning)
+            .await
+    }
+
+    async fn reopen_log(&mut self, id: &str) -> Result<(), Status> {
+        self.cri
+            .rt
+            .reopen_container_log(cri::ReopenContainerLogRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map(|_| ())
     }
 
     // --- images -------------------------------------------------------------------------------
@@ -910,6 +973,8 @@ async fn unknown_tenants_are_refused_when_known_ones_are_required() {
     assert!(!k.tenant_exists("ns-known").await, "no tenant was made");
     assert_eq!(k.pod_ids(None).await, ids(&[]), "no pod was made");
 
+    // A tenant of the caas API is not open to pods by itself: another customer's tenant must not
+    // be joined by whoever names it in a namespace or an annotation.
     k.tenants
         .create_tenant(pb::CreateTenantRequest {
             id: "ns-known".into(),
@@ -918,6 +983,37 @@ async fn unknown_tenants_are_refused_when_known_ones_are_required() {
         })
         .await
         .unwrap();
+    let refused = expect_code(
+        k.run_pod(&pod, "").await,
+        Code::FailedPrecondition,
+        "a pod of a tenant that is not open to pods",
+    );
+    assert!(
+        refused.message().contains("caas.io/cri=true"),
+        "the refusal names the label that opens a tenant: {refused:?}"
+    );
+    let mut annotated = k.pod("ns-other", "p");
+    annotated
+        .annotations
+        .insert(TENANT_ANNOTATION.into(), "ns-known".into());
+    expect_code(
+        k.run_pod(&annotated, "").await,
+        Code::FailedPrecondition,
+        "an annotation naming a tenant that is not open to pods",
+    );
+    assert_eq!(k.pod_ids(None).await, ids(&[]), "no pod was made");
+
+    // Labelled caas.io/cri=true, it takes pods.
+    k.tenants
+        .create_tenant(pb::CreateTenantRequest {
+            id: "ns-open".into(),
+            isolation: pb::Isolation::Userns as i32,
+            labels: [("caas.io/cri".to_string(), "true".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pod = k.pod("ns-open", "p");
     let id = k.ready_pod(&pod).await;
     assert_eq!(
         k.pod_status(&id).await.unwrap().state,
@@ -1535,7 +1631,7 @@ async fn pods_of_two_namespaces_are_two_tenants_that_cannot_see_each_other() {
 }
 
 /// Fields the runtime does not support yet are refused with UNIMPLEMENTED naming the field, and
-/// make no container. (Update this test as they become supported.)
+/// make no container (or, for pod fields, no pod). (Update this test as they become supported.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_container_fields_are_refused_by_name() {
     registry_or_skip!("unsupported_container_fields_are_refused_by_name");
@@ -1611,6 +1707,35 @@ async fn unsupported_container_fields_are_refused_by_name() {
                 ..base.clone()
             },
         ),
+        (
+            // A process namespace shared in the pod (shareProcessNamespace).
+            "namespace_options.pid",
+            cri::ContainerConfig {
+                linux: security(&|sc| {
+                    sc.namespace_options = Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Pod as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    })
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "seccomp",
+            cri::ContainerConfig {
+                linux: security(&|sc| sc.seccomp = Some(localhost_profile())),
+                ..base.clone()
+            },
+        ),
+        (
+            "apparmor",
+            cri::ContainerConfig {
+                linux: security(&|sc| sc.apparmor = Some(localhost_profile())),
+                ..base.clone()
+            },
+        ),
     ];
     for (field, config) in cases {
         let e = expect_code(
@@ -1624,5 +1749,805 @@ async fn unsupported_container_fields_are_refused_by_name() {
         );
     }
     assert_eq!(k.container_ids(None).await, ids(&[]), "nothing was made");
+
+    // Pod fields: sysctls, and a seccomp profile of the node's own.
+    let mut sysctls = k.pod("ns-unsup", "sysctls");
+    sysctls.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: map(&[("net.core.somaxconn", "1024")]),
+        ..Default::default()
+    });
+    let mut seccomp = k.pod("ns-unsup", "seccomp");
+    seccomp.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            seccomp: Some(localhost_profile()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for (field, config) in [
+        ("config.linux.sysctls", sysctls),
+        ("config.linux.security_context.seccomp", seccomp),
+    ] {
+        let e = expect_code(k.run_pod(&config, "").await, Code::Unimplemented, field);
+        assert!(
+            e.message().contains(field),
+            "the refusal names {field}: {e:?}"
+        );
+    }
+    assert_eq!(k.pod_ids(None).await, ids(&[&pod_id]), "no pod was made");
+
+    // What the kubelet sends by default is accepted: the pod's network and IPC, the container's
+    // own process namespace, the runtime's default seccomp profile.
+    let mut kubelets = base.clone();
+    kubelets.linux = security(&|sc| {
+        sc.namespace_options = Some(cri::NamespaceOption {
+            network: cri::NamespaceMode::Pod as i32,
+            pid: cri::NamespaceMode::Container as i32,
+            ipc: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        });
+        sc.seccomp = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        });
+    });
+    let (_, st) = k.run(&pod_id, &pod, &kubelets).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    k.agent.stop().await.unwrap();
+}
+
+/// A seccomp or AppArmor profile of type Localhost (a file of the node's).
+fn localhost_profile() -> cri::SecurityProfile {
+    cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::Localhost as i32,
+        localhost_ref: "/var/lib/kubelet/seccomp/profiles/audit.json".into(),
+    }
+}
+
+/// A container over its memory limit is OOM-killed and its status says `OOMKilled`; the stats
+/// RPCs give the meter's readings of a running container and of its pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
+    registry_or_skip!("oom_kills_are_reported_and_stats_come_from_the_meter");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-oom", "hungry");
+    let pod_id = k.ready_pod(&pod).await;
+
+    // 64 MiB limit; the shell doubles a string until the kernel kills it.
+    let mut c = k.container(
+        &pod,
+        "hog",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done",
+        ],
+        &[],
+    );
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.reason, "OOMKilled", "{st:?}");
+    assert_ne!(st.exit_code, 0, "{st:?}");
+
+    // A running container: the meter reads it each second.
+    let c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.start_container(&id).await;
+    k.wait_state(&id, cri::ContainerState::ContainerRunning)
+        .await;
+    let deadline = Instant::now() + STATE_DEADLINE;
+    let stats = loop {
+        let s = k
+            .cri
+            .rt
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap();
+        if s.memory
+            .as_ref()
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .is_some()
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no meter reading of {id}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stats.attributes.as_ref().unwrap().id, id);
+    let ws = stats.memory.unwrap().working_set_bytes.unwrap().value;
+    assert!(
+        ws > 0 && ws < 64 << 20,
+        "a sleeping busybox's working set: {ws}"
+    );
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.is_some());
+    let listed = k
+        .cri
+        .rt
+        .list_container_stats(cri::ListContainerStatsRequest {
+            filter: Some(cri::ContainerStatsFilter {
+                pod_sandbox_id: pod_id.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    assert_eq!(listed.len(), 2, "both containers of the pod: {listed:?}");
+    let pod_stats = k
+        .cri
+        .rt
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let linux = pod_stats.linux.unwrap();
+    assert_eq!(linux.containers.len(), 2);
+    assert!(
+        linux.memory.unwrap().working_set_bytes.unwrap().value >= ws,
+        "a pod's memory is the sum of its containers'"
+    );
+    let unknown = k
+        .cri
+        .rt
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: "no-such-container".into(),
+        })
+        .await;
+    expect_code(unknown, Code::NotFound, "ContainerStats of an unknown id");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// `[images.mirrors]`: a reference to a registry the test cannot reach (`registry.k8s.io`) is
+/// pulled from the local registry that mirrors it, over plain HTTP, and keeps its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_registries_are_pulled_from_their_mirror() {
+    registry_or_skip!("mirrored_registries_are_pulled_from_their_mirror");
+    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
+    let host = reg.host();
+    let mut k = Kubelet::start(move |cfg| {
+        cfg.images.mirrors.insert(
+            "registry.k8s.io".into(),
+            caas_agent::images::Mirror {
+                endpoint: host,
+                plain_http: true,
+            },
+        );
+    })
+    .await;
+    let mut images = Images::new(reg, &k.agent.dir.path().join("work"));
+    let pause = images.push("pause", images.busybox()).await;
+    let id = k
+        .pull("registry.k8s.io/pause:v1", None)
+        .await
+        .expect("a pull of registry.k8s.io/pause:v1 through its mirror");
+    assert_eq!(id, pause.id);
+    let s = k.image_status("registry.k8s.io/pause:v1").await.unwrap();
+    assert!(
+        s.repo_tags
+            .contains(&"registry.k8s.io/pause:v1".to_string()),
+        "the image keeps the name it was pulled by: {s:?}"
+    );
+    // A registry without a mirror is not redirected: the plain-HTTP flag is the mirror's only.
+    let err = k.pull(&format!("{}/pause:v1", images.host()), None).await;
+    assert!(
+        err.is_err(),
+        "the mirror's host is not an insecure registry by itself"
+    );
+    k.agent.stop().await.unwrap();
+}
+
+// =============================================================================================
+// What a pod and a container are given
+// =============================================================================================
+
+/// A pod's `hostname` is its containers' host name, and its `dns_config` their
+/// `/etc/resolv.conf` (servers, then searches, then options); a server that is no IP address is
+/// INVALID_ARGUMENT naming it, and makes no pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_hostname_and_dns_config_are_its_containers() {
+    registry_or_skip!("a_pods_hostname_and_dns_config_are_its_containers");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let mut bad = k.pod("ns-dns", "bad-dns");
+    bad.dns_config = Some(cri::DnsConfig {
+        servers: strings(&["not-an-ip"]),
+        ..Default::default()
+    });
+    let e = expect_code(
+        k.run_pod(&bad, "").await,
+        Code::InvalidArgument,
+        "a DNS server that is no IP address",
+    );
+    assert!(
+        e.message().contains("config.dns_config.servers[0]"),
+        "the refusal names the field: {e:?}"
+    );
+    assert_eq!(k.pod_ids(None).await, ids(&[]), "no pod was made");
+
+    let mut pod = k.pod("ns-dns", "web");
+    pod.hostname = "web-0".into();
+    pod.dns_config = Some(cri::DnsConfig {
+        servers: strings(&["10.96.0.10"]),
+        searches: strings(&["ns.svc.cluster.local", "svc.cluster.local"]),
+        options: strings(&["ndots:5"]),
+    });
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(&pod, "app", &bb.id, &["sleep", "600"], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let out = |r: &cri::ExecSyncResponse| {
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    let r = k.exec(&id, &["cat", "/etc/resolv.conf"]).await;
+    assert_eq!(
+        out(&r),
+        (
+            0,
+            "nameserver 10.96.0.10\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
+                .into(),
+            String::new()
+        ),
+        "/etc/resolv.conf"
+    );
+    let r = k.exec(&id, &["hostname"]).await;
+    assert_eq!(out(&r), (0, "web-0\n".into(), String::new()), "hostname");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// The effective capability set (`CapEff`, in hex) of a container of the pod that runs `grep`
+/// as its process, with `linux` as its Linux config.
+async fn cap_eff(
+    k: &mut Kubelet,
+    pod_id: &str,
+    pod: &cri::PodSandboxConfig,
+    name: &str,
+    image: &str,
+    linux: Option<cri::LinuxContainerConfig>,
+) -> u64 {
+    let mut c = k.container(
+        pod,
+        name,
+        image,
+        &["grep", "CapEff", "/proc/self/status"],
+        &[],
+    );
+    c.linux = linux;
+    let (_, st) = k.run(pod_id, pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{name}: {st:?}");
+    let records = log_until(&st, name, |r| {
+        stream_text(r, LogStream::Stdout).contains("CapEff:")
+    })
+    .await;
+    let out = stream_text(&records, LogStream::Stdout);
+    let hex = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("{name}: no CapEff line in {out:?}"));
+    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("{name}: CapEff {hex:?}: {e}"))
+}
+
+/// `drop_capabilities` are dropped from the default set (`ALL` drops every one);
+/// `add_capabilities` within the default set are accepted, beyond it UNIMPLEMENTED; a name that
+/// is no capability is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_are_dropped_from_the_default_set_and_not_added_beyond_it() {
+    registry_or_skip!("capabilities_are_dropped_from_the_default_set_and_not_added_beyond_it");
+    const CHOWN: u64 = 1 << 0;
+    const NET_RAW: u64 = 1 << 13;
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-caps", "caps");
+    let pod_id = k.ready_pod(&pod).await;
+    let caps = |add: &[&str], drop: &[&str]| {
+        Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: strings(add),
+                    drop_capabilities: strings(drop),
+                    add_ambient_capabilities: Vec::new(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+
+    let default = cap_eff(&mut k, &pod_id, &pod, "default", &bb.id, None).await;
+    assert!(
+        default & CHOWN != 0 && default & NET_RAW != 0,
+        "the default set has CAP_CHOWN and CAP_NET_RAW: {default:016x}"
+    );
+    let none = cap_eff(
+        &mut k,
+        &pod_id,
+        &pod,
+        "drop-all",
+        &bb.id,
+        caps(&[], &["ALL"]),
+    )
+    .await;
+    assert_eq!(none, 0, "drop ALL: {none:016x}");
+    let no_raw = cap_eff(
+        &mut k,
+        &pod_id,
+        &pod,
+        "drop-raw",
+        &bb.id,
+        caps(&[], &["NET_RAW"]),
+    )
+    .await;
+    assert_eq!(
+        no_raw,
+        default & !NET_RAW,
+        "drop NET_RAW: {no_raw:016x}, the default {default:016x}"
+    );
+    assert!(no_raw & CHOWN != 0, "CAP_CHOWN stays: {no_raw:016x}");
+    let chown = cap_eff(
+        &mut k,
+        &pod_id,
+        &pod,
+        "add-chown",
+        &bb.id,
+        caps(&["CHOWN"], &[]),
+    )
+    .await;
+    assert_eq!(chown, default, "add CHOWN (in the default set already)");
+
+    let mut c = k.container(&pod, "sys-admin", &bb.id, &["true"], &[]);
+    c.linux = caps(&["SYS_ADMIN"], &[]);
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::Unimplemented,
+        "add SYS_ADMIN",
+    );
+    assert!(
+        e.message().contains("add_capabilities"),
+        "the refusal names the field: {e:?}"
+    );
+    let mut c = k.container(&pod, "not-a-cap", &bb.id, &["true"], &[]);
+    c.linux = caps(&[], &["NOT_A_CAP"]);
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::InvalidArgument,
+        "drop NOT_A_CAP",
+    );
+    assert!(
+        e.message().contains("drop_capabilities[0]"),
+        "the refusal names the field: {e:?}"
+    );
+    assert_eq!(
+        k.container_ids(None).await.len(),
+        4,
+        "the refused containers were not made"
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+// =============================================================================================
+// ExecSync, pods whose tenant is gone, images in use
+// =============================================================================================
+
+/// An ExecSync that outlives its timeout is DEADLINE_EXCEEDED, and its command does not go on
+/// running in the container (a probe that times out leaves nothing behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_sync_that_times_out_is_killed() {
+    registry_or_skip!("an_exec_sync_that_times_out_is_killed");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-exec", "probe");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let ps = async |k: &mut Kubelet| {
+        let r = k.exec(&id, &["ps", "-o", "pid,args"]).await;
+        assert_eq!(r.exit_code, 0, "ps: {r:?}");
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    };
+
+    // ps in the container shows the commands ExecSync runs there.
+    let mut rt = k.cri.rt.clone();
+    let cid = id.clone();
+    let visible = tokio::spawn(async move {
+        rt.exec_sync(cri::ExecSyncRequest {
+            container_id: cid,
+            cmd: strings(&["sleep", "4"]),
+            timeout: 30,
+        })
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let seen = ps(&mut k).await;
+        if seen.contains("sleep 4") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an ExecSync's sleep 4 is not in ps: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = visible.await.unwrap().unwrap().into_inner();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+
+    let t = Instant::now();
+    expect_code(
+        k.exec_within(&id, &["sleep", "300"], 1).await,
+        Code::DeadlineExceeded,
+        "ExecSync sleep 300 with a timeout of 1 s",
+    );
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "DEADLINE_EXCEEDED came after {took:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = ps(&mut k).await;
+        if !seen.contains("sleep 300") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out command still runs 10 s later: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// A pod whose tenant was deleted through the caas API is NOTREADY (in its status and in the
+/// list's state filters), so the kubelet makes a new one, which runs in a new tenant; the old one
+/// can still be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_tenant_is_gone_is_not_ready() {
+    registry_or_skip!("a_pod_whose_tenant_is_gone_is_not_ready");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-gone", "p");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let by_state = |s: cri::PodSandboxState| cri::PodSandboxFilter {
+        state: Some(cri::PodSandboxStateValue { state: s as i32 }),
+        ..Default::default()
+    };
+    assert_eq!(
+        k.pod_status(&pod_id).await.unwrap().state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
+
+    k.tenants
+        .delete_tenant(pb::DeleteTenantRequest {
+            id: "ns-gone".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    assert!(!k.tenant_exists("ns-gone").await, "the tenant is deleted");
+    let st = k.pod_status(&pod_id).await.unwrap();
+    assert_eq!(
+        st.state,
+        cri::PodSandboxState::SandboxNotready as i32,
+        "a pod whose tenant is gone: {st:?}"
+    );
+    assert_eq!(
+        k.pod_ids(Some(by_state(cri::PodSandboxState::SandboxReady)))
+            .await,
+        ids(&[]),
+        "listed as ready"
+    );
+    assert_eq!(
+        k.pod_ids(Some(by_state(cri::PodSandboxState::SandboxNotready)))
+            .await,
+        ids(&[&pod_id])
+    );
+    let listed = k.list_pods(None).await;
+    assert_eq!(
+        listed.iter().map(|p| p.state).collect::<Vec<_>>(),
+        [cri::PodSandboxState::SandboxNotready as i32],
+        "{listed:?}"
+    );
+
+    // The kubelet's next attempt makes the tenant again.
+    let mut again = pod.clone();
+    again.metadata.as_mut().unwrap().attempt = 1;
+    let new_id = k.ready_pod(&again).await;
+    assert_eq!(
+        k.pod_status(&new_id).await.unwrap().state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
+    assert!(k.tenant_exists("ns-gone").await, "the tenant is made again");
+
+    k.remove_pod(&pod_id).await.unwrap();
+    expect_code(
+        k.pod_status(&pod_id).await,
+        Code::NotFound,
+        "status of the removed pod",
+    );
+    expect_code(
+        k.status(&id).await,
+        Code::NotFound,
+        "a container of the removed pod",
+    );
+    assert_eq!(k.pod_ids(None).await, ids(&[&new_id]));
+    k.agent.stop().await.unwrap();
+}
+
+/// A container created from an image id (as the kubelet creates them) keeps its image: RemoveImage
+/// by tag or by id is FAILED_PRECONDITION and the image stays; once the container is removed,
+/// RemoveImage removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_in_use_is_not_removed_by_any_name() {
+    registry_or_skip!("an_image_in_use_is_not_removed_by_any_name");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-inuse", "p");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(&pod, "user", &bb.id, &["sleep", "600"], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+
+    for name in [&bb.reference, &bb.id] {
+        expect_code(
+            k.remove_image(name).await,
+            Code::FailedPrecondition,
+            &format!("RemoveImage {name} while a container uses it"),
+        );
+        for q in [&bb.reference, &bb.id] {
+            let s = k.image_status(q).await;
+            assert_eq!(
+                s.as_ref().map(|i| i.id.as_str()),
+                Some(bb.id.as_str()),
+                "ImageStatus {q} after a refused RemoveImage {name}: {s:?}"
+            );
+        }
+        let listed = k.list_images(None).await;
+        assert!(
+            listed
+                .iter()
+                .any(|i| i.id == bb.id && i.repo_tags.contains(&bb.reference)),
+            "listed with its tag after a refused RemoveImage {name}: {listed:?}"
+        );
+    }
+    // The container can still run.
+    k.running(&id).await;
+
+    k.remove_container(&id).await.unwrap();
+    k.remove_image(&bb.id).await.unwrap();
+    for q in [&bb.reference, &bb.id] {
+        let s = k.image_status(q).await;
+        assert!(s.is_none(), "ImageStatus {q} after RemoveImage: {s:?}");
+    }
+    assert!(
+        !k.list_images(None).await.iter().any(|i| i.id == bb.id),
+        "a removed image is not listed"
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+// =============================================================================================
+// The CRI log across a restart and a rotation
+// =============================================================================================
+
+/// The numbers of a log's stdout lines, each `line-<n>`.
+fn line_numbers(records: &[LogRecord], what: &str) -> Vec<u32> {
+    let text = stream_text(records, LogStream::Stdout);
+    text.lines()
+        .map(|l| {
+            l.strip_prefix("line-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: {l:?} is not line-<n>; the log:\n{text}"))
+        })
+        .collect()
+}
+
+/// A container writes numbered lines while the agent restarts (and is down for a second): its
+/// CRI log holds every line exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cri_log_survives_an_agent_restart_with_no_line_lost_or_doubled() {
+    registry_or_skip!("the_cri_log_survives_an_agent_restart_with_no_line_lost_or_doubled");
+    let (mut k, images, bb) = Kubelet::with_registry().await;
+    let host = images.host();
+    let pod = k.pod("ns-restart", "counter");
+    let pod_id = k.ready_pod(&pod).await;
+    let script = "i=0; while [ $i -lt 60 ]; do echo line-$i; i=$((i+1)); sleep 0.1; done";
+    let c = k.container(&pod, "counter", &bb.id, &["sh", "-c", script], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    let st = k.running(&id).await;
+    let before = log_until(&st, "the first lines", |r| {
+        stream_text(r, LogStream::Stdout).contains("line-5\n")
+    })
+    .await;
+    let before = line_numbers(&before, "before the restart").len();
+
+    k.restart(Duration::from_secs(1), move |cfg| {
+        cfg.images.insecure_registries = vec![host]
+    })
+    .await;
+    let st = k
+        .wait_state(&id, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (0, "Completed"),
+        "{st:?}"
+    );
+    let records = log_until(&st, "line-59", |r| {
+        stream_text(r, LogStream::Stdout).contains("line-59\n")
+    })
+    .await;
+    assert!(
+        before < 50,
+        "the restart began after {before} of 60 lines: too late to test anything"
+    );
+    let want: Vec<u32> = (0..60).collect();
+    assert_eq!(
+        line_numbers(&records, "after the restart"),
+        want,
+        "every line once, in order; records: {records:?}"
+    );
+    assert!(
+        records.iter().all(|r| !r.partial),
+        "no line is split: {records:?}"
+    );
+    assert_eq!(stream_text(&records, LogStream::Stderr), "");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// The kubelet rotates a log by renaming it and calling ReopenContainerLog: what was written
+/// before the call is in the renamed file, what follows in a new file at the log path, and no
+/// line is lost or doubled between them. A container that does not run has no log to reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_container_log_goes_on_in_a_new_file_after_a_rotation() {
+    registry_or_skip!("reopen_container_log_goes_on_in_a_new_file_after_a_rotation");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-rotate", "rotating");
+    let pod_id = k.ready_pod(&pod).await;
+    let script = "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done";
+    let c = k.container(&pod, "writer", &bb.id, &["sh", "-c", script], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    let st = k.running(&id).await;
+    log_until(&st, "the first lines", |r| {
+        stream_text(r, LogStream::Stdout).contains("line-3\n")
+    })
+    .await;
+
+    // As the kubelet rotates: rename, then reopen. Until the reopen the old file still grows.
+    let path = PathBuf::from(&st.log_path);
+    let rotated = path.with_file_name("0.log.20250101-000000");
+    std::fs::rename(&path, &rotated).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    k.reopen_log(&id).await.unwrap();
+    let rotated_len = std::fs::metadata(&rotated).unwrap().len();
+    let new = log_until(&st, "lines in the new file", |r| {
+        stream_text(r, LogStream::Stdout).lines().count() >= 5
+    })
+    .await;
+    k.stop_container(&id, 1).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&rotated).unwrap().len(),
+        rotated_len,
+        "the renamed file was written after ReopenContainerLog returned"
+    );
+
+    let old_text = std::fs::read_to_string(&rotated).unwrap();
+    let old = parse_log(&old_text).unwrap_or_else(|e| panic!("{e}: {old_text}"));
+    let old = line_numbers(&old, "the renamed file");
+    let new_text = std::fs::read_to_string(&path).unwrap();
+    let new_all = parse_log(&new_text).unwrap_or_else(|e| panic!("{e}: {new_text}"));
+    assert!(new_all.len() >= new.len());
+    let new = line_numbers(&new_all, "the new file");
+    assert!(
+        old.len() >= 4,
+        "the renamed file holds the lines before: {old:?}"
+    );
+    let all: Vec<u32> = old.iter().chain(new.iter()).copied().collect();
+    let want: Vec<u32> = (0..u32::try_from(all.len()).unwrap()).collect();
+    assert_eq!(
+        all, want,
+        "the renamed file then the new one: every line once, in order"
+    );
+
+    // Created, not started: nothing writes its log.
+    let c = k.container(&pod, "idle", &bb.id, &["true"], &[]);
+    let idle = k.created(&pod_id, &pod, &c).await;
+    expect_code(
+        k.reopen_log(&idle).await,
+        Code::FailedPrecondition,
+        "ReopenContainerLog of a container that never ran",
+    );
+    expect_code(
+        k.reopen_log("no-such-container").await,
+        Code::NotFound,
+        "ReopenContainerLog of an unknown container",
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// GetContainerEvents: a stream opened before a container's life reports it created, started,
+/// stopped and deleted, in that order, with its pod's status while the pod knows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_events_follow_a_containers_life() {
+    registry_or_skip!("container_events_follow_a_containers_life");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-events", "watched");
+    let pod_id = k.ready_pod(&pod).await;
+    let mut events = k
+        .cri
+        .rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let c = k.container(&pod, "short", &bb.id, &["sh", "-c", "exit 0"], &[]);
+    let (id, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.reason, "Completed", "{st:?}");
+    k.remove_container(&id).await.unwrap();
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + STATE_DEADLINE;
+    while !seen.contains(&cri::ContainerEventType::ContainerDeletedEvent) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = tokio::time::timeout(left, events.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no deleted event for {id} within {STATE_DEADLINE:?}; saw {seen:?}")
+            })
+            .unwrap()
+            .expect("the event stream ended");
+        if e.container_id != id {
+            continue;
+        }
+        let kind = cri::ContainerEventType::try_from(e.container_event_type).unwrap();
+        k.assert_recent("the event's created_at", e.created_at);
+        if kind == cri::ContainerEventType::ContainerCreatedEvent {
+            let ps = e
+                .pod_sandbox_status
+                .as_ref()
+                .expect("a created event has its pod's status");
+            assert_eq!(ps.id, pod_id);
+            assert!(
+                e.containers_statuses.iter().any(|s| s.id == id),
+                "the pod's container statuses include it: {e:?}"
+            );
+        }
+        seen.push(kind);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            cri::ContainerEventType::ContainerCreatedEvent,
+            cri::ContainerEventType::ContainerStartedEvent,
+            cri::ContainerEventType::ContainerStoppedEvent,
+            cri::ContainerEventType::ContainerDeletedEvent,
+        ]
+    );
+    k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }

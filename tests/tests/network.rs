@@ -1,6 +1,7 @@
 //! Tenant networks, end to end: real veth pairs, the agent's nftables table, NAT to a test host
-//! in a network namespace the test makes, published ports, the wall between tenants, network
-//! bytes in the meter, and a clean host after tenants go (also across an agent restart).
+//! in a network namespace the test makes, published ports (also a CRI pod's host ports), the wall
+//! between tenants, network bytes in the meter, and a clean host after tenants go (also across
+//! an agent restart).
 //!
 //! The tests of this file share the host's nftables and routes, so they run one at a time.
 
@@ -10,17 +11,29 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd,
+    path::{Path, PathBuf},
     process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use caas_agent::config::Config;
-use caas_proto::v1::{
-    self as pb, container_service_client::ContainerServiceClient,
-    tenant_service_client::TenantServiceClient, usage_service_client::UsageServiceClient,
+use caas_proto::{
+    cri::v1 as cri,
+    v1::{
+        self as pb, container_service_client::ContainerServiceClient,
+        tenant_service_client::TenantServiceClient, usage_service_client::UsageServiceClient,
+    },
 };
-use caas_tests::{TestAgent, busybox_rootfs, calls::cref, require_root};
+use caas_tests::{
+    TestAgent, busybox_rootfs,
+    calls::cref,
+    cri::CriClient,
+    registry::{
+        Compression, ImageBuilder, OciLayout, PushMode, Registry, RegistryOpts, tools_available,
+    },
+    require_root, tar_dir,
+};
 use tonic::{Code, transport::Channel};
 
 /// One test at a time: they all change the host's network.
@@ -354,11 +367,23 @@ fn network_config(c: &mut Config, pool: &str, uplink: &str) {
 
 /// Restarts the agent on the same state (its tenants and their engines live on).
 async fn restart(agent: &mut TestAgent, pool: &str, host: &TestHost) {
+    restart_with(agent, pool, host, |_| {}).await;
+}
+
+/// [`restart`], with `tweak` applied to the config after the network's settings (the same
+/// tweak the agent was started with, e.g. to keep the CRI on).
+async fn restart_with(
+    agent: &mut TestAgent,
+    pool: &str,
+    host: &TestHost,
+    tweak: impl FnOnce(&mut Config),
+) {
     agent.agent.take().unwrap().shutdown().await.unwrap();
     let mut c = caas_tests::test_config(agent.dir.path());
     c.tenants.cgroup_slice = agent.slice.clone();
     c.api.tls = Some(agent.pki.tls_config());
     network_config(&mut c, pool, &host.link);
+    tweak(&mut c);
     let a = caas_agent::serve::start(c).await.unwrap();
     agent.addr = a.tcp_addr.unwrap();
     agent.agent = Some(a);
@@ -862,4 +887,312 @@ async fn the_host_reaches_tenants_at_their_addresses_and_a_link_goes_with_its_te
         "{la} left behind"
     );
     assert!(std::path::Path::new("/sys/class/net").join(&lb).exists());
+}
+
+// --- CRI pods with host ports -----------------------------------------------------------------
+
+/// A kubelet's view of a CRI-enabled agent: its CRI client, and where pods keep their logs.
+struct Kubelet {
+    cri: CriClient,
+    logs: PathBuf,
+}
+
+/// How long a CRI container may take to be running.
+const RUNNING_DEADLINE: Duration = Duration::from_secs(60);
+
+impl Kubelet {
+    async fn connect(agent: &TestAgent) -> Self {
+        Self {
+            cri: CriClient::connect(&agent.dir.path().join("run/cri.sock"))
+                .await
+                .unwrap(),
+            logs: agent.dir.path().join("pods"),
+        }
+    }
+
+    /// A pod's config as the kubelet sends it (metadata, hostname, a log directory that exists)
+    /// with TCP port mappings `(host port, container port)`.
+    fn pod(&self, namespace: &str, name: &str, ports: &[(u16, u16)]) -> cri::PodSandboxConfig {
+        let uid = format!("{namespace}-{name}-uid");
+        let log_dir = self.logs.join(format!("{namespace}_{name}_{uid}"));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid,
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: log_dir.display().to_string(),
+            port_mappings: ports
+                .iter()
+                .map(|&(host, inside)| cri::PortMapping {
+                    protocol: cri::Protocol::Tcp as i32,
+                    container_port: inside.into(),
+                    host_port: host.into(),
+                    host_ip: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn run_pod(&mut self, config: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+        self.cri
+            .rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().pod_sandbox_id)
+    }
+
+    async fn pods(&mut self) -> Vec<cri::PodSandbox> {
+        self.cri
+            .rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+    }
+
+    async fn stop_pod(&mut self, id: &str) {
+        self.cri
+            .rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StopPodSandbox {id}: {e:?}"));
+    }
+
+    async fn remove_pod(&mut self, id: &str) {
+        self.cri
+            .rt
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RemovePodSandbox {id}: {e:?}"));
+    }
+
+    /// PullImage without a pod, as the kubelet does before creating containers; the image id.
+    async fn pull(&mut self, image: &str) -> String {
+        self.cri
+            .img
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PullImage {image}: {e:?}"))
+            .into_inner()
+            .image_ref
+    }
+
+    /// Creates and starts container `name` of the pod running `sh -c script`, and waits until it
+    /// is running; its id.
+    async fn run_container(
+        &mut self,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+        name: &str,
+        image: &str,
+        script: &str,
+    ) -> String {
+        std::fs::create_dir_all(Path::new(&pod.log_directory).join(name)).unwrap();
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            log_path: format!("{name}/0.log"),
+            ..Default::default()
+        };
+        let id = self
+            .cri
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id.into(),
+                config: Some(config),
+                sandbox_config: Some(pod.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e:?}"))
+            .into_inner()
+            .container_id;
+        self.cri
+            .rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e:?}"));
+        let deadline = std::time::Instant::now() + RUNNING_DEADLINE;
+        loop {
+            let st = self
+                .cri
+                .rt
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("ContainerStatus {name}: {e:?}"))
+                .into_inner()
+                .status
+                .unwrap();
+            if st.state == cri::ContainerState::ContainerRunning as i32 {
+                return id;
+            }
+            assert!(
+                st.state == cri::ContainerState::ContainerCreated as i32
+                    && std::time::Instant::now() < deadline,
+                "container {name} is not running: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A busybox image (`Cmd ["/bin/sh"]`) pushed to `reg` as `busybox:v1`, built under `work`; its
+/// reference.
+async fn push_busybox(reg: &Registry, work: &Path) -> String {
+    let base = tar_dir(&busybox_rootfs(work));
+    let mut layout = OciLayout::new(&work.join("layout")).unwrap();
+    layout
+        .add_image(
+            &ImageBuilder::new().layer(base, Compression::Gzip),
+            "busybox",
+        )
+        .unwrap();
+    reg.push(layout.dir(), "busybox", "busybox:v1", PushMode::Oci)
+        .await
+        .unwrap();
+    format!("{}/busybox:v1", reg.host())
+}
+
+/// A CRI pod's `port_mappings` publish its host port on every host address to its tenant's
+/// address (pods share their tenant's network namespace): 127.0.0.1:H reaches a container of the
+/// pod listening on the container port. Another namespace's pod (another tenant) asking for H is
+/// refused with ALREADY_EXISTS naming the owner pod, and leaves no pod; the port survives an agent
+/// restart; StopPodSandbox releases it, so the refused pod can now run with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pod_host_ports_publish_to_the_pod_and_have_one_owner_across_a_restart() {
+    let name = "cri_pod_host_ports_publish_to_the_pod_and_have_one_owner_across_a_restart";
+    if !require_root(name) || !tools_available(name) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(46);
+    let pool = "10.236.0.0/24";
+    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
+    let registry = reg.host();
+    let cri_config = move |c: &mut Config| {
+        c.cri.enabled = true;
+        c.images.insecure_registries = vec![registry];
+    };
+    let (p, l, tweak) = (pool.to_string(), host.link.clone(), cri_config.clone());
+    let mut agent = TestAgent::start(move |c| {
+        network_config(c, &p, &l);
+        tweak(c);
+    })
+    .await
+    .unwrap();
+    let mut k = Kubelet::connect(&agent).await;
+    let image = push_busybox(&reg, &agent.dir.path().join("work")).await;
+    let image_id = k.pull(&image).await;
+    let (ns_a, ns_b) = (caas_tests::unique("hpa"), caas_tests::unique("hpb"));
+    let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+
+    // Pod A takes a free host port H for its container's 8080 (another port if a host process
+    // happens to have H).
+    let (port, pod_a, a_id) = 'pick: {
+        for _ in 0..20 {
+            let port = publish_port();
+            if TcpListener::bind(("0.0.0.0", port)).is_err() {
+                continue;
+            }
+            let pod = k.pod(&ns_a, "web", &[(port, 8080), (0, 9090)]);
+            match k.run_pod(&pod).await {
+                Ok(id) => break 'pick (port, pod, id),
+                Err(e)
+                    if e.code() == Code::FailedPrecondition
+                        && e.message().contains("in use on the host") => {}
+                Err(e) => panic!("RunPodSandbox {ns_a}/web with host port {port}: {e:?}"),
+            }
+        }
+        panic!("no free host port in 20 tries");
+    };
+    k.run_container(
+        &a_id,
+        &pod_a,
+        "srv",
+        &image_id,
+        "while :; do echo pod-a | nc -l -p 8080; done",
+    )
+    .await;
+    assert_eq!(fetch_soon(local(port)).await, "pod-a", "127.0.0.1:{port}");
+
+    // Pod B, of another namespace (so another tenant), is refused H and told who has it.
+    let pod_b = k.pod(&ns_b, "web", &[(port, 8080)]);
+    let e = k.run_pod(&pod_b).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let owner = format!("pod {ns_a}/web");
+    assert!(
+        e.message().contains(&owner),
+        "the refusal does not name {owner:?}: {}",
+        e.message()
+    );
+    let pods = k.pods().await;
+    assert!(
+        pods.iter()
+            .all(|p| p.metadata.as_ref().unwrap().namespace != ns_b),
+        "the refused pod was left behind: {pods:?}"
+    );
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    // A's port still leads to A.
+    assert_eq!(fetch_soon(local(port)).await, "pod-a");
+
+    // Across an agent restart, the ready pod keeps its port.
+    restart_with(&mut agent, pool, &host, cri_config).await;
+    k = Kubelet::connect(&agent).await;
+    assert_eq!(
+        fetch_soon(local(port)).await,
+        "pod-a",
+        "127.0.0.1:{port} after a restart"
+    );
+
+    // StopPodSandbox releases H: B's pod now runs with it, and H leads to B.
+    k.stop_pod(&a_id).await;
+    let b_id = k
+        .run_pod(&pod_b)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox {ns_b}/web once A is stopped: {e:?}"));
+    k.run_container(
+        &b_id,
+        &pod_b,
+        "srv",
+        &image_id,
+        "while :; do echo pod-b | nc -l -p 8080; done",
+    )
+    .await;
+    assert_eq!(fetch_soon(local(port)).await, "pod-b", "127.0.0.1:{port}");
+
+    k.remove_pod(&a_id).await;
+    k.remove_pod(&b_id).await;
+    assert!(k.pods().await.is_empty());
+    agent.stop().await.unwrap();
 }

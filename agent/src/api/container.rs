@@ -312,6 +312,8 @@ impl ContainerService for ContainerApi {
                 tail: r.tail,
                 follow: r.follow,
                 stream: r.stream,
+                stdout_offset: None,
+                stderr_offset: None,
             })
             .await
             .map_err(|e| engine_err(e, &ctx))?

@@ -255,6 +255,9 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             // Set from the tenant's image store by the handler, for an image.
             lower_dirs: Vec::new(),
             user: String::new(),
+            hostname: String::new(),
+            resolv_conf: String::new(),
+            cap_drop: Vec::new(),
         },
     })
 }

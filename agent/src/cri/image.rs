@@ -1,8 +1,8 @@
 //! `runtime.v1.ImageService` over the agent's image store.
 //!
 //! Images are per tenant in caas (unpacked with owners shifted into the tenant's range); the
-//! CRI's view is node-wide. The CRI sees the images of the tenants it uses: `[cri]
-//! image_tenant`, the tenants of its pods, and the tenants it created. A pull with a pod config
+//! CRI's view is node-wide. The CRI sees the images of the tenants open to pods (label
+//! `caas.io/cri=true`, which the tenants it creates carry). A pull with a pod config
 //! goes to that pod's tenant, without one to `image_tenant`. A container of a tenant that lacks
 //! an image another CRI tenant has pulled gets it from the blob cache (the registry is asked for
 //! the manifest again, with no credentials: a private image needs a pull for that pod). The
@@ -120,26 +120,18 @@ fn credentials(a: Option<cri::AuthConfig>) -> Result<Credentials, Status> {
 }
 
 impl Cri {
-    /// The tenants whose images the CRI sees.
+    /// The tenants whose images the CRI sees: those open to pods (the caas API's other
+    /// tenants are not the CRI's to show, nor kubelet's image GC's to remove from).
     async fn image_tenants(&self) -> BTreeSet<String> {
-        let mut out = BTreeSet::from([self.state.config.cri.image_tenant.clone()]);
-        out.extend(self.store.pods().await.into_iter().map(|p| p.tenant));
-        out.extend(self.store.containers().await.into_iter().map(|c| c.tenant));
-        for t in self
-            .state
+        self.state
             .sandboxes
             .registry
             .list(&crate::tenants::TenantFilter::default())
             .await
-        {
-            if t.labels
-                .get("caas.io/created-by")
-                .is_some_and(|v| v == "cri")
-            {
-                out.insert(t.id);
-            }
-        }
-        out
+            .into_iter()
+            .filter(super::open_to_pods)
+            .map(|t| t.id)
+            .collect()
     }
 
     /// Every image the CRI sees named by `q`, with its tenant.
@@ -294,7 +286,13 @@ impl cri::image_service_server::ImageService for ImageApi {
             None => self.cri.state.config.cri.image_tenant.clone(),
         };
         let t = match self.cri.state.sandboxes.tenant(&tenant).await {
-            Ok(t) => t,
+            Ok(t) if super::open_to_pods(&t) => t,
+            Ok(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "tenant {tenant} is not open to Kubernetes pods (it lacks the label {}=true)",
+                    super::CRI_LABEL
+                )));
+            }
             Err(_) => {
                 let isolation = match handler.as_str() {
                     super::HANDLER_VM => Isolation::Vm,

@@ -4,14 +4,17 @@
 //! `Logs` reads them). For a CRI container the agent also follows that output and writes it to
 //! the path kubelet gave, a line at a time: `<RFC 3339 time with ns> <stdout|stderr> <F|P>
 //! <text>`, `P` marking a piece of a line longer than [`MAX_LINE`] or not yet ended. A copier
-//! starts with the container and ends when its output ends. After an agent restart it resumes
-//! by skipping, per stream, the bytes its file already holds.
+//! starts with the container and ends when its output ends. It records how far it copied (byte
+//! offsets of the engine's files, `<state_dir>/cri/logs/<id>.json`), so after an agent restart,
+//! or when the engine could not be reached for a while, it goes on from there: a line may be
+//! written twice after a crash, none is lost.
 
 use std::{
     collections::HashMap,
-    io::{BufRead, Write},
+    io::Write,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use caas_proto::{engine::v1 as epb, v1 as pb};
@@ -19,18 +22,26 @@ use futures::StreamExt;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cri, store::ContainerRecord};
+use super::{
+    Cri,
+    store::{ContainerRecord, LogOffsets},
+};
 
 /// Longest piece written as one log line; longer lines are split into `P` pieces.
 pub const MAX_LINE: usize = 16 << 10;
 
-/// The running copiers, by container id. A reopen request (kubelet rotated the file) is a
-/// notification to the copier.
+/// A request to reopen the log file (kubelet rotated it), answered once it is reopened.
+type Reopen = tokio::sync::oneshot::Sender<std::io::Result<()>>;
+
+/// The running copiers, by container id.
 #[derive(Debug)]
 pub struct Copiers {
-    running: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    running: Mutex<HashMap<String, tokio::sync::mpsc::Sender<Reopen>>>,
     shutdown: CancellationToken,
 }
+
+/// Longest wait between attempts to reach a container's output again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Copiers {
     /// No copiers yet.
@@ -41,38 +52,56 @@ impl Copiers {
         }
     }
 
-    /// Starts copying `c`'s output (once per container). With `resume`, what the file holds
-    /// already is not written again.
-    pub async fn start(&self, cri: Arc<Cri>, c: &ContainerRecord, resume: bool) {
-        if c.log_path.is_empty() {
+    /// Starts copying `c`'s output (once per container), from where an earlier copy stopped.
+    pub async fn start(&self, cri: Arc<Cri>, c: &ContainerRecord) {
+        if c.log_path.is_empty() || cri.store.log_offsets(&c.id).done {
             return;
         }
-        let reopen = Arc::new(tokio::sync::Notify::new());
+        let (tx, mut reopen) = tokio::sync::mpsc::channel(4);
         {
             let mut running = self.running.lock().await;
             if running.contains_key(&c.id) {
                 return;
             }
-            running.insert(c.id.clone(), reopen.clone());
+            running.insert(c.id.clone(), tx);
         }
         let c = c.clone();
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = copy(&cri, &c, resume, &reopen, &stop).await {
-                tracing::warn!(container = %c.id, path = %c.log_path, error = %e, "copying container output to its CRI log stopped");
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match copy(&cri, &c, &mut reopen, &stop).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        // Gone with its container: nothing more to copy.
+                        if cri.store.container(&c.id).await.is_none() || stop.is_cancelled() {
+                            break;
+                        }
+                        tracing::warn!(container = %c.id, path = %c.log_path, error = %e, retry_in = ?backoff, "copying container output to its CRI log failed; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
             }
             cri.logs.running.lock().await.remove(&c.id);
         });
     }
 
-    /// Makes the copier of `id` reopen its file. False when none runs.
-    pub async fn reopen(&self, id: &str) -> bool {
-        match self.running.lock().await.get(id) {
-            Some(n) => {
-                n.notify_one();
-                true
-            }
-            None => false,
+    /// Makes the copier of `id` reopen its file; returns once it did. False when none runs.
+    pub async fn reopen(&self, id: &str) -> std::io::Result<bool> {
+        let Some(tx) = self.running.lock().await.get(id).cloned() else {
+            return Ok(false);
+        };
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if tx.send(ack).await.is_err() {
+            return Ok(false);
+        }
+        match done.await {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Ok(false),
         }
     }
 }
@@ -87,32 +116,6 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
         .append(true)
         .mode(0o640)
         .open(path)
-}
-
-/// Bytes of each stream (stdout, stderr) that a CRI log file holds.
-pub fn consumed(path: &Path) -> (u64, u64) {
-    let Ok(f) = std::fs::File::open(path) else {
-        return (0, 0);
-    };
-    let (mut out, mut err) = (0u64, 0u64);
-    for line in std::io::BufReader::new(f)
-        .split(b'\n')
-        .map_while(Result::ok)
-    {
-        let mut parts = line.splitn(4, |b| *b == b' ');
-        let (_, Some(stream), Some(tag), Some(text)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let n = text.len() as u64 + u64::from(tag == b"F");
-        match stream {
-            b"stdout" => out += n,
-            b"stderr" => err += n,
-            _ => {}
-        }
-    }
-    (out, err)
 }
 
 /// Formats `data` of one stream as CRI log lines, keeping an unended last line in `pending`.
@@ -167,12 +170,11 @@ fn rfc3339_now() -> String {
 async fn copy(
     cri: &Cri,
     c: &ContainerRecord,
-    resume: bool,
-    reopen: &tokio::sync::Notify,
+    reopen: &mut tokio::sync::mpsc::Receiver<Reopen>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let path = PathBuf::from(&c.log_path);
-    let (mut skip_out, mut skip_err) = if resume { consumed(&path) } else { (0, 0) };
+    let mut at = cri.store.log_offsets(&c.id);
     let mut file = open(&path)?;
     let (_, mut eng) = cri.state.sandboxes.engine_of(&c.tenant).await?;
     let mut chunks = eng
@@ -181,6 +183,8 @@ async fn copy(
             tail: 0,
             follow: true,
             stream: pb::LogStream::Unspecified as i32,
+            stdout_offset: Some(at.stdout),
+            stderr_offset: Some(at.stderr),
         })
         .await?
         .into_inner();
@@ -188,27 +192,36 @@ async fn copy(
     loop {
         let chunk = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            () = reopen.notified() => {
-                file = open(&path)?;
+            Some(ack) = reopen.recv() => {
+                let r = open(&path).map(|f| file = f);
+                let _ = ack.send(r);
                 continue;
             }
             c = chunks.next() => c,
         };
         let Some(chunk) = chunk else { break };
         let chunk = chunk?;
-        let is_err = chunk.stream == pb::LogStream::Stderr as i32;
-        let (skip, pending, name) = if is_err {
-            (&mut skip_err, &mut p_err, "stderr")
+        let n = chunk.data.len() as u64;
+        let (pending, name) = if chunk.stream == pb::LogStream::Stderr as i32 {
+            at.stderr += n;
+            (&mut p_err, "stderr")
         } else {
-            (&mut skip_out, &mut p_out, "stdout")
+            at.stdout += n;
+            (&mut p_out, "stdout")
         };
-        let mut data = chunk.data.as_slice();
-        let n = usize::try_from(*skip).unwrap_or(usize::MAX).min(data.len());
-        data = &data[n..];
-        *skip -= n as u64;
         let mut out = Vec::new();
-        format_lines(name, &rfc3339_now(), pending, data, false, &mut out);
+        format_lines(name, &rfc3339_now(), pending, &chunk.data, false, &mut out);
         file.write_all(&out)?;
+        // An unended line is held back and not yet counted as copied.
+        let held = (p_out.len() as u64, p_err.len() as u64);
+        cri.store.set_log_offsets(
+            &c.id,
+            LogOffsets {
+                stdout: at.stdout - held.0,
+                stderr: at.stderr - held.1,
+                done: false,
+            },
+        )?;
     }
     // The output ended (the container exited): an unended last line is written as it is.
     let mut out = Vec::new();
@@ -216,6 +229,8 @@ async fn copy(
     format_lines("stdout", &now, &mut p_out, &[], true, &mut out);
     format_lines("stderr", &now, &mut p_err, &[], true, &mut out);
     file.write_all(&out)?;
+    at.done = true;
+    cri.store.set_log_offsets(&c.id, at)?;
     Ok(())
 }
 
@@ -251,17 +266,5 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("T stdout P xxx"));
         assert_eq!(lines[1], "T stdout F xxx");
-    }
-
-    #[test]
-    fn consumed_counts_each_stream() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let p = dir.path().join("log");
-        std::fs::write(
-            &p,
-            "t stdout F hello\nt stderr P ab\nt stderr F c\nt stdout F \n",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(consumed(&p), (6 + 1, 2 + 2));
     }
 }

@@ -7,6 +7,7 @@
 //! CRI adds is kept in [`store`]: the pod sandboxes, and per container the CRI metadata that the
 //! caas model has no field for (pod, attempt, annotations, log path).
 
+mod events;
 mod image;
 mod logs;
 mod runtime;
@@ -24,6 +25,15 @@ use crate::{api::AgentState, validate::Invalid};
 
 /// The pod annotation that names a pod's tenant.
 pub const TENANT_ANNOTATION: &str = "caas.io/tenant";
+/// The tenant label that opens a tenant to Kubernetes pods (`true`). Tenants the CRI creates
+/// carry it; a tenant made through the caas API is not joined by pods unless it does.
+pub const CRI_LABEL: &str = "caas.io/cri";
+
+/// Whether pods may live in `t`.
+pub fn open_to_pods(t: &crate::tenants::Tenant) -> bool {
+    t.labels.get(CRI_LABEL).is_some_and(|v| v == "true")
+}
+
 /// The runtime handler (RuntimeClass) of user-namespaced sandboxes; also the default ("").
 pub const HANDLER_USERNS: &str = "caas-userns";
 /// The runtime handler of VM tenants.
@@ -101,37 +111,35 @@ pub struct Cri {
     pub store: store::CriStore,
     /// The copiers writing containers' output to kubelet's log files.
     pub logs: logs::Copiers,
+    /// Per pod: its container creates, its stop and its remove, one at a time.
+    pub(crate) pod_locks:
+        tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Cri {
-    /// Opens the CRI state under `<state_dir>/cri` and resumes the log copiers of running
-    /// containers.
-    pub async fn open(state: Arc<AgentState>) -> std::io::Result<Arc<Self>> {
-        let store = store::CriStore::open(&state.config.state_dir.join("cri"))?;
+    /// The CRI's records under `<state_dir>/cri` (opened before the agent recovers its
+    /// tenants, which must keep the ports of pods).
+    pub fn open_store(config: &crate::config::Config) -> std::io::Result<store::CriStore> {
+        store::CriStore::open(&config.state_dir.join("cri"))
+    }
+
+    /// The CRI over `store`; resumes the log copiers of running containers.
+    pub async fn open(state: Arc<AgentState>, store: store::CriStore) -> Arc<Self> {
         let cri = Arc::new(Self {
             store,
             logs: logs::Copiers::new(state.shutdown.clone()),
+            pod_locks: tokio::sync::Mutex::default(),
             state,
         });
         cri.resume_logs().await;
-        Ok(cri)
+        cri
     }
 
+    /// Starts again the copiers of containers whose output was not copied whole (each goes on
+    /// from its recorded offsets, and waits for an engine that is not back yet).
     async fn resume_logs(self: &Arc<Self>) {
         for c in self.store.containers().await {
-            if c.log_path.is_empty() {
-                continue;
-            }
-            if let Ok((_, mut eng)) = self.state.sandboxes.engine_of(&c.tenant).await
-                && let Ok(r) = eng
-                    .inspect(caas_proto::engine::v1::ContainerId {
-                        container: c.id.clone(),
-                    })
-                    .await
-                && r.into_inner().started_at_unix_ms > 0
-            {
-                self.logs.start(self.clone(), &c, true).await;
-            }
+            self.logs.start(self.clone(), &c).await;
         }
     }
 }

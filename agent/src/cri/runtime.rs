@@ -2,7 +2,7 @@
 //! their engines.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     api::{auth::Ctx, convert, status},
+    net::ports::Proto,
     tenants::{Isolation, QuotaRequest, TenantSpec, TenantState},
     validate::{self, Invalid},
 };
@@ -109,6 +110,12 @@ impl Cri {
         let deadline = tokio::time::Instant::now() + TENANT_WAIT;
         loop {
             match sandboxes.tenant(id).await {
+                Ok(t) if !super::open_to_pods(&t) => {
+                    return Err(Status::failed_precondition(format!(
+                        "tenant {id} is not open to Kubernetes pods (it lacks the label {}=true, which the tenants the CRI creates carry); use another namespace, or create the tenant with that label",
+                        super::CRI_LABEL
+                    )));
+                }
                 Ok(t) if t.isolation != isolation => {
                     return Err(Status::failed_precondition(format!(
                         "tenant {id} has isolation {}, but the pod asks for {}; use the runtime handler {:?}",
@@ -152,9 +159,18 @@ impl Cri {
                             pids: q.pids,
                             max_containers: q.max_containers,
                         },
-                        labels: BTreeMap::from([("caas.io/created-by".into(), "cri".into())]),
+                        labels: BTreeMap::from([
+                            ("caas.io/created-by".into(), "cri".into()),
+                            (super::CRI_LABEL.into(), "true".into()),
+                        ]),
                     };
-                    match sandboxes.create_tenant(spec).await {
+                    // Its own task: a caller that goes away must not cut the rollback short.
+                    let state = self.state.clone();
+                    let made =
+                        tokio::spawn(async move { state.sandboxes.create_tenant(spec).await })
+                            .await
+                            .map_err(|e| Status::internal(format!("creating the tenant: {e}")))?;
+                    match made {
                         Ok(t) => {
                             tracing::info!(tenant = %id, isolation = isolation.as_str(), "tenant created for a pod");
                             return Ok(t);
@@ -212,8 +228,22 @@ impl Cri {
         }
     }
 
+    /// A container's CRI status (`UNKNOWN` when its engine cannot be asked).
+    pub(super) async fn status_of(&self, c: &ContainerRecord) -> cri::ContainerStatus {
+        let ctx = Ctx {
+            caller: crate::authz::Caller {
+                role: crate::authz::Role::Admin,
+                identity: "cri-events".into(),
+            },
+            request_id: String::new(),
+        };
+        let now = self.inspect(c, &ctx).await.ok().flatten();
+        cri_container_status(c, now.as_ref())
+    }
+
     /// Deletes a container in its engine and forgets it; gone already is fine.
     async fn remove_container(&self, c: &ContainerRecord, ctx: &Ctx) -> Result<(), Status> {
+        let last_cpu = stats::Readings::now(self).of(c).map_or(0, |r| r.cpu_ns);
         let state = self.state.clone();
         let (tenant, id) = (c.tenant.clone(), c.id.clone());
         // The engine's delete and the agent's release are one step, whatever the caller does.
@@ -245,16 +275,25 @@ impl Cri {
         .map_err(|e| Status::internal(format!("deleting the container: {e}")))?;
         deleted.map_err(|e| status::sandbox(e, ctx))?;
         self.store
+            .add_removed_cpu(&c.pod, last_cpu)
+            .await
+            .map_err(|e| io_err(&e, ctx))?;
+        self.store
             .remove_container(&c.id)
             .await
             .map_err(|e| io_err(&e, ctx))
     }
 
-    fn pod_status(&self, p: &PodRecord, ip: String) -> cri::PodSandboxStatus {
+    pub(super) fn pod_status(
+        &self,
+        p: &PodRecord,
+        ip: String,
+        ready_tenants: &HashSet<String>,
+    ) -> cri::PodSandboxStatus {
         cri::PodSandboxStatus {
             id: p.id.clone(),
             metadata: Some(pod_metadata(p)),
-            state: pod_state(p) as i32,
+            state: pod_state(p, ready_tenants) as i32,
             created_at: p.created_at_ns,
             network: Some(cri::PodSandboxNetworkStatus {
                 ip,
@@ -277,7 +316,32 @@ impl Cri {
         }
     }
 
-    async fn pod_ip(&self, p: &PodRecord) -> String {
+    /// The tenants that are ready now.
+    pub(super) async fn ready_tenants(&self) -> HashSet<String> {
+        self.state
+            .sandboxes
+            .registry
+            .list(&crate::tenants::TenantFilter {
+                state: Some(TenantState::Ready),
+                ..Default::default()
+            })
+            .await
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    }
+
+    /// The lock that serializes a pod's container creates with its stop and remove.
+    async fn pod_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.pod_locks
+            .lock()
+            .await
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) async fn pod_ip(&self, p: &PodRecord) -> String {
         self.state
             .sandboxes
             .tenant(&p.tenant)
@@ -298,8 +362,10 @@ fn pod_metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
     }
 }
 
-fn pod_state(p: &PodRecord) -> cri::PodSandboxState {
-    if p.ready {
+/// Ready while its record says so and its tenant is ready: a pod whose tenant was deleted or
+/// failed is not, so kubelet makes a new one.
+fn pod_state(p: &PodRecord, ready_tenants: &HashSet<String>) -> cri::PodSandboxState {
+    if p.ready && ready_tenants.contains(&p.tenant) {
         cri::PodSandboxState::SandboxReady
     } else {
         cri::PodSandboxState::SandboxNotready
@@ -389,6 +455,45 @@ fn labels_match(have: &BTreeMap<String, String>, want: &HashMap<String, String>)
     want.iter().all(|(k, v)| have.get(k) == Some(v))
 }
 
+/// A pod's host ports as `(protocol, host port, container port)`; mappings without a host port
+/// publish nothing (kubelet sends every declared container port).
+fn pod_ports(c: &cri::PodSandboxConfig) -> Result<Vec<(Proto, u16, u16)>, Status> {
+    let mut out: Vec<(Proto, u16, u16)> = Vec::new();
+    for (i, m) in c.port_mappings.iter().enumerate() {
+        if m.host_port == 0 {
+            continue;
+        }
+        let f = |name: &str| format!("config.port_mappings[{i}].{name}");
+        let port = |name: &str, v: i32| {
+            u16::try_from(v)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(&f(name), format!("{v} is not a port (1 to 65535)")))
+        };
+        let host = port("host_port", m.host_port)?;
+        let inside = port("container_port", m.container_port)?;
+        let proto = match cri::Protocol::try_from(m.protocol) {
+            Ok(cri::Protocol::Tcp) => Proto::Tcp,
+            Ok(cri::Protocol::Udp) => Proto::Udp,
+            _ => return Err(unsupported(&format!("{} = SCTP", f("protocol")))),
+        };
+        if !(m.host_ip.is_empty() || m.host_ip == "0.0.0.0") {
+            return Err(unsupported(&format!(
+                "{} (host ports listen on every host address)",
+                f("host_ip")
+            )));
+        }
+        if out.iter().any(|&(p, h, _)| p == proto && h == host) {
+            return Err(bad(
+                &f("host_port"),
+                format!("{host}/{} is asked for twice", proto.as_str()),
+            ));
+        }
+        out.push((proto, host, inside));
+    }
+    Ok(out)
+}
+
 /// Refuses what a pod asks for that this runtime cannot give yet, naming the field.
 fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
     let m = c
@@ -398,21 +503,97 @@ fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
     if m.name.is_empty() {
         return Err(bad("config.metadata.name", "must not be empty"));
     }
-    if !c.port_mappings.is_empty() {
-        return Err(unsupported("config.port_mappings (hostPort)"));
-    }
     if !c.log_directory.is_empty() && !c.log_directory.starts_with('/') {
         return Err(bad("config.log_directory", "must be an absolute path"));
     }
-    if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
-        if sc.privileged {
-            return Err(unsupported("config.linux.security_context.privileged"));
+    if !c.hostname.is_empty() {
+        check_hostname(&c.hostname)?;
+    }
+    if let Some(l) = &c.linux {
+        if !l.sysctls.is_empty() {
+            return Err(unsupported("config.linux.sysctls"));
         }
-        if let Some(ns) = &sc.namespace_options {
-            check_namespaces("config.linux.security_context.namespace_options", ns)?;
+        if let Some(sc) = &l.security_context {
+            if sc.privileged {
+                return Err(unsupported("config.linux.security_context.privileged"));
+            }
+            if let Some(ns) = &sc.namespace_options {
+                check_namespaces("config.linux.security_context.namespace_options", ns)?;
+            }
+            check_profile("config.linux.security_context.seccomp", sc.seccomp.as_ref())?;
         }
     }
     Ok(())
+}
+
+/// A pod's hostname: a DNS name of at most 63 bytes.
+fn check_hostname(h: &str) -> Result<(), Status> {
+    let ok = h.len() <= 63
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !h.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            "config.hostname",
+            format!("{h:?} is not a host name (letters, digits, '-' and '.', at most 63 bytes)"),
+        ))
+    }
+}
+
+/// Seccomp: the runtime's default profile is always applied; `Unconfined` and `RuntimeDefault`
+/// get it, a profile of the node's own (`Localhost`) is not supported yet.
+fn check_profile(field: &str, p: Option<&cri::SecurityProfile>) -> Result<(), Status> {
+    match p {
+        Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
+            Err(unsupported(&format!("{field} of type Localhost")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `/etc/resolv.conf` from a pod's DNS config (empty: none given, the tenant's applies).
+fn resolv_conf(dns: Option<&cri::DnsConfig>) -> Result<String, Status> {
+    let Some(d) = dns else {
+        return Ok(String::new());
+    };
+    if d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty() {
+        return Ok(String::new());
+    }
+    let mut out = String::new();
+    for (i, s) in d.servers.iter().enumerate() {
+        if s.parse::<std::net::IpAddr>().is_err() {
+            return Err(bad(
+                &format!("config.dns_config.servers[{i}]"),
+                format!("{s:?} is not an IP address"),
+            ));
+        }
+        out.push_str(&format!("nameserver {s}\n"));
+    }
+    let word = |field: &str, v: &[String]| -> Result<(), Status> {
+        for (i, w) in v.iter().enumerate() {
+            if w.is_empty()
+                || w.len() > 253
+                || w.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(bad(
+                    &format!("config.dns_config.{field}[{i}]"),
+                    format!("{w:?} is not one word"),
+                ));
+            }
+        }
+        Ok(())
+    };
+    word("searches", &d.searches)?;
+    word("options", &d.options)?;
+    if !d.searches.is_empty() {
+        out.push_str(&format!("search {}\n", d.searches.join(" ")));
+    }
+    if !d.options.is_empty() {
+        out.push_str(&format!("options {}\n", d.options.join(" ")));
+    }
+    Ok(out)
 }
 
 fn check_namespaces(field: &str, ns: &cri::NamespaceOption) -> Result<(), Status> {
@@ -468,6 +649,44 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
         }
         if let Some(ns) = &sc.namespace_options {
             check_namespaces(&format!("{f}.namespace_options"), ns)?;
+            if ns.pid != cri::NamespaceMode::Container as i32 {
+                return Err(unsupported(&format!(
+                    "{f}.namespace_options.pid other than CONTAINER (a process namespace shared in the pod)"
+                )));
+            }
+        }
+        if let Some(caps) = &sc.capabilities {
+            if !caps.add_ambient_capabilities.is_empty() {
+                return Err(unsupported(&format!(
+                    "{f}.capabilities.add_ambient_capabilities"
+                )));
+            }
+            let default = crate::engine::spec::capabilities(&[]).unwrap_or_default();
+            for (i, c) in caps.add_capabilities.iter().enumerate() {
+                let within = crate::engine::spec::capabilities(&[])
+                    .ok()
+                    .zip(crate::engine::spec::capabilities(std::slice::from_ref(c)).ok())
+                    .is_some_and(|(all, less)| all.len() > less.len());
+                if !within || default.is_empty() {
+                    return Err(unsupported(&format!(
+                        "{f}.capabilities.add_capabilities[{i}] = {c:?} (beyond the default set)"
+                    )));
+                }
+            }
+            for (i, c) in caps.drop_capabilities.iter().enumerate() {
+                if crate::engine::spec::capabilities(std::slice::from_ref(c)).is_err() {
+                    return Err(bad(
+                        &format!("{f}.capabilities.drop_capabilities[{i}]"),
+                        format!("{c:?} is not a capability name"),
+                    ));
+                }
+            }
+        }
+        check_profile(&format!("{f}.seccomp"), sc.seccomp.as_ref())?;
+        if let Some(p) = &sc.apparmor
+            && p.profile_type == cri::security_profile::ProfileType::Localhost as i32
+        {
+            return Err(unsupported(&format!("{f}.apparmor of type Localhost")));
         }
     }
     Ok(())
@@ -531,6 +750,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let r = req.into_inner();
         let config = r.config.ok_or_else(|| bad("config", "is required"))?;
         check_pod_config(&config)?;
+        let ports = pod_ports(&config)?;
+        let resolv_conf = resolv_conf(config.dns_config.as_ref())?;
         let isolation = isolation_of(&r.runtime_handler)?;
         let tenant = tenant_of(&config)?;
         self.cri.ensure_tenant(&tenant, isolation, &ctx).await?;
@@ -549,11 +770,36 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             labels: sorted(config.labels),
             annotations: sorted(config.annotations),
             runtime_handler: r.runtime_handler,
+            ports,
+            resolv_conf,
+            removed_cpu_ns: 0,
         };
         match self.cri.store.add_pod(p.clone()).await {
             Ok(()) => {}
             Err(e @ AddError::Exists(_)) => return Err(Status::already_exists(e.to_string())),
             Err(AddError::Io(e)) => return Err(io_err(&e, &ctx)),
+        }
+        if !p.ports.is_empty() {
+            // All of them or no pod; a caller that goes away half-way leaves nothing held.
+            let state = self.cri.state.clone();
+            let (tenant, id, name, ports) = (
+                p.tenant.clone(),
+                p.id.clone(),
+                format!("pod {}/{}", p.namespace, p.name),
+                p.ports.clone(),
+            );
+            let published = tokio::spawn(async move {
+                state
+                    .sandboxes
+                    .publish_owner(&tenant, &id, &name, &ports)
+                    .await
+            })
+            .await
+            .map_err(|e| Status::internal(format!("publishing the pod's ports: {e}")))?;
+            if let Err(e) = published {
+                let _ = self.cri.store.remove_pod(&p.id).await;
+                return Err(status::sandbox(e, &ctx));
+            }
         }
         tracing::info!(pod = %p.id, tenant = %p.tenant, name = %p.name, namespace = %p.namespace, "pod sandbox running");
         Ok(Response::new(cri::RunPodSandboxResponse {
@@ -571,11 +817,19 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let Some(p) = self.cri.store.pod(&id).await else {
             return Ok(Response::new(cri::StopPodSandboxResponse {}));
         };
+        let lock = self.cri.pod_lock(&p.id).await;
+        let _one = lock.lock().await;
         self.cri
             .store
             .set_pod_ready(&p.id, false)
             .await
             .map_err(|e| io_err(&e, &ctx))?;
+        // A stopped pod's network resources are reclaimed: its host ports go.
+        self.cri
+            .state
+            .sandboxes
+            .unpublish_owner(&p.tenant, &p.id)
+            .await;
         for c in self.cri.store.containers_of(&p.id).await {
             let Some(now) = self.cri.inspect(&c, &ctx).await? else {
                 continue;
@@ -619,11 +873,18 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let Some(p) = self.cri.store.pod(&id).await else {
             return Ok(Response::new(cri::RemovePodSandboxResponse {}));
         };
+        let lock = self.cri.pod_lock(&p.id).await;
+        let _one = lock.lock().await;
         self.cri
             .store
             .set_pod_ready(&p.id, false)
             .await
             .map_err(|e| io_err(&e, &ctx))?;
+        self.cri
+            .state
+            .sandboxes
+            .unpublish_owner(&p.tenant, &p.id)
+            .await;
         for c in self.cri.store.containers_of(&p.id).await {
             self.cri.remove_container(&c, &ctx).await?;
         }
@@ -632,6 +893,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .remove_pod(&p.id)
             .await
             .map_err(|e| io_err(&e, &ctx))?;
+        self.cri.pod_locks.lock().await.remove(&p.id);
         tracing::info!(pod = %p.id, tenant = %p.tenant, "pod sandbox removed");
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
@@ -658,7 +920,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             containers_statuses.push(cri_container_status(&c, now.as_ref()));
         }
         Ok(Response::new(cri::PodSandboxStatusResponse {
-            status: Some(self.cri.pod_status(&p, ip)),
+            status: Some(self.cri.pod_status(&p, ip, &self.cri.ready_tenants().await)),
             info,
             containers_statuses,
             timestamp: now_ns(),
@@ -670,6 +932,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         req: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
         let f = req.into_inner().filter.unwrap_or_default();
+        let ready = self.cri.ready_tenants().await;
         let mut items: Vec<cri::PodSandbox> = self
             .cri
             .store
@@ -680,13 +943,13 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .filter(|p| {
                 f.state
                     .as_ref()
-                    .is_none_or(|s| s.state == pod_state(p) as i32)
+                    .is_none_or(|s| s.state == pod_state(p, &ready) as i32)
             })
             .filter(|p| labels_match(&p.labels, &f.label_selector))
             .map(|p| cri::PodSandbox {
                 id: p.id.clone(),
                 metadata: Some(pod_metadata(&p)),
-                state: pod_state(&p) as i32,
+                state: pod_state(&p, &ready) as i32,
                 created_at: p.created_at_ns,
                 labels: unsorted(&p.labels),
                 annotations: unsorted(&p.annotations),
@@ -704,6 +967,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let ctx = Ctx::of(&req)?;
         let r = req.into_inner();
         let p = self.cri.pod_or_not_found(&r.pod_sandbox_id).await?;
+        // Held until the engine made the container: a stop or remove of the pod waits for it,
+        // and two creates of one name cannot both pass the check below.
+        let lock = self.cri.pod_lock(&p.id).await;
+        let _one = lock.lock().await;
+        let p = self.cri.pod_or_not_found(&p.id).await?;
         if !p.ready {
             return Err(Status::failed_precondition(format!(
                 "pod sandbox {} is stopped; run a new pod sandbox",
@@ -785,6 +1053,15 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             max_containers: 0,
             lower_dirs: Vec::new(),
             user: String::new(),
+            hostname: p.hostname.clone(),
+            resolv_conf: p.resolv_conf.clone(),
+            cap_drop: config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .and_then(|s| s.capabilities.as_ref())
+                .map(|c| c.drop_capabilities.clone())
+                .unwrap_or_default(),
         };
         let image_id = rootfs.image.config_digest.to_string();
         convert::apply_image(&mut create, rootfs)?;
@@ -839,7 +1116,13 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .await
             .map_err(|e| Status::internal(format!("creating the container: {e}")))?;
         if let Err(e) = made {
-            let _ = self.cri.store.remove_container(&id).await;
+            // The engine may have made it before the error (a cut connection): delete it there
+            // too, so no engine container is unknown to the CRI.
+            if let Some(rec) = self.cri.store.container(&id).await
+                && let Err(d) = self.cri.remove_container(&rec, &ctx).await
+            {
+                tracing::warn!(container = %id, error = %d, "a failed create left a record; RemoveContainer deletes it");
+            }
             return Err(status::sandbox(e, &ctx));
         }
         tracing::info!(pod = %p.id, container = %id, tenant = %p.tenant, "container created");
@@ -869,7 +1152,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         })
         .await
         .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))?;
-        self.cri.logs.start(self.cri.clone(), &c, false).await;
+        self.cri.logs.start(self.cri.clone(), &c).await;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 
@@ -1024,7 +1307,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .cri
             .container_or_not_found(&req.into_inner().container_id)
             .await?;
-        if !self.cri.logs.reopen(&c.id).await {
+        let reopened =
+            self.cri.logs.reopen(&c.id).await.map_err(|e| {
+                Status::internal(format!("reopening the log file {}: {e}", c.log_path))
+            })?;
+        if !reopened {
             return Err(Status::failed_precondition(format!(
                 "container {} is not running: its log is not being written",
                 c.id
@@ -1272,7 +1559,13 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         &self,
         _req: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(status::unimplemented("GetContainerEvents"))
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        // Subscribed before the answer: no event after it is missed.
+        let followers = super::events::subscribe(&self.cri).await;
+        tokio::spawn(super::events::run(self.cri.clone(), followers, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_metric_descriptors(

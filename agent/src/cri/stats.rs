@@ -33,7 +33,8 @@ impl Readings {
         )
     }
 
-    fn of(&self, c: &ContainerRecord) -> Option<&Counters> {
+    /// The last reading of `c`.
+    pub fn of(&self, c: &ContainerRecord) -> Option<&Counters> {
         self.0.get(&(c.tenant.clone(), c.id.clone()))
     }
 }
@@ -106,7 +107,9 @@ pub fn pod(
         sum.memory_working_set += c.memory_working_set;
         sum.pids += c.pids;
     }
-    let sum = any.then_some(&sum);
+    // Removed containers' CPU stays in the total: it is cumulative and must not go back.
+    sum.cpu_ns += p.removed_cpu_ns;
+    let sum = (any || p.removed_cpu_ns > 0).then_some(&sum);
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
             id: p.id.clone(),

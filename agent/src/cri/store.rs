@@ -42,6 +42,15 @@ pub struct PodRecord {
     pub annotations: BTreeMap<String, String>,
     /// The runtime handler it was run with.
     pub runtime_handler: String,
+    /// Its host ports (`hostPort`), published to its tenant's address while it is ready.
+    #[serde(default)]
+    pub ports: Vec<(crate::net::ports::Proto, u16, u16)>,
+    /// Its `/etc/resolv.conf`, from its DNS config (empty: the tenant's).
+    #[serde(default)]
+    pub resolv_conf: String,
+    /// CPU time of its removed containers, so that the pod's total never goes back.
+    #[serde(default)]
+    pub removed_cpu_ns: u64,
 }
 
 /// The CRI side of one container of a pod.
@@ -69,6 +78,18 @@ pub struct ContainerRecord {
     pub log_path: String,
     /// Creation time, ns since the epoch.
     pub created_at_ns: i64,
+}
+
+/// How far a container's output has been copied to its CRI log: byte offsets of the engine's
+/// stdout and stderr files, and whether the copy is complete (the container exited).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogOffsets {
+    /// Bytes of stdout copied.
+    pub stdout: u64,
+    /// Bytes of stderr copied.
+    pub stderr: u64,
+    /// The output ended and all of it is in the log.
+    pub done: bool,
 }
 
 /// Every pod and CRI container record.
@@ -100,9 +121,25 @@ fn load<T: for<'de> Deserialize<'de>>(dir: &Path) -> io::Result<Vec<T>> {
 }
 
 impl CriStore {
+    /// The ready pods that publish ports, by tenant (their ports outlive an agent restart).
+    pub fn port_owners(&self) -> HashMap<String, std::collections::HashSet<String>> {
+        let mut out: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        for p in self
+            .pods
+            .try_lock()
+            .map(|g| g.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            if p.ready && !p.ports.is_empty() {
+                out.entry(p.tenant).or_default().insert(p.id);
+            }
+        }
+        out
+    }
+
     /// Opens (and creates) the store under `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for d in ["pods", "containers"] {
+        for d in ["pods", "containers", "logs"] {
             crate::fsutil::ensure_dir(&root.join(d), 0o700)?;
         }
         let pods: Vec<PodRecord> = load(&root.join("pods"))?;
@@ -181,6 +218,20 @@ impl CriStore {
         Ok(())
     }
 
+    /// Adds a removed container's CPU time to its pod's total.
+    pub async fn add_removed_cpu(&self, id: &str, ns: u64) -> io::Result<()> {
+        let mut pods = self.pods.lock().await;
+        if let Some(p) = pods.get_mut(id)
+            && ns > 0
+        {
+            let mut q = p.clone();
+            q.removed_cpu_ns = q.removed_cpu_ns.saturating_add(ns);
+            self.write("pods", id, &q)?;
+            *p = q;
+        }
+        Ok(())
+    }
+
     /// Forgets a pod.
     pub async fn remove_pod(&self, id: &str) -> io::Result<()> {
         let mut pods = self.pods.lock().await;
@@ -233,9 +284,25 @@ impl CriStore {
             .collect()
     }
 
+    /// How far the container's output was copied (zero when never).
+    pub fn log_offsets(&self, id: &str) -> LogOffsets {
+        crate::fsutil::read_capped(&self.path("logs", id), 4096)
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records how far the output was copied. Without fsync: after a host crash the copy
+    /// starts again from an older offset, and lines are written twice, not lost.
+    pub fn set_log_offsets(&self, id: &str, o: LogOffsets) -> io::Result<()> {
+        let data = serde_json::to_vec(&o).map_err(io::Error::other)?;
+        crate::fsutil::write_replace_volatile(&self.path("logs", id), &data, 0o600)
+    }
+
     /// Forgets a container.
     pub async fn remove_container(&self, id: &str) -> io::Result<()> {
         let mut cs = self.containers.lock().await;
+        self.unlink("logs", id)?;
         self.unlink("containers", id)?;
         cs.remove(id);
         Ok(())

@@ -128,6 +128,12 @@ pub struct CreateSpec {
     pub lower_dirs: Vec<PathBuf>,
     /// `uid[:gid]` or `name[:group]` inside; empty = root.
     pub user: String,
+    /// Host name inside; empty = the name.
+    pub hostname: String,
+    /// /etc/resolv.conf content; empty = the tenant's.
+    pub resolv_conf: String,
+    /// Capabilities dropped from the default set.
+    pub cap_drop: Vec<String>,
 }
 
 /// The tenant's containers.
@@ -440,6 +446,7 @@ impl Engine {
                     let _ = ct.delete(true);
                 }
                 let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_file(self.paths.run.join(format!("resolv-{}.conf", c.id)));
                 Err(e)
             }
         }
@@ -468,9 +475,17 @@ impl Engine {
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let rootfs_done = t0.elapsed();
         let cgroup = self.cgroup(&c.id);
-        let resolv = self.paths.run.join("resolv.conf");
+        let resolv = if c.resolv_conf.is_empty() {
+            self.paths.run.join("resolv.conf")
+        } else {
+            // In the run dir, which the tenant's root may traverse (the state dir it may not).
+            let own = self.paths.run.join(format!("resolv-{}.conf", c.id));
+            fs::write(&own, &c.resolv_conf).map_err(|e| rt("resolv.conf")(&e))?;
+            own
+        };
         let spec = spec::build(&spec::ContainerSpec {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
+            cap_drop: &c.cap_drop,
             rootfs: &root,
             command: &c.command,
             env: &c.env,
@@ -480,7 +495,11 @@ impl Engine {
             cpus: c.cpus,
             memory_bytes: c.memory_bytes,
             pids: c.pids,
-            hostname: &c.name,
+            hostname: if c.hostname.is_empty() {
+                &c.name
+            } else {
+                &c.hostname
+            },
             uid,
             gid,
         })
@@ -584,7 +603,7 @@ impl Engine {
         args: Vec<String>,
         env: &[String],
         workdir: &str,
-    ) -> Result<(OwnedFd, OwnedFd, tokio::sync::oneshot::Receiver<i32>), EngineError> {
+    ) -> Result<(OwnedFd, OwnedFd, tokio::sync::oneshot::Receiver<i32>, i32), EngineError> {
         let id = self.resolve(key)?;
         let r = self
             .recs
@@ -634,7 +653,18 @@ impl Engine {
         let _ = nix::sys::prctl::set_dumpable(true);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.execs.insert(pid.as_raw(), tx);
-        Ok((out_r, err_r, rx))
+        Ok((out_r, err_r, rx, pid.as_raw()))
+    }
+
+    /// Kills an exec process whose caller went away. Only one not reaped yet: its pid is still
+    /// the engine's child, so it cannot have been reused.
+    pub fn kill_exec(&mut self, pid: i32) {
+        if self.execs.contains_key(&pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 
     /// A receiver that turns true once the container has exited.
@@ -675,6 +705,7 @@ impl Engine {
         let mp = self.paths.mountpoint(id);
         rootfs::unmount(&mp);
         let _ = fs::remove_dir(&mp);
+        let _ = fs::remove_file(self.paths.run.join(format!("resolv-{id}.conf")));
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "removing the container dir failed");
         }

@@ -23,6 +23,8 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Longest a log line read for `tail` may be before it is cut.
 const MAX_TAIL_BYTES: u64 = 8 << 20;
+/// Largest piece of a log file sent in one message while following.
+const MAX_LOG_CHUNK: usize = 1 << 20;
 
 fn status(e: EngineError) -> Status {
     match e {
@@ -113,6 +115,9 @@ impl epb::engine_server::Engine for EngineSvc {
             max_containers: r.max_containers,
             lower_dirs: r.lower_dirs.into_iter().map(PathBuf::from).collect(),
             user: r.user,
+            hostname: r.hostname,
+            resolv_conf: r.resolv_conf,
+            cap_drop: r.cap_drop,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
@@ -233,7 +238,7 @@ impl epb::engine_server::Engine for EngineSvc {
         req: Request<epb::ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let r = req.into_inner();
-        let (out, err, code) = self
+        let (out, err, code, pid) = self
             .lock()?
             .exec(&r.container, r.command, &r.env, &r.workdir)
             .map_err(status)?;
@@ -260,6 +265,22 @@ impl epb::engine_server::Engine for EngineSvc {
                 }
             }
         };
+        // A caller that goes away (a probe's timeout) takes its process with it.
+        // (The watch ends with the output, so that the stream can end.)
+        let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
+        {
+            let (tx, eng) = (tx.clone(), self.eng.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tx.closed() => {
+                        if let Ok(mut e) = eng.lock() {
+                            e.kill_exec(pid);
+                        }
+                    }
+                    _ = &mut finish => {}
+                }
+            });
+        }
         let out_task = tokio::spawn(pump(out, pb::exec_output::Output::Stdout));
         let err_task = tokio::spawn(pump(err, pb::exec_output::Output::Stderr));
         tokio::spawn(async move {
@@ -272,6 +293,7 @@ impl epb::engine_server::Engine for EngineSvc {
                 Err(_) => Err(Status::aborted("the exec process was lost")),
             };
             let _ = tx.send(last).await;
+            drop(finished);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -295,28 +317,44 @@ impl epb::engine_server::Engine for EngineSvc {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let stop = self.shutdown.clone();
         let (tail, follow) = (r.tail, r.follow);
+        let resume = (r.stdout_offset, r.stderr_offset);
         tokio::spawn(async move {
             let mut offsets = Vec::new();
             for (stream, path) in &files {
+                let from = match stream {
+                    pb::LogStream::Stderr => resume.1,
+                    _ => resume.0,
+                };
+                if let Some(off) = from {
+                    offsets.push(off);
+                    continue;
+                }
                 let (data, end) = read_tail(path, tail);
                 if !data.is_empty() && tx.send(Ok(chunk(*stream, data))).await.is_err() {
                     return;
                 }
                 offsets.push(end);
             }
-            if !follow {
+            if !follow && resume == (None, None) {
                 return;
             }
             loop {
                 let done = *exited.borrow();
+                // Read in pieces of at most MAX_LOG_CHUNK; a file with more is read again at
+                // once, not after the poll interval.
+                let mut more = false;
                 for ((stream, path), off) in files.iter().zip(offsets.iter_mut()) {
                     let (data, end) = read_from(path, *off);
+                    more |= data.len() == MAX_LOG_CHUNK;
                     *off = end;
                     if !data.is_empty() && tx.send(Ok(chunk(*stream, data))).await.is_err() {
                         return;
                     }
                 }
-                if done {
+                if more {
+                    continue;
+                }
+                if done || !follow {
                     return;
                 }
                 tokio::select! {
@@ -669,12 +707,15 @@ fn read_tail(path: &std::path::Path, lines: u32) -> (Vec<u8>, u64) {
     (buf[cut..].to_vec(), end)
 }
 
+/// What a file holds from `off` on, at most [`MAX_LOG_CHUNK`] bytes, and the offset after it.
 fn read_from(path: &std::path::Path, off: u64) -> (Vec<u8>, u64) {
     let Ok(mut f) = std::fs::File::open(path) else {
         return (Vec::new(), off);
     };
     let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(off)).is_err() || f.read_to_end(&mut buf).is_err() {
+    if f.seek(SeekFrom::Start(off)).is_err()
+        || f.take(MAX_LOG_CHUNK as u64).read_to_end(&mut buf).is_err()
+    {
         return (Vec::new(), off);
     }
     let end = off + buf.len() as u64;

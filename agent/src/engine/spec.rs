@@ -43,12 +43,39 @@ pub struct ContainerSpec<'a> {
     pub gid: u32,
     /// The tenant's resolv.conf, bound read-only at /etc/resolv.conf (tenant networks on).
     pub resolv_conf: Option<&'a Path>,
+    /// Capabilities dropped from the default set (`NET_RAW`, `CAP_NET_RAW`, or `ALL`).
+    pub cap_drop: &'a [String],
 }
 
 /// Why a spec could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("building the OCI spec: {0}")]
-pub struct SpecError(#[from] oci_spec::OciSpecError);
+pub enum SpecError {
+    /// The spec builder refused a value.
+    #[error("building the OCI spec: {0}")]
+    Oci(#[from] oci_spec::OciSpecError),
+    /// A capability name that is not one.
+    #[error("cap_drop: {0:?} is not a capability name (such as NET_RAW, or ALL)")]
+    Capability(String),
+}
+
+/// The default capability set less `drop`.
+pub fn capabilities(drop: &[String]) -> Result<std::collections::HashSet<Capability>, SpecError> {
+    let mut caps: std::collections::HashSet<Capability> = CAPS.iter().copied().collect();
+    for name in drop {
+        let upper = name.to_uppercase();
+        if upper == "ALL" {
+            caps.clear();
+            continue;
+        }
+        // oci-spec parses the name without its `CAP_` prefix.
+        let cap: Capability = upper
+            .trim_start_matches("CAP_")
+            .parse()
+            .map_err(|_| SpecError::Capability(name.clone()))?;
+        caps.remove(&cap);
+    }
+    Ok(caps)
+}
 
 /// Docker's default capability set.
 const CAPS: &[Capability] = &[
@@ -195,7 +222,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(format!("PATH={}", super::rootfs::DEFAULT_PATH));
     }
-    let caps: std::collections::HashSet<Capability> = CAPS.iter().copied().collect();
+    let caps = capabilities(c.cap_drop)?;
     let mut capabilities = LinuxCapabilities::default();
     capabilities.set_bounding(Some(caps.clone()));
     capabilities.set_effective(Some(caps.clone()));

@@ -53,6 +53,10 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 pub struct ImagesConfig {
     /// Registries (`host` or `host:port`) spoken to over plain HTTP instead of HTTPS.
     pub insecure_registries: Vec<String>,
+    /// Registries reached through another endpoint, by registry host (`docker.io` for Docker
+    /// Hub), as containerd's `hosts.toml` mirrors: an offline cluster pulls `registry.k8s.io/...`
+    /// from a local registry. Images keep the name they were asked by.
+    pub mirrors: std::collections::BTreeMap<String, Mirror>,
     /// Largest image: its compressed blobs, and again its unpacked file content, in bytes.
     pub max_image_bytes: u64,
     /// Blob downloads of one image at the same time (1 ..= 16); layer unpacks, across the whole
@@ -68,6 +72,7 @@ impl Default for ImagesConfig {
     fn default() -> Self {
         Self {
             insecure_registries: Vec::new(),
+            mirrors: std::collections::BTreeMap::new(),
             max_image_bytes: 16 << 30,
             parallel_layers: 4,
             connect_timeout_secs: 10,
@@ -76,21 +81,42 @@ impl Default for ImagesConfig {
     }
 }
 
+/// Where a mirrored registry is reached.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// `host` or `host:port` of the registry that serves in its place.
+    pub endpoint: String,
+    /// Speak plain HTTP to it (a local registry).
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+/// Checks a `host` or `host:port`.
+fn check_host(field: String, r: &str) -> Result<(), Invalid> {
+    if r.is_empty()
+        || r.len() > 255
+        || r.contains("://")
+        || r.contains('/')
+        || r.chars().any(char::is_whitespace)
+    {
+        return Err(Invalid::new(
+            field,
+            format!("{r:?} is not a host or host:port (no scheme, no path)"),
+        ));
+    }
+    Ok(())
+}
+
 impl ImagesConfig {
     /// Checks every value.
     pub fn validate(&self) -> Result<(), Invalid> {
         for (i, r) in self.insecure_registries.iter().enumerate() {
-            if r.is_empty()
-                || r.len() > 255
-                || r.contains("://")
-                || r.contains('/')
-                || r.chars().any(char::is_whitespace)
-            {
-                return Err(Invalid::new(
-                    format!("images.insecure_registries[{i}]"),
-                    format!("{r:?} is not a host or host:port (no scheme, no path)"),
-                ));
-            }
+            check_host(format!("images.insecure_registries[{i}]"), r)?;
+        }
+        for (host, m) in &self.mirrors {
+            check_host(format!("images.mirrors.{host:?}"), host)?;
+            check_host(format!("images.mirrors.{host:?}.endpoint"), &m.endpoint)?;
         }
         crate::validate::check_range(
             "images.max_image_bytes",
@@ -174,10 +200,10 @@ impl ImageRecord {
             .chain(self.layers.iter().map(|l| &l.digest))
     }
 
-    /// Whether `q` names this image: its reference as given or normalized, or its digest
-    /// (bare or after `@`).
+    /// Whether `q` names this image: its reference as given or normalized, its digest (bare or
+    /// after `@`), or its id (the config digest, as the CRI names images).
     pub fn matches(&self, q: &str) -> bool {
-        if q == self.reference || q == self.normalized {
+        if q == self.reference || q == self.normalized || q == self.config_digest.as_str() {
             return true;
         }
         let digest = q.rsplit_once('@').map_or(q, |(_, d)| d);

@@ -86,9 +86,18 @@ pub struct Resolved {
 
 impl Remote {
     /// A client for `reference` with `creds` (anonymous when empty).
-    pub fn new(cfg: &ImagesConfig, reference: Reference, creds: &Credentials) -> Self {
+    pub fn new(cfg: &ImagesConfig, mut reference: Reference, creds: &Credentials) -> Self {
+        let mut plain = cfg.insecure_registries.clone();
+        // A mirrored registry is asked at its mirror (with `?ns=<registry>`, as containerd
+        // does); the image keeps its own name.
+        if let Some(m) = cfg.mirrors.get(reference.registry()) {
+            reference.set_mirror_registry(m.endpoint.clone());
+            if m.plain_http {
+                plain.push(m.endpoint.clone());
+            }
+        }
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(cfg.insecure_registries.clone()),
+            protocol: ClientProtocol::HttpsExcept(plain),
             connect_timeout: Some(Duration::from_secs(cfg.connect_timeout_secs)),
             read_timeout: Some(Duration::from_secs(cfg.read_timeout_secs)),
             platform_resolver: None,

@@ -63,12 +63,23 @@ pub struct Published {
     pub tenant_ip: Ipv4Addr,
 }
 
+/// How an owner is named in messages: a CRI pod's name reads `pod <namespace>/<name>`, a
+/// container's is quoted.
+fn owner(name: &str) -> String {
+    if name.starts_with("pod ") {
+        name.to_string()
+    } else {
+        format!("container {name:?}")
+    }
+}
+
 /// A port that cannot be published.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PortError {
     /// Another container holds it.
     #[error(
-        "host port {port}/{proto} is published by container {name:?} of tenant {tenant:?}; pick another host port or delete that container"
+        "host port {port}/{proto} is published by {} of tenant {tenant:?}; pick another host port or delete {}",
+        owner(name), if name.starts_with("pod ") { "that pod" } else { "that container" }
     )]
     Taken {
         /// Host port.

@@ -111,6 +111,9 @@ pub struct Manager {
     import_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// When the watcher last tried to boot again a VM tenant it had marked failed.
     vm_retries: Mutex<HashMap<String, std::time::Instant>>,
+    /// Owners of published ports that are not engine containers (CRI pods), by tenant: kept
+    /// when recovery releases the ports of containers that are gone.
+    port_owners: HashMap<String, std::collections::HashSet<String>>,
 }
 
 /// What every VM tenant's machine starts from.
@@ -218,6 +221,7 @@ impl Manager {
             vm_accel: ("unprobed".into(), None),
             import_locks: Mutex::new(HashMap::new()),
             vm_retries: Mutex::new(HashMap::new()),
+            port_owners: HashMap::new(),
         })
     }
 
@@ -340,7 +344,13 @@ impl Manager {
                             }
                             // Ports of containers deleted while the agent was down go.
                             if let Some(n) = &self.network {
-                                let alive = containers.into_iter().map(|c| c.id).collect();
+                                let alive = containers
+                                    .into_iter()
+                                    .map(|c| c.id)
+                                    .chain(
+                                        self.port_owners.get(&t.id).into_iter().flatten().cloned(),
+                                    )
+                                    .collect();
                                 let gone = n.prune(Some((&t.id, &alive)), None).await;
                                 if gone > 0 {
                                     tracing::info!(tenant = %t.id, ports = gone, "released the ports of containers that are gone");
@@ -789,32 +799,7 @@ impl Manager {
         publish: &[(crate::net::ports::Proto, u16, u16)],
     ) -> Result<pb::Container, SandboxError> {
         let (t, mut eng) = self.engine_of(tenant).await?;
-        let mut published = Vec::new();
-        if !publish.is_empty() {
-            let (Some(n), Some(subnet), false) = (
-                &self.network,
-                t.subnet,
-                t.isolation == crate::tenants::Isolation::Vm,
-            ) else {
-                return Err(SandboxError::NoNetwork { tenant: t.id });
-            };
-            let ip = crate::net::addresses(subnet).1;
-            published = publish
-                .iter()
-                .map(
-                    |&(proto, host_port, container_port)| crate::net::ports::Published {
-                        proto,
-                        host_port,
-                        container_port,
-                        tenant: t.id.clone(),
-                        container: req.id.clone(),
-                        name: req.name.clone(),
-                        tenant_ip: ip,
-                    },
-                )
-                .collect();
-            n.publish(&published).await?;
-        }
+        let published = self.publish_for(&t, &req.id, &req.name, publish).await?;
         if t.isolation == crate::tenants::Isolation::Vm {
             // One import at a time per tenant: two creates from the same image must not send
             // the same layer twice at once.
@@ -855,6 +840,72 @@ impl Manager {
             m.track_container(&t.id, &c.id, &c.name).await;
         }
         Ok(self.with_ports(c).await)
+    }
+
+    /// Publishes `publish` (`(protocol, host port, container port)`) to the tenant's address for
+    /// `owner` (a container id, or a CRI pod's id): all of them or none.
+    async fn publish_for(
+        &self,
+        t: &crate::tenants::Tenant,
+        owner: &str,
+        name: &str,
+        publish: &[(crate::net::ports::Proto, u16, u16)],
+    ) -> Result<Vec<crate::net::ports::Published>, SandboxError> {
+        if publish.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (Some(n), Some(subnet), false) = (
+            &self.network,
+            t.subnet,
+            t.isolation == crate::tenants::Isolation::Vm,
+        ) else {
+            return Err(SandboxError::NoNetwork {
+                tenant: t.id.clone(),
+            });
+        };
+        let ip = crate::net::addresses(subnet).1;
+        let published: Vec<_> = publish
+            .iter()
+            .map(
+                |&(proto, host_port, container_port)| crate::net::ports::Published {
+                    proto,
+                    host_port,
+                    container_port,
+                    tenant: t.id.clone(),
+                    container: owner.to_string(),
+                    name: name.to_string(),
+                    tenant_ip: ip,
+                },
+            )
+            .collect();
+        n.publish(&published).await?;
+        Ok(published)
+    }
+
+    /// Publishes ports of an owner that is not an engine container (a CRI pod, whose ports
+    /// lead to its tenant's address): all of them or none.
+    pub async fn publish_owner(
+        &self,
+        tenant: &str,
+        owner: &str,
+        name: &str,
+        publish: &[(crate::net::ports::Proto, u16, u16)],
+    ) -> Result<(), SandboxError> {
+        let t = self.registry.get(tenant).await?;
+        self.publish_for(&t, owner, name, publish).await.map(|_| ())
+    }
+
+    /// Releases the ports of `owner` (a container or a CRI pod) of `tenant`.
+    pub async fn unpublish_owner(&self, tenant: &str, owner: &str) {
+        if let Some(n) = &self.network {
+            n.unpublish_container(tenant, owner).await;
+        }
+    }
+
+    /// Owners of published ports that are not engine containers, by tenant (CRI pods): recovery
+    /// keeps their ports. Set before [`Manager::recover`].
+    pub fn keep_port_owners(&mut self, owners: HashMap<String, std::collections::HashSet<String>>) {
+        self.port_owners = owners;
     }
 
     /// `c` with its usage inside the guest and its share of the VMM's CPU time on the host, when
