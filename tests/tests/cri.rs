@@ -1658,11 +1658,12 @@ async fn unsupported_container_fields_are_refused_by_name() {
             },
         ),
         (
-            "mounts",
+            "propagation",
             cri::ContainerConfig {
                 mounts: vec![cri::Mount {
                     container_path: "/data".into(),
                     host_path: host_dir.display().to_string(),
+                    propagation: cri::MountPropagation::PropagationBidirectional as i32,
                     ..Default::default()
                 }],
                 ..base.clone()
@@ -2548,6 +2549,97 @@ async fn container_events_follow_a_containers_life() {
             cri::ContainerEventType::ContainerDeletedEvent,
         ]
     );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// Volumes: a host directory bound read-write is written through to the host, one bound
+/// read-only cannot be written, and both are listed in the container's status; a host path that
+/// does not exist or a container path with `..` is INVALID_ARGUMENT and makes no container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_paths_are_bound_in_as_volumes() {
+    registry_or_skip!("host_paths_are_bound_in_as_volumes");
+    use std::os::unix::fs::PermissionsExt;
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-vol", "v");
+    let pod_id = k.ready_pod(&pod).await;
+    // The tenant's root reaches the volumes as "others" (as kubelet's emptyDirs are 0777).
+    let root = k.agent.dir.path().to_path_buf();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let rw = root.join("vol-rw");
+    let ro = root.join("vol-ro");
+    for d in [&rw, &ro] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::fs::write(ro.join("config.txt"), "from the host\n").unwrap();
+    let mount = |host: &Path, inside: &str, readonly: bool| cri::Mount {
+        container_path: inside.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let mut c = k.container(
+        &pod,
+        "vols",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/app/config.txt; echo written > /data/out.txt; \
+             if (echo x > /etc/app/new.txt) 2>/dev/null; then echo RO-WRITABLE; else echo ro-refused; fi",
+        ],
+        &[],
+    );
+    c.mounts = vec![mount(&rw, "/data", false), mount(&ro, "/etc/app", true)];
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out.txt")).unwrap(),
+        "written\n",
+        "a read-write volume is written through to the host"
+    );
+    assert!(
+        !ro.join("new.txt").exists(),
+        "a read-only volume was written"
+    );
+    let records = expect_output(&st, "vols", "from the host\nro-refused\n", "").await;
+    assert!(!records.is_empty());
+    let listed: Vec<(String, String, bool)> = st
+        .mounts
+        .iter()
+        .map(|m| (m.host_path.clone(), m.container_path.clone(), m.readonly))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (rw.display().to_string(), "/data".to_string(), false),
+            (ro.display().to_string(), "/etc/app".to_string(), true),
+        ]
+    );
+
+    let before = k.container_ids(None).await;
+    for (name, m, field) in [
+        (
+            "missing",
+            mount(&root.join("no-such-dir"), "/x", false),
+            "host_path",
+        ),
+        ("dotdot", mount(&rw, "/x/../etc", false), "container_path"),
+    ] {
+        let mut bad = k.container(&pod, name, &bb.id, &["true"], &[]);
+        bad.mounts = vec![m];
+        let e = expect_code(
+            k.create(&pod_id, &pod, &bad).await,
+            Code::InvalidArgument,
+            &format!("a volume with a bad {field}"),
+        );
+        assert!(
+            e.message().contains(&format!("config.mounts[0].{field}")),
+            "the error names the field: {e:?}"
+        );
+    }
+    assert_eq!(k.container_ids(None).await, before, "no container was made");
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }

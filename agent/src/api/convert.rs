@@ -258,6 +258,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             hostname: String::new(),
             resolv_conf: String::new(),
             cap_drop: Vec::new(),
+            mounts: Vec::new(),
         },
     })
 }

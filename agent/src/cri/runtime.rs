@@ -443,7 +443,16 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
         message,
         labels: unsorted(&r.labels),
         annotations: unsorted(&r.annotations),
-        mounts: Vec::new(),
+        mounts: r
+            .mounts
+            .iter()
+            .map(|(host, inside, ro)| cri::Mount {
+                container_path: inside.clone(),
+                host_path: host.clone(),
+                readonly: *ro,
+                ..Default::default()
+            })
+            .collect(),
         log_path: r.log_path.clone(),
         resources: None,
         image_id: r.image_id.clone(),
@@ -626,7 +635,6 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
         return Err(bad("config.image.image", "must name an image"));
     }
     for (set, field) in [
-        (!c.mounts.is_empty(), "config.mounts"),
         (!c.devices.is_empty(), "config.devices"),
         (!c.cdi_devices.is_empty(), "config.cdi_devices"),
         (c.tty, "config.tty"),
@@ -690,6 +698,66 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
         }
     }
     Ok(())
+}
+
+/// A container's volumes: host paths bound in, checked.
+fn mounts_of(c: &cri::ContainerConfig) -> Result<Vec<epb::BindMount>, Status> {
+    let mut out = Vec::new();
+    for (i, m) in c.mounts.iter().enumerate() {
+        let f = |name: &str| format!("config.mounts[{i}].{name}");
+        if m.image.as_ref().is_some_and(|im| !im.image.is_empty()) {
+            return Err(unsupported(&format!("{} (image volumes)", f("image"))));
+        }
+        if m.propagation != cri::MountPropagation::PropagationPrivate as i32 {
+            return Err(unsupported(&format!(
+                "{} other than private",
+                f("propagation")
+            )));
+        }
+        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+            return Err(unsupported(&f("uid_mappings")));
+        }
+        if m.recursive_read_only {
+            return Err(unsupported(&f("recursive_read_only")));
+        }
+        let host = std::path::Path::new(&m.host_path);
+        if !host.is_absolute()
+            || host
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(bad(
+                &f("host_path"),
+                "must be an absolute path without `..`",
+            ));
+        }
+        if !host.exists() {
+            return Err(bad(
+                &f("host_path"),
+                format!("{} does not exist on this node", m.host_path),
+            ));
+        }
+        let inside = std::path::Path::new(&m.container_path);
+        if !inside.is_absolute()
+            || inside
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            || inside == std::path::Path::new("/")
+            || inside.starts_with("/proc")
+            || inside.starts_with("/sys")
+        {
+            return Err(bad(
+                &f("container_path"),
+                "must be an absolute path without `..`, and not /, /proc or /sys",
+            ));
+        }
+        out.push(epb::BindMount {
+            host_path: m.host_path.clone(),
+            container_path: m.container_path.clone(),
+            readonly: m.readonly,
+        });
+    }
+    Ok(out)
 }
 
 /// The `user` an engine is given from a container's security context (None: the image's).
@@ -1055,6 +1123,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             user: String::new(),
             hostname: p.hostname.clone(),
             resolv_conf: p.resolv_conf.clone(),
+            mounts: mounts_of(&config)?,
             cap_drop: config
                 .linux
                 .as_ref()
@@ -1063,6 +1132,19 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .map(|c| c.drop_capabilities.clone())
                 .unwrap_or_default(),
         };
+        if !create.mounts.is_empty()
+            && self
+                .cri
+                .state
+                .sandboxes
+                .tenant(&p.tenant)
+                .await
+                .is_ok_and(|t| t.isolation == Isolation::Vm)
+        {
+            return Err(unsupported(
+                "config.mounts in a VM tenant (host paths are not in the guest)",
+            ));
+        }
         let image_id = rootfs.image.config_digest.to_string();
         convert::apply_image(&mut create, rootfs)?;
         if let Some(u) = user {
@@ -1100,6 +1182,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             annotations: sorted(config.annotations),
             log_path,
             created_at_ns: now_ns(),
+            mounts: create
+                .mounts
+                .iter()
+                .map(|m| (m.host_path.clone(), m.container_path.clone(), m.readonly))
+                .collect(),
         };
         // The record first: a container the engine made is never one the CRI does not know.
         self.cri

@@ -78,6 +78,9 @@ pub struct ContainerRecord {
     pub log_path: String,
     /// Creation time, ns since the epoch.
     pub created_at_ns: i64,
+    /// Host paths bound in: (host path, container path, read-only).
+    #[serde(default)]
+    pub mounts: Vec<(String, String, bool)>,
 }
 
 /// How far a container's output has been copied to its CRI log: byte offsets of the engine's

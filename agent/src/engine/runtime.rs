@@ -134,6 +134,8 @@ pub struct CreateSpec {
     pub resolv_conf: String,
     /// Capabilities dropped from the default set.
     pub cap_drop: Vec<String>,
+    /// Host paths bound in: (host path, container path, read-only).
+    pub mounts: Vec<(PathBuf, String, bool)>,
 }
 
 /// The tenant's containers.
@@ -486,6 +488,7 @@ impl Engine {
         let spec = spec::build(&spec::ContainerSpec {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
+            mounts: &c.mounts,
             rootfs: &root,
             command: &c.command,
             env: &c.env,
@@ -503,7 +506,10 @@ impl Engine {
             uid,
             gid,
         })
-        .map_err(|e| rt("spec")(&e))?;
+        .map_err(|e| match e {
+            spec::SpecError::Oci(_) => rt("spec")(&e),
+            _ => EngineError::Invalid(e.to_string()),
+        })?;
         let bundle = dir.join("bundle");
         fs::create_dir_all(&bundle).map_err(|e| rt("bundle")(&e))?;
         spec.save(bundle.join("config.json"))

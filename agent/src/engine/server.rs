@@ -118,6 +118,11 @@ impl epb::engine_server::Engine for EngineSvc {
             hostname: r.hostname,
             resolv_conf: r.resolv_conf,
             cap_drop: r.cap_drop,
+            mounts: r
+                .mounts
+                .into_iter()
+                .map(|m| (PathBuf::from(m.host_path), m.container_path, m.readonly))
+                .collect(),
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

@@ -45,6 +45,8 @@ pub struct ContainerSpec<'a> {
     pub resolv_conf: Option<&'a Path>,
     /// Capabilities dropped from the default set (`NET_RAW`, `CAP_NET_RAW`, or `ALL`).
     pub cap_drop: &'a [String],
+    /// Host paths bound in: (host path, container path, read-only).
+    pub mounts: &'a [(std::path::PathBuf, String, bool)],
 }
 
 /// Why a spec could not be built.
@@ -53,9 +55,36 @@ pub enum SpecError {
     /// The spec builder refused a value.
     #[error("building the OCI spec: {0}")]
     Oci(#[from] oci_spec::OciSpecError),
+    /// A bind mount that cannot be.
+    #[error("mounts: {0}")]
+    Mount(String),
     /// A capability name that is not one.
     #[error("cap_drop: {0:?} is not a capability name (such as NET_RAW, or ALL)")]
     Capability(String),
+}
+
+/// A bind mount's paths: an existing absolute host path, an absolute container path without
+/// `..` that is not `/` nor under /proc or /sys.
+fn check_bind(host: &Path, inside: &str) -> Result<(), SpecError> {
+    if !host.is_absolute() || !host.exists() {
+        return Err(SpecError::Mount(format!(
+            "host path {} must be an absolute path that exists",
+            host.display()
+        )));
+    }
+    let p = Path::new(inside);
+    let bad = !p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        || p == Path::new("/")
+        || p.starts_with("/proc")
+        || p.starts_with("/sys");
+    if bad {
+        return Err(SpecError::Mount(format!(
+            "container path {inside:?} must be absolute, without `..`, and not /, /proc or /sys"
+        )));
+    }
+    Ok(())
 }
 
 /// The default capability set less `drop`.
@@ -239,6 +268,25 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
         .capabilities(capabilities)
         .build()?;
     spec.set_process(Some(process));
+    if !c.mounts.is_empty() {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for (host, inside, ro) in c.mounts {
+            check_bind(host, inside)?;
+            let mut options: Vec<String> = ["rbind", "rprivate", "nosuid", "nodev"]
+                .map(String::from)
+                .to_vec();
+            options.push(if *ro { "ro" } else { "rw" }.into());
+            mounts.push(
+                MountBuilder::default()
+                    .destination(inside)
+                    .typ("bind")
+                    .source(host)
+                    .options(options)
+                    .build()?,
+            );
+        }
+        spec.set_mounts(Some(mounts));
+    }
     if let Some(conf) = c.resolv_conf {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         mounts.push(
