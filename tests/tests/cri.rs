@@ -2643,3 +2643,123 @@ async fn host_paths_are_bound_in_as_volumes() {
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
+
+/// UpdateContainerResources changes a running container's memory and CPU limits in its cgroup
+/// (the container sees them) and its status reports them; cpusets are UNIMPLEMENTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_containers_limits_are_updated_in_place() {
+    registry_or_skip!("a_running_containers_limits_are_updated_in_place");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-resize", "r");
+    let pod_id = k.ready_pod(&pod).await;
+    let mut c = k.container(&pod, "grow", &bb.id, &["sleep", "600"], &[]);
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.start_container(&id).await;
+    k.wait_state(&id, cri::ContainerState::ContainerRunning)
+        .await;
+    let limits = |st: &cri::ContainerStatus| {
+        let l = st
+            .resources
+            .as_ref()
+            .and_then(|r| r.linux.as_ref())
+            .unwrap_or_else(|| panic!("no resources in {st:?}"));
+        (l.memory_limit_in_bytes, l.cpu_quota, l.cpu_period)
+    };
+    assert_eq!(
+        limits(&k.status(&id).await.unwrap()),
+        (64 << 20, 50_000, 100_000)
+    );
+
+    k.cri
+        .rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 128 << 20,
+                cpu_period: 100_000,
+                cpu_quota: 80_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        limits(&k.status(&id).await.unwrap()),
+        (128 << 20, 80_000, 100_000)
+    );
+    // The kernel holds the new limit: the container's own cgroup says so (v1 or v2).
+    let r = k
+        .exec(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+            ],
+        )
+        .await;
+    let shown = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert_eq!(shown, (128u64 << 20).to_string(), "{r:?}");
+
+    // Above the tenant's quota (1 CPU by default): refused, and the limits stay.
+    let e = expect_code(
+        k.cri
+            .rt
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.clone(),
+                linux: Some(cri::LinuxContainerResources {
+                    cpu_period: 100_000,
+                    cpu_quota: 400_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "a CPU limit above the tenant's quota",
+    );
+    assert!(e.message().contains("tenant's quota"), "{e:?}");
+    assert_eq!(
+        limits(&k.status(&id).await.unwrap()),
+        (128 << 20, 80_000, 100_000)
+    );
+    let e = expect_code(
+        k.cri
+            .rt
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.clone(),
+                linux: Some(cri::LinuxContainerResources {
+                    cpuset_cpus: "0".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await,
+        Code::Unimplemented,
+        "a cpuset",
+    );
+    assert!(e.message().contains("linux.cpuset_cpus"), "{e:?}");
+    expect_code(
+        k.cri
+            .rt
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: "no-such-container".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "an unknown container",
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}

@@ -168,6 +168,71 @@ impl TenantCgroups {
         Ok(())
     }
 
+    /// Sets the given limits of the cgroup `rel` (a path under the root, such as a container's
+    /// under its tenant's); unset ones are left as they are.
+    pub fn set_some_limits(
+        &self,
+        rel: &str,
+        cpus: Option<f64>,
+        memory_bytes: Option<u64>,
+        pids: Option<u64>,
+    ) -> Result<(), CgroupError> {
+        let rel = rel.trim_start_matches('/');
+        match self.layout {
+            CgroupLayout::V2 => {
+                let d = self.root.join(rel);
+                if let Some(c) = cpus {
+                    write(
+                        &d.join("cpu.max"),
+                        &format!("{} {CFS_PERIOD_US}", cfs_quota_us(c)),
+                    )?;
+                }
+                if let Some(m) = memory_bytes {
+                    write(&d.join("memory.max"), &m.to_string())?;
+                }
+                if let Some(p) = pids {
+                    write(&d.join("pids.max"), &p.to_string())?;
+                }
+            }
+            CgroupLayout::V1 | CgroupLayout::Hybrid => {
+                if let Some(c) = cpus {
+                    let cpu = self.root.join("cpu").join(rel);
+                    write(&cpu.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                    write(&cpu.join("cpu.cfs_quota_us"), &cfs_quota_us(c).to_string())?;
+                }
+                if let Some(m) = memory_bytes {
+                    // With swap accounting, memory+swap must stay >= memory: a container made
+                    // without swap has both equal, and keeps them so (raised memsw first when
+                    // growing, after when shrinking).
+                    let d = self.root.join("memory").join(rel);
+                    let memsw = d.join("memory.memsw.limit_in_bytes");
+                    let read = |p: &Path| {
+                        std::fs::read_to_string(p)
+                            .ok()
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    };
+                    let (old_mem, old_sw) = (read(&d.join("memory.limit_in_bytes")), read(&memsw));
+                    let tied = old_sw.is_some() && old_sw == old_mem;
+                    if tied && old_sw.is_some_and(|sw| m > sw) {
+                        write(&memsw, &m.to_string())?;
+                    }
+                    write(&d.join("memory.limit_in_bytes"), &m.to_string())?;
+                    if tied && old_sw.is_some_and(|sw| m < sw) {
+                        write(&memsw, &m.to_string())?;
+                    }
+                }
+                if let Some(p) = pids {
+                    write(
+                        &self.root.join("pids").join(rel).join("pids.max"),
+                        &p.to_string(),
+                    )?;
+                }
+            }
+            CgroupLayout::None => return Err(CgroupError::NoHierarchy(self.root.clone())),
+        }
+        Ok(())
+    }
+
     /// Moves `pid` into `rel` (a path under the tenant's subtree) in every hierarchy it exists in.
     pub fn add_pid(&self, rel: &str, pid: u32) -> Result<(), CgroupError> {
         for procs in self.procs_files(rel)? {

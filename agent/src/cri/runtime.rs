@@ -454,7 +454,22 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
             })
             .collect(),
         log_path: r.log_path.clone(),
-        resources: None,
+        resources: c.and_then(|c| c.resources.as_ref()).map(|res| {
+            const PERIOD: i64 = 100_000;
+            #[allow(clippy::cast_possible_truncation)]
+            let quota = res.cpus.map_or(0, |c| (c * PERIOD as f64).round() as i64);
+            cri::ContainerResources {
+                linux: Some(cri::LinuxContainerResources {
+                    cpu_period: if quota > 0 { PERIOD } else { 0 },
+                    cpu_quota: quota,
+                    memory_limit_in_bytes: res
+                        .memory_bytes
+                        .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
+                    ..Default::default()
+                }),
+                windows: None,
+            }
+        }),
         image_id: r.image_id.clone(),
         user: None,
     }
@@ -1381,9 +1396,42 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
 
     async fn update_container_resources(
         &self,
-        _req: Request<cri::UpdateContainerResourcesRequest>,
+        req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(status::unimplemented("UpdateContainerResources"))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let c = self.cri.container_or_not_found(&r.container_id).await?;
+        let Some(linux) = r.linux else {
+            return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
+        };
+        for (set, field) in [
+            (!linux.cpuset_cpus.is_empty(), "linux.cpuset_cpus"),
+            (!linux.cpuset_mems.is_empty(), "linux.cpuset_mems"),
+            (!linux.hugepage_limits.is_empty(), "linux.hugepage_limits"),
+            (!linux.unified.is_empty(), "linux.unified"),
+        ] {
+            if set {
+                return Err(unsupported(field));
+            }
+        }
+        let res = limits_of(&linux, "linux")?;
+        if res.cpus.is_none() && res.memory_bytes.is_none() {
+            return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
+        }
+        let (_, mut eng) = self
+            .cri
+            .state
+            .sandboxes
+            .engine_of(&c.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        eng.update(epb::UpdateRequest {
+            container: c.id.clone(),
+            resources: Some(res),
+        })
+        .await
+        .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
@@ -1685,16 +1733,21 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
 
 /// A container's limits from its CRI resources (unset: the tenant's).
 fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
-    let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref()) else {
-        return Ok(pb::Resources::default());
-    };
+    match c.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+        Some(r) => limits_of(r, "config.linux.resources"),
+        None => Ok(pb::Resources::default()),
+    }
+}
+
+/// The CPU and memory limits of CRI resources; `field` prefixes the names in errors.
+fn limits_of(r: &cri::LinuxContainerResources, field: &str) -> Result<pb::Resources, Status> {
     let mut out = pb::Resources::default();
     if r.cpu_quota > 0 && r.cpu_period > 0 {
         #[allow(clippy::cast_precision_loss)]
         let cpus = r.cpu_quota as f64 / r.cpu_period as f64;
         out.cpus = Some(
             validate::check_cpus(
-                "config.linux.resources.cpu_quota",
+                &format!("{field}.cpu_quota"),
                 cpus.max(crate::config::MIN_TENANT_CPUS),
                 crate::config::MIN_TENANT_CPUS,
                 crate::config::MAX_TENANT_CPUS,
@@ -1705,7 +1758,7 @@ fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
     if r.memory_limit_in_bytes > 0 {
         let m = r.memory_limit_in_bytes.unsigned_abs();
         validate::check_range(
-            "config.linux.resources.memory_limit_in_bytes",
+            &format!("{field}.memory_limit_in_bytes"),
             m,
             4 << 20,
             crate::config::MAX_TENANT_MEMORY,

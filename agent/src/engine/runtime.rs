@@ -352,6 +352,61 @@ impl Engine {
         self.recs.get(&id).ok_or(EngineError::NotFound(id))
     }
 
+    /// Changes a container's limits in its cgroup and its record.
+    pub fn update(
+        &mut self,
+        key: &str,
+        cpus: Option<f64>,
+        memory_bytes: Option<u64>,
+        pids: Option<u64>,
+    ) -> Result<&Record, EngineError> {
+        let id = self.resolve(key)?;
+        let r = self
+            .recs
+            .get(&id)
+            .ok_or(EngineError::NotFound(id.clone()))?;
+        if r.state == State::Exited {
+            return Err(EngineError::State(format!(
+                "container {:?} has exited; its limits cannot change",
+                r.name
+            )));
+        }
+        self.cgroups
+            .set_some_limits(&self.cgroup(&id), cpus, memory_bytes, pids)
+            .map_err(|e| match &e {
+                // v1 refuses a memory limit below what is in use with EBUSY.
+                crate::cgroups::CgroupError::Io { source, .. }
+                    if source.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    EngineError::State(format!(
+                        "the memory limit is below what the container uses now: {e}"
+                    ))
+                }
+                // v1 refuses a CFS quota above the parent's with EINVAL.
+                crate::cgroups::CgroupError::Io { source, .. }
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    EngineError::State(format!(
+                        "the limit is above what the tenant's quota allows: {e}"
+                    ))
+                }
+                _ => EngineError::Runtime(format!("updating the limits: {e}")),
+            })?;
+        if let Some(r) = self.recs.get_mut(&id) {
+            if cpus.is_some() {
+                r.cpus = cpus;
+            }
+            if memory_bytes.is_some() {
+                r.memory_bytes = memory_bytes;
+            }
+            if pids.is_some() {
+                r.pids = pids;
+            }
+        }
+        self.save(&id);
+        self.recs.get(&id).ok_or(EngineError::NotFound(id))
+    }
+
     /// A container's CPU time (µs) and memory in use, and the tenant's whole CPU time (µs), as
     /// this engine's cgroups count them.
     pub fn usage(&self, key: &str) -> Result<(u64, u64, u64), EngineError> {

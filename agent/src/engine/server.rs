@@ -237,6 +237,19 @@ impl epb::engine_server::Engine for EngineSvc {
         Ok(Response::new(to_pb(&self.tenant, rec)))
     }
 
+    async fn update(
+        &self,
+        req: Request<epb::UpdateRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
+        let r = req.into_inner();
+        let res = r.resources.unwrap_or_default();
+        let mut eng = self.lock()?;
+        let rec = eng
+            .update(&r.container, res.cpus, res.memory_bytes, res.pids)
+            .map_err(status)?;
+        Ok(Response::new(to_pb(&self.tenant, rec)))
+    }
+
     type ExecStream = Streamed<pb::ExecOutput>;
     async fn exec(
         &self,
