@@ -10,6 +10,8 @@ set -euo pipefail
 #   systemd          systemd-analyze, to verify scripts/caas-agent.service
 #   iproute2, procps tests inspect links, namespaces and processes
 #   crun, runc       the peers in tests/benches/lifecycle.rs
+#   containerd       the CRI peer in tests/benches/cri_pod.rs (1.6, run with runc on temp dirs)
+#   containernetworking-plugins  its pods' CNI network there (bridge, host-local, loopback)
 #   docker-registry  the OCI distribution registry the image tests pull from (on 127.0.0.1)
 #   skopeo           pushes the tests' OCI layouts into it; a peer in tests/benches/image_pull.rs
 #   umoci            the other half of that peer (unpack)
@@ -20,8 +22,8 @@ set -euo pipefail
 #   lz4, e2fsprogs   scripts/guest-kernel.sh inflates the guest kernel; tenant disks are ext4
 #   binutils         strip: the guest's copy of the agent binary goes without symbols
 PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
-  docker-registry skopeo umoci apache2-utils nftables iperf3 qemu-system-x86 lz4 e2fsprogs
-  binutils)
+  containerd containernetworking-plugins docker-registry skopeo umoci apache2-utils nftables
+  iperf3 qemu-system-x86 lz4 e2fsprogs binutils)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""
@@ -35,6 +37,12 @@ if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The package enables and starts a system containerd; the bench runs its own on temp dirs, so
+  # a containerd this script installed is not left running as a service.
+  if [[ " ${missing[*]} " == *" containerd "* ]] && [ -d /run/systemd/system ]; then
+    log "disabling the containerd service the package started (tests/benches/cri_pod.rs runs its own)"
+    $sudo systemctl disable --now containerd.service >/dev/null 2>&1 || true
+  fi
 else
   log "Debian packages present"
 fi

@@ -262,13 +262,32 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `caas-agent serve --config <config>` and waits until `socket` answers.
     pub async fn spawn(config: &Path, socket: &Path, log: &Path) -> anyhow::Result<Self> {
-        let child = Command::new(bin("caas-agent"))
-            .args(["serve", "--config"])
+        Self::spawn_with(config, socket, log, false).await
+    }
+
+    /// [`spawn`](Self::spawn), in a process group of its own: a Ctrl-C in the terminal (which
+    /// signals the whole foreground group) then does not stop the agent before the caller has
+    /// deleted its tenants through it. For benches that clean up on SIGINT.
+    pub async fn spawn_own_group(config: &Path, socket: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(config, socket, log, true).await
+    }
+
+    async fn spawn_with(
+        config: &Path,
+        socket: &Path,
+        log: &Path,
+        own_group: bool,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin("caas-agent"));
+        cmd.args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()?;
+            .stderr(std::fs::File::create(log)?);
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let child = cmd.spawn()?;
         let mut p = Self {
             child,
             log: log.to_path_buf(),
