@@ -61,6 +61,11 @@ fn io_err(e: &std::io::Error, ctx: &Ctx) -> Status {
     status::internal(e, ctx)
 }
 
+/// An engine's error as the caller sees it.
+fn engine_err(s: Status, ctx: &Ctx) -> Status {
+    status::sandbox(crate::sandbox::SandboxError::Status(s), ctx)
+}
+
 /// The tenant a pod lives in: its `caas.io/tenant` annotation, else its namespace.
 pub fn tenant_of(config: &cri::PodSandboxConfig) -> Result<String, Status> {
     if let Some(t) = config.annotations.get(TENANT_ANNOTATION) {
@@ -207,12 +212,7 @@ impl Cri {
         c: &ContainerRecord,
         ctx: &Ctx,
     ) -> Result<Option<pb::Container>, Status> {
-        let (_, mut eng) = self
-            .state
-            .sandboxes
-            .engine_of(&c.tenant)
-            .await
-            .map_err(|e| status::sandbox(e, ctx))?;
+        let mut eng = self.engine(&c.tenant, ctx).await?;
         match eng
             .inspect(epb::ContainerId {
                 container: c.id.clone(),
@@ -221,10 +221,7 @@ impl Cri {
         {
             Ok(r) => Ok(Some(r.into_inner())),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-            Err(s) => Err(status::sandbox(
-                crate::sandbox::SandboxError::Status(s),
-                ctx,
-            )),
+            Err(s) => Err(engine_err(s, ctx)),
         }
     }
 
@@ -329,6 +326,34 @@ impl Cri {
             .into_iter()
             .map(|t| t.id)
             .collect()
+    }
+
+    /// The engine of a ready tenant.
+    async fn engine(
+        &self,
+        tenant: &str,
+        ctx: &Ctx,
+    ) -> Result<
+        caas_proto::engine::v1::engine_client::EngineClient<tonic::transport::Channel>,
+        Status,
+    > {
+        self.state
+            .sandboxes
+            .engine_of(tenant)
+            .await
+            .map(|(_, e)| e)
+            .map_err(|e| status::sandbox(e, ctx))
+    }
+
+    /// Marks a pod not ready and releases its host ports (its network resources): the common
+    /// start of a stop and a remove.
+    async fn unready(&self, p: &PodRecord, ctx: &Ctx) -> Result<(), Status> {
+        self.store
+            .set_pod_ready(&p.id, false)
+            .await
+            .map_err(|e| io_err(&e, ctx))?;
+        self.state.sandboxes.unpublish_owner(&p.tenant, &p.id).await;
+        Ok(())
     }
 
     /// The lock that serializes a pod's container creates with its stop and remove.
@@ -902,29 +927,14 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         };
         let lock = self.cri.pod_lock(&p.id).await;
         let _one = lock.lock().await;
-        self.cri
-            .store
-            .set_pod_ready(&p.id, false)
-            .await
-            .map_err(|e| io_err(&e, &ctx))?;
         // A stopped pod's network resources are reclaimed: its host ports go.
-        self.cri
-            .state
-            .sandboxes
-            .unpublish_owner(&p.tenant, &p.id)
-            .await;
+        self.cri.unready(&p, &ctx).await?;
         for c in self.cri.store.containers_of(&p.id).await {
             let Some(now) = self.cri.inspect(&c, &ctx).await? else {
                 continue;
             };
             if now.state == pb::ContainerState::Running as i32 {
-                let (_, mut eng) = self
-                    .cri
-                    .state
-                    .sandboxes
-                    .engine_of(&c.tenant)
-                    .await
-                    .map_err(|e| status::sandbox(e, &ctx))?;
+                let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
                 match eng
                     .stop(epb::StopRequest {
                         container: c.id.clone(),
@@ -936,10 +946,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                     Ok(_) => {}
                     Err(s) if s.code() == tonic::Code::NotFound => {}
                     Err(s) => {
-                        return Err(status::sandbox(
-                            crate::sandbox::SandboxError::Status(s),
-                            &ctx,
-                        ));
+                        return Err(engine_err(s, &ctx));
                     }
                 }
             }
@@ -958,16 +965,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         };
         let lock = self.cri.pod_lock(&p.id).await;
         let _one = lock.lock().await;
-        self.cri
-            .store
-            .set_pod_ready(&p.id, false)
-            .await
-            .map_err(|e| io_err(&e, &ctx))?;
-        self.cri
-            .state
-            .sandboxes
-            .unpublish_owner(&p.tenant, &p.id)
-            .await;
+        self.cri.unready(&p, &ctx).await?;
         for c in self.cri.store.containers_of(&p.id).await {
             self.cri.remove_container(&c, &ctx).await?;
         }
@@ -1242,18 +1240,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .cri
             .container_or_not_found(&req.into_inner().container_id)
             .await?;
-        let (_, mut eng) = self
-            .cri
-            .state
-            .sandboxes
-            .engine_of(&c.tenant)
-            .await
-            .map_err(|e| status::sandbox(e, &ctx))?;
+        let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
         eng.start(epb::ContainerId {
             container: c.id.clone(),
         })
         .await
-        .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))?;
+        .map_err(|s| engine_err(s, &ctx))?;
         self.cri.logs.start(self.cri.clone(), &c).await;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
@@ -1271,13 +1263,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         if now.state != pb::ContainerState::Running as i32 {
             return Ok(Response::new(cri::StopContainerResponse {}));
         }
-        let (_, mut eng) = self
-            .cri
-            .state
-            .sandboxes
-            .engine_of(&c.tenant)
-            .await
-            .map_err(|e| status::sandbox(e, &ctx))?;
+        let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
         let grace = u32::try_from(r.timeout.max(0)).unwrap_or(u32::MAX);
         let stopped = if grace == 0 {
             eng.kill(epb::KillRequest {
@@ -1299,10 +1285,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             Ok(()) => {}
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => {
-                return Err(status::sandbox(
-                    crate::sandbox::SandboxError::Status(s),
-                    &ctx,
-                ));
+                return Err(engine_err(s, &ctx));
             }
         }
         if grace == 0 {
@@ -1418,19 +1401,13 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         if res.cpus.is_none() && res.memory_bytes.is_none() {
             return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
         }
-        let (_, mut eng) = self
-            .cri
-            .state
-            .sandboxes
-            .engine_of(&c.tenant)
-            .await
-            .map_err(|e| status::sandbox(e, &ctx))?;
+        let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
         eng.update(epb::UpdateRequest {
             container: c.id.clone(),
             resources: Some(res),
         })
         .await
-        .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))?;
+        .map_err(|s| engine_err(s, &ctx))?;
         Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
@@ -1465,13 +1442,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         if r.cmd.first().is_none_or(String::is_empty) {
             return Err(bad("cmd", "must not be empty"));
         }
-        let (_, mut eng) = self
-            .cri
-            .state
-            .sandboxes
-            .engine_of(&c.tenant)
-            .await
-            .map_err(|e| status::sandbox(e, &ctx))?;
+        let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
         let run = async {
             let mut s = eng
                 .exec(epb::ExecRequest {
@@ -1505,8 +1476,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         } else {
             run.await
         };
-        out.map(Response::new)
-            .map_err(|s| status::sandbox(crate::sandbox::SandboxError::Status(s), &ctx))
+        out.map(Response::new).map_err(|s| engine_err(s, &ctx))
     }
 
     async fn exec(
