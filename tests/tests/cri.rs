@@ -2763,3 +2763,71 @@ async fn a_running_containers_limits_are_updated_in_place() {
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
+
+/// kubelet's OOM score adjustments: raising one is applied to the container (not to the engine,
+/// which later containers would inherit); lowering one, which needs CAP_SYS_RESOURCE that root
+/// may lack, never fails the create: the container keeps the inherited score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_score_adjustments_are_applied_or_left_with_a_warning() {
+    registry_or_skip!("oom_score_adjustments_are_applied_or_left_with_a_warning");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-oomadj", "q");
+    let pod_id = k.ready_pod(&pod).await;
+    let score = |name: &str, adj: Option<i64>| {
+        let mut c = k.container(
+            &pod,
+            name,
+            &bb.id,
+            &["cat", "/proc/self/oom_score_adj"],
+            &[],
+        );
+        if let Some(a) = adj {
+            c.linux = Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    oom_score_adj: a,
+                    ..Default::default()
+                }),
+                security_context: None,
+            });
+        }
+        c
+    };
+    let plain = score("plain", None);
+    let best_effort = score("besteffort", Some(1000));
+    let guaranteed = score("guaranteed", Some(-997));
+    let plain_again = score("plain-again", None);
+    let bad = score("bad", Some(5000));
+    let mut seen = Vec::new();
+    for c in [&plain, &best_effort, &guaranteed, &plain_again] {
+        let (_, st) = k.run(&pod_id, &pod, c).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        let records = log_until(&st, "oom_score_adj", |r| {
+            !stream_text(r, LogStream::Stdout).is_empty()
+        })
+        .await;
+        let v: i64 = stream_text(&records, LogStream::Stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        seen.push(v);
+        let id = st.id.clone();
+        k.remove_container(&id).await.unwrap();
+    }
+    let (inherited, raised, lowered, after) = (seen[0], seen[1], seen[2], seen[3]);
+    assert_eq!(raised, 1000, "a raise is applied");
+    assert!(
+        lowered == -997 || lowered == inherited,
+        "a lowering is applied or the inherited score kept: {seen:?}"
+    );
+    assert_eq!(
+        after, inherited,
+        "the engine's own score did not change: {seen:?}"
+    );
+    expect_code(
+        k.create(&pod_id, &pod, &bad).await,
+        Code::InvalidArgument,
+        "an oom_score_adj outside -1000..=1000",
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}

@@ -259,6 +259,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             resolv_conf: String::new(),
             cap_drop: Vec::new(),
             mounts: Vec::new(),
+            oom_score_adj: None,
         },
     })
 }

@@ -740,6 +740,20 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
     Ok(())
 }
 
+/// The OOM score adjustment kubelet gives a container (by its QoS class), when it gives one.
+fn oom_score_adj(c: &cri::ContainerConfig) -> Result<Option<i32>, Status> {
+    let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref()) else {
+        return Ok(None);
+    };
+    if !(-1000..=1000).contains(&r.oom_score_adj) {
+        return Err(bad(
+            "config.linux.resources.oom_score_adj",
+            format!("{} is outside -1000..=1000", r.oom_score_adj),
+        ));
+    }
+    Ok(i32::try_from(r.oom_score_adj).ok())
+}
+
 /// A container's volumes: host paths bound in, checked.
 fn mounts_of(c: &cri::ContainerConfig) -> Result<Vec<epb::BindMount>, Status> {
     let mut out = Vec::new();
@@ -1137,6 +1151,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             hostname: p.hostname.clone(),
             resolv_conf: p.resolv_conf.clone(),
             mounts: mounts_of(&config)?,
+            oom_score_adj: oom_score_adj(&config)?,
             cap_drop: config
                 .linux
                 .as_ref()

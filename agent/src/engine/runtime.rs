@@ -136,6 +136,8 @@ pub struct CreateSpec {
     pub cap_drop: Vec<String>,
     /// Host paths bound in: (host path, container path, read-only).
     pub mounts: Vec<(PathBuf, String, bool)>,
+    /// The init's OOM score adjustment.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// The tenant's containers.
@@ -472,9 +474,19 @@ impl Engine {
         fs::create_dir_all(&dir)
             .map_err(|e| EngineError::Runtime(format!("{}: {e}", dir.display())))?;
         let t_image = t0.elapsed();
+        if let Some(v) = c.oom_score_adj
+            && !(-1000..=1000).contains(&v)
+        {
+            return Err(EngineError::Invalid(format!(
+                "oom_score_adj: {v} is outside -1000..=1000"
+            )));
+        }
         let result = self.build(&c, &lowers, &dir);
         match result {
             Ok((pid, phases)) => {
+                if let Some(v) = c.oom_score_adj {
+                    set_oom_score_adj(&c.id, pid, v);
+                }
                 tracing::debug!(
                     container = %c.id,
                     image_us = micros(t_image),
@@ -922,5 +934,23 @@ pub fn to_pb(tenant: &str, r: &Record) -> pb::Container {
         ports: Vec::new(),
         message: r.message.clone(),
         vm_usage: None,
+    }
+}
+
+/// Sets the OOM score adjustment of a container's init (its processes inherit it). Set on the
+/// init, not through the spec: libcontainer would write it to the engine's own process, and
+/// every later container would inherit it. Lowering the score needs CAP_SYS_RESOURCE, which
+/// root lacks on some hosts; then the inherited score stays and a warning says so.
+fn set_oom_score_adj(id: &str, pid: u32, v: i32) {
+    let path = format!("/proc/{pid}/oom_score_adj");
+    if let Err(e) = fs::write(&path, v.to_string()) {
+        let now = fs::read_to_string(&path).unwrap_or_default();
+        tracing::warn!(
+            container = id,
+            wanted = v,
+            kept = now.trim(),
+            error = %e,
+            "the container's OOM score adjustment could not be set (lowering it needs CAP_SYS_RESOURCE); it keeps the inherited one"
+        );
     }
 }

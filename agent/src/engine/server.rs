@@ -123,6 +123,7 @@ impl epb::engine_server::Engine for EngineSvc {
                 .into_iter()
                 .map(|m| (PathBuf::from(m.host_path), m.container_path, m.readonly))
                 .collect(),
+            oom_score_adj: r.oom_score_adj,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
