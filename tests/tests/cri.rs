@@ -1681,20 +1681,6 @@ async fn unsupported_container_fields_are_refused_by_name() {
             },
         ),
         (
-            "readonly_rootfs",
-            cri::ContainerConfig {
-                linux: security(&|sc| sc.readonly_rootfs = true),
-                ..base.clone()
-            },
-        ),
-        (
-            "supplemental_groups",
-            cri::ContainerConfig {
-                linux: security(&|sc| sc.supplemental_groups = vec![100]),
-                ..base.clone()
-            },
-        ),
-        (
             "tty",
             cri::ContainerConfig {
                 tty: true,
@@ -2828,6 +2814,78 @@ async fn oom_score_adjustments_are_applied_or_left_with_a_warning() {
         Code::InvalidArgument,
         "an oom_score_adj outside -1000..=1000",
     );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// A read-only root filesystem refuses writes outside volumes; supplemental groups are the
+/// process's extra groups; a group id outside the tenant's range is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_rootfs_and_supplemental_groups_apply() {
+    registry_or_skip!("read_only_rootfs_and_supplemental_groups_apply");
+    use std::os::unix::fs::PermissionsExt;
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-secctx", "s");
+    let pod_id = k.ready_pod(&pod).await;
+    let root = k.agent.dir.path().to_path_buf();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vol = root.join("scratch");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut c = k.container(
+        &pod,
+        "ro",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "if (touch /written) 2>/dev/null; then echo ROOT-WRITABLE; else echo root-refused; fi; \
+             touch /scratch/ok && echo volume-ok; id -G",
+        ],
+        &[],
+    );
+    c.mounts = vec![cri::Mount {
+        container_path: "/scratch".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    }];
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            readonly_rootfs: true,
+            supplemental_groups: vec![1234, 5678],
+            ..Default::default()
+        }),
+        resources: None,
+    });
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    let records = log_until(&st, "ro", |r| {
+        stream_text(r, LogStream::Stdout).lines().count() >= 3
+    })
+    .await;
+    let out = stream_text(&records, LogStream::Stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "root-refused", "{out}");
+    assert_eq!(lines[1], "volume-ok", "{out}");
+    let groups: BTreeSet<&str> = lines[2].split_whitespace().collect();
+    assert!(
+        groups.contains("1234") && groups.contains("5678"),
+        "id -G shows the supplemental groups: {out}"
+    );
+    let mut bad = k.container(&pod, "badgroup", &bb.id, &["true"], &[]);
+    bad.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            supplemental_groups: vec![70_000],
+            ..Default::default()
+        }),
+        resources: None,
+    });
+    let e = expect_code(
+        k.create(&pod_id, &pod, &bad).await,
+        Code::InvalidArgument,
+        "a group outside the tenant's ids",
+    );
+    assert!(e.message().contains("supplemental_groups[0]"), "{e:?}");
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }

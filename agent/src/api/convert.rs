@@ -260,6 +260,8 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             cap_drop: Vec::new(),
             mounts: Vec::new(),
             oom_score_adj: None,
+            readonly_rootfs: false,
+            supplemental_groups: Vec::new(),
         },
     })
 }

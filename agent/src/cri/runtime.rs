@@ -686,14 +686,8 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
     }
     if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
         let f = "config.linux.security_context";
-        for (set, field) in [
-            (sc.privileged, "privileged"),
-            (sc.readonly_rootfs, "readonly_rootfs"),
-            (!sc.supplemental_groups.is_empty(), "supplemental_groups"),
-        ] {
-            if set {
-                return Err(unsupported(&format!("{f}.{field}")));
-            }
+        if sc.privileged {
+            return Err(unsupported(&format!("{f}.privileged")));
         }
         if let Some(ns) = &sc.namespace_options {
             check_namespaces(&format!("{f}.namespace_options"), ns)?;
@@ -738,6 +732,33 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
         }
     }
     Ok(())
+}
+
+/// A container's security context, when it has one.
+fn security_of(c: &cri::ContainerConfig) -> Option<&cri::LinuxContainerSecurityContext> {
+    c.linux.as_ref().and_then(|l| l.security_context.as_ref())
+}
+
+/// A container's supplemental groups, ids inside its tenant's range.
+fn supplemental_groups(c: &cri::ContainerConfig) -> Result<Vec<u32>, Status> {
+    let Some(sc) = security_of(c) else {
+        return Ok(Vec::new());
+    };
+    sc.supplemental_groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            u32::try_from(*g)
+                .ok()
+                .filter(|g| *g <= 65_535)
+                .ok_or_else(|| {
+                    bad(
+                        &format!("config.linux.security_context.supplemental_groups[{i}]"),
+                        format!("{g} is not a group id of the container (0 to 65535)"),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// The OOM score adjustment kubelet gives a container (by its QoS class), when it gives one.
@@ -1152,6 +1173,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             resolv_conf: p.resolv_conf.clone(),
             mounts: mounts_of(&config)?,
             oom_score_adj: oom_score_adj(&config)?,
+            readonly_rootfs: security_of(&config).is_some_and(|s| s.readonly_rootfs),
+            supplemental_groups: supplemental_groups(&config)?,
             cap_drop: config
                 .linux
                 .as_ref()

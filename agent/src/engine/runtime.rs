@@ -138,6 +138,10 @@ pub struct CreateSpec {
     pub mounts: Vec<(PathBuf, String, bool)>,
     /// The init's OOM score adjustment.
     pub oom_score_adj: Option<i32>,
+    /// Mount the root filesystem read-only.
+    pub readonly_rootfs: bool,
+    /// Extra group ids of the process.
+    pub supplemental_groups: Vec<u32>,
 }
 
 /// The tenant's containers.
@@ -474,6 +478,11 @@ impl Engine {
         fs::create_dir_all(&dir)
             .map_err(|e| EngineError::Runtime(format!("{}: {e}", dir.display())))?;
         let t_image = t0.elapsed();
+        if let Some(g) = c.supplemental_groups.iter().find(|g| **g > 65_535) {
+            return Err(EngineError::Invalid(format!(
+                "supplemental_groups: {g} is outside the tenant's ids (0..=65535)"
+            )));
+        }
         if let Some(v) = c.oom_score_adj
             && !(-1000..=1000).contains(&v)
         {
@@ -556,6 +565,8 @@ impl Engine {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
             mounts: &c.mounts,
+            readonly_rootfs: c.readonly_rootfs,
+            supplemental_groups: &c.supplemental_groups,
             rootfs: &root,
             command: &c.command,
             env: &c.env,

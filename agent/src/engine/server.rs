@@ -124,6 +124,8 @@ impl epb::engine_server::Engine for EngineSvc {
                 .map(|m| (PathBuf::from(m.host_path), m.container_path, m.readonly))
                 .collect(),
             oom_score_adj: r.oom_score_adj,
+            readonly_rootfs: r.readonly_rootfs,
+            supplemental_groups: r.supplemental_groups,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

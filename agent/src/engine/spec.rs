@@ -47,6 +47,10 @@ pub struct ContainerSpec<'a> {
     pub cap_drop: &'a [String],
     /// Host paths bound in: (host path, container path, read-only).
     pub mounts: &'a [(std::path::PathBuf, String, bool)],
+    /// Mount the root filesystem read-only.
+    pub readonly_rootfs: bool,
+    /// Extra group ids of the process.
+    pub supplemental_groups: &'a [u32],
 }
 
 /// Why a spec could not be built.
@@ -244,7 +248,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     spec.set_root(Some(
         RootBuilder::default()
             .path(c.rootfs)
-            .readonly(false)
+            .readonly(c.readonly_rootfs)
             .build()?,
     ));
     let mut env: Vec<String> = c.env.to_vec();
@@ -260,7 +264,13 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     capabilities.set_ambient(None);
     let process = ProcessBuilder::default()
         .terminal(false)
-        .user(UserBuilder::default().uid(c.uid).gid(c.gid).build()?)
+        .user(
+            UserBuilder::default()
+                .uid(c.uid)
+                .gid(c.gid)
+                .additional_gids(c.supplemental_groups.to_vec())
+                .build()?,
+        )
         .args(c.command.to_vec())
         .env(env)
         .cwd(if c.workdir.is_empty() { "/" } else { c.workdir })
