@@ -262,6 +262,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             oom_score_adj: None,
             readonly_rootfs: false,
             supplemental_groups: Vec::new(),
+            merge_image_groups: false,
         },
     })
 }

@@ -1175,6 +1175,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             oom_score_adj: oom_score_adj(&config)?,
             readonly_rootfs: security_of(&config).is_some_and(|s| s.readonly_rootfs),
             supplemental_groups: supplemental_groups(&config)?,
+            merge_image_groups: security_of(&config).is_none_or(|s| {
+                s.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Merge as i32
+            }),
             cap_drop: config
                 .linux
                 .as_ref()

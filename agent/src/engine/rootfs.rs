@@ -75,6 +75,37 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), RootfsError> 
     Ok((uid, gid))
 }
 
+/// The groups the image's /etc/group lists the user with uid `uid` as a member of (by the
+/// name /etc/passwd gives that uid); none when either file is missing or the uid has no name.
+pub fn image_groups(root: &Path, uid: u32) -> Vec<u32> {
+    let read = |file: &str| -> Option<String> {
+        let path = scoped_resolve(root, Path::new(file)).ok()?;
+        crate::fsutil::read_capped(&path, 4 << 20)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let Some(name) = read("/etc/passwd").and_then(|t| {
+        t.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[0].to_string())
+        })
+    }) else {
+        return Vec::new();
+    };
+    let Some(groups) = read("/etc/group") else {
+        return Vec::new();
+    };
+    groups
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let member = f.get(3)?.split(',').any(|m| m.trim() == name);
+            let gid = f.get(2)?.parse::<u32>().ok()?;
+            (member && gid <= MAX_INSIDE_ID).then_some(gid)
+        })
+        .collect()
+}
+
 /// The PATH used to find a command when the container sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Most symlinks followed while resolving one path (as the kernel's ELOOP limit).
@@ -326,6 +357,27 @@ pub fn unmount(target: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_groups_are_those_listing_the_user_as_member() {
+        let d = tempfile::tempdir().unwrap();
+        let etc = d.path().join("etc");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(
+            etc.join("passwd"),
+            "root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            etc.join("group"),
+            "root:x:0:\nwheel:x:10:root, app\naudio:x:63:other\napp:x:1000:\nhuge:x:70000:app\n",
+        )
+        .unwrap();
+        assert_eq!(image_groups(d.path(), 1000), vec![10]);
+        assert_eq!(image_groups(d.path(), 0), vec![10]);
+        // A uid without a name has no memberships.
+        assert!(image_groups(d.path(), 4242).is_empty());
+    }
 
     #[test]
     fn scoped_resolution_never_leaves_the_root() {

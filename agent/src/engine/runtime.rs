@@ -142,6 +142,8 @@ pub struct CreateSpec {
     pub readonly_rootfs: bool,
     /// Extra group ids of the process.
     pub supplemental_groups: Vec<u32>,
+    /// Add the groups the image's /etc/group gives the user.
+    pub merge_image_groups: bool,
 }
 
 /// The tenant's containers.
@@ -551,6 +553,14 @@ impl Engine {
         }
         let (uid, gid) = rootfs::resolve_user(&root, &c.user)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let mut groups = c.supplemental_groups.clone();
+        if c.merge_image_groups {
+            for g in rootfs::image_groups(&root, uid) {
+                if g != gid && !groups.contains(&g) {
+                    groups.push(g);
+                }
+            }
+        }
         let rootfs_done = t0.elapsed();
         let cgroup = self.cgroup(&c.id);
         let resolv = if c.resolv_conf.is_empty() {
@@ -566,7 +576,7 @@ impl Engine {
             cap_drop: &c.cap_drop,
             mounts: &c.mounts,
             readonly_rootfs: c.readonly_rootfs,
-            supplemental_groups: &c.supplemental_groups,
+            supplemental_groups: &groups,
             rootfs: &root,
             command: &c.command,
             env: &c.env,

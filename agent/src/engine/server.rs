@@ -126,6 +126,7 @@ impl epb::engine_server::Engine for EngineSvc {
             oom_score_adj: r.oom_score_adj,
             readonly_rootfs: r.readonly_rootfs,
             supplemental_groups: r.supplemental_groups,
+            merge_image_groups: r.merge_image_groups,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
