@@ -226,7 +226,33 @@ async fn a_tenants_containers_share_a_network_that_other_tenants_cannot_reach() 
     )
     .await;
     api.logs_until("a", "server", "listening").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Whether 8080 listens in tenant A's network (busybox nc serves one connection, then the
+    // loop waits): checked from another container of A, which shares that network.
+    let listening = "for i in $(seq 100); do \
+         cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$2 ~ /:1F90$/ && $4 == \"0A\" {f=1} END {exit !f}' && exit 0; \
+         sleep 0.1; done; exit 1";
+    api.run("a", "up", listening).await;
+    assert_eq!(api.wait("a", "up").await.exit_code, 0, "A's listener is up");
+    // Other tenant first, while the listener is up: its 127.0.0.1 is its own network; nothing
+    // listens there.
+    api.run(
+        "b",
+        "client",
+        "echo from-b | nc -w 2 127.0.0.1 8080 && echo CONNECTED || echo refused",
+    )
+    .await;
+    api.wait("b", "client").await;
+    let out = api.logs("b", "client").await;
+    assert!(
+        out.contains("refused") && !out.contains("CONNECTED"),
+        "{out}"
+    );
+    api.run("a", "still-up", listening).await;
+    assert_eq!(
+        api.wait("a", "still-up").await.exit_code,
+        0,
+        "nothing of B reached A's listener"
+    );
     // Same tenant: reaches the listener over the tenant's shared network namespace.
     api.run(
         "a",
@@ -235,23 +261,10 @@ async fn a_tenants_containers_share_a_network_that_other_tenants_cannot_reach() 
     )
     .await;
     assert_eq!(api.wait("a", "client").await.exit_code, 0);
+    let served = api.logs_until("a", "server", "hello-from-a").await;
     assert!(
-        api.logs_until("a", "server", "hello-from-a")
-            .await
-            .contains("hello-from-a")
-    );
-    // Other tenant: its 127.0.0.1 is its own network; nothing listens there.
-    api.run(
-        "b",
-        "client",
-        "echo x | nc -w 2 127.0.0.1 8080 && echo CONNECTED || echo refused",
-    )
-    .await;
-    api.wait("b", "client").await;
-    let out = api.logs("b", "client").await;
-    assert!(
-        out.contains("refused") && !out.contains("CONNECTED"),
-        "{out}"
+        served.contains("hello-from-a") && !served.contains("from-b"),
+        "{served}"
     );
 }
 
