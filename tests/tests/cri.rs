@@ -3141,3 +3141,93 @@ async fn read_only_rootfs_and_supplemental_groups_apply() {
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
+
+/// `run_as_username` is looked up in the image's /etc/passwd; the Merge policy (kubelet's
+/// default) adds the groups the image's /etc/group gives the user, Strict does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_as_username_and_the_image_groups_of_the_merge_policy() {
+    registry_or_skip!("run_as_username_and_the_image_groups_of_the_merge_policy");
+    let (mut k, mut images, _bb) = Kubelet::with_registry().await;
+    let users = LayerTar::new()
+        .dir("etc")
+        .file(
+            "etc/passwd",
+            b"root:x:0:0:root:/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+        )
+        .file(
+            "etc/group",
+            b"root:x:0:\nstaff:x:50:app\naudio:x:63:root\napp:x:1000:\n",
+        )
+        .into_tar();
+    let img = images
+        .push(
+            "withusers",
+            images.busybox().layer(users, Compression::Gzip),
+        )
+        .await;
+    k.pull(&img.reference, None).await.unwrap();
+    let pod = k.pod("ns-user", "u");
+    let pod_id = k.ready_pod(&pod).await;
+    let mut outputs = Vec::new();
+    for (name, policy) in [
+        ("merge", cri::SupplementalGroupsPolicy::Merge),
+        ("strict", cri::SupplementalGroupsPolicy::Strict),
+    ] {
+        let mut c = k.container(&pod, name, &img.id, &["sh", "-c", "id -u; id -G"], &[]);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_username: "app".into(),
+                supplemental_groups: vec![777],
+                supplemental_groups_policy: policy as i32,
+                ..Default::default()
+            }),
+            resources: None,
+        });
+        let (_, st) = k.run(&pod_id, &pod, &c).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        let records = log_until(&st, name, |r| {
+            stream_text(r, LogStream::Stdout).lines().count() >= 2
+        })
+        .await;
+        outputs.push(stream_text(&records, LogStream::Stdout));
+    }
+    let groups = |out: &str| -> BTreeSet<String> {
+        out.lines()
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    for out in &outputs {
+        assert_eq!(out.lines().next(), Some("1000"), "the user's uid: {out}");
+    }
+    assert_eq!(
+        groups(&outputs[0]),
+        ids(&["1000", "50", "777"]),
+        "Merge: primary, the image's membership and the asked group: {}",
+        outputs[0]
+    );
+    assert_eq!(
+        groups(&outputs[1]),
+        ids(&["1000", "777"]),
+        "Strict: no image membership: {}",
+        outputs[1]
+    );
+    let mut unknown = k.container(&pod, "nouser", &img.id, &["true"], &[]);
+    unknown.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: "ghost".into(),
+            ..Default::default()
+        }),
+        resources: None,
+    });
+    let e = expect_code(
+        k.create(&pod_id, &pod, &unknown).await,
+        Code::InvalidArgument,
+        "a user the image does not have",
+    );
+    assert!(e.message().contains("ghost"), "{e:?}");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
