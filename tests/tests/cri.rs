@@ -118,6 +118,9 @@ impl Kubelet {
         let t0 = now_ns();
         let agent = TestAgent::start(|cfg| {
             cfg.cri.enabled = true;
+            // Volumes of the tests lie in the agent's temp dir (beside its state and run dirs,
+            // which stay refused).
+            cfg.cri.volume_roots = vec![cfg.state_dir.parent().unwrap().to_path_buf()];
             tweak(cfg);
         })
         .await
@@ -2876,6 +2879,27 @@ async fn host_paths_are_bound_in_as_volumes() {
             e.message().contains(&format!("config.mounts[0].{field}")),
             "the error names the field: {e:?}"
         );
+    }
+    assert_eq!(k.container_ids(None).await, before, "no container was made");
+
+    // Only under [cri] volume_roots, after symlinks: not the host's /etc, not through a link
+    // that leads there, not the agent's own state.
+    let link = root.join("to-etc");
+    std::os::unix::fs::symlink("/etc", &link).unwrap();
+    for (name, host) in [
+        ("etc", PathBuf::from("/etc")),
+        ("link", link.clone()),
+        ("state", root.join("state")),
+        ("proc", PathBuf::from("/proc")),
+    ] {
+        let mut bad = k.container(&pod, &format!("deny-{name}"), &bb.id, &["true"], &[]);
+        bad.mounts = vec![mount(&host, "/x", true)];
+        let e = expect_code(
+            k.create(&pod_id, &pod, &bad).await,
+            Code::PermissionDenied,
+            &format!("a volume of {}", host.display()),
+        );
+        assert!(e.message().contains("volume_roots"), "{e:?}");
     }
     assert_eq!(k.container_ids(None).await, before, "no container was made");
     k.remove_pod(&pod_id).await.unwrap();

@@ -53,6 +53,9 @@ pub struct CriConfig {
     pub image_tenant: String,
     /// Quotas of tenants created on first use (unset: the `[tenants]` defaults).
     pub default_quotas: DefaultQuotas,
+    /// Host directories under which volumes (`mounts`) may lie: kubelet's pods directory by
+    /// default. Paths resolve (symlinks followed) before they are checked.
+    pub volume_roots: Vec<PathBuf>,
 }
 
 impl Default for CriConfig {
@@ -63,6 +66,7 @@ impl Default for CriConfig {
             require_known_tenants: false,
             image_tenant: "default".into(),
             default_quotas: DefaultQuotas::default(),
+            volume_roots: vec![PathBuf::from("/var/lib/kubelet")],
         }
     }
 }
@@ -95,6 +99,19 @@ impl CriConfig {
                 return Err(Invalid::new(
                     "cri.socket",
                     "is longer than the 107 bytes a unix socket path may have",
+                ));
+            }
+        }
+        for (i, r) in self.volume_roots.iter().enumerate() {
+            let forbidden = ["/proc", "/sys", "/dev"].iter().any(|f| r.starts_with(f))
+                || r == std::path::Path::new("/");
+            if !r.is_absolute() || forbidden {
+                return Err(Invalid::new(
+                    format!("cri.volume_roots[{i}]"),
+                    format!(
+                        "{} must be an absolute directory other than / and not under /proc, /sys or /dev",
+                        r.display()
+                    ),
                 ));
             }
         }

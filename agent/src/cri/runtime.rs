@@ -776,7 +776,11 @@ fn oom_score_adj(c: &cri::ContainerConfig) -> Result<Option<i32>, Status> {
 }
 
 /// A container's volumes: host paths bound in, checked.
-fn mounts_of(c: &cri::ContainerConfig) -> Result<Vec<epb::BindMount>, Status> {
+fn mounts_of(
+    c: &cri::ContainerConfig,
+    roots: &[std::path::PathBuf],
+    agent_dirs: &[&std::path::Path],
+) -> Result<Vec<epb::BindMount>, Status> {
     let mut out = Vec::new();
     for (i, m) in c.mounts.iter().enumerate() {
         let f = |name: &str| format!("config.mounts[{i}].{name}");
@@ -806,11 +810,36 @@ fn mounts_of(c: &cri::ContainerConfig) -> Result<Vec<epb::BindMount>, Status> {
                 "must be an absolute path without `..`",
             ));
         }
-        if !host.exists() {
+        // Resolved, so that a symlink cannot lead out of the allowed roots; the engine is given
+        // the resolved path.
+        let Ok(real) = host.canonicalize() else {
             return Err(bad(
                 &f("host_path"),
                 format!("{} does not exist on this node", m.host_path),
             ));
+        };
+        let allowed = roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .any(|r| real.starts_with(&r) && real != r);
+        let forbidden = ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|d| real.starts_with(d))
+            || agent_dirs
+                .iter()
+                .filter_map(|d| d.canonicalize().ok())
+                .any(|d| real.starts_with(&d) || d.starts_with(&real));
+        if !allowed || forbidden {
+            return Err(Status::permission_denied(format!(
+                "{}: {} is not under a directory of [cri] volume_roots ({}); volumes must lie there",
+                f("host_path"),
+                real.display(),
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         let inside = std::path::Path::new(&m.container_path);
         if !inside.is_absolute()
@@ -827,7 +856,7 @@ fn mounts_of(c: &cri::ContainerConfig) -> Result<Vec<epb::BindMount>, Status> {
             ));
         }
         out.push(epb::BindMount {
-            host_path: m.host_path.clone(),
+            host_path: real.display().to_string(),
             container_path: m.container_path.clone(),
             readonly: m.readonly,
         });
@@ -1171,7 +1200,14 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             user: String::new(),
             hostname: p.hostname.clone(),
             resolv_conf: p.resolv_conf.clone(),
-            mounts: mounts_of(&config)?,
+            mounts: mounts_of(
+                &config,
+                &self.cri.state.config.cri.volume_roots,
+                &[
+                    &self.cri.state.config.state_dir,
+                    &self.cri.state.config.run_dir,
+                ],
+            )?,
             oom_score_adj: oom_score_adj(&config)?,
             readonly_rootfs: security_of(&config).is_some_and(|s| s.readonly_rootfs),
             supplemental_groups: supplemental_groups(&config)?,
@@ -1193,7 +1229,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .sandboxes
                 .tenant(&p.tenant)
                 .await
-                .is_ok_and(|t| t.isolation == Isolation::Vm)
+                .ok()
+                .is_none_or(|t| t.isolation == Isolation::Vm)
         {
             return Err(unsupported(
                 "config.mounts in a VM tenant (host paths are not in the guest)",
@@ -1441,6 +1478,27 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let res = limits_of(&linux, "linux")?;
         if res.cpus.is_none() && res.memory_bytes.is_none() {
             return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
+        }
+        // Within the tenant's quotas, checked here for every cgroup version (v2 and VM guests
+        // would take a child limit above the parent's and not enforce it).
+        let t = self
+            .cri
+            .state
+            .sandboxes
+            .tenant(&c.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        if res.cpus.is_some_and(|x| x > t.quotas.cpus) {
+            return Err(Status::failed_precondition(format!(
+                "linux.cpu_quota: the limit is above what the tenant's quota allows ({} CPUs)",
+                t.quotas.cpus
+            )));
+        }
+        if res.memory_bytes.is_some_and(|m| m > t.quotas.memory_bytes) {
+            return Err(Status::failed_precondition(format!(
+                "linux.memory_limit_in_bytes: the limit is above what the tenant's quota allows ({} bytes)",
+                t.quotas.memory_bytes
+            )));
         }
         let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
         eng.update(epb::UpdateRequest {

@@ -379,36 +379,54 @@ impl Engine {
                 r.name
             )));
         }
-        self.cgroups
-            .set_some_limits(&self.cgroup(&id), cpus, memory_bytes, pids)
-            .map_err(|e| match &e {
-                // v1 refuses a memory limit below what is in use with EBUSY.
-                crate::cgroups::CgroupError::Io { source, .. }
-                    if source.raw_os_error() == Some(libc::EBUSY) =>
-                {
-                    EngineError::State(format!(
-                        "the memory limit is below what the container uses now: {e}"
-                    ))
-                }
-                // v1 refuses a CFS quota above the parent's with EINVAL.
-                crate::cgroups::CgroupError::Io { source, .. }
-                    if source.raw_os_error() == Some(libc::EINVAL) =>
-                {
-                    EngineError::State(format!(
-                        "the limit is above what the tenant's quota allows: {e}"
-                    ))
-                }
-                _ => EngineError::Runtime(format!("updating the limits: {e}")),
-            })?;
-        if let Some(r) = self.recs.get_mut(&id) {
-            if cpus.is_some() {
-                r.cpus = cpus;
+        // One limit at a time, memory first (the one the kernel may refuse); the record takes
+        // each as it lands, so a failure half-way leaves record and kernel in agreement.
+        let rel = self.cgroup(&id);
+        let steps = [
+            (None, memory_bytes, None),
+            (cpus, None, None),
+            (None, None, pids),
+        ];
+        for (c, m, p) in steps {
+            if c.is_none() && m.is_none() && p.is_none() {
+                continue;
             }
-            if memory_bytes.is_some() {
-                r.memory_bytes = memory_bytes;
+            let written = self
+                .cgroups
+                .set_some_limits(&rel, c, m, p)
+                .map_err(|e| match &e {
+                    // v1 refuses a memory limit below what is in use with EBUSY.
+                    crate::cgroups::CgroupError::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        EngineError::State(format!(
+                            "the memory limit is below what the container uses now: {e}"
+                        ))
+                    }
+                    // v1 refuses a CFS quota above the parent's with EINVAL.
+                    crate::cgroups::CgroupError::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        EngineError::State(format!(
+                            "the limit is above what the tenant's quota allows: {e}"
+                        ))
+                    }
+                    _ => EngineError::Runtime(format!("updating the limits: {e}")),
+                });
+            if let Err(e) = written {
+                self.save(&id);
+                return Err(e);
             }
-            if pids.is_some() {
-                r.pids = pids;
+            if let Some(r) = self.recs.get_mut(&id) {
+                if c.is_some() {
+                    r.cpus = c;
+                }
+                if m.is_some() {
+                    r.memory_bytes = m;
+                }
+                if p.is_some() {
+                    r.pids = p;
+                }
             }
         }
         self.save(&id);
