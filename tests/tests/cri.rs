@@ -3059,6 +3059,8 @@ async fn oom_score_adjustments_are_applied_or_left_with_a_warning() {
     let guaranteed = score("guaranteed", Some(-997));
     let plain_again = score("plain-again", None);
     let bad = score("bad", Some(5000));
+    let mut running = score("running", Some(1000));
+    running.command = strings(&["sleep", "600"]);
     let mut seen = Vec::new();
     for c in [&plain, &best_effort, &guaranteed, &plain_again] {
         let (_, st) = k.run(&pod_id, &pod, c).await;
@@ -3075,6 +3077,23 @@ async fn oom_score_adjustments_are_applied_or_left_with_a_warning() {
         let id = st.id.clone();
         k.remove_container(&id).await.unwrap();
     }
+    // An exec'd process (a probe) gets the container's score too. (The score is set on the
+    // exec'd shell just after it starts; the cat it forks a moment later inherits it.)
+    let rid = k.created(&pod_id, &pod, &running).await;
+    k.start_container(&rid).await;
+    k.wait_state(&rid, cri::ContainerState::ContainerRunning)
+        .await;
+    let r = k
+        .exec(
+            &rid,
+            &["sh", "-c", "sleep 0.3; cat /proc/self/oom_score_adj"],
+        )
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        "1000",
+        "an exec'd process has the container's score: {r:?}"
+    );
     let (inherited, raised, lowered, after) = (seen[0], seen[1], seen[2], seen[3]);
     assert_eq!(raised, 1000, "a raise is applied");
     assert!(

@@ -59,6 +59,9 @@ pub struct Record {
     pub finished_ms: u64,
     /// Detail for the state.
     pub message: String,
+    /// The OOM score adjustment asked for its processes (exec'd ones too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
 }
 
 impl Record {
@@ -108,6 +111,7 @@ impl Record {
             started_ms: 0,
             finished_ms: 0,
             message: String::new(),
+            oom_score_adj: None,
         }
     }
 }

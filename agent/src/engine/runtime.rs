@@ -530,6 +530,7 @@ impl Engine {
                 r.pids = c.pids;
                 r.labels = c.labels;
                 r.pid = pid;
+                r.oom_score_adj = c.oom_score_adj;
                 self.recs.insert(c.id.clone(), r.clone());
                 self.exits.insert(c.id.clone(), watch::channel(false).0);
                 self.save(&c.id);
@@ -764,6 +765,12 @@ impl Engine {
             .map_err(|e| EngineError::Runtime(format!("exec: {e}")))?;
         let _ = nix::sys::prctl::set_dumpable(true);
         let (tx, rx) = tokio::sync::oneshot::channel();
+        // An exec'd process (a probe) gets the container's OOM score, not the engine's.
+        if let Some(v) = r.oom_score_adj
+            && let Ok(p) = u32::try_from(pid.as_raw())
+        {
+            set_oom_score_adj(&id, p, v);
+        }
         self.execs.insert(pid.as_raw(), tx);
         Ok((out_r, err_r, rx, pid.as_raw()))
     }
