@@ -216,6 +216,21 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     api::set_health(&health, true).await;
     let mut servers = JoinSet::new();
 
+    // Every listener is bound before any serves: a client that reaches the unix socket finds
+    // the TCP port bound too.
+    let tcp = match (cfg.api.tcp_listen, cfg.api.tls.as_ref()) {
+        (Some(addr), Some(tls)) => {
+            let tls = server_tls(tls).await?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: addr.to_string(),
+                    source,
+                })?;
+            Some((addr, tls, listener))
+        }
+        _ => None,
+    };
     let unix_socket = cfg.unix_socket();
     let unix = bind_unix(&unix_socket).await?;
     {
@@ -268,14 +283,7 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     }
 
     let mut tcp_addr = None;
-    if let (Some(addr), Some(tls)) = (cfg.api.tcp_listen, cfg.api.tls.as_ref()) {
-        let tls = server_tls(tls).await?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind {
-                what: addr.to_string(),
-                source,
-            })?;
+    if let Some((addr, tls, listener)) = tcp {
         tcp_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
             what: addr.to_string(),
             source,
