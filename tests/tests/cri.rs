@@ -220,6 +220,18 @@ impl Kubelet {
             .collect()
     }
 
+    /// A host directory for volumes, in the agent's temp dir (a `[cri] volume_roots` of the
+    /// tests), which the tenant's root reaches as "others" (as kubelet's emptyDirs are 0777).
+    fn volume_dir(&self, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let root = self.agent.dir.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        d
+    }
+
     // --- pods ---------------------------------------------------------------------------------
 
     /// A pod's config as the kubelet sends it: metadata (uid derived from namespace and name),
@@ -2800,19 +2812,12 @@ async fn container_events_follow_a_containers_life() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_paths_are_bound_in_as_volumes() {
     registry_or_skip!("host_paths_are_bound_in_as_volumes");
-    use std::os::unix::fs::PermissionsExt;
     let (mut k, _images, bb) = Kubelet::with_registry().await;
     let pod = k.pod("ns-vol", "v");
     let pod_id = k.ready_pod(&pod).await;
-    // The tenant's root reaches the volumes as "others" (as kubelet's emptyDirs are 0777).
     let root = k.agent.dir.path().to_path_buf();
-    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let rw = root.join("vol-rw");
-    let ro = root.join("vol-ro");
-    for d in [&rw, &ro] {
-        std::fs::create_dir_all(d).unwrap();
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
-    }
+    let rw = k.volume_dir("vol-rw");
+    let ro = k.volume_dir("vol-ro");
     std::fs::write(ro.join("config.txt"), "from the host\n").unwrap();
     let mount = |host: &Path, inside: &str, readonly: bool| cri::Mount {
         container_path: inside.into(),
@@ -3118,15 +3123,10 @@ async fn oom_score_adjustments_are_applied_or_left_with_a_warning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_rootfs_and_supplemental_groups_apply() {
     registry_or_skip!("read_only_rootfs_and_supplemental_groups_apply");
-    use std::os::unix::fs::PermissionsExt;
     let (mut k, _images, bb) = Kubelet::with_registry().await;
     let pod = k.pod("ns-secctx", "s");
     let pod_id = k.ready_pod(&pod).await;
-    let root = k.agent.dir.path().to_path_buf();
-    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let vol = root.join("scratch");
-    std::fs::create_dir_all(&vol).unwrap();
-    std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let vol = k.volume_dir("scratch");
     let mut c = k.container(
         &pod,
         "ro",
