@@ -268,6 +268,18 @@ impl Api {
             .into_inner()
     }
 
+    async fn tenant_isolated(&mut self, id: &str, isolation: pb::Isolation) -> pb::Tenant {
+        self.t
+            .create_tenant(pb::CreateTenantRequest {
+                id: id.into(),
+                isolation: isolation as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     async fn delete_tenant(&mut self, id: &str) {
         self.t
             .delete_tenant(pb::DeleteTenantRequest {
@@ -790,14 +802,28 @@ async fn bytes_a_tenant_sends_are_billed() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let uplink = SocketAddr::from((host.host_ip, port));
-    let (header, body) = host.inside(|| {
+    let (header, body) = download(&host, SocketAddr::from((host.host_ip, port)), "/blob");
+    assert_eq!(body, 100 * mib, "downloaded {body} bytes: {header}");
+    let tx = billed_tx(&mut api, &t, 100 * mib).await;
+    let ratio = tx as f64 / (100 * mib) as f64;
+    eprintln!("measured: 100 MiB sent, billed tx {tx} bytes ({ratio:.4}×)");
+    assert!(
+        (0.98..=1.02).contains(&ratio),
+        "billed {tx} bytes for 100 MiB sent ({ratio:.4}×)"
+    );
+}
+
+/// An HTTP/1.0 GET of `path` from `addr`, made inside the test host: the response's header and
+/// its body's length.
+fn download(host: &TestHost, addr: SocketAddr, path: &str) -> (String, u64) {
+    host.inside(|| {
         let mut last = None;
         for _ in 0..50 {
-            match TcpStream::connect_timeout(&uplink, Duration::from_secs(3)) {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
                 Ok(mut s) => {
-                    s.write_all(b"GET /blob HTTP/1.0\r\n\r\n").unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                        .unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                     let mut all = Vec::with_capacity(101 << 20);
                     s.read_to_end(&mut all).unwrap();
                     let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
@@ -808,33 +834,203 @@ async fn bytes_a_tenant_sends_are_billed() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("the published port never answered: {last:?}");
-    });
-    assert_eq!(body, 100 * mib, "downloaded {body} bytes: {header}");
-    // The tenant's usage includes the link's counters (read on each sample): wait for a tick.
+        panic!("{addr} never answered: {last:?}");
+    })
+}
+
+/// The tenant's billed tx bytes once they reach `at_least` (the link's counters are read with
+/// each sample), or what they are after 10 s.
+async fn billed_tx(api: &mut Api, tenant: &str, at_least: u64) -> u64 {
     let mut tx = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let u = api
             .u
             .get_usage(pb::GetUsageRequest {
-                tenant: t.clone(),
+                tenant: tenant.into(),
                 ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
         tx = u.total.unwrap().tx_bytes;
-        if tx >= 100 * mib {
+        if tx >= at_least {
             break;
         }
     }
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_tenant_gets_the_same_network_through_a_tap() {
+    if !caas_tests::vm::vm_available("a_vm_tenant_gets_the_same_network_through_a_tap") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(47);
+    let world = host.serve(host.ip, 9000);
+    let metadata = host.serve(METADATA, 80);
+    let pool = "10.237.0.0/24";
+    let uplink = host.link.clone();
+    let mut agent = TestAgent::start(move |c| {
+        network_config(c, pool, &uplink);
+        caas_tests::vm::configure(c);
+    })
+    .await
+    .unwrap();
+    let before = host_network();
+    let mut api = Api::new(&agent).await;
+    let (v, u) = (caas_tests::unique("nv"), caas_tests::unique("nu"));
+    api.tenant_isolated(&v, pb::Isolation::Vm).await;
+    api.tenant(&u).await;
+    let (v_ip, u_ip) = ("10.237.0.2", "10.237.0.6");
+    let guest_console = || {
+        std::fs::read_to_string(
+            agent
+                .dir
+                .path()
+                .join(format!("state/engines/{v}/console.log")),
+        )
+        .unwrap_or_default()
+    };
+
+    // Inside the guest's containers: eth0 with the tenant's address, the default route via the
+    // host's tap, the operator's resolver.
+    let (code, out) = api
+        .outcome(
+            &v,
+            "ipa",
+            "ip -4 addr show eth0; ip route; cat /etc/resolv.conf",
+        )
+        .await;
+    assert_eq!(code, 0, "{out}\n{}", guest_console());
+    assert!(out.contains(&format!("inet {v_ip}/30")), "{out}");
+    assert!(out.contains("default via 10.237.0.1"), "{out}");
+    assert!(out.contains("nameserver 198.18.0.53"), "{out}");
+    // On the host, the tenant's link is a tap device.
+    let link = caas_agent::net::link_name(&v);
+    let tun = std::fs::read_to_string(format!("/sys/class/net/{link}/tun_flags"));
+    assert!(tun.is_ok(), "{link} is not a tun/tap device");
+
+    // Egress through NAT: the test host sees the uplink's address.
+    let (code, out) = api
+        .outcome(
+            &v,
+            "egress",
+            &format!("echo ping | nc -w 5 {} 9000", host.ip),
+        )
+        .await;
+    assert_eq!(code, 0, "egress from the VM failed: {out}");
+    assert!(out.contains("hello"), "{out}");
+    let seen: Vec<SocketAddr> = world.peers().into_iter().map(|(p, _)| p).collect();
+    assert!(
+        seen.iter()
+            .any(|p| p.ip() == std::net::IpAddr::V4(host.host_ip)),
+        "the test host saw {seen:?}, not the uplink address {}",
+        host.host_ip
+    );
+
+    // The wall: the VM tenant and the userns tenant reach none of each other, nor the host's
+    // API port or the metadata address.
+    api.run(&u, "srv", "while :; do echo u | nc -l -p 8081; done")
+        .await;
+    assert_eq!(
+        fetch_soon(format!("{u_ip}:8081").parse().unwrap()).await,
+        "u"
+    );
+    api.run(&v, "srv", "while :; do echo v | nc -l -p 8081; done")
+        .await;
+    assert_eq!(
+        fetch_soon(format!("{v_ip}:8081").parse().unwrap()).await,
+        "v",
+        "the host cannot reach the VM tenant's listener"
+    );
+    let api_port = agent.addr.port();
+    for (i, (from, target)) in [
+        (&v, format!("{u_ip} 8081")),
+        (&v, format!("10.237.0.1 {api_port}")),
+        (&v, format!("{} {api_port}", host.host_ip)),
+        (&v, format!("{METADATA} 80")),
+        (&u, format!("{v_ip} 8081")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (code, out) = api
+            .outcome(from, &format!("probe{i}"), &format!("nc -w 2 {target}"))
+            .await;
+        assert_ne!(code, 0, "tenant {from} reached {target}: {out}");
+    }
+    assert!(
+        metadata.peers().is_empty(),
+        "the metadata stand-in was reached: {:?}",
+        metadata.peers()
+    );
+
+    // A published port serves the VM's listener on 127.0.0.1 and on the uplink, and the bytes
+    // it sends are billed to the tenant.
+    let mib = 1u64 << 20;
+    let port = publish_port();
+    api.run_publishing(
+        &v,
+        "send",
+        "dd if=/dev/zero of=/tmp/blob bs=1M count=100 2>/dev/null && echo hi > /tmp/hi && echo ready && httpd -f -p 8080 -h /tmp",
+        vec![publish(port, 8080)],
+    )
+    .await;
+    for _ in 0..600 {
+        if api.logs(&v, "send").await.contains("ready") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (header, body) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        s.write_all(b"GET /hi HTTP/1.0\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        let (h, b) = all.split_once("\r\n\r\n").unwrap();
+        (h.to_string(), b.to_string())
+    })
+    .await
+    .unwrap();
+    assert_eq!(body, "hi\n", "127.0.0.1:{port}: {header}");
+    let before_tx = billed_tx(&mut api, &v, 0).await;
+    let (header, body) = download(&host, SocketAddr::from((host.host_ip, port)), "/blob");
+    assert_eq!(body, 100 * mib, "downloaded {body} bytes: {header}");
+    let tx = billed_tx(&mut api, &v, before_tx + 100 * mib).await - before_tx;
     let ratio = tx as f64 / (100 * mib) as f64;
-    eprintln!("measured: 100 MiB sent, billed tx {tx} bytes ({ratio:.4}×)");
+    eprintln!("measured: 100 MiB sent from a VM tenant, billed tx {tx} bytes ({ratio:.4}×)");
     assert!(
         (0.98..=1.02).contains(&ratio),
         "billed {tx} bytes for 100 MiB sent ({ratio:.4}×)"
     );
+
+    // An agent restart leaves the VM, its tap and its port as they were: the new agent adopts
+    // the running VM and finds its network made.
+    restart_with(&mut agent, pool, &host, caas_tests::vm::configure).await;
+    let mut api = Api::new(&agent).await;
+    let (code, out) = api
+        .outcome(
+            &v,
+            "after-restart",
+            &format!("echo ping | nc -w 5 {} 9000", host.ip),
+        )
+        .await;
+    assert_eq!(code, 0, "egress after an agent restart: {out}");
+    let (_, body) = download(&host, SocketAddr::from((host.host_ip, port)), "/hi");
+    assert_eq!(body, 3, "the published port after an agent restart");
+
+    // Deleting the tenants leaves the host's links, addresses and rules as they were.
+    api.delete_tenant(&v).await;
+    api.delete_tenant(&u).await;
+    let d = diff(&before, &host_network());
+    assert!(d.is_empty(), "left behind:\n{d}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

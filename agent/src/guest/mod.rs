@@ -7,6 +7,8 @@
 //! 2. loads the kernel modules listed in the initramfs, in order, with the parameters the
 //!    command line gives them (what modprobe would do);
 //! 3. mounts the tenant's disk (`/dev/vda`, ext4, made by the host) as the engine's state dir;
+//!    with `--net`, makes the tenant's namespaces and moves the network card (virtio-net, on the
+//!    host a tap device) into the tenant netns as `eth0`, addressed as a userns tenant's is;
 //! 4. starts the same tenant engine as userns tenants run on the host (`caas-agent engine`),
 //!    which serves the engine protocol on its unix socket inside the guest;
 //! 5. relays bytes between that socket and the virtio-serial port named `caas.engine`, whose
@@ -77,6 +79,13 @@ pub struct GuestArgs {
     /// disk that is named but does not appear is an error, never a silent fallback.
     #[arg(long)]
     pub disk: Option<PathBuf>,
+    /// The tenant's subnet, when it has a network: the guest's card goes into the tenant netns
+    /// with the subnet's second address, routed via the first (the host's tap).
+    #[arg(long)]
+    pub net: Option<String>,
+    /// Name servers for the containers' resolv.conf (with `--net`).
+    #[arg(long, value_delimiter = ',')]
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 fn log(msg: impl std::fmt::Display) {
@@ -113,6 +122,9 @@ pub fn main(args: &GuestArgs) -> Result<(), String> {
         cgroup_slice: crate::cgroups::tenant::SLICE.to_string(),
         in_vm: true,
     };
+    if let Some(subnet) = &args.net {
+        setup_network(&engine_args, subnet, &args.dns)?;
+    }
     let socket = engine_args.paths().socket();
     let port = find_port(&args.port, Duration::from_secs(10))?;
     log(format_args!(
@@ -267,6 +279,45 @@ fn mount_state(disk: Option<&Path>) -> Result<bool, String> {
     }
     mnt(&disk.to_string_lossy(), STATE_DIR, "ext4", flags, None)?;
     Ok(true)
+}
+
+/// Makes the tenant's namespaces before the engine would (it finds them made), moves the
+/// guest's network card into the netns and configures it, and writes the containers'
+/// resolv.conf where the engine looks for it. Runs while the process is single-threaded (the
+/// namespaces are made by a fork).
+fn setup_network(a: &EngineArgs, subnet: &str, dns: &[std::net::Ipv4Addr]) -> Result<(), String> {
+    let subnet: crate::tenants::subnet::Ipv4Net = subnet
+        .parse()
+        .map_err(|e| format!("--net {subnet:?}: {e}"))?;
+    let paths = a.paths();
+    crate::fsutil::ensure_dir(&paths.run, 0o711)
+        .map_err(|e| format!("{}: {e}", paths.run.display()))?;
+    crate::engine::ns::ensure(&paths.ns(), a.id_start).map_err(|e| e.to_string())?;
+    let conf = paths.run.join("resolv.conf");
+    fs::write(&conf, crate::net::resolv_conf(dns))
+        .map_err(|e| format!("{}: {e}", conf.display()))?;
+    // The card appears once virtio_net has probed it; one current-thread runtime for the
+    // netlink calls, gone before the engine starts.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let ns = paths.ns().join("net");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rt.block_on(crate::net::adopt_guest_link(&ns, subnet)) {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline && e.step == "finding the guest's network card" => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    log(format_args!(
+        "network: eth0 {} in the tenant netns",
+        crate::net::addresses(subnet).1
+    ));
+    Ok(())
 }
 
 /// The whole guest is the tenant's: its vCPUs, its memory, and the kernel's pid limit.

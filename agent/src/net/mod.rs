@@ -578,7 +578,7 @@ pub async fn attach(tenant: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
 }
 
 async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetError> {
-    let (host_ip, tenant_ip) = addresses(subnet);
+    let (host_ip, _) = addresses(subnet);
     let host = connect(link)?;
     if index_of(&host, link).await.is_some() {
         // Left by an earlier agent that died half-way: start clean.
@@ -615,7 +615,14 @@ async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
         .await
         .map_err(fail(link, "bringing the host side up"))?;
     let inner = connect_in(ns, link)?;
-    let eth = index_of(&inner, TENANT_IF).await.ok_or_else(|| NetError {
+    configure_inside(&inner, link, subnet).await
+}
+
+/// Addresses `eth0` in a tenant netns (reached by `inner`), brings it and loopback up, and adds
+/// the default route via the host side.
+async fn configure_inside(inner: &Handle, link: &str, subnet: Ipv4Net) -> Result<(), NetError> {
+    let (host_ip, tenant_ip) = addresses(subnet);
+    let eth = index_of(inner, TENANT_IF).await.ok_or_else(|| NetError {
         link: link.into(),
         step: "finding eth0 in the tenant netns",
         message: "it does not exist".into(),
@@ -627,7 +634,7 @@ async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
         .await
         .map_err(fail(link, "addressing eth0"))?;
     for name in [TENANT_IF, "lo"] {
-        if let Some(i) = index_of(&inner, name).await {
+        if let Some(i) = index_of(inner, name).await {
             inner
                 .link()
                 .set(LinkUnspec::new_with_index(i).up().build())
@@ -649,6 +656,156 @@ async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
     Ok(())
 }
 
+/// Makes the host side of a VM tenant's network, unless it is there: a persistent tap device
+/// named like a userns tenant's veth ([`link_name`]), so the firewall, the published ports and
+/// the byte counters treat both alike, with the subnet's first address and the same settings.
+/// The VMM attaches to it by name; the guest takes the second address ([`adopt_guest_link`]).
+/// Persistent, the tap outlives a crashed VMM (the restarted VM finds it as it was) and goes
+/// only with [`detach`]. Idempotent; on error nothing new is left.
+pub async fn ensure_tap(tenant: &str, subnet: Ipv4Net) -> Result<(), NetError> {
+    let link = link_name(tenant);
+    let (host_ip, _) = addresses(subnet);
+    let h = connect(&link)?;
+    let made = index_of(&h, &link).await.is_none();
+    if made {
+        make_persistent_tap(&link).map_err(io_fail(&link, "creating the tap device"))?;
+    }
+    let configured = async {
+        let idx = index_of(&h, &link).await.ok_or_else(|| NetError {
+            link: link.clone(),
+            step: "finding the tap device",
+            message: "it does not exist".into(),
+        })?;
+        let has_address = h
+            .address()
+            .get()
+            .set_link_index_filter(idx)
+            .execute()
+            .try_filter(|m| {
+                futures::future::ready(m.attributes.iter().any(|a| {
+                    matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(v)) if *v == host_ip)
+                }))
+            })
+            .try_next()
+            .await
+            .map_err(fail(&link, "reading the tap's addresses"))?
+            .is_some();
+        // IPv6 off and forwarding on before the link is up (as for a veth).
+        host_side_conf(&h, idx, &link).await?;
+        if !has_address {
+            h.address()
+                .add(idx, IpAddr::V4(host_ip), subnet.prefix())
+                .execute()
+                .await
+                .map_err(fail(&link, "addressing the tap device"))?;
+        }
+        h.link()
+            .set(LinkUnspec::new_with_index(idx).up().build())
+            .execute()
+            .await
+            .map_err(fail(&link, "bringing the tap device up"))
+    }
+    .await;
+    if configured.is_err() && made {
+        detach_link(&h, &link).await;
+    }
+    configured
+}
+
+/// Creates a persistent tap device `name` (no packet-information header: the VMM's virtio-net
+/// sets its own offload header per open).
+fn make_persistent_tap(name: &str) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let path = c"/dev/net/tun";
+    // SAFETY: open(2) of a NUL-terminated path; the result is checked before use.
+    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("/dev/net/tun: {e} (the host kernel needs the tun module)"),
+        ));
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let tun = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::other(format!(
+            "{name:?} is too long for a link name"
+        )));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI)
+        .map_err(|_| std::io::Error::other("tap flags out of range"))?;
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name and the flags member set.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes its argument by value.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Inside a VM tenant's guest: moves the guest's network card (its only link besides loopback)
+/// into the tenant netns at `ns` as `eth0`, and configures it as [`attach`] configures a
+/// userns tenant's: the second address of `subnet`, a default route via the first (the host's
+/// tap). Containers in the guest join that netns as they do on the host.
+pub async fn adopt_guest_link(ns: &Path, subnet: Ipv4Net) -> Result<(), NetError> {
+    let link = TENANT_IF;
+    let guest = connect(link)?;
+    let mut links = guest.link().get().execute();
+    let mut card = None;
+    while let Some(m) = links
+        .try_next()
+        .await
+        .map_err(fail(link, "listing the guest's links"))?
+    {
+        let loopback = m
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::link::LinkFlags::Loopback);
+        if !loopback {
+            card = Some(m.header.index);
+            break;
+        }
+    }
+    let idx = card.ok_or_else(|| NetError {
+        link: link.into(),
+        step: "finding the guest's network card",
+        message: "the guest has none (is virtio_net in the initramfs, and the VMM given the tap?)"
+            .into(),
+    })?;
+    let nsfd = std::fs::File::open(ns).map_err(io_fail(link, "opening the tenant netns"))?;
+    guest
+        .link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .name(TENANT_IF.to_string())
+                .down()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(fail(link, "naming the guest's network card"))?;
+    guest
+        .link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .setns_by_fd(nsfd.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(fail(link, "moving the card into the tenant netns"))?;
+    let inner = connect_in(ns, link)?;
+    configure_inside(&inner, link, subnet).await
+}
+
 async fn detach_link(h: &Handle, link: &str) {
     if let Some(i) = index_of(h, link).await
         && let Err(e) = h.link().del(i).execute().await
@@ -657,7 +814,7 @@ async fn detach_link(h: &Handle, link: &str) {
     }
 }
 
-/// Removes the tenant's veth pair (both ends go together); a missing one is fine.
+/// Removes the tenant's veth pair (both ends go together) or tap device; a missing one is fine.
 pub async fn detach(tenant: &str) {
     let link = link_name(tenant);
     if let Ok(h) = connect(&link) {

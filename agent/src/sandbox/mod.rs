@@ -47,7 +47,7 @@ pub enum SandboxError {
     },
     /// Ports were asked for a tenant without a network.
     #[error(
-        "tenant {tenant:?} has no network (tenant networks are off on this node, the tenant predates them, or it is a VM tenant, whose network is not built yet); create the container without published ports"
+        "tenant {tenant:?} has no network (tenant networks are off on this node, or the tenant predates them); create the container without published ports"
     )]
     NoNetwork {
         /// Tenant.
@@ -258,6 +258,13 @@ impl Manager {
             cache: self.state_dir.join("vm"),
             cgroup_procs,
             boot_timeout: vm.map_or(Duration::from_secs(120), |v| v.boot_timeout),
+            net: match (&self.network, t.subnet) {
+                (Some(n), Some(subnet)) => Some(vm_proc::GuestNet {
+                    subnet,
+                    dns: n.config.name_servers(),
+                }),
+                _ => None,
+            },
         })))
     }
 
@@ -320,10 +327,7 @@ impl Manager {
                     let _ = self.registry.set_state(&t.id, TenantState::Ready, "").await;
                     if let Some(m) = &self.metering {
                         m.track_tenant(&t.id).await;
-                        if t.subnet.is_some()
-                            && self.network.is_some()
-                            && t.isolation != crate::tenants::Isolation::Vm
-                        {
+                        if t.subnet.is_some() && self.network.is_some() {
                             m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
                                 .await;
                         }
@@ -396,7 +400,7 @@ impl Manager {
             Ok(_) => {
                 if let Some(m) = &self.metering {
                     m.track_tenant(&t.id).await;
-                    if t.subnet.is_some() && t.isolation != crate::tenants::Isolation::Vm {
+                    if t.subnet.is_some() && self.network.is_some() {
                         m.track_tenant_link(&t.id, &crate::net::link_name(&t.id))
                             .await;
                     }
@@ -518,15 +522,21 @@ impl Manager {
         let Some(subnet) = t.subnet else {
             return Ok(());
         };
-        if t.isolation == crate::tenants::Isolation::Vm {
-            // A VM tenant's network (a tap device into the guest) is not built yet.
-            return Ok(());
-        }
         let Some(n) = &self.network else {
             // Networks were switched off: no link without the firewall.
             crate::net::detach(&t.id).await;
             return Ok(());
         };
+        if t.isolation == crate::tenants::Isolation::Vm {
+            // The tap was made before the VM booted (the guest's name servers went with its
+            // command line); again here, for a VM an earlier agent left running.
+            return crate::net::ensure_tap(&t.id, subnet)
+                .await
+                .map_err(|e| SandboxError::Engine {
+                    tenant: t.id.clone(),
+                    message: e.to_string(),
+                });
+        }
         let path = crate::net::resolv_conf_path(&self.run_dir, &t.id);
         let conf = crate::net::resolv_conf(&n.config.name_servers());
         crate::fsutil::write_replace_volatile(&path, conf.as_bytes(), 0o644).map_err(|e| {
@@ -854,11 +864,7 @@ impl Manager {
         if publish.is_empty() {
             return Ok(Vec::new());
         }
-        let (Some(n), Some(subnet), false) = (
-            &self.network,
-            t.subnet,
-            t.isolation == crate::tenants::Isolation::Vm,
-        ) else {
+        let (Some(n), Some(subnet)) = (&self.network, t.subnet) else {
             return Err(SandboxError::NoNetwork {
                 tenant: t.id.clone(),
             });

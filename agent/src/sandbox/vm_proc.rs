@@ -58,6 +58,17 @@ pub struct VmSpawn {
     pub cgroup_procs: Vec<PathBuf>,
     /// How long a boot may take until the engine answers.
     pub boot_timeout: Duration,
+    /// The tenant's network, when it has one.
+    pub net: Option<GuestNet>,
+}
+
+/// A VM tenant's network: a tap device on the host, the guest's card in the tenant netns.
+#[derive(Debug, Clone)]
+pub struct GuestNet {
+    /// The tenant's subnet.
+    pub subnet: crate::tenants::subnet::Ipv4Net,
+    /// Name servers for the containers.
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 impl VmSpawn {
@@ -105,6 +116,10 @@ impl VmSpawn {
         if let vmm_config::Backend::Qemu(q) = &mut m.backend {
             q.qmp_socket = Some(self.run.join("qmp.sock"));
         }
+        m.tap = self
+            .net
+            .as_ref()
+            .map(|_| crate::net::link_name(&self.tenant));
         let base = match &m.cmdline {
             Some(c) => c.clone(),
             None => {
@@ -117,12 +132,20 @@ impl VmSpawn {
                     .to_string()
             }
         };
-        m.cmdline = Some(format!(
+        let mut guest = format!(
             "{base} rdinit={} -- guest --tenant {} --id-start {} --disk /dev/vda",
             initramfs::GUEST_BINARY,
             self.tenant,
             self.id_start
-        ));
+        );
+        if let Some(n) = &self.net {
+            guest.push_str(&format!(" --net {}", n.subnet));
+            if !n.dns.is_empty() {
+                let dns: Vec<String> = n.dns.iter().map(ToString::to_string).collect();
+                guest.push_str(&format!(" --dns {}", dns.join(",")));
+            }
+        }
+        m.cmdline = Some(guest);
         let p = m.prepare().map_err(|e| e.to_string())?;
         p.validate_host().map_err(|e| e.to_string())?;
         Ok(p)
@@ -382,6 +405,12 @@ async fn boot(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
         crate::fsutil::ensure_dir(d, mode).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     ensure_disk(s).await?;
+    if let Some(n) = &s.net {
+        // The tap first: the VMM attaches to it by name.
+        crate::net::ensure_tap(&s.tenant, n.subnet)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let built = guest_initramfs(&s.engine_binary, s.modules_dir.as_deref(), &s.cache).await?;
     let launch = s.machine(&built.path)?.render();
     for f in &launch.files {

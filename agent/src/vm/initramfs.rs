@@ -23,8 +23,15 @@ pub const GUEST_MODULES: &str = "/lib/modules";
 /// The load-order file, one module name per line, dependencies first.
 pub const LOAD_ORDER: &str = "/lib/modules/load-order";
 /// The modules a guest needs: the virtio-mmio transport of QEMU's `microvm`, the virtio-serial
-/// port the engine talks over, the tenant's disk, and overlayfs for container root filesystems.
-pub const DEFAULT_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "overlay"];
+/// port the engine talks over, the tenant's disk, its network card (a tap on the host), and
+/// overlayfs for container root filesystems.
+pub const DEFAULT_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_net",
+    "overlay",
+];
 
 /// Why the initramfs could not be built.
 #[derive(Debug, thiserror::Error)]
