@@ -21,9 +21,11 @@ set -euo pipefail
 #   qemu-system-x86  the VMM of VM tenants (QEMU microvm); its tests boot real guests
 #   lz4, e2fsprogs   scripts/guest-kernel.sh inflates the guest kernel; tenant disks are ext4
 #   binutils         strip: the guest's copy of the agent binary goes without symbols
+#   golang-go, golang-github-docker-spdystream-dev
+#                    the tests' SPDY client (tests/spdy-client), on the library kubelet uses
 PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
   containerd containernetworking-plugins docker-registry skopeo umoci apache2-utils nftables
-  iperf3 qemu-system-x86 lz4 e2fsprogs binutils)
+  iperf3 qemu-system-x86 lz4 e2fsprogs binutils golang-go golang-github-docker-spdystream-dev)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""

@@ -257,7 +257,14 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     if let Some(store) = cri_store {
         let path = cfg.cri_socket();
         let listener = bind_unix(&path).await?;
-        let cri = crate::cri::Cri::open(state.clone(), store).await;
+        let stream =
+            crate::cri::stream::StreamServer::start(cfg.cri.stream_address, shutdown.clone())
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: format!("cri.stream_address {}", cfg.cri.stream_address),
+                    source,
+                })?;
+        let cri = crate::cri::Cri::open(state.clone(), store, stream).await;
         // kubelet runs as root; the CRI has no roles of its own.
         let auth = auth::authenticator(auth::Transport::Unix {
             allowed_uids: Vec::new(),

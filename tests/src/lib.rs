@@ -21,6 +21,7 @@ pub use caas_agent::testing::{privileged_required, require_root, skip};
 pub mod calls;
 pub mod cri;
 pub mod registry;
+pub mod spdy;
 pub mod vm;
 
 /// A random suffix so parallel tests never share names.

@@ -3274,3 +3274,178 @@ async fn run_as_username_and_the_image_groups_of_the_merge_policy() {
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
+
+/// The streaming server, driven by a client on Go's spdystream (as kubelet and critest are):
+/// exec with stdout and stderr and the exit code in a v4 status, with stdin, and on a terminal
+/// with a resize; single-use URLs; port-forward to a pod's listener and a clear error for a
+/// port with none; bad requests refused with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_port_forward_stream_over_spdy() {
+    registry_or_skip!("exec_and_port_forward_stream_over_spdy");
+    let Some(client) = caas_tests::spdy::client("exec_and_port_forward_stream_over_spdy") else {
+        return;
+    };
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-stream", "shell");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(
+        &pod,
+        "srv",
+        &bb.id,
+        &["sh", "-c", "while :; do echo pong | nc -l -p 8080; done"],
+        &[],
+    );
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let exec = async |k: &mut Kubelet, cmd: &[&str], tty: bool, stdin: bool, stderr: bool| {
+        k.cri
+            .rt
+            .exec(cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: strings(cmd),
+                tty,
+                stdin,
+                stdout: true,
+                stderr,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    };
+    let status = |r: &caas_tests::spdy::Run| -> serde_json::Value {
+        let line = r
+            .line("STATUS")
+            .unwrap_or_else(|| panic!("no status: {r:?}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("status {line:?}: {e}"))
+    };
+
+    // stdout and stderr apart, and the exit code in a v4 status.
+    let url = exec(
+        &mut k,
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+        false,
+        false,
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let r = caas_tests::spdy::run(&client, &["exec", &url, "-stderr"], b"").await;
+    assert_eq!(r.line("PROTOCOL"), Some("v4.channel.k8s.io"), "{r:?}");
+    assert_eq!(r.stdout, "out\n", "{r:?}");
+    assert!(
+        r.stderr.starts_with("PROTOCOL v4.channel.k8s.io\nerr\n") || r.stderr.contains("\nerr\n"),
+        "{r:?}"
+    );
+    let s = status(&r);
+    assert_eq!(s["status"], "Failure", "{s}");
+    assert_eq!(s["reason"], "NonZeroExitCode", "{s}");
+    assert_eq!(s["details"]["causes"][0]["message"], "3", "{s}");
+
+    // The URL was for one use.
+    let again = caas_tests::spdy::run(&client, &["exec", &url], b"").await;
+    assert_eq!(again.code, 3, "{again:?}");
+    assert!(again.stderr.contains("HTTP 404"), "{again:?}");
+
+    // stdin, to its end.
+    let url = exec(&mut k, &["sh", "-c", "cat; echo done"], false, true, false)
+        .await
+        .unwrap();
+    let r = caas_tests::spdy::run(&client, &["exec", &url, "-stdin"], b"hello\nworld\n").await;
+    assert_eq!(r.stdout, "hello\nworld\ndone\n", "{r:?}");
+    assert_eq!(status(&r)["status"], "Success", "{r:?}");
+
+    // A terminal: the shell is on a pty, sees the size the client sent, and its exit code
+    // comes back.
+    let url = exec(&mut k, &["sh"], true, true, false).await.unwrap();
+    let r = caas_tests::spdy::run(
+        &client,
+        &["exec", &url, "-stdin", "-tty", "-resize", "100x40"],
+        b"tty\nsleep 1; stty size\nexit 5\n",
+    )
+    .await;
+    assert!(r.stdout.contains("/dev/pts/"), "{r:?}");
+    assert!(
+        r.stdout.contains("40 100"),
+        "the resize did not reach the terminal: {r:?}"
+    );
+    assert_eq!(status(&r)["details"]["causes"][0]["message"], "5", "{r:?}");
+
+    // Bad requests name the field; a container that does not run is a precondition.
+    expect_code(
+        exec(&mut k, &["sh"], true, false, true).await,
+        Code::InvalidArgument,
+        "tty and stderr",
+    );
+    expect_code(
+        exec(&mut k, &[], false, false, false).await,
+        Code::InvalidArgument,
+        "an empty command",
+    );
+
+    // Port-forward: the pod's listener on its loopback, through the tenant's netns.
+    let pf = k
+        .cri
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.clone(),
+            port: vec![8080, 9],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let r = caas_tests::spdy::run(&client, &["portforward", &pf, "8080"], b"ping\n").await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "pong\n", "{r:?}");
+    // A port nothing listens on: the error stream says so.
+    let pf = k
+        .cri
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.clone(),
+            port: vec![9],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let r = caas_tests::spdy::run(&client, &["portforward", &pf, "9"], b"").await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let e = r.line("ERROR").unwrap_or_default();
+    assert!(
+        e.contains("error forwarding port 9") && e.contains(&pod_id),
+        "{r:?}"
+    );
+    expect_code(
+        k.cri
+            .rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: "nope".into(),
+                port: vec![80],
+            })
+            .await,
+        Code::NotFound,
+        "an unknown pod",
+    );
+
+    // A WebSocket upgrade is refused with what to use instead.
+    let url = exec(&mut k, &["true"], false, false, false).await.unwrap();
+    let u = url.strip_prefix("http://").unwrap();
+    let (host, path) = u.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = s.read(&mut got).unwrap();
+    let got = String::from_utf8_lossy(&got[..n]);
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(got.contains("SPDY/3.1"), "{got}");
+
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}

@@ -1026,6 +1026,68 @@ async fn a_vm_tenant_gets_the_same_network_through_a_tap() {
     let (_, body) = download(&host, SocketAddr::from((host.host_ip, port)), "/hi");
     assert_eq!(body, 3, "the published port after an agent restart");
 
+    // kill -9 of the VMM: the watcher boots the VM again, onto the same tap, and its network
+    // works (the containers ended with the VM).
+    let index = || std::fs::read_to_string(format!("/sys/class/net/{link}/ifindex")).unwrap();
+    let tap_index = index();
+    let pid_file = agent.dir.path().join(format!("run/tenants/{v}/vmm.pid"));
+    let vmm_pid = || -> i32 {
+        std::fs::read_to_string(&pid_file)
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    };
+    let vmm = vmm_pid();
+    assert!(vmm > 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut code = -1;
+    let mut out = String::new();
+    for i in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = api
+            .t
+            .get_tenant(pb::GetTenantRequest { id: v.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if t.state != pb::TenantState::Ready as i32 || vmm_pid() == vmm {
+            continue;
+        }
+        (code, out) = api
+            .outcome(
+                &v,
+                &format!("after-crash{i}"),
+                &format!("echo ping | nc -w 5 {} 9000", host.ip),
+            )
+            .await;
+        break;
+    }
+    assert_eq!(code, 0, "egress after the VM was booted again: {out}");
+    assert_eq!(index(), tap_index, "the rebooted VM got a new tap");
+
+    // A running VM that is not on its tap (here: the tap deleted by hand) is found so by a
+    // restarted agent and booted again onto a new one, instead of looking ready and reaching
+    // nothing.
+    let vmm = vmm_pid();
+    ip(&["link", "del", &link]);
+    restart_with(&mut agent, pool, &host, caas_tests::vm::configure).await;
+    let mut api = Api::new(&agent).await;
+    assert_ne!(vmm_pid(), vmm, "the VM off its tap was not booted again");
+    let (code, out) = api
+        .outcome(
+            &v,
+            "after-tap-loss",
+            &format!("echo ping | nc -w 5 {} 9000", host.ip),
+        )
+        .await;
+    assert_eq!(code, 0, "egress after the tap was made again: {out}");
+
     // Deleting the tenants leaves the host's links, addresses and rules as they were.
     api.delete_tenant(&v).await;
     api.delete_tenant(&u).await;

@@ -13,6 +13,7 @@ mod logs;
 mod runtime;
 mod stats;
 pub mod store;
+pub mod stream;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -56,6 +57,9 @@ pub struct CriConfig {
     /// Host directories under which volumes (`mounts`) may lie: kubelet's pods directory by
     /// default. Paths resolve (symlinks followed) before they are checked.
     pub volume_roots: Vec<PathBuf>,
+    /// Where the streaming server (exec, port-forward) listens; kubelet connects to the URLs
+    /// it hands out. Loopback by default: kubelet runs on this host.
+    pub stream_address: std::net::SocketAddr,
 }
 
 impl Default for CriConfig {
@@ -67,6 +71,7 @@ impl Default for CriConfig {
             image_tenant: "default".into(),
             default_quotas: DefaultQuotas::default(),
             volume_roots: vec![PathBuf::from("/var/lib/kubelet")],
+            stream_address: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
         }
     }
 }
@@ -131,6 +136,8 @@ pub struct Cri {
     /// Per pod: its container creates, its stop and its remove, one at a time.
     pub(crate) pod_locks:
         tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The streaming server of Exec and PortForward.
+    pub stream: Arc<stream::StreamServer>,
 }
 
 impl Cri {
@@ -140,12 +147,18 @@ impl Cri {
         store::CriStore::open(&config.state_dir.join("cri"))
     }
 
-    /// The CRI over `store`; resumes the log copiers of running containers.
-    pub async fn open(state: Arc<AgentState>, store: store::CriStore) -> Arc<Self> {
+    /// The CRI over `store`, with its streaming server; resumes the log copiers of running
+    /// containers.
+    pub async fn open(
+        state: Arc<AgentState>,
+        store: store::CriStore,
+        stream: Arc<stream::StreamServer>,
+    ) -> Arc<Self> {
         let cri = Arc::new(Self {
             store,
             logs: logs::Copiers::new(state.shutdown.clone()),
             pod_locks: tokio::sync::Mutex::default(),
+            stream,
             state,
         });
         cri.resume_logs().await;

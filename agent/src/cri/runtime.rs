@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::{
     Cri, HANDLER_USERNS, HANDLER_VM, TENANT_ANNOTATION, now_ns, ns, stats,
     store::{AddError, ContainerRecord, PodRecord},
+    stream,
 };
 use crate::{
     api::{auth::Ctx, convert, status},
@@ -1580,9 +1581,48 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
 
     async fn exec(
         &self,
-        _req: Request<cri::ExecRequest>,
+        req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(status::unimplemented("the CRI streaming server (Exec)"))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        if r.cmd.first().is_none_or(String::is_empty) {
+            return Err(bad("cmd", "must not be empty"));
+        }
+        if !(r.stdin || r.stdout || r.stderr) {
+            return Err(bad("stdin", "one of stdin, stdout and stderr must be true"));
+        }
+        if r.tty && r.stderr {
+            return Err(bad(
+                "stderr",
+                "tty and stderr cannot both be true (a terminal's output is one stream)",
+            ));
+        }
+        let c = self.cri.container_or_not_found(&r.container_id).await?;
+        let running = self
+            .cri
+            .inspect(&c, &ctx)
+            .await?
+            .is_some_and(|now| now.state == pb::ContainerState::Running as i32);
+        if !running {
+            return Err(Status::failed_precondition(format!(
+                "container {:?} is not running",
+                r.container_id
+            )));
+        }
+        let engine = self.cri.engine(&c.tenant, &ctx).await?;
+        let url = self
+            .cri
+            .stream
+            .url(stream::Session::Exec(stream::ExecSession {
+                engine,
+                container: c.id.clone(),
+                cmd: r.cmd,
+                tty: r.tty,
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            }));
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
@@ -1594,11 +1634,59 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
 
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(status::unimplemented(
-            "the CRI streaming server (PortForward)",
-        ))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        let p = self.cri.pod_or_not_found(&r.pod_sandbox_id).await?;
+        let mut ports = Vec::new();
+        for (i, port) in r.port.iter().enumerate() {
+            match u16::try_from(*port) {
+                Ok(v) if v != 0 => ports.push(v),
+                _ => return Err(bad(&format!("port[{i}]"), format!("{port} is not a port"))),
+            }
+        }
+        let t = self
+            .cri
+            .state
+            .sandboxes
+            .tenant(&p.tenant)
+            .await
+            .map_err(|e| status::sandbox(e, &ctx))?;
+        let target = if t.isolation == Isolation::Vm {
+            // The guest's loopback is out of the host's reach; its address is not.
+            match (t.subnet, &self.cri.state.config.network.enabled) {
+                (Some(subnet), true) => {
+                    stream::PortTarget::Address(crate::net::addresses(subnet).1)
+                }
+                _ => {
+                    return Err(Status::failed_precondition(format!(
+                        "pod {:?} is in VM tenant {:?}, which has no network: port-forward to a VM tenant goes to its address (enable [network])",
+                        p.id, p.tenant
+                    )));
+                }
+            }
+        } else {
+            stream::PortTarget::Netns(
+                self.cri
+                    .state
+                    .config
+                    .run_dir
+                    .join("tenants")
+                    .join(&p.tenant)
+                    .join("ns")
+                    .join("net"),
+            )
+        };
+        let url = self
+            .cri
+            .stream
+            .url(stream::Session::PortForward(stream::PortForwardSession {
+                pod: p.id.clone(),
+                target,
+                ports,
+            }));
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

@@ -160,6 +160,7 @@ pub struct Engine {
     exits: HashMap<String, watch::Sender<bool>>,
     events: broadcast::Sender<pb::ContainerEvent>,
     execs: HashMap<i32, tokio::sync::oneshot::Sender<i32>>,
+    exec_seq: u64,
     backlog: VecDeque<pb::ContainerEvent>,
     seq: u64,
     /// Records are fsynced when saved (a VM guest, whose crash loses its page cache).
@@ -211,6 +212,7 @@ impl Engine {
             exits: HashMap::new(),
             events,
             execs: HashMap::new(),
+            exec_seq: 0,
             backlog: VecDeque::new(),
             seq: 0,
             durable: false,
@@ -708,15 +710,18 @@ impl Engine {
         Ok(r.clone())
     }
 
-    /// Runs a process inside a running container. Returns its stdout and stderr read ends and a
-    /// receiver for its exit code (delivered by [`Engine::reap`]).
+    /// Runs a process inside a running container, as the container's own process runs (its
+    /// user, groups, capabilities, no-new-privileges, environment as the base of `env`), wired
+    /// as `io` asks. Returns the caller's ends of its stdio, a receiver for its exit code
+    /// (delivered by [`Engine::reap`]) and its pid.
     pub fn exec(
         &mut self,
         key: &str,
         args: Vec<String>,
         env: &[String],
         workdir: &str,
-    ) -> Result<(OwnedFd, OwnedFd, tokio::sync::oneshot::Receiver<i32>, i32), EngineError> {
+        io: ExecIo,
+    ) -> Result<(ExecStdio, tokio::sync::oneshot::Receiver<i32>, i32), EngineError> {
         let id = self.resolve(key)?;
         let r = self
             .recs
@@ -730,49 +735,125 @@ impl Engine {
         if args.is_empty() {
             return Err(EngineError::Invalid("command: must not be empty".into()));
         }
-        let mut envs: HashMap<String, String> = env
-            .iter()
-            .filter_map(|e| {
-                e.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        envs.entry("PATH".into())
-            .or_insert_with(|| rootfs::DEFAULT_PATH.into());
+        if !workdir.is_empty() && !workdir.starts_with('/') {
+            return Err(EngineError::Invalid(format!(
+                "workdir {workdir:?}: must be an absolute path"
+            )));
+        }
+        let dir = self.paths.container(&id);
         let rt =
             |what: &'static str| move |e: nix::Error| EngineError::Runtime(format!("{what}: {e}"));
-        let (out_r, out_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
-        let (err_r, err_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
-        let devnull: OwnedFd = fs::File::open("/dev/null")
-            .map(OwnedFd::from)
-            .map_err(|e| EngineError::Runtime(format!("/dev/null: {e}")))?;
-        let pid = ContainerBuilder::new(id.clone(), SyscallType::default())
+        let io_rt = |what: &'static str| {
+            move |e: std::io::Error| EngineError::Runtime(format!("{what}: {e}"))
+        };
+        // The container's process as its spec has it, with this command.
+        let spec = oci_spec::runtime::Spec::load(dir.join("bundle").join("config.json"))
+            .map_err(|e| EngineError::Runtime(format!("the container's spec: {e}")))?;
+        let mut process = spec.process().clone().unwrap_or_default();
+        let mut envs: Vec<String> = process.env().clone().unwrap_or_default();
+        for e in env {
+            let Some((k, _)) = e.split_once('=') else {
+                return Err(EngineError::Invalid(format!(
+                    "env {e:?}: must be KEY=VALUE"
+                )));
+            };
+            envs.retain(|old| old.split_once('=').is_none_or(|(ok, _)| ok != k));
+            envs.push(e.clone());
+        }
+        if !envs.iter().any(|e| e.starts_with("PATH=")) {
+            envs.push(format!("PATH={}", rootfs::DEFAULT_PATH));
+        }
+        process.set_args(Some(args)).set_env(Some(envs));
+        if !workdir.is_empty() {
+            process.set_cwd(PathBuf::from(workdir));
+        }
+        process.set_terminal(Some(io.tty.is_some()));
+        if let Some((w, h)) = io.tty {
+            let size = oci_spec::runtime::BoxBuilder::default()
+                .width(u64::from(w))
+                .height(u64::from(h))
+                .build()
+                .map_err(|e| EngineError::Runtime(format!("console size: {e}")))?;
+            process.set_console_size(Some(size));
+        }
+        self.exec_seq += 1;
+        let tag = format!("exec-{}-{}", std::process::id(), self.exec_seq);
+        let process_file = dir.join(format!("{tag}.json"));
+        fs::write(
+            &process_file,
+            serde_json::to_vec(&process).map_err(|e| EngineError::Runtime(e.to_string()))?,
+        )
+        .map_err(io_rt("writing the exec's process.json"))?;
+        let _cleanup = RemoveOnDrop(vec![process_file.clone()]);
+        let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
             .with_root_path(self.paths.youki())
-            .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?
-            .with_stdin(devnull)
-            .with_stdout(out_w)
-            .with_stderr(err_w)
-            .as_tenant()
-            .with_container_args(args)
-            .with_env(envs)
-            .with_cwd(if workdir.is_empty() {
-                None
+            .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?;
+        let (builder, stdio, console) = if io.tty.is_some() {
+            // libcontainer makes the terminal inside the container and sends its master over
+            // this socket.
+            let sock = dir.join(format!("{tag}.sock"));
+            let _ = fs::remove_file(&sock);
+            let listener =
+                std::os::unix::net::UnixListener::bind(&sock).map_err(io_rt("console socket"))?;
+            (
+                builder.with_console_socket(Some(&sock)),
+                None,
+                Some((listener, RemoveOnDrop(vec![sock]))),
+            )
+        } else {
+            let (out_r, out_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
+            let (err_r, err_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
+            let (stdin_w, stdin_r): (Option<OwnedFd>, OwnedFd) = if io.stdin {
+                let (r, w) = nix::unistd::pipe().map_err(rt("pipe"))?;
+                (Some(w), r)
             } else {
-                Some(workdir)
-            })
+                let null = fs::File::open("/dev/null")
+                    .map(OwnedFd::from)
+                    .map_err(io_rt("/dev/null"))?;
+                (None, null)
+            };
+            (
+                builder
+                    .with_stdin(stdin_r)
+                    .with_stdout(out_w)
+                    .with_stderr(err_w),
+                Some(ExecStdio::Pipes {
+                    stdin: stdin_w,
+                    stdout: out_r,
+                    stderr: err_r,
+                }),
+                None,
+            )
+        };
+        let pid = builder
+            .as_tenant()
+            .with_process(Some(&process_file))
             .with_detach(true)
             .build()
             .map_err(|e| EngineError::Runtime(format!("exec: {e}")))?;
         let _ = nix::sys::prctl::set_dumpable(true);
         let (tx, rx) = tokio::sync::oneshot::channel();
+        self.execs.insert(pid.as_raw(), tx);
+        let stdio = match (stdio, console) {
+            (Some(s), _) => s,
+            (None, Some((listener, _sock))) => match receive_terminal(&listener) {
+                Ok(master) => ExecStdio::Tty(master),
+                Err(e) => {
+                    self.kill_exec(pid.as_raw());
+                    return Err(EngineError::Runtime(format!(
+                        "receiving the exec's terminal: {e}"
+                    )));
+                }
+            },
+            (None, None) => unreachable!("either pipes or a console socket"),
+        };
         // An exec'd process (a probe) gets the container's OOM score, not the engine's.
-        if let Some(v) = r.oom_score_adj
+        if let Some(v) = self.recs.get(&id).and_then(|r| r.oom_score_adj)
             && let Ok(p) = u32::try_from(pid.as_raw())
         {
             set_oom_score_adj(&id, p, v);
         }
-        self.execs.insert(pid.as_raw(), tx);
-        Ok((out_r, err_r, rx, pid.as_raw()))
+        Ok((stdio, rx, pid.as_raw()))
     }
 
     /// Kills an exec process whose caller went away. Only one not reaped yet: its pid is still
@@ -946,6 +1027,80 @@ struct BuildPhases {
     rootfs: Duration,
     spec: Duration,
     runtime: Duration,
+}
+
+/// How an exec'd process's stdio is wired.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecIo {
+    /// Keep its stdin open for the caller (otherwise /dev/null).
+    pub stdin: bool,
+    /// Run it on a terminal of this size (columns, rows).
+    pub tty: Option<(u16, u16)>,
+}
+
+/// The caller's ends of an exec'd process's stdio.
+#[derive(Debug)]
+pub enum ExecStdio {
+    /// Pipes: stdin's write end when it was kept open, stdout's and stderr's read ends.
+    Pipes {
+        /// Write end of its stdin.
+        stdin: Option<OwnedFd>,
+        /// Read end of its stdout.
+        stdout: OwnedFd,
+        /// Read end of its stderr.
+        stderr: OwnedFd,
+    },
+    /// The master of its terminal: its input, and its output (stdout and stderr together).
+    Tty(OwnedFd),
+}
+
+/// Files removed when this is dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Accepts libcontainer's connection on the console socket and takes the terminal master it
+/// sends (SCM_RIGHTS). The connection was made and the descriptor sent before `build()`
+/// returned, so this does not wait for long; a bound keeps a failed init from hanging the engine.
+fn receive_terminal(listener: &std::os::unix::net::UnixListener) -> std::io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c
+            && let Some(&fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed `fd` in this process for us; nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    Err(std::io::Error::other("no descriptor came with the message"))
 }
 
 fn micros(d: Duration) -> u64 {

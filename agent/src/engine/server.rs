@@ -2,7 +2,6 @@
 
 use std::{
     io::{Read, Seek, SeekFrom},
-    os::fd::OwnedFd,
     path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -12,12 +11,12 @@ use std::{
 use caas_proto::{engine::v1 as epb, v1 as pb};
 use futures::Stream;
 use nix::sys::signal::Signal;
-use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::fdio::FdIo;
 use super::record::State;
-use super::runtime::{CreateSpec, Engine, EngineError, to_pb};
+use super::runtime::{CreateSpec, Engine, EngineError, ExecIo, ExecStdio, to_pb};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -51,6 +50,138 @@ pub struct EngineSvc {
 }
 
 impl EngineSvc {
+    /// The output stream of an exec'd process: its stdout and stderr as they come, then its
+    /// exit code. `input` (an interactive exec) feeds its stdin and terminal size. A caller that
+    /// goes away (a probe's timeout, a closed terminal) takes the process with it.
+    fn exec_output(
+        &self,
+        stdio: ExecStdio,
+        code: tokio::sync::oneshot::Receiver<i32>,
+        pid: i32,
+        input: Option<tonic::Streaming<epb::ExecInput>>,
+        size: Option<(u16, u16)>,
+    ) -> Streamed<pb::ExecOutput> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let pump = |fd: FdIo, wrap: fn(Vec<u8>) -> pb::exec_output::Output| {
+            let tx = tx.clone();
+            async move {
+                let mut buf = vec![0u8; 32 << 10];
+                loop {
+                    match fd.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let msg = pb::ExecOutput {
+                                output: Some(wrap(buf[..n].to_vec())),
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let (out, err, stdin, tty) = match stdio {
+            ExecStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => (
+                FdIo::new(stdout).ok(),
+                FdIo::new(stderr).ok(),
+                stdin.and_then(|f| FdIo::new(f).ok()),
+                false,
+            ),
+            ExecStdio::Tty(master) => {
+                let out = FdIo::new(master).ok();
+                let writer = out.as_ref().and_then(|o| o.try_clone().ok());
+                (out, None, writer, true)
+            }
+        };
+        // The terminal's size is set here (and on each resize) through a handle of its own,
+        // which outlives the end of stdin.
+        let resizer = if tty {
+            stdin.as_ref().and_then(|w| w.try_clone().ok())
+        } else {
+            None
+        };
+        if let (Some(r), Some((cols, rows))) = (&resizer, size) {
+            let _ = r.resize(cols, rows);
+        }
+        // (The watch ends with the output, so that the stream can end.)
+        let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
+        {
+            let (tx, eng) = (tx.clone(), self.eng.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tx.closed() => {
+                        if let Ok(mut e) = eng.lock() {
+                            e.kill_exec(pid);
+                        }
+                    }
+                    _ = &mut finish => {}
+                }
+            });
+        }
+        if let Some(mut input) = input {
+            // Input until the caller's stream ends or says stdin ended; for a terminal, its
+            // master stays open for output after stdin ends (its reader holds it).
+            tokio::spawn(async move {
+                let mut stdin = stdin;
+                while let Ok(Some(m)) = input.message().await {
+                    match m.input {
+                        Some(epb::exec_input::Input::Stdin(data)) => {
+                            if let Some(w) = &stdin
+                                && w.write_all(&data).await.is_err()
+                            {
+                                stdin = None;
+                            }
+                        }
+                        Some(epb::exec_input::Input::StdinClose(true)) => {
+                            if tty {
+                                // End of file on a terminal is its EOF character (^D) at
+                                // the start of a line, as a terminal user would type it.
+                                if let Some(w) = &stdin {
+                                    let _ = w.write_all(&[4]).await;
+                                }
+                            }
+                            stdin = None;
+                        }
+                        Some(epb::exec_input::Input::Resize(s)) => {
+                            if let Some(r) = &resizer {
+                                let cols = u16::try_from(s.width).unwrap_or(u16::MAX);
+                                let rows = u16::try_from(s.height).unwrap_or(u16::MAX);
+                                let _ = r.resize(cols, rows);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        } else {
+            drop((stdin, resizer));
+        }
+        let out_task = out.map(|o| tokio::spawn(pump(o, pb::exec_output::Output::Stdout)));
+        let err_task = err.map(|e| tokio::spawn(pump(e, pb::exec_output::Output::Stderr)));
+        tokio::spawn(async move {
+            if let Some(t) = out_task {
+                let _ = t.await;
+            }
+            if let Some(t) = err_task {
+                let _ = t.await;
+            }
+            let last = match code.await {
+                Ok(c) => Ok(pb::ExecOutput {
+                    output: Some(pb::exec_output::Output::ExitCode(c)),
+                }),
+                Err(_) => Err(Status::aborted("the exec process was lost")),
+            };
+            let _ = tx.send(last).await;
+            drop(finished);
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Engine>, Status> {
         self.eng
             .lock()
@@ -260,65 +391,63 @@ impl epb::engine_server::Engine for EngineSvc {
         req: Request<epb::ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let r = req.into_inner();
-        let (out, err, code, pid) = self
+        let (stdio, code, pid) = self
             .lock()?
-            .exec(&r.container, r.command, &r.env, &r.workdir)
+            .exec(
+                &r.container,
+                r.command,
+                &r.env,
+                &r.workdir,
+                ExecIo::default(),
+            )
             .map_err(status)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let pump = |fd: OwnedFd, wrap: fn(Vec<u8>) -> pb::exec_output::Output| {
-            let tx = tx.clone();
-            async move {
-                let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-                    return;
-                };
-                let mut buf = vec![0u8; 32 << 10];
-                loop {
-                    match pipe.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            let msg = pb::ExecOutput {
-                                output: Some(wrap(buf[..n].to_vec())),
-                            };
-                            if tx.send(Ok(msg)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
+        Ok(Response::new(
+            self.exec_output(stdio, code, pid, None, None),
+        ))
+    }
+
+    type ExecInteractiveStream = Streamed<pb::ExecOutput>;
+    async fn exec_interactive(
+        &self,
+        req: Request<tonic::Streaming<epb::ExecInput>>,
+    ) -> Result<Response<Self::ExecInteractiveStream>, Status> {
+        let mut input = req.into_inner();
+        let first = input
+            .message()
+            .await?
+            .and_then(|m| m.input)
+            .ok_or_else(|| Status::invalid_argument("the first message must be start"))?;
+        let epb::exec_input::Input::Start(start) = first else {
+            return Err(Status::invalid_argument("the first message must be start"));
         };
-        // A caller that goes away (a probe's timeout) takes its process with it.
-        // (The watch ends with the output, so that the stream can end.)
-        let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
-        {
-            let (tx, eng) = (tx.clone(), self.eng.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = tx.closed() => {
-                        if let Ok(mut e) = eng.lock() {
-                            e.kill_exec(pid);
-                        }
-                    }
-                    _ = &mut finish => {}
+        let r = start
+            .exec
+            .ok_or_else(|| Status::invalid_argument("start.exec: missing"))?;
+        let size = |s: Option<epb::TerminalSize>| {
+            let s = s.unwrap_or_default();
+            let clamp = |v: u32, default: u16| {
+                if v == 0 {
+                    default
+                } else {
+                    u16::try_from(v).unwrap_or(u16::MAX)
                 }
-            });
-        }
-        let out_task = tokio::spawn(pump(out, pb::exec_output::Output::Stdout));
-        let err_task = tokio::spawn(pump(err, pb::exec_output::Output::Stderr));
-        tokio::spawn(async move {
-            let _ = out_task.await;
-            let _ = err_task.await;
-            let last = match code.await {
-                Ok(c) => Ok(pb::ExecOutput {
-                    output: Some(pb::exec_output::Output::ExitCode(c)),
-                }),
-                Err(_) => Err(Status::aborted("the exec process was lost")),
             };
-            let _ = tx.send(last).await;
-            drop(finished);
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            (clamp(s.width, 80), clamp(s.height, 24))
+        };
+        let io = ExecIo {
+            stdin: start.stdin,
+            tty: start.tty.then(|| size(start.size)),
+        };
+        let (stdio, code, pid) = self
+            .lock()?
+            .exec(&r.container, r.command, &r.env, &r.workdir, io)
+            .map_err(status)?;
+        Ok(Response::new(self.exec_output(
+            stdio,
+            code,
+            pid,
+            Some(input),
+            io.tty,
         )))
     }
 

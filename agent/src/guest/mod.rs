@@ -304,15 +304,20 @@ fn setup_network(a: &EngineArgs, subnet: &str, dns: &[std::net::Ipv4Addr]) -> Re
         .map_err(|e| format!("runtime: {e}"))?;
     let ns = paths.ns().join("net");
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match rt.block_on(crate::net::adopt_guest_link(&ns, subnet)) {
-            Ok(()) => break,
-            Err(e) if Instant::now() < deadline && e.step == "finding the guest's network card" => {
-                thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.to_string()),
+    let (index, name) = loop {
+        if let Some(card) = crate::net::guest_card() {
+            break card;
         }
-    }
+        if Instant::now() >= deadline {
+            return Err(
+                "no virtio-net card appeared in 10 s (is the VMM given the tenant's tap device?)"
+                    .into(),
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    rt.block_on(crate::net::adopt_guest_link(&ns, index, subnet))
+        .map_err(|e| format!("{name}: {e}"))?;
     log(format_args!(
         "network: eth0 {} in the tenant netns",
         crate::net::addresses(subnet).1

@@ -150,6 +150,17 @@ impl NetworkConfig {
 
     /// The name servers for containers.
     pub fn name_servers(&self) -> Vec<Ipv4Addr> {
+        let found = self.name_servers_quiet();
+        if found.is_empty() {
+            tracing::warn!(
+                "no name server a tenant can reach in the host's resolv.conf: containers get none; set [network] dns"
+            );
+        }
+        found
+    }
+
+    /// [`Self::name_servers`] without the warning when there are none.
+    pub fn name_servers_quiet(&self) -> Vec<Ipv4Addr> {
         if !self.dns.is_empty() {
             return self.dns.clone();
         }
@@ -167,9 +178,6 @@ impl NetworkConfig {
                 return found;
             }
         }
-        tracing::warn!(
-            "no name server a tenant can reach in the host's resolv.conf: containers get none; set [network] dns"
-        );
         Vec::new()
     }
 }
@@ -721,9 +729,18 @@ fn make_persistent_tap(name: &str) -> std::io::Result<()> {
     let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if raw < 0 {
         let e = std::io::Error::last_os_error();
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
+                " (load the host kernel's tun module: modprobe tun)"
+            }
+            Some(libc::EACCES | libc::EPERM) => {
+                " (the agent needs root, or CAP_NET_ADMIN and access to the device)"
+            }
+            _ => "",
+        };
         return Err(std::io::Error::new(
             e.kind(),
-            format!("/dev/net/tun: {e} (the host kernel needs the tun module)"),
+            format!("opening /dev/net/tun: {e}{hint}"),
         ));
     }
     // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
@@ -740,51 +757,65 @@ fn make_persistent_tap(name: &str) -> std::io::Result<()> {
     }
     req.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI)
         .map_err(|_| std::io::Error::other("tap flags out of range"))?;
-    // SAFETY: `req` is a valid ifreq with a NUL-terminated name and the flags member set.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) } < 0 {
-        return Err(std::io::Error::last_os_error());
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name and the flags member set; the
+    // kernel may write the name back into it.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "TUNSETIFF {name}: {e} (a link of another kind may have this name, or the agent lacks CAP_NET_ADMIN)"
+            ),
+        ));
     }
     // SAFETY: TUNSETPERSIST takes its argument by value.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(std::io::Error::last_os_error());
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("TUNSETPERSIST {name}: {e}"),
+        ));
     }
     Ok(())
 }
 
-/// Inside a VM tenant's guest: moves the guest's network card (its only link besides loopback)
+/// Whether a VMM has the tenant's tap device open: a tap nobody holds has no carrier.
+pub fn tap_attached(tenant: &str) -> bool {
+    let link = link_name(tenant);
+    std::fs::read_to_string(format!("/sys/class/net/{link}/carrier")).is_ok_and(|c| c.trim() == "1")
+}
+
+/// Inside a VM tenant's guest: the guest's virtio-net card (index and name), once its driver
+/// has probed it. Only a card of the virtio_net driver is taken: the guest kernel may have
+/// other links (sit0, tunl0) that are not it.
+pub fn guest_card() -> Option<(u32, String)> {
+    let rd = std::fs::read_dir("/sys/class/net").ok()?;
+    for e in rd.flatten() {
+        let Ok(driver) = std::fs::read_link(e.path().join("device/driver")) else {
+            continue; // loopback and other virtual links have no device
+        };
+        if driver.file_name().is_some_and(|d| d == "virtio_net")
+            && let Ok(index) = std::fs::read_to_string(e.path().join("ifindex"))
+            && let Ok(index) = index.trim().parse()
+        {
+            return Some((index, e.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    None
+}
+
+/// Inside a VM tenant's guest: moves the guest's network card (`index`, see [`guest_card`])
 /// into the tenant netns at `ns` as `eth0`, and configures it as [`attach`] configures a
 /// userns tenant's: the second address of `subnet`, a default route via the first (the host's
 /// tap). Containers in the guest join that netns as they do on the host.
-pub async fn adopt_guest_link(ns: &Path, subnet: Ipv4Net) -> Result<(), NetError> {
+pub async fn adopt_guest_link(ns: &Path, index: u32, subnet: Ipv4Net) -> Result<(), NetError> {
     let link = TENANT_IF;
     let guest = connect(link)?;
-    let mut links = guest.link().get().execute();
-    let mut card = None;
-    while let Some(m) = links
-        .try_next()
-        .await
-        .map_err(fail(link, "listing the guest's links"))?
-    {
-        let loopback = m
-            .header
-            .flags
-            .contains(rtnetlink::packet_route::link::LinkFlags::Loopback);
-        if !loopback {
-            card = Some(m.header.index);
-            break;
-        }
-    }
-    let idx = card.ok_or_else(|| NetError {
-        link: link.into(),
-        step: "finding the guest's network card",
-        message: "the guest has none (is virtio_net in the initramfs, and the VMM given the tap?)"
-            .into(),
-    })?;
     let nsfd = std::fs::File::open(ns).map_err(io_fail(link, "opening the tenant netns"))?;
     guest
         .link()
         .set(
-            LinkUnspec::new_with_index(idx)
+            LinkUnspec::new_with_index(index)
                 .name(TENANT_IF.to_string())
                 .down()
                 .build(),
@@ -795,7 +826,7 @@ pub async fn adopt_guest_link(ns: &Path, subnet: Ipv4Net) -> Result<(), NetError
     guest
         .link()
         .set(
-            LinkUnspec::new_with_index(idx)
+            LinkUnspec::new_with_index(index)
                 .setns_by_fd(nsfd.as_raw_fd())
                 .build(),
         )

@@ -261,7 +261,7 @@ impl Manager {
             net: match (&self.network, t.subnet) {
                 (Some(n), Some(subnet)) => Some(vm_proc::GuestNet {
                     subnet,
-                    dns: n.config.name_servers(),
+                    dns: n.config.name_servers_quiet(),
                 }),
                 _ => None,
             },
@@ -530,12 +530,32 @@ impl Manager {
         if t.isolation == crate::tenants::Isolation::Vm {
             // The tap was made before the VM booted (the guest's name servers went with its
             // command line); again here, for a VM an earlier agent left running.
-            return crate::net::ensure_tap(&t.id, subnet)
+            let engine_err = |e: crate::net::NetError| SandboxError::Engine {
+                tenant: t.id.clone(),
+                message: e.to_string(),
+            };
+            crate::net::ensure_tap(&t.id, subnet)
                 .await
-                .map_err(|e| SandboxError::Engine {
-                    tenant: t.id.clone(),
-                    message: e.to_string(),
-                });
+                .map_err(engine_err)?;
+            if !crate::net::tap_attached(&t.id) {
+                // A running VM that is not on its tap (started without a network by an older
+                // agent or while networks were off, or its tap was deleted by hand) would
+                // look fine and reach nothing: boot it again onto the tap.
+                tracing::error!(tenant = %t.id, link = %crate::net::link_name(&t.id), "the tenant's running VM is not attached to its tap device; rebooting it (its containers end)");
+                let client = self.engines.lock().await.remove(&t.id).map(|(c, _)| c);
+                self.proc_args(t)?.stop(client).await;
+                self.ensure_engine(t).await?;
+                if !crate::net::tap_attached(&t.id) {
+                    return Err(SandboxError::Engine {
+                        tenant: t.id.clone(),
+                        message: format!(
+                            "the VM booted but its tap device {} has no carrier; see the VMM log",
+                            crate::net::link_name(&t.id)
+                        ),
+                    });
+                }
+            }
+            return Ok(());
         }
         let path = crate::net::resolv_conf_path(&self.run_dir, &t.id);
         let conf = crate::net::resolv_conf(&n.config.name_servers());

@@ -405,14 +405,14 @@ async fn boot(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
         crate::fsutil::ensure_dir(d, mode).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     ensure_disk(s).await?;
+    let built = guest_initramfs(&s.engine_binary, s.modules_dir.as_deref(), &s.cache).await?;
+    let launch = s.machine(&built.path)?.render();
     if let Some(n) = &s.net {
-        // The tap first: the VMM attaches to it by name.
+        // The tap before the VMM, which attaches to it by name.
         crate::net::ensure_tap(&s.tenant, n.subnet)
             .await
             .map_err(|e| e.to_string())?;
     }
-    let built = guest_initramfs(&s.engine_binary, s.modules_dir.as_deref(), &s.cache).await?;
-    let launch = s.machine(&built.path)?.render();
     for f in &launch.files {
         std::fs::write(&f.path, &f.contents).map_err(|e| format!("{}: {e}", f.path.display()))?;
     }

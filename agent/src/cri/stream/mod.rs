@@ -1,0 +1,658 @@
+//! The CRI streaming server. `Exec` and `PortForward` answer with a URL on this server holding
+//! a single-use token; kubelet (or `crictl`, `critest`) connects there and upgrades the HTTP
+//! connection to SPDY/3.1 ([`spdy`]), then runs Kubernetes' protocols over SPDY streams:
+//!
+//! - exec, `v4.channel.k8s.io` (also v3 and v2): the client opens an `error` stream and, as
+//!   asked, `stdin`, `stdout`, `stderr` and (with a terminal) `resize` streams, each named by
+//!   its `streamType` header. The process runs through the tenant engine's interactive exec
+//!   (stdin, a terminal, its size). Its end is reported on the error stream: v4 writes a
+//!   `metav1.Status` (`Success`, or `Failure` with reason `NonZeroExitCode` and the code as
+//!   the cause), v2 and v3 a message on failure only.
+//! - port-forward, `portforward.k8s.io`: per connection, an `error` and a `data` stream with
+//!   the same `port` and `requestID` headers; the data is relayed to that port on the pod's
+//!   loopback (userns tenants: a socket made inside the tenant's network namespace) or, for VM
+//!   tenants, on the tenant's address.
+//!
+//! Tokens expire after a minute unused, as kubelet's do. WebSocket streaming
+//! (`v5.channel.k8s.io`) is not served: a WebSocket upgrade is refused with a message saying so.
+
+pub mod spdy;
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use caas_proto::{
+    engine::v1::{self as epb, engine_client::EngineClient},
+    v1 as pb,
+};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode, body::Incoming as Body, header::HeaderValue};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// How long a URL is good for.
+const TOKEN_TTL: Duration = Duration::from_secs(60);
+/// How long the client has to open the streams it asked for (kubelet's default).
+const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Exec protocols, the newest first.
+const EXEC_PROTOCOLS: &[&str] = &[
+    "v4.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+];
+/// The port-forward protocol.
+const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
+
+/// What a token was issued for.
+#[derive(Debug)]
+pub enum Session {
+    /// A command in a running container.
+    Exec(ExecSession),
+    /// Ports of a pod.
+    PortForward(PortForwardSession),
+}
+
+impl Session {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Exec(_) => "exec",
+            Self::PortForward(_) => "portforward",
+        }
+    }
+}
+
+/// An exec to run once the client connects.
+#[derive(Debug)]
+pub struct ExecSession {
+    /// The tenant's engine.
+    pub engine: EngineClient<Channel>,
+    /// The container (its engine id).
+    pub container: String,
+    /// argv.
+    pub cmd: Vec<String>,
+    /// Run on a terminal.
+    pub tty: bool,
+    /// Stream stdin.
+    pub stdin: bool,
+    /// Stream stdout.
+    pub stdout: bool,
+    /// Stream stderr (not with a terminal).
+    pub stderr: bool,
+}
+
+/// Where a pod's ports are reached.
+#[derive(Debug, Clone)]
+pub enum PortTarget {
+    /// On loopback inside this network namespace (bind-mounted at the path).
+    Netns(PathBuf),
+    /// At this address (a VM tenant's guest).
+    Address(Ipv4Addr),
+}
+
+/// A pod's ports to forward.
+#[derive(Debug)]
+pub struct PortForwardSession {
+    /// The pod id (for messages).
+    pub pod: String,
+    /// Where its ports are.
+    pub target: PortTarget,
+    /// The ports asked for in the request (empty: any port the client names).
+    pub ports: Vec<u16>,
+}
+
+/// The streaming server.
+#[derive(Debug)]
+pub struct StreamServer {
+    base: String,
+    pending: Mutex<HashMap<String, (Session, Instant)>>,
+}
+
+impl StreamServer {
+    /// Binds `addr` and serves until `stop`.
+    pub async fn start(addr: SocketAddr, stop: CancellationToken) -> std::io::Result<Arc<Self>> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let host = if bound.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, bound.port()))
+        } else {
+            bound
+        };
+        let server = Arc::new(Self {
+            base: format!("http://{host}"),
+            pending: Mutex::new(HashMap::new()),
+        });
+        let s = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    c = listener.accept() => match c {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "CRI streaming server: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(s.handle(req)) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(conn);
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await
+                    {
+                        tracing::debug!(error = %e, "CRI streaming connection ended");
+                    }
+                });
+            }
+        });
+        tracing::info!(address = %server.base, "CRI streaming server listening");
+        Ok(server)
+    }
+
+    /// A URL that runs `session` once, within a minute.
+    pub fn url(&self, session: Session) -> String {
+        let mut b = [0u8; 16];
+        rand::fill(&mut b);
+        let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let kind = session.kind();
+        let mut p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.retain(|_, (_, at)| at.elapsed() < TOKEN_TTL);
+        p.insert(token.clone(), (session, Instant::now()));
+        format!("{}/{kind}/{token}", self.base)
+    }
+
+    fn take(&self, token: &str) -> Option<Session> {
+        let mut p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.remove(token)
+            .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
+            .map(|(s, _)| s)
+    }
+
+    fn handle(&self, mut req: Request<Body>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let (kind, token) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let Some(session) = self.take(token) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "unknown or expired streaming token: ask the runtime for a new URL (Exec, PortForward)",
+            );
+        };
+        if session.kind() != kind {
+            return text(
+                StatusCode::NOT_FOUND,
+                &format!("this token is for {}, not {kind}", session.kind()),
+            );
+        }
+        let upgrade = header_values(&req, hyper::header::UPGRADE);
+        if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
+            let msg = if upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket")) {
+                "this streaming server speaks SPDY/3.1 only; WebSocket streaming (v5.channel.k8s.io) is not served: use the SPDY transport"
+            } else {
+                "a streaming request must upgrade the connection to SPDY/3.1 (Connection: Upgrade, Upgrade: SPDY/3.1)"
+            };
+            return text(StatusCode::BAD_REQUEST, msg);
+        }
+        let offered: Vec<String> = header_values(&req, "x-stream-protocol-version")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        let supported: &[&str] = match &session {
+            Session::Exec(_) => EXEC_PROTOCOLS,
+            Session::PortForward(_) => &[PORT_FORWARD_PROTOCOL],
+        };
+        // The client's order of preference, as Kubernetes' handshake does.
+        let Some(protocol) = offered
+            .iter()
+            .find(|o| supported.contains(&o.as_str()))
+            .cloned()
+        else {
+            return text(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "unable to upgrade: no common stream protocol (offered {offered:?}, served {supported:?})"
+                ),
+            );
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let proto = protocol.clone();
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "CRI streaming: the upgrade failed");
+                    return;
+                }
+            };
+            let io = hyper_util::rt::TokioIo::new(upgraded);
+            match session {
+                Session::Exec(e) => run_exec(io, &proto, e).await,
+                Session::PortForward(p) => run_port_forward(io, p).await,
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("Upgrade"),
+        );
+        h.insert(hyper::header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        if let Ok(v) = HeaderValue::from_str(&protocol) {
+            h.insert("X-Stream-Protocol-Version", v);
+        }
+        r
+    }
+}
+
+fn header_values(req: &Request<Body>, name: impl hyper::header::AsHeaderName) -> Vec<String> {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn text(code: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The exec's ending, as the error stream reports it.
+fn exec_status(protocol: &str, result: Result<i32, String>, cmd: &[String]) -> Option<Vec<u8>> {
+    let v4 = protocol == EXEC_PROTOCOLS[0];
+    let status = match result {
+        Ok(0) if v4 => serde_json::json!({"metadata": {}, "status": "Success"}),
+        Ok(0) => return None,
+        Ok(code) => {
+            let message = format!(
+                "command terminated with non-zero exit code: error executing command {cmd:?}, exit code {code}"
+            );
+            if !v4 {
+                return Some(message.into_bytes());
+            }
+            serde_json::json!({
+                "metadata": {},
+                "status": "Failure",
+                "message": message,
+                "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+            })
+        }
+        Err(message) if !v4 => return Some(message.into_bytes()),
+        Err(message) => serde_json::json!({
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": "InternalError",
+            "code": 500,
+        }),
+    };
+    Some(status.to_string().into_bytes())
+}
+
+/// The terminal size a client sends on its resize stream: JSON objects one after another.
+#[derive(serde::Deserialize)]
+struct TermSize {
+    #[serde(rename = "Width")]
+    width: u16,
+    #[serde(rename = "Height")]
+    height: u16,
+}
+
+async fn run_exec<IO>(io: IO, protocol: &str, e: ExecSession)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut incoming, tx) = spdy::serve(io);
+    let want_resize = e.tty && protocol != "v2.channel.k8s.io";
+    let wanted = |t: &str| match t {
+        "error" => true,
+        "stdin" => e.stdin,
+        "stdout" => e.stdout,
+        "stderr" => e.stderr && !e.tty,
+        "resize" => want_resize,
+        _ => false,
+    };
+    let expected = 1
+        + usize::from(e.stdin)
+        + usize::from(e.stdout)
+        + usize::from(e.stderr && !e.tty)
+        + usize::from(want_resize);
+    let mut streams: HashMap<String, spdy::Incoming> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + STREAM_CREATION_TIMEOUT;
+    while streams.len() < expected {
+        match tokio::time::timeout_at(deadline, incoming.recv()).await {
+            Ok(Some(s)) => {
+                let kind = s.header("streamtype").unwrap_or("").to_ascii_lowercase();
+                if wanted(&kind) && !streams.contains_key(&kind) {
+                    streams.insert(kind, s);
+                } else {
+                    tx.reset(s.id).await;
+                }
+            }
+            Ok(None) => return,
+            Err(_) => {
+                if let Some(err) = streams.get("error") {
+                    let msg = format!(
+                        "timed out after {} s waiting for the client to open its streams (has {:?})",
+                        STREAM_CREATION_TIMEOUT.as_secs(),
+                        streams.keys().collect::<Vec<_>>()
+                    );
+                    if let Some(b) = exec_status(protocol, Err(msg), &e.cmd) {
+                        tx.data(err.id, &b).await;
+                    }
+                    tx.close(err.id).await;
+                }
+                tx.go_away().await;
+                return;
+            }
+        }
+    }
+    let id_of = |k: &str| streams.get(k).map(|s| s.id);
+    let (err_id, out_id, errout_id) = (id_of("error"), id_of("stdout"), id_of("stderr"));
+    let (in_tx, in_rx) = mpsc::channel::<epb::ExecInput>(16);
+    let start = epb::ExecInput {
+        input: Some(epb::exec_input::Input::Start(epb::ExecStart {
+            exec: Some(epb::ExecRequest {
+                container: e.container.clone(),
+                command: e.cmd.clone(),
+                env: Vec::new(),
+                workdir: String::new(),
+            }),
+            stdin: e.stdin,
+            tty: e.tty,
+            size: None,
+        })),
+    };
+    let _ = in_tx.send(start).await;
+    if let Some(mut s) = streams.remove("stdin") {
+        let in_tx = in_tx.clone();
+        tokio::spawn(async move {
+            while let Some(d) = s.data.recv().await {
+                let m = epb::ExecInput {
+                    input: Some(epb::exec_input::Input::Stdin(d)),
+                };
+                if in_tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+            let _ = in_tx
+                .send(epb::ExecInput {
+                    input: Some(epb::exec_input::Input::StdinClose(true)),
+                })
+                .await;
+        });
+    }
+    if let Some(mut s) = streams.remove("resize") {
+        let in_tx = in_tx.clone();
+        tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(d) = s.data.recv().await {
+                buf.extend_from_slice(&d);
+                let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<TermSize>();
+                let mut used = 0;
+                let mut sizes = Vec::new();
+                while let Some(Ok(size)) = it.next() {
+                    used = it.byte_offset();
+                    sizes.push(size);
+                }
+                for size in sizes {
+                    let m = epb::ExecInput {
+                        input: Some(epb::exec_input::Input::Resize(epb::TerminalSize {
+                            width: u32::from(size.width),
+                            height: u32::from(size.height),
+                        })),
+                    };
+                    if in_tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                buf.drain(..used);
+                if buf.len() > 4096 {
+                    return; // not a stream of sizes
+                }
+            }
+        });
+    }
+    let mut engine = e.engine.clone();
+    let result = match engine
+        .exec_interactive(tokio_stream::wrappers::ReceiverStream::new(in_rx))
+        .await
+    {
+        Err(status) => Err(status.message().to_string()),
+        Ok(out) => {
+            let mut out = out.into_inner();
+            let mut code = None;
+            let mut failure = None;
+            loop {
+                match out.message().await {
+                    Ok(Some(m)) => match m.output {
+                        Some(pb::exec_output::Output::Stdout(d)) => {
+                            if let Some(id) = out_id {
+                                tx.data(id, &d).await;
+                            }
+                        }
+                        Some(pb::exec_output::Output::Stderr(d)) => {
+                            if let Some(id) = errout_id.or(out_id) {
+                                tx.data(id, &d).await;
+                            }
+                        }
+                        Some(pb::exec_output::Output::ExitCode(c)) => code = Some(c),
+                        None => {}
+                    },
+                    Ok(None) => break,
+                    Err(s) => {
+                        failure = Some(s.message().to_string());
+                        break;
+                    }
+                }
+            }
+            match (code, failure) {
+                (Some(c), _) => Ok(c),
+                (None, Some(f)) => Err(f),
+                (None, None) => Err("the exec ended without an exit code".into()),
+            }
+        }
+    };
+    drop(in_tx);
+    for id in [out_id, errout_id].into_iter().flatten() {
+        tx.close(id).await;
+    }
+    if let Some(id) = err_id {
+        if let Some(b) = exec_status(protocol, result, &e.cmd) {
+            tx.data(id, &b).await;
+        }
+        tx.close(id).await;
+    }
+    tx.go_away().await;
+}
+
+async fn run_port_forward<IO>(io: IO, p: PortForwardSession)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut incoming, tx) = spdy::serve(io);
+    type Pair = (Option<spdy::Incoming>, Option<spdy::Incoming>);
+    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    while let Some(s) = incoming.recv().await {
+        let kind = s.header("streamtype").unwrap_or("").to_ascii_lowercase();
+        let port = s.header("port").and_then(|v| v.trim().parse::<u16>().ok());
+        let Some(port) = port.filter(|&x| x != 0) else {
+            tx.reset(s.id).await;
+            continue;
+        };
+        // Older clients pair by stream id: a data stream follows its error stream.
+        let key = match s.header("requestid") {
+            Some(r) => format!("{port}/{r}"),
+            None if kind == "error" => format!("{port}/#{}", s.id + 2),
+            None => format!("{port}/#{}", s.id),
+        };
+        let slot = pairs.entry(key.clone()).or_default();
+        match kind.as_str() {
+            "error" if slot.0.is_none() => slot.0 = Some(s),
+            "data" if slot.1.is_none() => slot.1 = Some(s),
+            _ => {
+                tx.reset(s.id).await;
+                continue;
+            }
+        }
+        let complete = pairs
+            .get(&key)
+            .is_some_and(|(e, d)| e.is_some() && d.is_some());
+        if let Some((Some(err), Some(data))) = complete.then(|| pairs.remove(&key)).flatten() {
+            let allowed = p.ports.is_empty() || p.ports.contains(&port);
+            let (tx, target, pod) = (tx.clone(), p.target.clone(), p.pod.clone());
+            tokio::spawn(async move {
+                forward(tx, err, data, port, allowed, target, pod).await;
+            });
+        }
+    }
+}
+
+async fn forward(
+    tx: spdy::Sender,
+    err: spdy::Incoming,
+    mut data: spdy::Incoming,
+    port: u16,
+    allowed: bool,
+    target: PortTarget,
+    pod: String,
+) {
+    let fail = |msg: String| {
+        let tx = tx.clone();
+        async move {
+            tx.data(err.id, msg.as_bytes()).await;
+            tx.close(err.id).await;
+            tx.close(data.id).await;
+        }
+    };
+    if !allowed {
+        fail(format!(
+            "port {port} of pod {pod} was not in the PortForward request"
+        ))
+        .await;
+        return;
+    }
+    let conn = match connect(&target, port).await {
+        Ok(c) => c,
+        Err(e) => {
+            fail(format!("error forwarding port {port} to pod {pod}: {e}")).await;
+            return;
+        }
+    };
+    let (mut rd, mut wr) = conn.into_split();
+    let up = tokio::spawn(async move {
+        while let Some(d) = data.data.recv().await {
+            if wr.write_all(&d).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if !tx.data(data.id, &buf[..n]).await {
+                    break;
+                }
+            }
+        }
+    }
+    tx.close(data.id).await;
+    let _ = up.await;
+    tx.close(err.id).await;
+}
+
+/// A TCP connection to `port` of the pod.
+async fn connect(target: &PortTarget, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    match target {
+        PortTarget::Address(a) => tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect((*a, port)),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?,
+        PortTarget::Netns(ns) => {
+            let ns = ns.clone();
+            // A socket stays in the netns it was made in: make it on a thread of its own that
+            // entered the pod's (and ends after), then use it from here.
+            let (done, made) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let s = (|| -> std::io::Result<std::net::TcpStream> {
+                    let f = std::fs::File::open(&ns)?;
+                    nix::sched::setns(
+                        std::os::fd::AsFd::as_fd(&f),
+                        nix::sched::CloneFlags::CLONE_NEWNET,
+                    )
+                    .map_err(std::io::Error::from)?;
+                    std::net::TcpStream::connect_timeout(
+                        &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                        Duration::from_secs(10),
+                    )
+                })();
+                let _ = done.send(s);
+            });
+            let s = made
+                .await
+                .map_err(|_| std::io::Error::other("the connecting thread died"))??;
+            s.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(s)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_endings_as_each_protocol_reports_them() {
+        let cmd = vec!["sh".to_string()];
+        let ok = exec_status("v4.channel.k8s.io", Ok(0), &cmd).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&ok).unwrap();
+        assert_eq!(v["status"], "Success");
+        let bad = exec_status("v4.channel.k8s.io", Ok(3), &cmd).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bad).unwrap();
+        assert_eq!(v["reason"], "NonZeroExitCode");
+        assert_eq!(v["details"]["causes"][0]["message"], "3");
+        assert_eq!(exec_status("v3.channel.k8s.io", Ok(0), &cmd), None);
+        let e = exec_status("v2.channel.k8s.io", Err("boom".into()), &cmd).unwrap();
+        assert_eq!(e, b"boom");
+    }
+}
