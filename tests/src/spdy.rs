@@ -67,6 +67,18 @@ fn build() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
+/// Starts the client with `args` and no stdin, for a test that ends it itself.
+pub fn start(client: &Path, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(client)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning spdy-client")
+}
+
 /// What a client run gave.
 #[derive(Debug)]
 pub struct Run {
@@ -87,8 +99,14 @@ impl Run {
     }
 }
 
-/// Runs the client with `args`, `input` on its stdin, within 60 s.
+/// Runs the client with `args`, `input` on its stdin (then its end), within 60 s.
 pub async fn run(client: &Path, args: &[&str], input: &[u8]) -> Run {
+    run_with(client, args, input, true).await
+}
+
+/// [`run`], with stdin left open after `input` when `close_stdin` is false (the client then
+/// ends only when the server ends the streams).
+pub async fn run_with(client: &Path, args: &[&str], input: &[u8], close_stdin: bool) -> Run {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(client)
         .args(args)
@@ -100,14 +118,19 @@ pub async fn run(client: &Path, args: &[&str], input: &[u8]) -> Run {
         .expect("spawning spdy-client");
     let mut stdin = child.stdin.take().expect("stdin");
     let input = input.to_vec();
+    let (hold, held) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = stdin.write_all(&input).await;
+        if !close_stdin {
+            let _ = held.await;
+        }
         let _ = stdin.shutdown().await;
     });
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("spdy-client {args:?} did not end within 60 s"))
         .expect("spdy-client output");
+    drop(hold);
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

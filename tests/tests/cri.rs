@@ -3292,7 +3292,11 @@ async fn exec_and_port_forward_stream_over_spdy() {
         &pod,
         "srv",
         &bb.id,
-        &["sh", "-c", "while :; do echo pong | nc -l -p 8080; done"],
+        &[
+            "sh",
+            "-c",
+            "(while :; do echo pong | nc -l -p 8080; done) & while :; do echo bye | timeout 1 nc -l -p 8081; done",
+        ],
         &[],
     );
     let id = k.created(&pod_id, &pod, &c).await;
@@ -3340,6 +3344,19 @@ async fn exec_and_port_forward_stream_over_spdy() {
     assert_eq!(s["status"], "Failure", "{s}");
     assert_eq!(s["reason"], "NonZeroExitCode", "{s}");
     assert_eq!(s["details"]["causes"][0]["message"], "3", "{s}");
+
+    // stderr not asked for is dropped, not mixed into stdout.
+    let url2 = exec(
+        &mut k,
+        &["sh", "-c", "echo out; echo err >&2"],
+        false,
+        false,
+        false,
+    )
+    .await
+    .unwrap();
+    let r2 = caas_tests::spdy::run(&client, &["exec", &url2], b"").await;
+    assert_eq!(r2.stdout, "out\n", "{r2:?}");
 
     // The URL was for one use.
     let again = caas_tests::spdy::run(&client, &["exec", &url], b"").await;
@@ -3397,6 +3414,50 @@ async fn exec_and_port_forward_stream_over_spdy() {
     let r = caas_tests::spdy::run(&client, &["portforward", &pf, "8080"], b"ping\n").await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "pong\n", "{r:?}");
+    // The pod's side ends first (its listener closes after a second): the client's streams
+    // end, without it closing its own side.
+    let pf = k
+        .cri
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.clone(),
+            port: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let r = caas_tests::spdy::run_with(&client, &["portforward", &pf, "8081"], b"", false).await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "bye\n"), "{r:?}");
+
+    // A client that goes away takes its exec'd process with it.
+    let url = exec(&mut k, &["sleep", "321"], false, false, false)
+        .await
+        .unwrap();
+    let mut gone = caas_tests::spdy::start(&client, &["exec", &url]);
+    let ps = async |k: &mut Kubelet| {
+        let r = k.exec(&id, &["ps", "-o", "args"]).await;
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ps(&mut k).await.contains("sleep 321") {
+        assert!(Instant::now() < deadline, "the exec never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gone.kill().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = ps(&mut k).await;
+        if !seen.contains("sleep 321") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exec of a client that went away still runs: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A port nothing listens on: the error stream says so.
     let pf = k
         .cri
@@ -3445,6 +3506,9 @@ async fn exec_and_port_forward_stream_over_spdy() {
     let got = String::from_utf8_lossy(&got[..n]);
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     assert!(got.contains("SPDY/3.1"), "{got}");
+    // The refused attempt left the URL for a SPDY retry, as a client falling back makes.
+    let r = caas_tests::spdy::run(&client, &["exec", &url], b"").await;
+    assert_eq!(status(&r)["status"], "Success", "{r:?}");
 
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();

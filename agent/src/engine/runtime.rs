@@ -790,15 +790,23 @@ impl Engine {
             .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?;
         let (builder, stdio, console) = if io.tty.is_some() {
             // libcontainer makes the terminal inside the container and sends its master over
-            // this socket.
-            let sock = dir.join(format!("{tag}.sock"));
-            let _ = fs::remove_file(&sock);
+            // this socket. It lives in a private directory of its own under /tmp: a socket
+            // path holds at most 107 bytes, which the state dir of a long tenant name exceeds,
+            // and nobody else may connect to it first.
+            use std::os::unix::fs::DirBuilderExt as _;
+            let private = std::env::temp_dir().join(format!("caas-{tag}"));
+            let _ = fs::remove_dir_all(&private);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&private)
+                .map_err(io_rt("console socket dir"))?;
+            let sock = private.join("tty.sock");
             let listener =
                 std::os::unix::net::UnixListener::bind(&sock).map_err(io_rt("console socket"))?;
             (
                 builder.with_console_socket(Some(&sock)),
                 None,
-                Some((listener, RemoveOnDrop(vec![sock]))),
+                Some((listener, RemoveDirOnDrop(private))),
             )
         } else {
             let (out_r, out_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
@@ -825,12 +833,16 @@ impl Engine {
                 None,
             )
         };
-        let pid = builder
+        let built = builder
             .as_tenant()
             .with_process(Some(&process_file))
             .with_detach(true)
-            .build()
-            .map_err(|e| EngineError::Runtime(format!("exec: {e}")))?;
+            .build();
+        if console.is_some() {
+            // libcontainer 0.7 leaves its link to the console socket in the container's dir.
+            remove_tty_links(&self.paths.youki().join(&id));
+        }
+        let pid = built.map_err(|e| EngineError::Runtime(format!("exec: {e}")))?;
         let _ = nix::sys::prctl::set_dumpable(true);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.execs.insert(pid.as_raw(), tx);
@@ -1054,6 +1066,30 @@ pub enum ExecStdio {
     Tty(OwnedFd),
 }
 
+/// A directory removed (with what it holds) when this is dropped.
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the `tenant-tty-*.sock` links libcontainer makes in a container's state dir for a
+/// terminal exec.
+fn remove_tty_links(dir: &Path) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("tenant-tty-")
+            && name.ends_with(".sock")
+            && e.file_type().is_ok_and(|t| t.is_symlink())
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Files removed when this is dropped.
 struct RemoveOnDrop(Vec<PathBuf>);
 
@@ -1070,18 +1106,28 @@ impl Drop for RemoveOnDrop {
 /// returned, so this does not wait for long; a bound keeps a failed init from hanging the engine.
 fn receive_terminal(listener: &std::os::unix::net::UnixListener) -> std::io::Result<OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
+    let late = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "libcontainer did not send the terminal within a second of starting the process",
+        )
+    };
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(1);
     let conn = loop {
         match listener.accept() {
             Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(late());
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err(e) => return Err(e),
         }
     };
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut buf = [0u8; 64];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
@@ -1091,7 +1137,10 @@ fn receive_terminal(listener: &std::os::unix::net::UnixListener) -> std::io::Res
         Some(&mut space),
         nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .map_err(std::io::Error::from)?;
+    .map_err(|e| match e {
+        nix::errno::Errno::EAGAIN => late(),
+        e => std::io::Error::from(e),
+    })?;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
         if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c
             && let Some(&fd) = fds.first()

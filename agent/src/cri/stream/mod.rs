@@ -155,6 +155,8 @@ impl StreamServer {
                     });
                     let io = hyper_util::rt::TokioIo::new(conn);
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(30))
                         .serve_connection(io, svc)
                         .with_upgrades()
                         .await
@@ -183,6 +185,17 @@ impl StreamServer {
         format!("{}/{kind}/{token}", self.base)
     }
 
+    /// The kind of the session `token` holds, if it holds a live one.
+    fn kind_of(&self, token: &str) -> Option<&'static str> {
+        let p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.get(token)
+            .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
+            .map(|(s, _)| s.kind())
+    }
+
     fn take(&self, token: &str) -> Option<Session> {
         let mut p = self
             .pending
@@ -197,16 +210,18 @@ impl StreamServer {
         let path = req.uri().path().to_string();
         let mut parts = path.trim_start_matches('/').splitn(2, '/');
         let (kind, token) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let Some(session) = self.take(token) else {
+        // The token is used up only by an upgrade that goes ahead: a refused attempt (a
+        // WebSocket client before it falls back to SPDY) leaves it for the next.
+        let Some(session_kind) = self.kind_of(token) else {
             return text(
                 StatusCode::NOT_FOUND,
                 "unknown or expired streaming token: ask the runtime for a new URL (Exec, PortForward)",
             );
         };
-        if session.kind() != kind {
+        if session_kind != kind {
             return text(
                 StatusCode::NOT_FOUND,
-                &format!("this token is for {}, not {kind}", session.kind()),
+                &format!("this token is for {session_kind}, not {kind}"),
             );
         }
         let upgrade = header_values(&req, hyper::header::UPGRADE);
@@ -224,9 +239,10 @@ impl StreamServer {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
             .collect();
-        let supported: &[&str] = match &session {
-            Session::Exec(_) => EXEC_PROTOCOLS,
-            Session::PortForward(_) => &[PORT_FORWARD_PROTOCOL],
+        let supported: &[&str] = if session_kind == "exec" {
+            EXEC_PROTOCOLS
+        } else {
+            &[PORT_FORWARD_PROTOCOL]
         };
         // The client's order of preference, as Kubernetes' handshake does.
         let Some(protocol) = offered
@@ -239,6 +255,12 @@ impl StreamServer {
                 &format!(
                     "unable to upgrade: no common stream protocol (offered {offered:?}, served {supported:?})"
                 ),
+            );
+        };
+        let Some(session) = self.take(token) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "unknown or expired streaming token: ask the runtime for a new URL (Exec, PortForward)",
             );
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -337,7 +359,11 @@ async fn run_exec<IO>(io: IO, protocol: &str, e: ExecSession)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
-    let (mut incoming, tx) = spdy::serve(io);
+    let spdy::Conn {
+        mut incoming,
+        sender: tx,
+        closed,
+    } = spdy::serve(io);
     let want_resize = e.tty && protocol != "v2.channel.k8s.io";
     let wanted = |t: &str| match t {
         "error" => true,
@@ -352,38 +378,58 @@ where
         + usize::from(e.stdout)
         + usize::from(e.stderr && !e.tty)
         + usize::from(want_resize);
-    let mut streams: HashMap<String, spdy::Incoming> = HashMap::new();
+    // The streams we write to are kept by id; what a client sends on them is dropped (their
+    // receivers go), so it cannot pile up.
+    let mut ids: HashMap<String, u32> = HashMap::new();
+    let (mut stdin, mut resize) = (None, None);
     let deadline = tokio::time::Instant::now() + STREAM_CREATION_TIMEOUT;
-    while streams.len() < expected {
+    while ids.len() < expected {
         match tokio::time::timeout_at(deadline, incoming.recv()).await {
             Ok(Some(s)) => {
                 let kind = s.header("streamtype").unwrap_or("").to_ascii_lowercase();
-                if wanted(&kind) && !streams.contains_key(&kind) {
-                    streams.insert(kind, s);
-                } else {
+                if !wanted(&kind) || ids.contains_key(&kind) {
                     tx.reset(s.id).await;
+                    continue;
+                }
+                ids.insert(kind.clone(), s.id);
+                match kind.as_str() {
+                    "stdin" => stdin = Some(s.data),
+                    "resize" => resize = Some(s.data),
+                    _ => {}
                 }
             }
             Ok(None) => return,
             Err(_) => {
-                if let Some(err) = streams.get("error") {
+                if let Some(&err) = ids.get("error") {
                     let msg = format!(
                         "timed out after {} s waiting for the client to open its streams (has {:?})",
                         STREAM_CREATION_TIMEOUT.as_secs(),
-                        streams.keys().collect::<Vec<_>>()
+                        ids.keys().collect::<Vec<_>>()
                     );
                     if let Some(b) = exec_status(protocol, Err(msg), &e.cmd) {
-                        tx.data(err.id, &b).await;
+                        tx.data(err, &b).await;
                     }
-                    tx.close(err.id).await;
+                    tx.close(err).await;
                 }
                 tx.go_away().await;
                 return;
             }
         }
     }
-    let id_of = |k: &str| streams.get(k).map(|s| s.id);
-    let (err_id, out_id, errout_id) = (id_of("error"), id_of("stdout"), id_of("stderr"));
+    // Streams opened later are not part of this exec.
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(s) = incoming.recv().await {
+                tx.reset(s.id).await;
+            }
+        });
+    }
+    let (err_id, out_id, errout_id) = (
+        ids.get("error").copied(),
+        ids.get("stdout").copied(),
+        ids.get("stderr").copied(),
+    );
     let (in_tx, in_rx) = mpsc::channel::<epb::ExecInput>(16);
     let start = epb::ExecInput {
         input: Some(epb::exec_input::Input::Start(epb::ExecStart {
@@ -399,10 +445,10 @@ where
         })),
     };
     let _ = in_tx.send(start).await;
-    if let Some(mut s) = streams.remove("stdin") {
+    if let Some(mut data) = stdin {
         let in_tx = in_tx.clone();
         tokio::spawn(async move {
-            while let Some(d) = s.data.recv().await {
+            while let Some(d) = data.recv().await {
                 let m = epb::ExecInput {
                     input: Some(epb::exec_input::Input::Stdin(d)),
                 };
@@ -417,36 +463,8 @@ where
                 .await;
         });
     }
-    if let Some(mut s) = streams.remove("resize") {
-        let in_tx = in_tx.clone();
-        tokio::spawn(async move {
-            let mut buf: Vec<u8> = Vec::new();
-            while let Some(d) = s.data.recv().await {
-                buf.extend_from_slice(&d);
-                let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<TermSize>();
-                let mut used = 0;
-                let mut sizes = Vec::new();
-                while let Some(Ok(size)) = it.next() {
-                    used = it.byte_offset();
-                    sizes.push(size);
-                }
-                for size in sizes {
-                    let m = epb::ExecInput {
-                        input: Some(epb::exec_input::Input::Resize(epb::TerminalSize {
-                            width: u32::from(size.width),
-                            height: u32::from(size.height),
-                        })),
-                    };
-                    if in_tx.send(m).await.is_err() {
-                        return;
-                    }
-                }
-                buf.drain(..used);
-                if buf.len() > 4096 {
-                    return; // not a stream of sizes
-                }
-            }
-        });
+    if let Some(data) = resize {
+        tokio::spawn(feed_sizes(data, in_tx.clone()));
     }
     let mut engine = e.engine.clone();
     let result = match engine
@@ -459,26 +477,37 @@ where
             let mut code = None;
             let mut failure = None;
             loop {
-                match out.message().await {
+                // A client that went away takes the process with it: dropping the output
+                // stream makes the engine kill it.
+                let m = tokio::select! {
+                    m = out.message() => m,
+                    () = closed.cancelled() => {
+                        failure = Some("the client went away".to_string());
+                        break;
+                    }
+                };
+                let (id, d) = match m {
                     Ok(Some(m)) => match m.output {
-                        Some(pb::exec_output::Output::Stdout(d)) => {
-                            if let Some(id) = out_id {
-                                tx.data(id, &d).await;
-                            }
+                        Some(pb::exec_output::Output::Stdout(d)) => (out_id, d),
+                        // Not asked for (or on a terminal): dropped, never mixed into stdout.
+                        Some(pb::exec_output::Output::Stderr(d)) => (errout_id, d),
+                        Some(pb::exec_output::Output::ExitCode(c)) => {
+                            code = Some(c);
+                            continue;
                         }
-                        Some(pb::exec_output::Output::Stderr(d)) => {
-                            if let Some(id) = errout_id.or(out_id) {
-                                tx.data(id, &d).await;
-                            }
-                        }
-                        Some(pb::exec_output::Output::ExitCode(c)) => code = Some(c),
-                        None => {}
+                        None => continue,
                     },
                     Ok(None) => break,
                     Err(s) => {
                         failure = Some(s.message().to_string());
                         break;
                     }
+                };
+                if let Some(id) = id
+                    && !tx.data(id, &d).await
+                {
+                    failure = Some("the client went away".to_string());
+                    break;
                 }
             }
             match (code, failure) {
@@ -489,6 +518,9 @@ where
         }
     };
     drop(in_tx);
+    if closed.is_cancelled() {
+        return;
+    }
     for id in [out_id, errout_id].into_iter().flatten() {
         tx.close(id).await;
     }
@@ -501,14 +533,64 @@ where
     tx.go_away().await;
 }
 
+/// Turns a resize stream (JSON objects one after another) into the engine's resize inputs.
+async fn feed_sizes(mut data: mpsc::Receiver<Vec<u8>>, in_tx: mpsc::Sender<epb::ExecInput>) {
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(d) = data.recv().await {
+        buf.extend_from_slice(&d);
+        let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<TermSize>();
+        let mut used = 0;
+        let mut sizes = Vec::new();
+        while let Some(Ok(size)) = it.next() {
+            used = it.byte_offset();
+            sizes.push(size);
+        }
+        for size in sizes {
+            let m = epb::ExecInput {
+                input: Some(epb::exec_input::Input::Resize(epb::TerminalSize {
+                    width: u32::from(size.width),
+                    height: u32::from(size.height),
+                })),
+            };
+            if in_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+        buf.drain(..used);
+        if buf.len() > 4096 {
+            return; // not a stream of sizes
+        }
+    }
+}
+
+/// Streams of a port-forward waiting for their other half, at most.
+const MAX_UNPAIRED: usize = 64;
+
 async fn run_port_forward<IO>(io: IO, p: PortForwardSession)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
-    let (mut incoming, tx) = spdy::serve(io);
-    type Pair = (Option<spdy::Incoming>, Option<spdy::Incoming>);
-    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    let spdy::Conn {
+        mut incoming,
+        sender: tx,
+        closed: _,
+    } = spdy::serve(io);
+    // Half pairs: (error stream id, data stream), and when the first half came.
+    type Half = (Option<u32>, Option<spdy::Incoming>, Instant);
+    let mut pairs: HashMap<String, Half> = HashMap::new();
     while let Some(s) = incoming.recv().await {
+        // A half whose other half did not come within the stream creation timeout goes.
+        let mut stale = Vec::new();
+        pairs.retain(|_, (e, d, at)| {
+            let keep = at.elapsed() < STREAM_CREATION_TIMEOUT;
+            if !keep {
+                stale.extend(e.iter().copied().chain(d.as_ref().map(|d| d.id)));
+            }
+            keep
+        });
+        for id in stale {
+            tx.reset(id).await;
+        }
         let kind = s.header("streamtype").unwrap_or("").to_ascii_lowercase();
         let port = s.header("port").and_then(|v| v.trim().parse::<u16>().ok());
         let Some(port) = port.filter(|&x| x != 0) else {
@@ -521,9 +603,16 @@ where
             None if kind == "error" => format!("{port}/#{}", s.id + 2),
             None => format!("{port}/#{}", s.id),
         };
-        let slot = pairs.entry(key.clone()).or_default();
+        if !pairs.contains_key(&key) && pairs.len() >= MAX_UNPAIRED {
+            tx.reset(s.id).await;
+            continue;
+        }
+        let slot = pairs
+            .entry(key.clone())
+            .or_insert_with(|| (None, None, Instant::now()));
         match kind.as_str() {
-            "error" if slot.0.is_none() => slot.0 = Some(s),
+            // Nothing is read from the error stream: its receiver goes.
+            "error" if slot.0.is_none() => slot.0 = Some(s.id),
             "data" if slot.1.is_none() => slot.1 = Some(s),
             _ => {
                 tx.reset(s.id).await;
@@ -532,8 +621,8 @@ where
         }
         let complete = pairs
             .get(&key)
-            .is_some_and(|(e, d)| e.is_some() && d.is_some());
-        if let Some((Some(err), Some(data))) = complete.then(|| pairs.remove(&key)).flatten() {
+            .is_some_and(|(e, d, _)| e.is_some() && d.is_some());
+        if let Some((Some(err), Some(data), _)) = complete.then(|| pairs.remove(&key)).flatten() {
             let allowed = p.ports.is_empty() || p.ports.contains(&port);
             let (tx, target, pod) = (tx.clone(), p.target.clone(), p.pod.clone());
             tokio::spawn(async move {
@@ -543,9 +632,12 @@ where
     }
 }
 
+/// Relays one port-forward connection. When the pod's side ends, the data stream is closed
+/// and, a second later (or when the client has closed its side), the error stream too, which is
+/// what tells the client this connection is over.
 async fn forward(
     tx: spdy::Sender,
-    err: spdy::Incoming,
+    err: u32,
     mut data: spdy::Incoming,
     port: u16,
     allowed: bool,
@@ -554,10 +646,11 @@ async fn forward(
 ) {
     let fail = |msg: String| {
         let tx = tx.clone();
+        let data = data.id;
         async move {
-            tx.data(err.id, msg.as_bytes()).await;
-            tx.close(err.id).await;
-            tx.close(data.id).await;
+            tx.data(err, msg.as_bytes()).await;
+            tx.close(err).await;
+            tx.close(data).await;
         }
     };
     if !allowed {
@@ -575,7 +668,8 @@ async fn forward(
         }
     };
     let (mut rd, mut wr) = conn.into_split();
-    let up = tokio::spawn(async move {
+    let data_id = data.id;
+    let mut up = tokio::spawn(async move {
         while let Some(d) = data.data.recv().await {
             if wr.write_all(&d).await.is_err() {
                 break;
@@ -588,15 +682,20 @@ async fn forward(
         match rd.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if !tx.data(data.id, &buf[..n]).await {
+                if !tx.data(data_id, &buf[..n]).await {
                     break;
                 }
             }
         }
     }
-    tx.close(data.id).await;
-    let _ = up.await;
-    tx.close(err.id).await;
+    tx.close(data_id).await;
+    if tokio::time::timeout(Duration::from_secs(1), &mut up)
+        .await
+        .is_err()
+    {
+        up.abort();
+    }
+    tx.close(err).await;
 }
 
 /// A TCP connection to `port` of the pod.
@@ -615,7 +714,15 @@ async fn connect(target: &PortTarget, port: u16) -> std::io::Result<tokio::net::
             let (done, made) = tokio::sync::oneshot::channel();
             std::thread::spawn(move || {
                 let s = (|| -> std::io::Result<std::net::TcpStream> {
-                    let f = std::fs::File::open(&ns)?;
+                    let f = std::fs::File::open(&ns).map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "the tenant's network namespace {}: {e} (is its engine running?)",
+                                ns.display()
+                            ),
+                        )
+                    })?;
                     nix::sched::setns(
                         std::os::fd::AsFd::as_fd(&f),
                         nix::sched::CloneFlags::CLONE_NEWNET,

@@ -31,8 +31,11 @@ const GOAWAY: u16 = 7;
 const FLAG_FIN: u8 = 0x01;
 /// RST_STREAM status: the stream was refused / cancelled.
 pub const RST_CANCEL: u32 = 5;
-/// Largest frame body read; a peer sending more is not a Kubernetes client.
-const MAX_FRAME: usize = 16 << 20;
+/// Largest frame body read. Kubernetes' clients send data in pieces of 32 KiB (Go's io.Copy);
+/// a larger frame ends the connection, so a client cannot make the agent buffer 16 MiB frames.
+const MAX_FRAME: usize = 1 << 20;
+/// Data frames queued per stream for its reader.
+const STREAM_QUEUE: usize = 16;
 /// Largest data frame sent.
 const MAX_DATA: usize = 32 << 10;
 /// Largest header block after decompression.
@@ -255,7 +258,9 @@ impl FrameReader {
         let flags = head[4];
         let len = usize::from(head[5]) << 16 | usize::from(head[6]) << 8 | usize::from(head[7]);
         if len > MAX_FRAME {
-            return Err(bad(format!("a SPDY frame of {len} bytes")));
+            return Err(bad(format!(
+                "a SPDY frame of {len} bytes (at most {MAX_FRAME} are taken)"
+            )));
         }
         let mut body = vec![0u8; len];
         r.read_exact(&mut body).await?;
@@ -505,10 +510,26 @@ impl Sender {
     }
 }
 
-/// Serves SPDY on `io`: returns the streams the peer opens, as it opens them (each answered
-/// with a SYN_REPLY), and a sender. The connection ends when the peer closes it or says GOAWAY,
-/// or after [`Sender::go_away`]; then the streams' data ends and no more streams come.
-pub fn serve<IO>(io: IO) -> (mpsc::Receiver<Incoming>, Sender)
+/// A served connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The streams the peer opens, as it opens them.
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// Sends on them.
+    pub sender: Sender,
+    /// Cancelled once the connection has ended (either side closed it, GOAWAY, an error).
+    pub closed: tokio_util::sync::CancellationToken,
+}
+
+/// Serves SPDY on `io`: the streams the peer opens (each answered with a SYN_REPLY), a sender,
+/// and the connection's end. The connection ends when the peer closes it or says GOAWAY, or
+/// after [`Sender::go_away`]; then the streams' data ends and no more streams come.
+///
+/// A stream's data waits in a queue of 16 frames for its reader; a reader that
+/// stops reading stalls the connection's other streams (there is no flow control: Go's
+/// spdystream sends no window updates, and its own frame workers block the same way). A stream
+/// whose reader is gone has its data dropped.
+pub fn serve<IO>(io: IO) -> Conn
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -552,6 +573,16 @@ where
         });
     }
     let sender = Sender(out_tx.clone());
+    // Ended when the reader or the writer ends (the other follows).
+    let closed = tokio_util::sync::CancellationToken::new();
+    let reader_done = closed.clone();
+    {
+        let (closed, done) = (closed.clone(), done.clone());
+        tokio::spawn(async move {
+            done.cancelled().await;
+            closed.cancel();
+        });
+    }
     tokio::spawn(async move {
         let mut streams: HashMap<u32, mpsc::Sender<Vec<u8>>> = HashMap::new();
         let mut reader = FrameReader::default();
@@ -562,7 +593,7 @@ where
             };
             match frame {
                 Ok(Some(Frame::SynStream { id, fin, headers })) => {
-                    let (tx, rx) = mpsc::channel(64);
+                    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
                     if !fin {
                         streams.insert(id, tx);
                     }
@@ -580,9 +611,14 @@ where
                 Ok(Some(Frame::Data { id, fin, data })) => {
                     if let Some(tx) = streams.get(&id)
                         && !data.is_empty()
-                        && tx.send(data).await.is_err()
                     {
-                        streams.remove(&id);
+                        let sent = tokio::select! {
+                            r = tx.send(data) => r.is_ok(),
+                            () = done.cancelled() => break,
+                        };
+                        if !sent {
+                            streams.remove(&id);
+                        }
                     }
                     if fin {
                         streams.remove(&id);
@@ -597,7 +633,7 @@ where
                 Ok(Some(Frame::GoAway) | None) => break,
                 Ok(Some(Frame::SynReply { .. } | Frame::Ignored)) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "SPDY connection ended");
+                    tracing::warn!(error = %e, "CRI streaming: the SPDY connection failed");
                     break;
                 }
             }
@@ -605,8 +641,13 @@ where
         // Streams see their end; the writer finishes what is queued, then closes.
         drop(streams);
         drop(new_tx);
+        reader_done.cancel();
     });
-    (new_rx, sender)
+    Conn {
+        incoming: new_rx,
+        sender,
+        closed,
+    }
 }
 
 #[cfg(test)]
