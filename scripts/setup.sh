@@ -23,9 +23,11 @@ set -euo pipefail
 #   binutils         strip: the guest's copy of the agent binary goes without symbols
 #   golang-go, golang-github-docker-spdystream-dev
 #                    the tests' SPDY client (tests/spdy-client), on the library kubelet uses
+#   python3-websocket  the tests' WebSocket exec client (tests/ws-client)
 PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
   containerd containernetworking-plugins docker-registry skopeo umoci apache2-utils nftables
-  iperf3 qemu-system-x86 lz4 e2fsprogs binutils golang-go golang-github-docker-spdystream-dev)
+  iperf3 qemu-system-x86 lz4 e2fsprogs binutils golang-go golang-github-docker-spdystream-dev
+  python3-websocket)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""

@@ -1,6 +1,7 @@
-//! The SPDY client the streaming tests drive the CRI streaming server with:
+//! The clients the streaming tests drive the CRI streaming server with: the SPDY one,
 //! `tests/spdy-client/main.go`, on Go's spdystream (what kubelet and critest use), built once
-//! per test binary from Debian's Go and `golang-github-docker-spdystream-dev`.
+//! per test binary from Debian's Go and `golang-github-docker-spdystream-dev`; and the
+//! WebSocket one, `tests/ws-client/ws_exec.py`, on Debian's python3-websocket.
 
 use std::{
     path::{Path, PathBuf},
@@ -79,6 +80,27 @@ pub fn start(client: &Path, args: &[&str]) -> tokio::process::Child {
         .expect("spawning spdy-client")
 }
 
+/// The WebSocket exec client as a command line (interpreter and script), or None when Debian's
+/// python3-websocket is missing (recorded as for [`client`]).
+pub fn ws_client(test: &str) -> Option<Vec<String>> {
+    const PYTHON: &str = "/usr/bin/python3";
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import websocket"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let why = "needs Debian's python3-websocket (scripts/setup.sh installs it)";
+        assert!(
+            !privileged_required(),
+            "{test}: {why}, and CAAS_REQUIRE_PRIVILEGED=1 makes it mandatory"
+        );
+        skip(test, why);
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ws-client/ws_exec.py");
+    Some(vec![PYTHON.into(), script.display().to_string()])
+}
+
 /// What a client run gave.
 #[derive(Debug)]
 pub struct Run {
@@ -115,7 +137,7 @@ pub async fn run_with(client: &Path, args: &[&str], input: &[u8], close_stdin: b
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawning spdy-client");
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", client.display()));
     let mut stdin = child.stdin.take().expect("stdin");
     let input = input.to_vec();
     let (hold, held) = tokio::sync::oneshot::channel::<()>();

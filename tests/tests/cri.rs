@@ -3280,9 +3280,11 @@ async fn run_as_username_and_the_image_groups_of_the_merge_policy() {
 /// with a resize; single-use URLs; port-forward to a pod's listener and a clear error for a
 /// port with none; bad requests refused with the field named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_and_port_forward_stream_over_spdy() {
-    registry_or_skip!("exec_and_port_forward_stream_over_spdy");
-    let Some(client) = caas_tests::spdy::client("exec_and_port_forward_stream_over_spdy") else {
+async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
+    registry_or_skip!("exec_and_port_forward_stream_over_spdy_and_websocket");
+    let Some(client) =
+        caas_tests::spdy::client("exec_and_port_forward_stream_over_spdy_and_websocket")
+    else {
         return;
     };
     let (mut k, _images, bb) = Kubelet::with_registry().await;
@@ -3489,24 +3491,78 @@ async fn exec_and_port_forward_stream_over_spdy() {
         "an unknown pod",
     );
 
-    // A WebSocket upgrade is refused with what to use instead.
+    // WebSocket exec (v5.channel.k8s.io), with a client on python3-websocket: the same
+    // process, channels and status; v5's close signal ends stdin.
+    let Some(ws) =
+        caas_tests::spdy::ws_client("exec_and_port_forward_stream_over_spdy_and_websocket")
+    else {
+        return;
+    };
+    let ws_run = async |args: &[&str], input: &[u8]| {
+        let mut all: Vec<&str> = ws[1..].iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        caas_tests::spdy::run(Path::new(&ws[0]), &all, input).await
+    };
+    let url = exec(
+        &mut k,
+        &["sh", "-c", "echo out; echo err >&2; exit 4"],
+        false,
+        false,
+        true,
+    )
+    .await
+    .unwrap();
+    let r = ws_run(&[&url], b"").await;
+    assert_eq!(r.line("PROTOCOL"), Some("v5.channel.k8s.io"), "{r:?}");
+    assert_eq!(r.stdout, "out\n", "{r:?}");
+    assert!(r.stderr.contains("err\n"), "{r:?}");
+    assert_eq!(status(&r)["details"]["causes"][0]["message"], "4", "{r:?}");
+    let url = exec(&mut k, &["sh", "-c", "cat; echo done"], false, true, false)
+        .await
+        .unwrap();
+    let r = ws_run(&[&url, "--stdin"], b"over websocket\n").await;
+    assert_eq!(r.stdout, "over websocket\ndone\n", "{r:?}");
+    assert_eq!(status(&r)["status"], "Success", "{r:?}");
+    let url = exec(&mut k, &["sh"], true, true, false).await.unwrap();
+    let r = ws_run(
+        &[&url, "--stdin", "--resize", "90x30"],
+        b"sleep 1; stty size\nexit 0\n",
+    )
+    .await;
+    assert!(r.stdout.contains("30 90"), "{r:?}");
+    assert_eq!(status(&r)["status"], "Success", "{r:?}");
+    // An older client's v4.
+    let url = exec(&mut k, &["echo", "hi"], false, false, false)
+        .await
+        .unwrap();
+    let r = ws_run(&[&url, "--protocol", "v4.channel.k8s.io"], b"").await;
+    assert_eq!(r.line("PROTOCOL"), Some("v4.channel.k8s.io"), "{r:?}");
+    assert_eq!(r.stdout, "hi\n", "{r:?}");
+
+    // A subprotocol the server does not speak is refused, naming what it serves, and leaves
+    // the URL for a retry (as a client falling back to SPDY makes).
     let url = exec(&mut k, &["true"], false, false, false).await.unwrap();
+    let r = ws_run(&[&url, "--protocol", "base64.channel.k8s.io"], b"").await;
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("HTTP 403"), "{r:?}");
     let u = url.strip_prefix("http://").unwrap();
     let (host, path) = u.split_once('/').unwrap();
     let mut s = std::net::TcpStream::connect(host).unwrap();
     use std::io::{Read, Write};
     write!(
         s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: base64.channel.k8s.io\r\n\r\n"
     )
     .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut got = vec![0u8; 4096];
     let n = s.read(&mut got).unwrap();
     let got = String::from_utf8_lossy(&got[..n]);
-    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
-    assert!(got.contains("SPDY/3.1"), "{got}");
-    // The refused attempt left the URL for a SPDY retry, as a client falling back makes.
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(
+        got.contains("v5.channel.k8s.io"),
+        "the refusal names what is served: {got}"
+    );
     let r = caas_tests::spdy::run(&client, &["exec", &url], b"").await;
     assert_eq!(status(&r)["status"], "Success", "{r:?}");
 

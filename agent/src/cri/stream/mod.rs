@@ -13,8 +13,10 @@
 //!   loopback (userns tenants: a socket made inside the tenant's network namespace) or, for VM
 //!   tenants, on the tenant's address.
 //!
-//! Tokens expire after a minute unused, as kubelet's do. WebSocket streaming
-//! (`v5.channel.k8s.io`) is not served: a WebSocket upgrade is refused with a message saying so.
+//! Exec is also served over a WebSocket (`v5.channel.k8s.io`, and v4), the transport Kubernetes
+//! is moving to (KEP-4006): each binary message is a channel byte and that channel's data;
+//! v5's `255, 0` ends stdin. Port-forward is SPDY only. Tokens expire after a minute unused, as
+//! kubelet's do; a refused upgrade does not use one up.
 
 pub mod spdy;
 
@@ -225,13 +227,14 @@ impl StreamServer {
             );
         }
         let upgrade = header_values(&req, hyper::header::UPGRADE);
+        if upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket")) {
+            return self.handle_websocket(req, token, session_kind);
+        }
         if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
-            let msg = if upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket")) {
-                "this streaming server speaks SPDY/3.1 only; WebSocket streaming (v5.channel.k8s.io) is not served: use the SPDY transport"
-            } else {
-                "a streaming request must upgrade the connection to SPDY/3.1 (Connection: Upgrade, Upgrade: SPDY/3.1)"
-            };
-            return text(StatusCode::BAD_REQUEST, msg);
+            return text(
+                StatusCode::BAD_REQUEST,
+                "a streaming request must upgrade the connection to SPDY/3.1 (Connection: Upgrade, Upgrade: SPDY/3.1) or to a WebSocket (v5.channel.k8s.io)",
+            );
         }
         let offered: Vec<String> = header_values(&req, "x-stream-protocol-version")
             .iter()
@@ -292,6 +295,183 @@ impl StreamServer {
         }
         r
     }
+}
+
+impl StreamServer {
+    /// An exec over a WebSocket (`v5.channel.k8s.io`, also v4): each binary message is one
+    /// channel's data after a byte naming the channel (0 stdin, 1 stdout, 2 stderr, 3 error,
+    /// 4 resize); in v5 the message `255, n` closes channel n (the client's end of stdin).
+    fn handle_websocket(
+        &self,
+        mut req: Request<Body>,
+        token: &str,
+        kind: &'static str,
+    ) -> Response<Full<Bytes>> {
+        if kind != "exec" {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "port-forward is served over SPDY/3.1 only (Upgrade: SPDY/3.1 with portforward.k8s.io)",
+            );
+        }
+        let Some(key) = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
+        else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket upgrade needs Sec-WebSocket-Key",
+            );
+        };
+        let offered: Vec<String> = header_values(&req, "sec-websocket-protocol")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        let Some(protocol) = offered
+            .iter()
+            .find(|o| WS_EXEC_PROTOCOLS.contains(&o.as_str()))
+            .cloned()
+        else {
+            return text(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "unable to upgrade: no common WebSocket subprotocol (offered {offered:?}, served {WS_EXEC_PROTOCOLS:?}; base64 channels are not served)"
+                ),
+            );
+        };
+        let Some(Session::Exec(e)) = self.take(token) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "unknown or expired streaming token: ask the runtime for a new URL (Exec)",
+            );
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let proto = protocol.clone();
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(u) => run_exec_websocket(hyper_util::rt::TokioIo::new(u), &proto, e).await,
+                Err(err) => tracing::warn!(error = %err, "CRI streaming: the upgrade failed"),
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("Upgrade"),
+        );
+        h.insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            h.insert("Sec-WebSocket-Accept", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&protocol) {
+            h.insert("Sec-WebSocket-Protocol", v);
+        }
+        r
+    }
+}
+
+/// WebSocket exec subprotocols, the newest first.
+const WS_EXEC_PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+async fn run_exec_websocket<IO>(io: IO, protocol: &str, e: ExecSession)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::{Message, protocol::Role};
+    const STDIN: u8 = 0;
+    const ERROR: u8 = 3;
+    const RESIZE: u8 = 4;
+    const CLOSE: u8 = 255;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let (mut sink, mut source) = ws.split();
+    let closed = CancellationToken::new();
+    let v5 = protocol == WS_EXEC_PROTOCOLS[0];
+    let (stdin_tx, stdin) = if e.stdin {
+        let (t, r) = mpsc::channel(16);
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    let (resize_tx, resize) = if e.tty {
+        let (t, r) = mpsc::channel(16);
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut stdin_tx = stdin_tx;
+            while let Some(m) = source.next().await {
+                let data = match m {
+                    Ok(Message::Binary(b)) => b,
+                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(_) => continue,
+                };
+                let Some((&channel, rest)) = data.split_first() else {
+                    continue;
+                };
+                match channel {
+                    STDIN => {
+                        if let Some(t) = &stdin_tx
+                            && t.send(rest.to_vec()).await.is_err()
+                        {
+                            stdin_tx = None;
+                        }
+                    }
+                    RESIZE => {
+                        if let Some(t) = &resize_tx {
+                            let _ = t.send(rest.to_vec()).await;
+                        }
+                    }
+                    CLOSE if v5 && rest.first() == Some(&STDIN) => stdin_tx = None,
+                    _ => {}
+                }
+            }
+            closed.cancel();
+        });
+    }
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(16);
+    let (stdout, stderr) = (e.stdout, e.stderr && !e.tty);
+    let writer = {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            while let Some((channel, d)) = out_rx.recv().await {
+                // Channels not asked for are dropped, never mixed into another.
+                if (channel == STDOUT && !stdout) || (channel == STDERR && !stderr) {
+                    continue;
+                }
+                let mut m = Vec::with_capacity(d.len() + 1);
+                m.push(channel);
+                m.extend_from_slice(&d);
+                if sink.send(Message::Binary(m.into())).await.is_err() {
+                    closed.cancel();
+                    break;
+                }
+            }
+            sink
+        })
+    };
+    let result = exec_core(&e, stdin, resize, out_tx, closed.clone()).await;
+    let Ok(mut sink) = writer.await else {
+        return;
+    };
+    if closed.is_cancelled() {
+        return;
+    }
+    if let Some(b) = exec_status(EXEC_PROTOCOLS[0], result, &e.cmd) {
+        let mut m = vec![ERROR];
+        m.extend_from_slice(&b);
+        let _ = sink.send(Message::Binary(m.into())).await;
+    }
+    let _ = sink.close().await;
 }
 
 fn header_values(req: &Request<Body>, name: impl hyper::header::AsHeaderName) -> Vec<String> {
@@ -430,6 +610,55 @@ where
         ids.get("stdout").copied(),
         ids.get("stderr").copied(),
     );
+    // One writer keeps the order of what the process printed.
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(16);
+    let writer = {
+        let (tx, closed) = (tx.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Some((channel, d)) = out_rx.recv().await {
+                // Stderr not asked for (or on a terminal) is dropped, never mixed into stdout.
+                let id = if channel == STDOUT { out_id } else { errout_id };
+                if let Some(id) = id
+                    && !tx.data(id, &d).await
+                {
+                    closed.cancel();
+                    return;
+                }
+            }
+        })
+    };
+    let result = exec_core(&e, stdin, resize, out_tx, closed.clone()).await;
+    let _ = writer.await;
+    if closed.is_cancelled() {
+        return;
+    }
+    for id in [out_id, errout_id].into_iter().flatten() {
+        tx.close(id).await;
+    }
+    if let Some(id) = err_id {
+        if let Some(b) = exec_status(protocol, result, &e.cmd) {
+            tx.data(id, &b).await;
+        }
+        tx.close(id).await;
+    }
+    tx.go_away().await;
+}
+
+/// Channel numbers of the process's output (as the WebSocket protocol numbers them).
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+
+/// Runs `e` through the tenant engine's interactive exec, whatever carries it: `stdin` and
+/// `resize` (JSON sizes) in, the process's output out on `out` as (channel, bytes). Ends with
+/// the exit code, or why there is none; when `closed` is cancelled (the client went away) the
+/// engine's stream is dropped, which makes the engine kill the process.
+async fn exec_core(
+    e: &ExecSession,
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    resize: Option<mpsc::Receiver<Vec<u8>>>,
+    out: mpsc::Sender<(u8, Vec<u8>)>,
+    closed: CancellationToken,
+) -> Result<i32, String> {
     let (in_tx, in_rx) = mpsc::channel::<epb::ExecInput>(16);
     let start = epb::ExecInput {
         input: Some(epb::exec_input::Input::Start(epb::ExecStart {
@@ -467,70 +696,40 @@ where
         tokio::spawn(feed_sizes(data, in_tx.clone()));
     }
     let mut engine = e.engine.clone();
-    let result = match engine
+    let out_stream = engine
         .exec_interactive(tokio_stream::wrappers::ReceiverStream::new(in_rx))
         .await
-    {
-        Err(status) => Err(status.message().to_string()),
-        Ok(out) => {
-            let mut out = out.into_inner();
-            let mut code = None;
-            let mut failure = None;
-            loop {
-                // A client that went away takes the process with it: dropping the output
-                // stream makes the engine kill it.
-                let m = tokio::select! {
-                    m = out.message() => m,
-                    () = closed.cancelled() => {
-                        failure = Some("the client went away".to_string());
-                        break;
-                    }
-                };
-                let (id, d) = match m {
-                    Ok(Some(m)) => match m.output {
-                        Some(pb::exec_output::Output::Stdout(d)) => (out_id, d),
-                        // Not asked for (or on a terminal): dropped, never mixed into stdout.
-                        Some(pb::exec_output::Output::Stderr(d)) => (errout_id, d),
-                        Some(pb::exec_output::Output::ExitCode(c)) => {
-                            code = Some(c);
-                            continue;
-                        }
-                        None => continue,
-                    },
-                    Ok(None) => break,
-                    Err(s) => {
-                        failure = Some(s.message().to_string());
-                        break;
-                    }
-                };
-                if let Some(id) = id
-                    && !tx.data(id, &d).await
-                {
-                    failure = Some("the client went away".to_string());
-                    break;
+        .map_err(|s| s.message().to_string())?;
+    let mut stream = out_stream.into_inner();
+    let mut code = None;
+    loop {
+        let m = tokio::select! {
+            m = stream.message() => m,
+            () = closed.cancelled() => return Err("the client went away".into()),
+        };
+        let item = match m {
+            Ok(Some(m)) => match m.output {
+                Some(pb::exec_output::Output::Stdout(d)) => (STDOUT, d),
+                Some(pb::exec_output::Output::Stderr(d)) => (STDERR, d),
+                Some(pb::exec_output::Output::ExitCode(c)) => {
+                    code = Some(c);
+                    continue;
                 }
-            }
-            match (code, failure) {
-                (Some(c), _) => Ok(c),
-                (None, Some(f)) => Err(f),
-                (None, None) => Err("the exec ended without an exit code".into()),
-            }
+                None => continue,
+            },
+            Ok(None) => break,
+            Err(s) => return Err(s.message().to_string()),
+        };
+        let sent = tokio::select! {
+            r = out.send(item) => r.is_ok(),
+            () = closed.cancelled() => false,
+        };
+        if !sent {
+            return Err("the client went away".into());
         }
-    };
+    }
     drop(in_tx);
-    if closed.is_cancelled() {
-        return;
-    }
-    for id in [out_id, errout_id].into_iter().flatten() {
-        tx.close(id).await;
-    }
-    if let Some(id) = err_id {
-        if let Some(b) = exec_status(protocol, result, &e.cmd) {
-            tx.data(id, &b).await;
-        }
-        tx.close(id).await;
-    }
-    tx.go_away().await;
+    code.ok_or_else(|| "the exec ended without an exit code".into())
 }
 
 /// Turns a resize stream (JSON objects one after another) into the engine's resize inputs.
