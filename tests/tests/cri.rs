@@ -1948,20 +1948,6 @@ async fn unsupported_container_fields_are_refused_by_name() {
             },
         ),
         (
-            "tty",
-            cri::ContainerConfig {
-                tty: true,
-                ..base.clone()
-            },
-        ),
-        (
-            "stdin",
-            cri::ContainerConfig {
-                stdin: true,
-                ..base.clone()
-            },
-        ),
-        (
             // A process namespace shared in the pod (shareProcessNamespace).
             "namespace_options.pid",
             cri::ContainerConfig {
@@ -3490,6 +3476,74 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
         Code::NotFound,
         "an unknown pod",
     );
+
+    // Attach to a container made with stdin (stdin_once): what the client sends reaches its
+    // init, and the end of the client's stdin closes the container's.
+    let mut cat = k.container(
+        &pod,
+        "cat",
+        &bb.id,
+        &["sh", "-c", "echo started; cat; echo stdin-ended"],
+        &[],
+    );
+    cat.stdin = true;
+    cat.stdin_once = true;
+    let cat_id = k.created(&pod_id, &pod, &cat).await;
+    let st = k.running(&cat_id).await;
+    log_until(&st, "started", |l| l.iter().any(|r| r.content == "started")).await;
+    let attach = async |k: &mut Kubelet, id: &str, tty: bool, stdin: bool, stderr: bool| {
+        k.cri
+            .rt
+            .attach(cri::AttachRequest {
+                container_id: id.into(),
+                stdin,
+                tty,
+                stdout: true,
+                stderr,
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    };
+    let url = attach(&mut k, &cat_id, false, true, true).await.unwrap();
+    let r = caas_tests::spdy::run(&client, &["exec", &url, "-stdin", "-stderr"], b"to-cat\n").await;
+    assert!(r.stdout.contains("to-cat\nstdin-ended\n"), "{r:?}");
+    assert_eq!(status(&r)["status"], "Success", "{r:?}");
+    let st = k
+        .wait_state(&cat_id, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    // Its stdin is gone now, and a tty attach to a container without a terminal is refused.
+    expect_code(
+        attach(&mut k, &cat_id, false, true, false).await,
+        Code::FailedPrecondition,
+        "attach to an exited container",
+    );
+
+    // Attach to a container on a terminal: a shell that reads what the client types.
+    let mut term = k.container(&pod, "term", &bb.id, &["sh"], &[]);
+    term.stdin = true;
+    term.tty = true;
+    let term_id = k.created(&pod_id, &pod, &term).await;
+    k.running(&term_id).await;
+    let url = attach(&mut k, &term_id, false, true, false).await.unwrap();
+    let r = caas_tests::spdy::run(&client, &["exec", &url, "-stdin"], b"").await;
+    assert!(
+        r.line("STATUS").is_some_and(|s| s.contains("tty")),
+        "a non-terminal attach to a terminal container is refused: {r:?}"
+    );
+    let url = attach(&mut k, &term_id, true, true, false).await.unwrap();
+    let r = caas_tests::spdy::run(
+        &client,
+        &["exec", &url, "-stdin", "-tty", "-resize", "120x50"],
+        b"sleep 1; echo hi-$((6*7)); stty size\nexit 7\n",
+    )
+    .await;
+    assert!(r.stdout.contains("hi-42"), "{r:?}");
+    assert!(r.stdout.contains("50 120"), "{r:?}");
+    let st = k
+        .wait_state(&term_id, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!(st.exit_code, 7, "{st:?}");
 
     // WebSocket exec (v5.channel.k8s.io), with a client on python3-websocket: the same
     // process, channels and status; v5's close signal ends stdin.

@@ -263,6 +263,9 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             readonly_rootfs: false,
             supplemental_groups: Vec::new(),
             merge_image_groups: false,
+            stdin: false,
+            stdin_once: false,
+            tty: false,
         },
     })
 }

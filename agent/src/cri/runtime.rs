@@ -678,8 +678,6 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
     for (set, field) in [
         (!c.devices.is_empty(), "config.devices"),
         (!c.cdi_devices.is_empty(), "config.cdi_devices"),
-        (c.tty, "config.tty"),
-        (c.stdin, "config.stdin"),
     ] {
         if set {
             return Err(unsupported(field));
@@ -1215,6 +1213,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             merge_image_groups: security_of(&config).is_none_or(|s| {
                 s.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Merge as i32
             }),
+            stdin: config.stdin,
+            stdin_once: config.stdin_once,
+            tty: config.tty,
             cap_drop: config
                 .linux
                 .as_ref()
@@ -1617,6 +1618,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 engine,
                 container: c.id.clone(),
                 cmd: r.cmd,
+                attach: false,
                 tty: r.tty,
                 stdin: r.stdin,
                 stdout: r.stdout,
@@ -1627,9 +1629,46 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
 
     async fn attach(
         &self,
-        _req: Request<cri::AttachRequest>,
+        req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(status::unimplemented("the CRI streaming server (Attach)"))
+        let ctx = Ctx::of(&req)?;
+        let r = req.into_inner();
+        if !(r.stdin || r.stdout || r.stderr) {
+            return Err(bad("stdin", "one of stdin, stdout and stderr must be true"));
+        }
+        if r.tty && r.stderr {
+            return Err(bad(
+                "stderr",
+                "tty and stderr cannot both be true (a terminal's output is one stream)",
+            ));
+        }
+        let c = self.cri.container_or_not_found(&r.container_id).await?;
+        let running = self
+            .cri
+            .inspect(&c, &ctx)
+            .await?
+            .is_some_and(|now| now.state == pb::ContainerState::Running as i32);
+        if !running {
+            return Err(Status::failed_precondition(format!(
+                "container {:?} is not running",
+                r.container_id
+            )));
+        }
+        let engine = self.cri.engine(&c.tenant, &ctx).await?;
+        let url = self
+            .cri
+            .stream
+            .url(stream::Session::Exec(stream::ExecSession {
+                engine,
+                container: c.id.clone(),
+                cmd: Vec::new(),
+                attach: true,
+                tty: r.tty,
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            }));
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(

@@ -62,6 +62,12 @@ pub struct Record {
     /// The OOM score adjustment asked for its processes (exec'd ones too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_score_adj: Option<i32>,
+    /// Its init's stdin is kept open for attaches.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Its init runs on a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 impl Record {
@@ -112,6 +118,8 @@ impl Record {
             finished_ms: 0,
             message: String::new(),
             oom_score_adj: None,
+            stdin: false,
+            tty: false,
         }
     }
 }

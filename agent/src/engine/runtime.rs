@@ -144,6 +144,41 @@ pub struct CreateSpec {
     pub supplemental_groups: Vec<u32>,
     /// Add the groups the image's /etc/group gives the user.
     pub merge_image_groups: bool,
+    /// Keep the init's stdin open for attaches.
+    pub stdin: bool,
+    /// Close it when the first attach's stdin ends.
+    pub stdin_once: bool,
+    /// Run the init on a terminal.
+    pub tty: bool,
+}
+
+/// An attach's view of a container.
+#[derive(Debug)]
+pub struct AttachIo {
+    /// The container id.
+    pub id: String,
+    /// Where its input goes, when the attach asked for stdin.
+    pub stdin: Option<std::sync::Arc<super::fdio::FdIo>>,
+    /// Its terminal, for resizes.
+    pub tty: Option<std::sync::Arc<super::fdio::FdIo>>,
+    /// Its stdin closes when this attach's stdin ends.
+    pub stdin_once: bool,
+    /// Its output files.
+    pub stdout_log: PathBuf,
+    /// The same.
+    pub stderr_log: PathBuf,
+}
+
+/// What the engine holds of a container's stdio for attaches. Lost when the engine restarts:
+/// the stdin pipe then reads as ended, and a terminal hangs up.
+#[derive(Debug)]
+pub struct ContainerIo {
+    /// The write end of its stdin (a pipe, or the terminal's master).
+    pub stdin: Option<std::sync::Arc<super::fdio::FdIo>>,
+    /// The terminal's master (resizes), when it has one.
+    pub tty: Option<std::sync::Arc<super::fdio::FdIo>>,
+    /// Close stdin when the first attach's stdin ends.
+    pub stdin_once: bool,
 }
 
 /// The tenant's containers.
@@ -161,6 +196,8 @@ pub struct Engine {
     events: broadcast::Sender<pb::ContainerEvent>,
     execs: HashMap<i32, tokio::sync::oneshot::Sender<i32>>,
     exec_seq: u64,
+    /// Stdio kept for attaches, by container id.
+    ios: HashMap<String, ContainerIo>,
     backlog: VecDeque<pb::ContainerEvent>,
     seq: u64,
     /// Records are fsynced when saved (a VM guest, whose crash loses its page cache).
@@ -213,6 +250,7 @@ impl Engine {
             events,
             execs: HashMap::new(),
             exec_seq: 0,
+            ios: HashMap::new(),
             backlog: VecDeque::new(),
             seq: 0,
             durable: false,
@@ -514,7 +552,10 @@ impl Engine {
         }
         let result = self.build(&c, &lowers, &dir);
         match result {
-            Ok((pid, phases)) => {
+            Ok((pid, phases, io)) => {
+                if let Some(io) = io {
+                    self.ios.insert(c.id.clone(), io);
+                }
                 if let Some(v) = c.oom_score_adj {
                     set_oom_score_adj(&c.id, pid, v);
                 }
@@ -533,6 +574,8 @@ impl Engine {
                 r.labels = c.labels;
                 r.pid = pid;
                 r.oom_score_adj = c.oom_score_adj;
+                r.stdin = c.stdin;
+                r.tty = c.tty;
                 self.recs.insert(c.id.clone(), r.clone());
                 self.exits.insert(c.id.clone(), watch::channel(false).0);
                 self.save(&c.id);
@@ -554,11 +597,11 @@ impl Engine {
     }
 
     fn build(
-        &self,
+        &mut self,
         c: &CreateSpec,
         lowers: &[PathBuf],
         dir: &Path,
-    ) -> Result<(u32, BuildPhases), EngineError> {
+    ) -> Result<(u32, BuildPhases, Option<ContainerIo>), EngineError> {
         let t0 = Instant::now();
         let rt = |what: &str| {
             let what = what.to_string();
@@ -598,6 +641,7 @@ impl Engine {
             mounts: &c.mounts,
             readonly_rootfs: c.readonly_rootfs,
             supplemental_groups: &groups,
+            tty: c.tty,
             rootfs: &root,
             command: &c.command,
             env: &c.env,
@@ -631,23 +675,71 @@ impl Engine {
                 .map(OwnedFd::from)
                 .map_err(|e| rt("log file")(&e))
         };
-        let devnull: OwnedFd = fs::File::open("/dev/null")
-            .map(OwnedFd::from)
-            .map_err(|e| rt("/dev/null")(&e))?;
         let spec_done = t0.elapsed();
-        let container = ContainerBuilder::new(c.id.clone(), SyscallType::default())
+        let mut builder = ContainerBuilder::new(c.id.clone(), SyscallType::default())
             .validate_id()
             .map_err(|e| rt("container id")(&e))?
             .with_root_path(self.paths.youki())
-            .map_err(|e| rt("state dir")(&e))?
-            .with_stdin(devnull)
-            .with_stdout(open("stdout.log")?)
-            .with_stderr(open("stderr.log")?)
+            .map_err(|e| rt("state dir")(&e))?;
+        // Stdin: /dev/null, or a pipe whose write end the engine keeps for attaches; a terminal
+        // is made by libcontainer inside the container and its master sent back here.
+        let mut stdin_w = None;
+        let mut console = None;
+        if c.tty {
+            let (listener, sock) =
+                console_socket(&format!("tty-{}", c.id)).map_err(|e| rt("console socket")(&e))?;
+            builder = builder.with_console_socket(Some(sock.0.join("tty.sock")));
+            console = Some((listener, sock));
+        } else {
+            let stdin: OwnedFd = if c.stdin {
+                let (r, w) = nix::unistd::pipe().map_err(|e| rt("pipe")(&e))?;
+                stdin_w = Some(w);
+                r
+            } else {
+                fs::File::open("/dev/null")
+                    .map(OwnedFd::from)
+                    .map_err(|e| rt("/dev/null")(&e))?
+            };
+            builder = builder
+                .with_stdin(stdin)
+                .with_stdout(open("stdout.log")?)
+                .with_stderr(open("stderr.log")?);
+        }
+        let built = builder
             .as_init(&bundle)
             .with_systemd(false)
             .with_detach(true)
-            .build()
-            .map_err(|e| rt("creating the container")(&e))?;
+            .build();
+        if console.is_some() {
+            remove_tty_links(&self.paths.youki().join(&c.id));
+        }
+        let container = built.map_err(|e| rt("creating the container")(&e))?;
+        let io = match (console, stdin_w) {
+            (Some((listener, _dir)), _) => {
+                let master =
+                    receive_terminal(&listener).map_err(|e| rt("the container's terminal")(&e))?;
+                let master = std::sync::Arc::new(
+                    super::fdio::FdIo::new(master)
+                        .map_err(|e| rt("the container's terminal")(&e))?,
+                );
+                // Its output, stdout and stderr together, goes to stdout.log as it comes.
+                let log = open("stdout.log")?;
+                tokio::spawn(copy_terminal(master.clone(), fs::File::from(log)));
+                Some(ContainerIo {
+                    stdin: c.stdin.then(|| master.clone()),
+                    tty: Some(master),
+                    stdin_once: c.stdin_once,
+                })
+            }
+            (None, Some(w)) => Some(ContainerIo {
+                stdin: Some(std::sync::Arc::new(
+                    super::fdio::FdIo::new(w).map_err(|e| rt("stdin")(&e))?,
+                )),
+                tty: None,
+                stdin_once: c.stdin_once,
+            }),
+            (None, None) => None,
+        };
         // libcontainer leaves the process non-dumpable; the engine's /proc should stay readable.
         let _ = nix::sys::prctl::set_dumpable(true);
         let pid = container
@@ -660,7 +752,7 @@ impl Engine {
             spec: spec_done.saturating_sub(rootfs_done),
             runtime: t0.elapsed().saturating_sub(spec_done),
         };
-        Ok((pid, phases))
+        Ok((pid, phases, io))
     }
 
     /// Lets a created container's init exec its command.
@@ -793,20 +885,11 @@ impl Engine {
             // this socket. It lives in a private directory of its own under /tmp: a socket
             // path holds at most 107 bytes, which the state dir of a long tenant name exceeds,
             // and nobody else may connect to it first.
-            use std::os::unix::fs::DirBuilderExt as _;
-            let private = std::env::temp_dir().join(format!("caas-{tag}"));
-            let _ = fs::remove_dir_all(&private);
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&private)
-                .map_err(io_rt("console socket dir"))?;
-            let sock = private.join("tty.sock");
-            let listener =
-                std::os::unix::net::UnixListener::bind(&sock).map_err(io_rt("console socket"))?;
+            let (listener, private) = console_socket(&tag).map_err(io_rt("console socket"))?;
             (
-                builder.with_console_socket(Some(&sock)),
+                builder.with_console_socket(Some(private.0.join("tty.sock"))),
                 None,
-                Some((listener, RemoveDirOnDrop(private))),
+                Some((listener, private)),
             )
         } else {
             let (out_r, out_w) = nix::unistd::pipe().map_err(rt("pipe"))?;
@@ -866,6 +949,60 @@ impl Engine {
             set_oom_score_adj(&id, p, v);
         }
         Ok((stdio, rx, pid.as_raw()))
+    }
+
+    /// What an attach to a running container's init needs: its id, the stdin and terminal the
+    /// engine holds for it (as asked: stdin only for a container made with stdin, a terminal
+    /// only for one made with a terminal), and its log files.
+    pub fn attach_io(&self, key: &str, stdin: bool, tty: bool) -> Result<AttachIo, EngineError> {
+        let id = self.resolve(key)?;
+        let r = self
+            .recs
+            .get(&id)
+            .ok_or(EngineError::NotFound(id.clone()))?;
+        if r.state != State::Running {
+            return Err(EngineError::State(format!(
+                "container {key:?} is not running"
+            )));
+        }
+        if tty != r.tty {
+            return Err(EngineError::Invalid(format!(
+                "tty: the container was created {} a terminal; attach with tty {}",
+                if r.tty { "with" } else { "without" },
+                r.tty
+            )));
+        }
+        let io = self.ios.get(&id);
+        let stdin_end = if stdin {
+            if !r.stdin {
+                return Err(EngineError::Invalid(
+                    "stdin: the container was created without stdin (config.stdin); attach without it".into(),
+                ));
+            }
+            Some(io.and_then(|io| io.stdin.clone()).ok_or_else(|| {
+                EngineError::State(
+                    "the container's stdin is closed (stdin_once, or its engine restarted)".into(),
+                )
+            })?)
+        } else {
+            None
+        };
+        let (out, err) = self.log_paths(&id)?;
+        Ok(AttachIo {
+            stdin: stdin_end,
+            tty: io.and_then(|io| io.tty.clone()),
+            stdin_once: io.is_some_and(|io| io.stdin_once),
+            stdout_log: out,
+            stderr_log: err,
+            id,
+        })
+    }
+
+    /// Closes the stdin the engine holds for a container (its first attach ended, stdin_once).
+    pub fn close_stdin(&mut self, id: &str) {
+        if let Some(io) = self.ios.get_mut(id) {
+            io.stdin = None;
+        }
     }
 
     /// Kills an exec process whose caller went away. Only one not reaped yet: its pid is still
@@ -990,6 +1127,8 @@ impl Engine {
     }
 
     fn mark_exited(&mut self, id: &str, code: i32, message: &str) {
+        // Its stdin pipe and terminal go with it.
+        self.ios.remove(id);
         let oom = self.oom_kills(id) > 0;
         if let Some(r) = self.recs.get_mut(id) {
             r.state = State::Exited;
@@ -1064,6 +1203,38 @@ pub enum ExecStdio {
     },
     /// The master of its terminal: its input, and its output (stdout and stderr together).
     Tty(OwnedFd),
+}
+
+/// A console socket for libcontainer to send a terminal's master over, in a private directory
+/// of its own under /tmp: a socket path holds at most 107 bytes, which the state dir of a long
+/// tenant name exceeds, and nobody else may connect to it first. The socket is `tty.sock` in
+/// the returned directory, which goes when that is dropped.
+fn console_socket(
+    tag: &str,
+) -> std::io::Result<(std::os::unix::net::UnixListener, RemoveDirOnDrop)> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let private = std::env::temp_dir().join(format!("caas-{tag}"));
+    let _ = fs::remove_dir_all(&private);
+    fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let guard = RemoveDirOnDrop(private);
+    let listener = std::os::unix::net::UnixListener::bind(guard.0.join("tty.sock"))?;
+    Ok((listener, guard))
+}
+
+/// Copies a container's terminal output to its stdout.log until the terminal closes.
+async fn copy_terminal(master: std::sync::Arc<super::fdio::FdIo>, mut log: fs::File) {
+    use std::io::Write as _;
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        match master.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if log.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A directory removed (with what it holds) when this is dropped.

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::fdio::FdIo;
 use super::record::State;
-use super::runtime::{CreateSpec, Engine, EngineError, ExecIo, ExecStdio, to_pb};
+use super::runtime::{AttachIo, CreateSpec, Engine, EngineError, ExecIo, ExecStdio, to_pb};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -182,6 +182,104 @@ impl EngineSvc {
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
+    /// An attach: the container's output from now on (what its log files gain), its stdin and
+    /// terminal fed from `input`; ends (with exit code 0: the attach, not the container, is
+    /// what ended well) once the container has exited and its output is sent.
+    fn attach_output(
+        &self,
+        io: AttachIo,
+        mut input: tonic::Streaming<epb::ExecInput>,
+    ) -> Streamed<pb::ExecOutput> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let exited = self.lock().ok().and_then(|e| e.exit_watch(&io.id).ok());
+        // The output is taken from where the files end now, before any input can make more.
+        let open_at_end = |p: &std::path::Path| {
+            let mut f = std::fs::File::open(p).ok()?;
+            f.seek(SeekFrom::End(0)).ok()?;
+            Some(f)
+        };
+        let mut files = [
+            (
+                open_at_end(&io.stdout_log),
+                pb::exec_output::Output::Stdout as fn(Vec<u8>) -> _,
+            ),
+            (
+                open_at_end(&io.stderr_log),
+                pb::exec_output::Output::Stderr as fn(Vec<u8>) -> _,
+            ),
+        ];
+        {
+            let (eng, id) = (self.eng.clone(), io.id.clone());
+            let (stdin, tty, once) = (io.stdin.clone(), io.tty.clone(), io.stdin_once);
+            tokio::spawn(async move {
+                let mut stdin = stdin;
+                while let Ok(Some(m)) = input.message().await {
+                    match m.input {
+                        Some(epb::exec_input::Input::Stdin(data)) => {
+                            if let Some(w) = &stdin
+                                && w.write_all(&data).await.is_err()
+                            {
+                                stdin = None;
+                            }
+                        }
+                        Some(epb::exec_input::Input::StdinClose(true)) => {
+                            if stdin.take().is_some()
+                                && once
+                                && let Ok(mut e) = eng.lock()
+                            {
+                                e.close_stdin(&id);
+                            }
+                        }
+                        Some(epb::exec_input::Input::Resize(s)) => {
+                            if let Some(t) = &tty {
+                                let cols = u16::try_from(s.width).unwrap_or(u16::MAX);
+                                let rows = u16::try_from(s.height).unwrap_or(u16::MAX);
+                                let _ = t.resize(cols, rows);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                // Whether it had ended before this round: then this round's reads are the last.
+                let done = exited.as_ref().is_none_or(|(_, w)| *w.borrow());
+                for (f, wrap) in &mut files {
+                    let Some(f) = f else { continue };
+                    loop {
+                        match f.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                let m = pb::ExecOutput {
+                                    output: Some(wrap(buf[..n].to_vec())),
+                                };
+                                if tx.send(Ok(m)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                if done {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = tx.closed() => return,
+                }
+            }
+            let _ = tx
+                .send(Ok(pb::ExecOutput {
+                    output: Some(pb::exec_output::Output::ExitCode(0)),
+                }))
+                .await;
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Engine>, Status> {
         self.eng
             .lock()
@@ -258,6 +356,9 @@ impl epb::engine_server::Engine for EngineSvc {
             readonly_rootfs: r.readonly_rootfs,
             supplemental_groups: r.supplemental_groups,
             merge_image_groups: r.merge_image_groups,
+            stdin: r.stdin,
+            stdin_once: r.stdin_once,
+            tty: r.tty,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
@@ -423,6 +524,13 @@ impl epb::engine_server::Engine for EngineSvc {
         let r = start
             .exec
             .ok_or_else(|| Status::invalid_argument("start.exec: missing"))?;
+        if start.attach {
+            let io = self
+                .lock()?
+                .attach_io(&r.container, start.stdin, start.tty)
+                .map_err(status)?;
+            return Ok(Response::new(self.attach_output(io, input)));
+        }
         let size = |s: Option<epb::TerminalSize>| {
             let s = s.unwrap_or_default();
             let clamp = |v: u32, default: u16| {

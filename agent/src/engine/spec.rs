@@ -51,6 +51,8 @@ pub struct ContainerSpec<'a> {
     pub readonly_rootfs: bool,
     /// Extra group ids of the process.
     pub supplemental_groups: &'a [u32],
+    /// Run the init on a terminal.
+    pub tty: bool,
 }
 
 /// Why a spec could not be built.
@@ -263,7 +265,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     capabilities.set_inheritable(None);
     capabilities.set_ambient(None);
     let process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(c.tty)
         .user(
             UserBuilder::default()
                 .uid(c.uid)

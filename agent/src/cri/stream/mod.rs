@@ -8,6 +8,8 @@
 //!   (stdin, a terminal, its size). Its end is reported on the error stream: v4 writes a
 //!   `metav1.Status` (`Success`, or `Failure` with reason `NonZeroExitCode` and the code as
 //!   the cause), v2 and v3 a message on failure only.
+//! - attach runs over the same streams as exec, to the container's init: its output from the
+//!   moment it starts, its stdin (a container made with `stdin`) and terminal (made with `tty`).
 //! - port-forward, `portforward.k8s.io`: per connection, an `error` and a `data` stream with
 //!   the same `port` and `requestID` headers; the data is relayed to that port on the pod's
 //!   loopback (userns tenants: a socket made inside the tenant's network namespace) or, for VM
@@ -82,8 +84,10 @@ pub struct ExecSession {
     pub engine: EngineClient<Channel>,
     /// The container (its engine id).
     pub container: String,
-    /// argv.
+    /// argv (empty for an attach).
     pub cmd: Vec<String>,
+    /// Attach to the container's init instead of running `cmd`.
+    pub attach: bool,
     /// Run on a terminal.
     pub tty: bool,
     /// Stream stdin.
@@ -671,6 +675,7 @@ async fn exec_core(
             stdin: e.stdin,
             tty: e.tty,
             size: None,
+            attach: e.attach,
         })),
     };
     let _ = in_tx.send(start).await;
