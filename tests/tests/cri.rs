@@ -3512,7 +3512,7 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
         .wait_state(&cat_id, cri::ContainerState::ContainerExited)
         .await;
     assert_eq!(st.exit_code, 0, "{st:?}");
-    // Its stdin is gone now, and a tty attach to a container without a terminal is refused.
+    // It has ended: an attach is a precondition failure.
     expect_code(
         attach(&mut k, &cat_id, false, true, false).await,
         Code::FailedPrecondition,
@@ -3525,12 +3525,22 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
     term.tty = true;
     let term_id = k.created(&pod_id, &pod, &term).await;
     k.running(&term_id).await;
-    let url = attach(&mut k, &term_id, false, true, false).await.unwrap();
-    let r = caas_tests::spdy::run(&client, &["exec", &url, "-stdin"], b"").await;
-    assert!(
-        r.line("STATUS").is_some_and(|s| s.contains("tty")),
-        "a non-terminal attach to a terminal container is refused: {r:?}"
-    );
+    // A terminal attach to a container without a terminal is refused, naming the field.
+    let mut plain = k.container(&pod, "plain", &bb.id, &["sleep", "600"], &[]);
+    plain.stdin = true;
+    let plain_id = k.created(&pod_id, &pod, &plain).await;
+    k.running(&plain_id).await;
+    let url = attach(&mut k, &plain_id, true, true, false).await.unwrap();
+    let r = caas_tests::spdy::run(&client, &["exec", &url, "-stdin", "-tty"], b"").await;
+    assert!(r.line("STATUS").is_some_and(|s| s.contains("tty")), "{r:?}");
+    // Watching without a terminal (kubectl attach without -i) takes the terminal's output as
+    // stdout; a terminal attach types into it.
+    let url = attach(&mut k, &term_id, false, false, true).await.unwrap();
+    let watcher = tokio::spawn({
+        let client = client.clone();
+        async move { caas_tests::spdy::run(&client, &["exec", &url, "-stderr"], b"").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let url = attach(&mut k, &term_id, true, true, false).await.unwrap();
     let r = caas_tests::spdy::run(
         &client,
@@ -3544,6 +3554,11 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
         .wait_state(&term_id, cri::ContainerState::ContainerExited)
         .await;
     assert_eq!(st.exit_code, 7, "{st:?}");
+    let watched = watcher.await.unwrap();
+    assert!(watched.stdout.contains("hi-42"), "{watched:?}");
+    assert_eq!(status(&watched)["status"], "Success", "{watched:?}");
+    // Its CRI log has the terminal's lines without their \r.
+    log_until(&st, "hi-42", |l| l.iter().any(|r| r.content == "hi-42")).await;
 
     // WebSocket exec (v5.channel.k8s.io), with a client on python3-websocket: the same
     // process, channels and status; v5's close signal ends stdin.

@@ -137,6 +137,10 @@ pub fn format_lines(
     };
     while let Some(nl) = pending[start..].iter().position(|b| *b == b'\n') {
         let mut text = &pending[start..start + nl];
+        // A terminal ends its lines with \r\n: the line is the text before both.
+        if let Some(t) = text.strip_suffix(b"\r") {
+            text = t;
+        }
         while text.len() > MAX_LINE {
             line(out, &text[..MAX_LINE], "P");
             text = &text[MAX_LINE..];
@@ -252,6 +256,11 @@ mod tests {
         out.clear();
         format_lines("stderr", "T", &mut pending, b"tail", true, &mut out);
         assert_eq!(out, b"T stderr P tail\n");
+        // A terminal's \r\n ends a line as \n does; a \r inside a line stays.
+        out.clear();
+        pending.clear();
+        format_lines("stdout", "T", &mut pending, b"x\r\ny\rz\n", false, &mut out);
+        assert_eq!(out, b"T stdout F x\nT stdout F y\rz\n");
     }
 
     #[test]

@@ -40,6 +40,15 @@ impl FdIo {
         }
     }
 
+    /// Reads what is there now without waiting (`WouldBlock` when nothing is; a terminal whose
+    /// other side closed and that is drained reads as end of file).
+    pub fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match nix::unistd::read(self.0.get_ref().as_raw_fd(), buf) {
+            Err(nix::errno::Errno::EIO) => Ok(0),
+            r => r.map_err(io::Error::from),
+        }
+    }
+
     /// Writes all of `data`.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {

@@ -152,14 +152,29 @@ pub struct CreateSpec {
     pub tty: bool,
 }
 
+/// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
+/// of them at once (stdin_once).
+pub type SharedStdin = std::sync::Arc<tokio::sync::Mutex<Option<super::fdio::FdIo>>>;
+
+/// Where an attach's input goes.
+#[derive(Debug, Clone)]
+pub enum AttachInput {
+    /// Nowhere (the attach did not ask for stdin).
+    None,
+    /// The container's stdin pipe.
+    Pipe(SharedStdin),
+    /// The container's terminal.
+    Tty(std::sync::Arc<super::fdio::FdIo>),
+}
+
 /// An attach's view of a container.
 #[derive(Debug)]
 pub struct AttachIo {
     /// The container id.
     pub id: String,
-    /// Where its input goes, when the attach asked for stdin.
-    pub stdin: Option<std::sync::Arc<super::fdio::FdIo>>,
-    /// Its terminal, for resizes.
+    /// Where its input goes.
+    pub input: AttachInput,
+    /// Its terminal, for resizes (a terminal attach only).
     pub tty: Option<std::sync::Arc<super::fdio::FdIo>>,
     /// Its stdin closes when this attach's stdin ends.
     pub stdin_once: bool,
@@ -173,11 +188,13 @@ pub struct AttachIo {
 /// the stdin pipe then reads as ended, and a terminal hangs up.
 #[derive(Debug)]
 pub struct ContainerIo {
-    /// The write end of its stdin (a pipe, or the terminal's master).
-    pub stdin: Option<std::sync::Arc<super::fdio::FdIo>>,
-    /// The terminal's master (resizes), when it has one.
+    /// The write end of its stdin pipe (not on a terminal).
+    pub stdin: Option<SharedStdin>,
+    /// The terminal's master, when it has one: its input, its output (copied to stdout.log)
+    /// and its size.
     pub tty: Option<std::sync::Arc<super::fdio::FdIo>>,
-    /// Close stdin when the first attach's stdin ends.
+    /// Close the stdin pipe when the first attach's stdin ends (not on a terminal, as
+    /// containerd does).
     pub stdin_once: bool,
 }
 
@@ -710,9 +727,6 @@ impl Engine {
             .with_systemd(false)
             .with_detach(true)
             .build();
-        if console.is_some() {
-            remove_tty_links(&self.paths.youki().join(&c.id));
-        }
         let container = built.map_err(|e| rt("creating the container")(&e))?;
         let io = match (console, stdin_w) {
             (Some((listener, _dir)), _) => {
@@ -726,15 +740,15 @@ impl Engine {
                 let log = open("stdout.log")?;
                 tokio::spawn(copy_terminal(master.clone(), fs::File::from(log)));
                 Some(ContainerIo {
-                    stdin: c.stdin.then(|| master.clone()),
+                    stdin: None,
                     tty: Some(master),
-                    stdin_once: c.stdin_once,
+                    stdin_once: false,
                 })
             }
             (None, Some(w)) => Some(ContainerIo {
-                stdin: Some(std::sync::Arc::new(
+                stdin: Some(std::sync::Arc::new(tokio::sync::Mutex::new(Some(
                     super::fdio::FdIo::new(w).map_err(|e| rt("stdin")(&e))?,
-                )),
+                )))),
                 tty: None,
                 stdin_once: c.stdin_once,
             }),
@@ -965,32 +979,47 @@ impl Engine {
                 "container {key:?} is not running"
             )));
         }
-        if tty != r.tty {
-            return Err(EngineError::Invalid(format!(
-                "tty: the container was created {} a terminal; attach with tty {}",
-                if r.tty { "with" } else { "without" },
-                r.tty
-            )));
-        }
         let io = self.ios.get(&id);
-        let stdin_end = if stdin {
-            if !r.stdin {
+        // A terminal container's output may be taken without a terminal (kubectl attach
+        // without -i), as its stdout; a terminal attach needs the terminal.
+        let terminal = match (tty, r.tty) {
+            (false, _) => None,
+            (true, false) => {
                 return Err(EngineError::Invalid(
-                    "stdin: the container was created without stdin (config.stdin); attach without it".into(),
+                    "tty: the container was created without a terminal (config.tty); attach without tty".into(),
                 ));
             }
-            Some(io.and_then(|io| io.stdin.clone()).ok_or_else(|| {
+            (true, true) => Some(io.and_then(|io| io.tty.clone()).ok_or_else(|| {
                 EngineError::State(
-                    "the container's stdin is closed (stdin_once, or its engine restarted)".into(),
+                    "the container's terminal was lost when its tenant engine restarted".into(),
+                )
+            })?),
+        };
+        let input = if !stdin {
+            AttachInput::None
+        } else if !r.stdin {
+            return Err(EngineError::Invalid(
+                "stdin: the container was created without stdin (config.stdin); attach without it"
+                    .into(),
+            ));
+        } else if r.tty {
+            AttachInput::Tty(io.and_then(|io| io.tty.clone()).ok_or_else(|| {
+                EngineError::State(
+                    "the container's terminal was lost when its tenant engine restarted".into(),
                 )
             })?)
         } else {
-            None
+            AttachInput::Pipe(io.and_then(|io| io.stdin.clone()).ok_or_else(|| {
+                EngineError::State(
+                    "the container's stdin is closed (stdin_once, or its tenant engine restarted)"
+                        .into(),
+                )
+            })?)
         };
         let (out, err) = self.log_paths(&id)?;
         Ok(AttachIo {
-            stdin: stdin_end,
-            tty: io.and_then(|io| io.tty.clone()),
+            input,
+            tty: terminal,
             stdin_once: io.is_some_and(|io| io.stdin_once),
             stdout_log: out,
             stderr_log: err,
@@ -998,8 +1027,40 @@ impl Engine {
         })
     }
 
-    /// Closes the stdin the engine holds for a container (its first attach ended, stdin_once).
-    pub fn close_stdin(&mut self, id: &str) {
+    /// Copies what a terminal still holds after its container ended into the stdout file:
+    /// until it reads as ended (the kernel may hand the last output over a moment late), at
+    /// most 200 ms. The pump task never holds data across an await, and this thread is the
+    /// only one, so the order of the output is kept.
+    fn drain_terminal(&self, id: &str, master: &super::fdio::FdIo) {
+        use std::io::Write as _;
+        let Ok((out, _)) = self.log_paths(id) else {
+            return;
+        };
+        let mut log = fs::OpenOptions::new().append(true).open(out).ok();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            match master.read_now(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if let Some(l) = &mut log {
+                        let _ = l.write_all(&buf[..n]);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Forgets a container's stdin pipe (stdin_once: its first attach's stdin ended; the
+    /// attach closed the pipe itself).
+    pub fn forget_stdin(&mut self, id: &str) {
         if let Some(io) = self.ios.get_mut(id) {
             io.stdin = None;
         }
@@ -1127,8 +1188,14 @@ impl Engine {
     }
 
     fn mark_exited(&mut self, id: &str, code: i32, message: &str) {
-        // Its stdin pipe and terminal go with it.
-        self.ios.remove(id);
+        // Its stdin pipe and terminal go with it; what its terminal still holds goes to its
+        // stdout file first, so that nothing following the file (an attach, logs, the CRI
+        // log) ends before its last output.
+        if let Some(io) = self.ios.remove(id)
+            && let Some(master) = io.tty
+        {
+            self.drain_terminal(id, &master);
+        }
         let oom = self.oom_kills(id) > 0;
         if let Some(r) = self.recs.get_mut(id) {
             r.state = State::Exited;
@@ -1225,12 +1292,18 @@ fn console_socket(
 async fn copy_terminal(master: std::sync::Arc<super::fdio::FdIo>, mut log: fs::File) {
     use std::io::Write as _;
     let mut buf = vec![0u8; 32 << 10];
+    let mut warned = false;
     loop {
         match master.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if log.write_all(&buf[..n]).is_err() {
-                    return;
+                // A failed write (a full disk) loses output but must not stop the reading: a
+                // terminal nobody reads blocks the container's writes.
+                if let Err(e) = log.write_all(&buf[..n])
+                    && !warned
+                {
+                    warned = true;
+                    tracing::warn!(error = %e, "a container's terminal output could not be written to its stdout file; it is being dropped");
                 }
             }
         }
@@ -1246,8 +1319,9 @@ impl Drop for RemoveDirOnDrop {
     }
 }
 
-/// Removes the `tenant-tty-*.sock` links libcontainer makes in a container's state dir for a
-/// terminal exec.
+/// Removes the `tenant-tty-*.sock` links libcontainer makes in a container's state dir for an
+/// exec on a terminal (a container's own terminal leaves a `console-socket` link, which goes
+/// with the container).
 fn remove_tty_links(dir: &Path) {
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name();

@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 
 use super::fdio::FdIo;
 use super::record::State;
-use super::runtime::{AttachIo, CreateSpec, Engine, EngineError, ExecIo, ExecStdio, to_pb};
+use super::runtime::{
+    AttachInput, AttachIo, CreateSpec, Engine, EngineError, ExecIo, ExecStdio, to_pb,
+};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -210,25 +212,35 @@ impl EngineSvc {
         ];
         {
             let (eng, id) = (self.eng.clone(), io.id.clone());
-            let (stdin, tty, once) = (io.stdin.clone(), io.tty.clone(), io.stdin_once);
+            let (input_to, tty, once) = (io.input.clone(), io.tty.clone(), io.stdin_once);
             tokio::spawn(async move {
-                let mut stdin = stdin;
+                // This attach's stdin ended (said so, or its caller went away): with
+                // stdin_once the container's stdin closes, for every attach at once.
+                let close_once = async || {
+                    if once && let AttachInput::Pipe(p) = &input_to {
+                        p.lock().await.take();
+                        if let Ok(mut e) = eng.lock() {
+                            e.forget_stdin(&id);
+                        }
+                    }
+                };
+                let mut open = true;
                 while let Ok(Some(m)) = input.message().await {
                     match m.input {
-                        Some(epb::exec_input::Input::Stdin(data)) => {
-                            if let Some(w) = &stdin
-                                && w.write_all(&data).await.is_err()
-                            {
-                                stdin = None;
-                            }
+                        Some(epb::exec_input::Input::Stdin(data)) if open => {
+                            let ok = match &input_to {
+                                AttachInput::Pipe(p) => match &*p.lock().await {
+                                    Some(fd) => fd.write_all(&data).await.is_ok(),
+                                    None => false,
+                                },
+                                AttachInput::Tty(t) => t.write_all(&data).await.is_ok(),
+                                AttachInput::None => true,
+                            };
+                            open = ok;
                         }
-                        Some(epb::exec_input::Input::StdinClose(true)) => {
-                            if stdin.take().is_some()
-                                && once
-                                && let Ok(mut e) = eng.lock()
-                            {
-                                e.close_stdin(&id);
-                            }
+                        Some(epb::exec_input::Input::StdinClose(true)) if open => {
+                            open = false;
+                            close_once().await;
                         }
                         Some(epb::exec_input::Input::Resize(s)) => {
                             if let Some(t) = &tty {
@@ -239,6 +251,9 @@ impl EngineSvc {
                         }
                         _ => {}
                     }
+                }
+                if open {
+                    close_once().await;
                 }
             });
         }
