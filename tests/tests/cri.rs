@@ -141,9 +141,18 @@ impl Kubelet {
     /// (`Cmd ["/bin/sh"]`) pushed as `busybox:v1` and pulled without a pod, as a kubelet would
     /// before creating containers from it.
     async fn with_registry() -> (Self, Images, Pushed) {
+        Self::with_registry_and(|_| {}).await
+    }
+
+    /// [`Self::with_registry`], with `tweak` applied to the agent's config.
+    async fn with_registry_and(tweak: impl FnOnce(&mut Config)) -> (Self, Images, Pushed) {
         let reg = Registry::start(RegistryOpts::default()).await.unwrap();
         let host = reg.host();
-        let mut k = Self::start(move |cfg| cfg.images.insecure_registries = vec![host]).await;
+        let mut k = Self::start(move |cfg| {
+            cfg.images.insecure_registries = vec![host];
+            tweak(cfg);
+        })
+        .await;
         let mut images = Images::new(reg, &k.agent.dir.path().join("work"));
         let bb = images.push("busybox", images.busybox()).await;
         let r = k.pull(&bb.reference, None).await.unwrap();
@@ -3635,6 +3644,83 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
     let r = caas_tests::spdy::run(&client, &["exec", &url], b"").await;
     assert_eq!(status(&r)["status"], "Success", "{r:?}");
 
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// In a VM pod (cgroup v2 in the guest, where the kernel would take any limit and OOM-kill), a
+/// memory limit below the anonymous memory a container holds is refused before it is written,
+/// naming both figures; one above it is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pods_memory_limit_is_not_set_below_what_it_holds() {
+    registry_or_skip!("a_vm_pods_memory_limit_is_not_set_below_what_it_holds");
+    if !caas_tests::vm::vm_available("a_vm_pods_memory_limit_is_not_set_below_what_it_holds") {
+        return;
+    }
+    let (mut k, _images, bb) = Kubelet::with_registry_and(caas_tests::vm::configure).await;
+    let pod = k.pod("ns-vm-resize", "r");
+    let pod_id = k
+        .run_pod(&pod, "caas-vm")
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox caas-vm: {e:?}"));
+    // dd fills its 40 MiB buffer, then blocks on the pipe nobody reads: 40 MiB held.
+    let mut c = k.container(
+        &pod,
+        "hold",
+        &bb.id,
+        &["sh", "-c", "dd if=/dev/zero bs=40M count=1 | sleep 600"],
+        &[],
+    );
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 96 << 20,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let update = async |k: &mut Kubelet, bytes: i64| {
+        k.cri
+            .rt
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: id.clone(),
+                linux: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: bytes,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+    };
+    // Until dd has its buffer, the refusal may not come yet: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        match update(&mut k, 16 << 20).await {
+            Err(s) => break s,
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "16 MiB was taken for a container holding 40 MiB"
+                );
+                // Back up, so the container survives to try again.
+                update(&mut k, 96 << 20).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("anonymous memory"),
+        "{refused:?}"
+    );
+    update(&mut k, 128 << 20).await.unwrap();
+    let st = k.status(&id).await.unwrap();
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }

@@ -268,6 +268,24 @@ impl TenantCgroups {
         }
     }
 
+    /// On cgroup v2, the anonymous memory of `rel` (`anon` in memory.stat): what no memory
+    /// limit can reclaim without swap. v1 refuses a limit below what it cannot reclaim itself
+    /// (EBUSY); v2 takes any limit and OOM-kills, so a caller checks first. None elsewhere.
+    pub fn anon_bytes(&self, rel: &str) -> Option<u64> {
+        if self.layout != CgroupLayout::V2 {
+            return None;
+        }
+        let stat = fs::read_to_string(
+            self.root
+                .join(rel.trim_start_matches('/'))
+                .join("memory.stat"),
+        )
+        .ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("anon "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// The `cgroup.procs` files of `rel` (a path under a tenant's subtree) in every hierarchy
     /// [`TenantCgroups::add_pid`] would use, creating the directories: for a child that moves
     /// itself in (writing `0`) between fork and exec, so nothing it allocates is charged elsewhere.
@@ -366,6 +384,18 @@ mod tests {
         memory_bytes: 256 << 20,
         pids: 100,
     };
+
+    #[test]
+    fn anonymous_memory_is_read_on_v2_only() {
+        let d = tempfile::tempdir().unwrap();
+        let c = d.path().join("caas.slice/tenant-a/c-1");
+        fs::create_dir_all(&c).unwrap();
+        fs::write(c.join("memory.stat"), "anon_thp 0\nanon 12288\nfile 4096\n").unwrap();
+        let v2 = TenantCgroups::new(d.path(), CgroupLayout::V2);
+        assert_eq!(v2.anon_bytes("/caas.slice/tenant-a/c-1"), Some(12288));
+        let v1 = TenantCgroups::new(d.path(), CgroupLayout::Hybrid);
+        assert_eq!(v1.anon_bytes("/caas.slice/tenant-a/c-1"), None);
+    }
 
     #[test]
     fn v1_fixture_tree() {

@@ -439,6 +439,15 @@ impl Engine {
         // One limit at a time, memory first (the one the kernel may refuse); the record takes
         // each as it lands, so a failure half-way leaves record and kernel in agreement.
         let rel = self.cgroup(&id);
+        // v2 takes a memory limit below what cannot be reclaimed and OOM-kills; refuse it
+        // before, as v1 does itself.
+        if let (Some(m), Some(anon)) = (memory_bytes, self.cgroups.anon_bytes(&rel))
+            && m < anon
+        {
+            return Err(EngineError::State(format!(
+                "the memory limit {m} is below the {anon} bytes of anonymous memory the container uses now; raise it, or lower the container's use first"
+            )));
+        }
         let steps = [
             (None, memory_bytes, None),
             (cpus, None, None),
