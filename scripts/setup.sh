@@ -21,13 +21,13 @@ set -euo pipefail
 #   qemu-system-x86  the VMM of VM tenants (QEMU microvm); its tests boot real guests
 #   lz4, e2fsprogs   scripts/guest-kernel.sh inflates the guest kernel; tenant disks are ext4
 #   binutils         strip: the guest's copy of the agent binary goes without symbols
-#   golang-go, golang-github-docker-spdystream-dev
+#   golang-go, golang-github-docker-spdystream-dev, golang-github-gorilla-websocket-dev
 #                    the tests' SPDY client (tests/spdy-client), on the library kubelet uses
 #   python3-websocket  the tests' WebSocket exec client (tests/ws-client)
 PACKAGES=(gcc pkg-config libseccomp-dev busybox-static systemd iproute2 procps crun runc
   containerd containernetworking-plugins docker-registry skopeo umoci apache2-utils nftables
   iperf3 qemu-system-x86 lz4 e2fsprogs binutils golang-go golang-github-docker-spdystream-dev
-  python3-websocket)
+  golang-github-gorilla-websocket-dev python3-websocket)
 
 log() { printf 'setup: %s\n' "$*"; }
 sudo=""

@@ -5,6 +5,10 @@
 //
 //	spdy-client exec URL [-stdin] [-tty] [-no-stdout] [-stderr] [-resize WxH]
 //	spdy-client portforward URL PORT [REQUEST_ID]
+//	spdy-client portforward-ws URL PORT
+//
+// portforward-ws carries the same SPDY connection inside a WebSocket (subprotocol
+// SPDY/3.1+portforward.k8s.io, KEP-4006), on Debian's gorilla/websocket.
 //
 // exec copies its stdin to the stdin stream, the stdout and stderr streams to its own, and
 // prints the error stream's content on stderr after "STATUS ". portforward copies its stdin to
@@ -22,9 +26,75 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/docker/spdystream"
+	"github.com/gorilla/websocket"
 )
+
+// wsConn is a WebSocket as a byte stream: each binary message carries the next bytes.
+type wsConn struct {
+	*websocket.Conn
+	r io.Reader
+}
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	for {
+		if c.r != nil {
+			n, err := c.r.Read(p)
+			if err == io.EOF {
+				c.r = nil
+				if n > 0 {
+					return n, nil
+				}
+				continue
+			}
+			return n, err
+		}
+		t, r, err := c.NextReader()
+		if err != nil {
+			return 0, io.EOF
+		}
+		if t == websocket.BinaryMessage {
+			c.r = r
+		}
+	}
+}
+
+func (c *wsConn) Write(p []byte) (int, error) {
+	if err := c.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *wsConn) SetDeadline(t time.Time) error {
+	c.SetReadDeadline(t)
+	return c.SetWriteDeadline(t)
+}
+
+// upgradeWS opens a WebSocket with the SPDY port-forward subprotocol and serves SPDY inside it.
+func upgradeWS(raw string) *spdystream.Connection {
+	d := websocket.Dialer{Subprotocols: []string{"SPDY/3.1+portforward.k8s.io"}}
+	ws, resp, err := d.Dial(strings.Replace(raw, "http://", "ws://", 1), nil)
+	if err != nil {
+		if resp != nil {
+			body, _ := ioutil.ReadAll(resp.Body)
+			fmt.Fprintf(os.Stderr, "HTTP %d %s", resp.StatusCode, body)
+			os.Exit(3)
+		}
+		fail("%v", err)
+	}
+	if ws.Subprotocol() != "SPDY/3.1+portforward.k8s.io" {
+		fail("the server chose %q", ws.Subprotocol())
+	}
+	s, err := spdystream.NewConnection(&wsConn{Conn: ws}, false)
+	if err != nil {
+		fail("%v", err)
+	}
+	go s.Serve(spdystream.NoOpStreamHandler)
+	return s
+}
 
 func fail(format string, a ...interface{}) {
 	fmt.Fprintf(os.Stderr, "spdy-client: "+format+"\n", a...)
@@ -136,10 +206,16 @@ func exec(raw string, args []string) {
 	c.Close()
 }
 
-func portForward(raw string, port string, id string) {
-	c, proto := upgrade(raw, []string{"portforward.k8s.io"})
-	if proto != "portforward.k8s.io" {
-		fail("the server chose %q", proto)
+func portForward(raw string, port string, id string, overWS bool) {
+	var c *spdystream.Connection
+	if overWS {
+		c = upgradeWS(raw)
+	} else {
+		var proto string
+		c, proto = upgrade(raw, []string{"portforward.k8s.io"})
+		if proto != "portforward.k8s.io" {
+			fail("the server chose %q", proto)
+		}
 	}
 	errStream := stream(c, http.Header{"streamType": {"error"}, "port": {port}, "requestID": {id}})
 	data := stream(c, http.Header{"streamType": {"data"}, "port": {port}, "requestID": {id}})
@@ -168,7 +244,7 @@ func main() {
 	switch os.Args[1] {
 	case "exec":
 		exec(os.Args[2], os.Args[3:])
-	case "portforward":
+	case "portforward", "portforward-ws":
 		if len(os.Args) < 4 {
 			fail("portforward URL PORT")
 		}
@@ -176,7 +252,7 @@ func main() {
 		if len(os.Args) > 4 {
 			id = os.Args[4]
 		}
-		portForward(os.Args[2], os.Args[3], id)
+		portForward(os.Args[2], os.Args[3], id, os.Args[1] == "portforward-ws")
 	default:
 		fail("unknown command %s", os.Args[1])
 	}

@@ -35,12 +35,13 @@ pub fn client(test: &str) -> Option<PathBuf> {
 
 fn build() -> Result<PathBuf, String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("spdy-client");
-    if !Path::new(GOPATH)
-        .join("src/github.com/docker/spdystream")
-        .is_dir()
-    {
+    let libs = [
+        "src/github.com/docker/spdystream",
+        "src/github.com/gorilla/websocket",
+    ];
+    if !libs.iter().all(|l| Path::new(GOPATH).join(l).is_dir()) {
         return Err(
-            "needs Go's spdystream (Debian: golang-go golang-github-docker-spdystream-dev; scripts/setup.sh installs them)"
+            "needs Go's spdystream and gorilla/websocket (Debian: golang-go golang-github-docker-spdystream-dev golang-github-gorilla-websocket-dev; scripts/setup.sh installs them)"
                 .into(),
         );
     }

@@ -3411,6 +3411,20 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
     let r = caas_tests::spdy::run(&client, &["portforward", &pf, "8080"], b"ping\n").await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "pong\n", "{r:?}");
+    // The same SPDY connection inside a WebSocket (SPDY/3.1+portforward.k8s.io).
+    let pf = k
+        .cri
+        .rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.clone(),
+            port: vec![8080],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let r = caas_tests::spdy::run(&client, &["portforward-ws", &pf, "8080"], b"ping\n").await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "pong\n"), "{r:?}");
     // The pod's side ends first (its listener closes after a second): the client's streams
     // end, without it closing its own side.
     let pf = k

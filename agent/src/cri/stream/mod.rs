@@ -17,7 +17,8 @@
 //!
 //! Exec is also served over a WebSocket (`v5.channel.k8s.io`, and v4), the transport Kubernetes
 //! is moving to (KEP-4006): each binary message is a channel byte and that channel's data;
-//! v5's `255, 0` ends stdin. Port-forward is SPDY only. Tokens expire after a minute unused, as
+//! v5's `255, 0` ends stdin. Port-forward over a WebSocket carries the same SPDY connection in
+//! its binary messages (`SPDY/3.1+portforward.k8s.io`). Tokens expire after a minute unused, as
 //! kubelet's do; a refused upgrade does not use one up.
 
 pub mod spdy;
@@ -311,12 +312,6 @@ impl StreamServer {
         token: &str,
         kind: &'static str,
     ) -> Response<Full<Bytes>> {
-        if kind != "exec" {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "port-forward is served over SPDY/3.1 only (Upgrade: SPDY/3.1 with portforward.k8s.io)",
-            );
-        }
         let Some(key) = req
             .headers()
             .get("sec-websocket-key")
@@ -333,30 +328,50 @@ impl StreamServer {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
             .collect();
+        let served: &[&str] = if kind == "exec" {
+            WS_EXEC_PROTOCOLS
+        } else {
+            &[WS_PORT_FORWARD_PROTOCOL]
+        };
         let Some(protocol) = offered
             .iter()
-            .find(|o| WS_EXEC_PROTOCOLS.contains(&o.as_str()))
+            .find(|o| served.contains(&o.as_str()))
             .cloned()
         else {
             return text(
                 StatusCode::FORBIDDEN,
                 &format!(
-                    "unable to upgrade: no common WebSocket subprotocol (offered {offered:?}, served {WS_EXEC_PROTOCOLS:?}; base64 channels are not served)"
+                    "unable to upgrade: no common WebSocket subprotocol (offered {offered:?}, served {served:?}; base64 channels are not served)"
                 ),
             );
         };
-        let Some(Session::Exec(e)) = self.take(token) else {
+        let Some(session) = self.take(token) else {
             return text(
                 StatusCode::NOT_FOUND,
-                "unknown or expired streaming token: ask the runtime for a new URL (Exec)",
+                "unknown or expired streaming token: ask the runtime for a new URL (Exec, PortForward)",
             );
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let proto = protocol.clone();
         tokio::spawn(async move {
-            match on_upgrade.await {
-                Ok(u) => run_exec_websocket(hyper_util::rt::TokioIo::new(u), &proto, e).await,
-                Err(err) => tracing::warn!(error = %err, "CRI streaming: the upgrade failed"),
+            let io = match on_upgrade.await {
+                Ok(u) => hyper_util::rt::TokioIo::new(u),
+                Err(err) => {
+                    tracing::warn!(error = %err, "CRI streaming: the upgrade failed");
+                    return;
+                }
+            };
+            match session {
+                Session::Exec(e) => run_exec_websocket(io, &proto, e).await,
+                Session::PortForward(p) => {
+                    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        io,
+                        tokio_tungstenite::tungstenite::protocol::Role::Server,
+                        None,
+                    )
+                    .await;
+                    run_port_forward(websocket_bytes(ws), p).await;
+                }
             }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -382,6 +397,50 @@ impl StreamServer {
 
 /// WebSocket exec subprotocols, the newest first.
 const WS_EXEC_PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// Port-forward over a WebSocket: the SPDY connection, carried in binary messages (KEP-4006).
+const WS_PORT_FORWARD_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+
+/// A WebSocket as a byte stream, each binary message the next bytes of it: what the SPDY
+/// port-forward runs over when a WebSocket carries it.
+fn websocket_bytes<IO>(ws: tokio_tungstenite::WebSocketStream<IO>) -> tokio::io::DuplexStream
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let (ours, theirs) = tokio::io::duplex(64 << 10);
+    let (mut sink, mut source) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(theirs);
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = source.next().await {
+            match m {
+                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink
+                        .send(Message::Binary(buf[..n].to_vec().into()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+    ours
+}
 
 async fn run_exec_websocket<IO>(io: IO, protocol: &str, e: ExecSession)
 where
