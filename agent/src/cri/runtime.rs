@@ -43,6 +43,15 @@ fn bad(field: &str, reason: impl Into<String>) -> Status {
     status::invalid(Invalid::new(field, reason))
 }
 
+/// The stdio an Exec or Attach asks for.
+#[derive(Debug, Clone, Copy)]
+struct Wiring {
+    tty: bool,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+}
+
 fn unsupported(field: &str) -> Status {
     Status::unimplemented(format!(
         "{field} is not supported by caas-agent {} yet; leave it unset",
@@ -191,6 +200,48 @@ impl Cri {
                 Err(e) => return Err(status::sandbox(e, ctx)),
             }
         }
+    }
+
+    /// A streaming URL for an exec of `cmd` (or, with `attach`, an attach) in a running
+    /// container: what Exec and Attach share.
+    async fn stream_url(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+        attach: bool,
+        w: Wiring,
+        ctx: &Ctx,
+    ) -> Result<String, Status> {
+        if !(w.stdin || w.stdout || w.stderr) {
+            return Err(bad("stdin", "one of stdin, stdout and stderr must be true"));
+        }
+        if w.tty && w.stderr {
+            return Err(bad(
+                "stderr",
+                "tty and stderr cannot both be true (a terminal's output is one stream)",
+            ));
+        }
+        let c = self.container_or_not_found(container).await?;
+        let running = self
+            .inspect(&c, ctx)
+            .await?
+            .is_some_and(|now| now.state == pb::ContainerState::Running as i32);
+        if !running {
+            return Err(Status::failed_precondition(format!(
+                "container {container:?} is not running"
+            )));
+        }
+        let engine = self.engine(&c.tenant, ctx).await?;
+        Ok(self.stream.url(stream::Session::Exec(stream::ExecSession {
+            engine,
+            container: c.id.clone(),
+            cmd,
+            attach,
+            tty: w.tty,
+            stdin: w.stdin,
+            stdout: w.stdout,
+            stderr: w.stderr,
+        })))
     }
 
     async fn pod_or_not_found(&self, id: &str) -> Result<PodRecord, Status> {
@@ -1589,41 +1640,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         if r.cmd.first().is_none_or(String::is_empty) {
             return Err(bad("cmd", "must not be empty"));
         }
-        if !(r.stdin || r.stdout || r.stderr) {
-            return Err(bad("stdin", "one of stdin, stdout and stderr must be true"));
-        }
-        if r.tty && r.stderr {
-            return Err(bad(
-                "stderr",
-                "tty and stderr cannot both be true (a terminal's output is one stream)",
-            ));
-        }
-        let c = self.cri.container_or_not_found(&r.container_id).await?;
-        let running = self
-            .cri
-            .inspect(&c, &ctx)
-            .await?
-            .is_some_and(|now| now.state == pb::ContainerState::Running as i32);
-        if !running {
-            return Err(Status::failed_precondition(format!(
-                "container {:?} is not running",
-                r.container_id
-            )));
-        }
-        let engine = self.cri.engine(&c.tenant, &ctx).await?;
+        let wiring = Wiring {
+            tty: r.tty,
+            stdin: r.stdin,
+            stdout: r.stdout,
+            stderr: r.stderr,
+        };
         let url = self
             .cri
-            .stream
-            .url(stream::Session::Exec(stream::ExecSession {
-                engine,
-                container: c.id.clone(),
-                cmd: r.cmd,
-                attach: false,
-                tty: r.tty,
-                stdin: r.stdin,
-                stdout: r.stdout,
-                stderr: r.stderr,
-            }));
+            .stream_url(&r.container_id, r.cmd, false, wiring, &ctx)
+            .await?;
         Ok(Response::new(cri::ExecResponse { url }))
     }
 
@@ -1633,41 +1659,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::AttachResponse>, Status> {
         let ctx = Ctx::of(&req)?;
         let r = req.into_inner();
-        if !(r.stdin || r.stdout || r.stderr) {
-            return Err(bad("stdin", "one of stdin, stdout and stderr must be true"));
-        }
-        if r.tty && r.stderr {
-            return Err(bad(
-                "stderr",
-                "tty and stderr cannot both be true (a terminal's output is one stream)",
-            ));
-        }
-        let c = self.cri.container_or_not_found(&r.container_id).await?;
-        let running = self
-            .cri
-            .inspect(&c, &ctx)
-            .await?
-            .is_some_and(|now| now.state == pb::ContainerState::Running as i32);
-        if !running {
-            return Err(Status::failed_precondition(format!(
-                "container {:?} is not running",
-                r.container_id
-            )));
-        }
-        let engine = self.cri.engine(&c.tenant, &ctx).await?;
+        let wiring = Wiring {
+            tty: r.tty,
+            stdin: r.stdin,
+            stdout: r.stdout,
+            stderr: r.stderr,
+        };
         let url = self
             .cri
-            .stream
-            .url(stream::Session::Exec(stream::ExecSession {
-                engine,
-                container: c.id.clone(),
-                cmd: Vec::new(),
-                attach: true,
-                tty: r.tty,
-                stdin: r.stdin,
-                stdout: r.stdout,
-                stderr: r.stderr,
-            }));
+            .stream_url(&r.container_id, Vec::new(), true, wiring, &ctx)
+            .await?;
         Ok(Response::new(cri::AttachResponse { url }))
     }
 

@@ -837,16 +837,7 @@ impl Engine {
         workdir: &str,
         io: ExecIo,
     ) -> Result<(ExecStdio, tokio::sync::oneshot::Receiver<i32>, i32), EngineError> {
-        let id = self.resolve(key)?;
-        let r = self
-            .recs
-            .get(&id)
-            .ok_or(EngineError::NotFound(id.clone()))?;
-        if r.state != State::Running {
-            return Err(EngineError::State(format!(
-                "container {key:?} is not running"
-            )));
-        }
+        let (id, _) = self.running(key)?;
         if args.is_empty() {
             return Err(EngineError::Invalid("command: must not be empty".into()));
         }
@@ -974,10 +965,8 @@ impl Engine {
         Ok((stdio, rx, pid.as_raw()))
     }
 
-    /// What an attach to a running container's init needs: its id, the stdin and terminal the
-    /// engine holds for it (as asked: stdin only for a container made with stdin, a terminal
-    /// only for one made with a terminal), and its log files.
-    pub fn attach_io(&self, key: &str, stdin: bool, tty: bool) -> Result<AttachIo, EngineError> {
+    /// The id and record of a running container.
+    fn running(&self, key: &str) -> Result<(String, &Record), EngineError> {
         let id = self.resolve(key)?;
         let r = self
             .recs
@@ -988,6 +977,14 @@ impl Engine {
                 "container {key:?} is not running"
             )));
         }
+        Ok((id, r))
+    }
+
+    /// What an attach to a running container's init needs: its id, the stdin and terminal the
+    /// engine holds for it (as asked: stdin only for a container made with stdin, a terminal
+    /// only for one made with a terminal), and its log files.
+    pub fn attach_io(&self, key: &str, stdin: bool, tty: bool) -> Result<AttachIo, EngineError> {
+        let (id, r) = self.running(key)?;
         let io = self.ios.get(&id);
         // A terminal container's output may be taken without a terminal (kubectl attach
         // without -i), as its stdout; a terminal attach needs the terminal.

@@ -241,29 +241,14 @@ impl StreamServer {
                 "a streaming request must upgrade the connection to SPDY/3.1 (Connection: Upgrade, Upgrade: SPDY/3.1) or to a WebSocket (v5.channel.k8s.io)",
             );
         }
-        let offered: Vec<String> = header_values(&req, "x-stream-protocol-version")
-            .iter()
-            .flat_map(|v| v.split(','))
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .collect();
         let supported: &[&str] = if session_kind == "exec" {
             EXEC_PROTOCOLS
         } else {
             &[PORT_FORWARD_PROTOCOL]
         };
-        // The client's order of preference, as Kubernetes' handshake does.
-        let Some(protocol) = offered
-            .iter()
-            .find(|o| supported.contains(&o.as_str()))
-            .cloned()
-        else {
-            return text(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "unable to upgrade: no common stream protocol (offered {offered:?}, served {supported:?})"
-                ),
-            );
+        let protocol = match negotiate(&req, "x-stream-protocol-version", supported) {
+            Ok(p) => p,
+            Err(refused) => return text(StatusCode::FORBIDDEN, &refused),
         };
         let Some(session) = self.take(token) else {
             return text(
@@ -322,28 +307,14 @@ impl StreamServer {
                 "a WebSocket upgrade needs Sec-WebSocket-Key",
             );
         };
-        let offered: Vec<String> = header_values(&req, "sec-websocket-protocol")
-            .iter()
-            .flat_map(|v| v.split(','))
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .collect();
         let served: &[&str] = if kind == "exec" {
             WS_EXEC_PROTOCOLS
         } else {
             &[WS_PORT_FORWARD_PROTOCOL]
         };
-        let Some(protocol) = offered
-            .iter()
-            .find(|o| served.contains(&o.as_str()))
-            .cloned()
-        else {
-            return text(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "unable to upgrade: no common WebSocket subprotocol (offered {offered:?}, served {served:?}; base64 channels are not served)"
-                ),
-            );
+        let protocol = match negotiate(&req, "sec-websocket-protocol", served) {
+            Ok(p) => p,
+            Err(refused) => return text(StatusCode::FORBIDDEN, &refused),
         };
         let Some(session) = self.take(token) else {
             return text(
@@ -535,6 +506,26 @@ where
         let _ = sink.send(Message::Binary(m.into())).await;
     }
     let _ = sink.close().await;
+}
+
+/// The first protocol the client offers in `header` (its order of preference, as Kubernetes'
+/// handshake takes it) that is `served`, or the refusal naming both lists.
+fn negotiate(req: &Request<Body>, header: &'static str, served: &[&str]) -> Result<String, String> {
+    let offered: Vec<String> = header_values(req, header)
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    offered
+        .iter()
+        .find(|o| served.contains(&o.as_str()))
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "unable to upgrade: no common {header} (offered {offered:?}, served {served:?})"
+            )
+        })
 }
 
 fn header_values(req: &Request<Body>, name: impl hyper::header::AsHeaderName) -> Vec<String> {
