@@ -1143,6 +1143,115 @@ async fn malformed_pods_are_refused_and_make_nothing() {
     k.agent.stop().await.unwrap();
 }
 
+/// With `[cri.cni]` on, a pod whose network cannot be made is refused with the reason, and
+/// leaves nothing: no pod, no pod network namespace, no address held. A missing configuration
+/// directory, or a list naming a plugin that is not installed, is FAILED_PRECONDITION naming it,
+/// before any tenant is made; a plugin that fails is INTERNAL with its message, and the plugins
+/// that ran before it are undone (DEL). Once a working list is put there (no restart: it is
+/// read per pod), pods run in a netns of their own, which goes when the pod stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() {
+    root_or_skip!("a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing");
+    if !std::path::Path::new("/usr/lib/cni/bridge").is_file() {
+        let reason =
+            "needs Debian's containernetworking-plugins in /usr/lib/cni (scripts/setup.sh)";
+        assert!(!caas_tests::privileged_required(), "{reason}");
+        caas_tests::skip(
+            "a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing",
+            reason,
+        );
+        return;
+    }
+    let conf = tempfile::tempdir().unwrap();
+    let conf_dir = conf.path().join("net.d");
+    let dir = conf_dir.clone();
+    let mut k = Kubelet::start(move |c| {
+        c.cri.cni.enabled = true;
+        c.cri.cni.conf_dir = dir;
+        c.cri.cni.bin_dirs = vec!["/usr/lib/cni".into()];
+    })
+    .await;
+    let no_netns = |k: &Kubelet, t: &str| {
+        let d = k
+            .agent
+            .dir
+            .path()
+            .join("run/tenants")
+            .join(t)
+            .join("ns/pods");
+        std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0) == 0
+    };
+    let write = |text: &str| std::fs::write(conf_dir.join("10-pods.conflist"), text).unwrap();
+
+    // No configuration directory; then a plugin that is not installed. Refused before the
+    // pod's tenant is made.
+    let e = expect_code(
+        k.run_pod(&k.pod("cni-ns", "p"), "").await,
+        Code::FailedPrecondition,
+        "no CNI configuration",
+    );
+    assert!(
+        e.message().contains(&conf_dir.display().to_string()),
+        "{e:?}"
+    );
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    write(r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"no-such-plugin"}]}"#);
+    let e = expect_code(
+        k.run_pod(&k.pod("cni-ns", "p"), "").await,
+        Code::FailedPrecondition,
+        "a missing plugin",
+    );
+    assert!(
+        e.message().contains("no-such-plugin") && e.message().contains("/usr/lib/cni"),
+        "{e:?}"
+    );
+    assert_eq!(k.pod_ids(None).await, ids(&[]));
+    assert_eq!(k.tenant_ids().await, ids(&[]), "a tenant was made");
+
+    // The second plugin fails (a second bridge for the same interface): the first one's ADD is
+    // undone.
+    write(
+        r#"{"cniVersion":"1.0.0","name":"broken","plugins":[
+            {"type":"bridge","bridge":"cni0","isGateway":true,
+             "ipam":{"type":"host-local","ranges":[[{"subnet":"10.246.0.0/24"}]]}},
+            {"type":"bridge","bridge":"cni1",
+             "ipam":{"type":"host-local","ranges":[[{"subnet":"10.247.0.0/24"}]]}}]}"#,
+    );
+    let e = expect_code(
+        k.run_pod(&k.pod("cni-ns", "p"), "").await,
+        Code::Internal,
+        "a failing plugin",
+    );
+    assert!(
+        e.message().contains("\"bridge\"") && e.message().contains("ADD"),
+        "{e:?}"
+    );
+    assert_eq!(k.pod_ids(None).await, ids(&[]));
+    assert!(no_netns(&k, "cni-ns"), "the refused pod's netns is left");
+    let held = k
+        .agent
+        .dir
+        .path()
+        .join("run/tenants/cni-ns/cni/broken/10.246.0.2");
+    assert!(!held.exists(), "the undone ADD still holds its address");
+
+    // A working list: the pod runs, in a netns of its own, with an address from the list.
+    write(
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[
+            {"type":"bridge","bridge":"cni0","isGateway":true,
+             "ipam":{"type":"host-local","ranges":[[{"subnet":"10.246.0.0/24"}]]}}]}"#,
+    );
+    let id = k.ready_pod(&k.pod("cni-ns", "p")).await;
+    let st = k.pod_status(&id).await.unwrap();
+    let ip = st.network.unwrap().ip;
+    assert!(ip.starts_with("10.246.0."), "{ip}");
+    assert!(!no_netns(&k, "cni-ns"));
+    k.stop_pod(&id).await.unwrap();
+    assert!(no_netns(&k, "cni-ns"), "the stopped pod's netns is left");
+    k.remove_pod(&id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 // =============================================================================================
 // Images
 // =============================================================================================

@@ -1454,3 +1454,302 @@ async fn cri_pod_host_ports_publish_to_the_pod_and_have_one_owner_across_a_resta
     assert!(k.pods().await.is_empty());
     agent.stop().await.unwrap();
 }
+
+// --- CRI pods with a network namespace of their own (CNI) ---------------------------------------
+
+/// Whether Debian's CNI plugins are installed (the bridge and host-local plugins this test's
+/// network list uses); otherwise the skip is recorded, or the test fails where privileged tests
+/// are mandatory.
+fn cni_plugins_available(test: &str) -> bool {
+    let missing: Vec<&str> = ["bridge", "host-local"]
+        .into_iter()
+        .filter(|p| !Path::new(CNI_BIN).join(p).is_file())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = format!(
+        "needs the CNI plugins {} in {CNI_BIN} (Debian: containernetworking-plugins; scripts/setup.sh installs it)",
+        missing.join(", ")
+    );
+    assert!(
+        !caas_tests::privileged_required(),
+        "{test}: {reason}, and CAAS_REQUIRE_PRIVILEGED=1 makes it mandatory"
+    );
+    caas_tests::skip(test, &reason);
+    false
+}
+
+const CNI_BIN: &str = "/usr/lib/cni";
+
+/// The pods' network list: Debian's bridge plugin (a bridge in each tenant's netns, the pods'
+/// gateway) with host-local addresses, as a cluster's conflist would have it.
+const POD_CONFLIST: &str = r#"{
+  "cniVersion": "1.0.0",
+  "name": "caas-test-pods",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{ "subnet": "10.245.0.0/24" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }]
+      }
+    }
+  ]
+}"#;
+
+impl Kubelet {
+    /// ExecSync of `script` in container `id`: its exit code and stdout.
+    async fn exec(&mut self, id: &str, script: &str) -> (i32, String) {
+        let r = self
+            .cri
+            .rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                timeout: 20,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync {script:?} in {id}: {e:?}"))
+            .into_inner();
+        (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+    }
+
+    /// The address PodSandboxStatus reports.
+    async fn pod_ip(&mut self, id: &str) -> String {
+        self.cri
+            .rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PodSandboxStatus {id}: {e:?}"))
+            .into_inner()
+            .status
+            .unwrap()
+            .network
+            .unwrap()
+            .ip
+    }
+}
+
+/// With `[cri.cni]` on, every pod gets a network namespace of its own, made inside its tenant's
+/// network boundary by the standard CNI plugins (bridge + host-local from Debian's
+/// containernetworking-plugins): the pod has the address PodSandboxStatus reports, another pod of
+/// the tenant reaches it there (and no longer on its own loopback), its host port serves on
+/// 127.0.0.1 and the uplink, it reaches the test host through NAT with the uplink's address, a
+/// pod of another tenant does not reach it, and all of it survives an agent restart.
+/// StopPodSandbox takes the namespace and the address away; once the pods and tenants are gone
+/// the host's links, addresses and nftables ruleset are as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
+    let name = "cri_pods_get_a_network_namespace_of_their_own_through_cni";
+    if !require_root(name) || !tools_available(name) || !cni_plugins_available(name) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(48);
+    let pool = "10.238.0.0/24";
+    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(conf.path().join("10-pods.conflist"), POD_CONFLIST).unwrap();
+    let registry = reg.host();
+    let conf_dir = conf.path().to_path_buf();
+    let cri_config = move |c: &mut Config| {
+        c.cri.enabled = true;
+        c.cri.cni.enabled = true;
+        c.cri.cni.conf_dir = conf_dir;
+        c.cri.cni.bin_dirs = vec![PathBuf::from(CNI_BIN)];
+        c.images.insecure_registries = vec![registry];
+    };
+    let (p, l, tweak) = (pool.to_string(), host.link.clone(), cri_config.clone());
+    let mut agent = TestAgent::start(move |c| {
+        network_config(c, &p, &l);
+        tweak(c);
+    })
+    .await
+    .unwrap();
+    // The agent's table is loaded (with the uplink): what follows must leave the host so.
+    let before = host_network();
+    let mut k = Kubelet::connect(&agent).await;
+    let image = push_busybox(&reg, &agent.dir.path().join("work")).await;
+    let image_id = k.pull(&image).await;
+    let (ns_a, ns_b) = (caas_tests::unique("cna"), caas_tests::unique("cnb"));
+    let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let in_range = |a: Ipv4Addr| a.octets()[..3] == [10, 245, 0];
+
+    // The server pod of tenant A, with a host port for its 8080.
+    let (port, server_pod, server_id) = 'pick: {
+        for _ in 0..20 {
+            let port = publish_port();
+            if TcpListener::bind(("0.0.0.0", port)).is_err() {
+                continue;
+            }
+            let pod = k.pod(&ns_a, "server", &[(port, 8080)]);
+            match k.run_pod(&pod).await {
+                Ok(id) => break 'pick (port, pod, id),
+                Err(e)
+                    if e.code() == Code::FailedPrecondition
+                        && e.message().contains("in use on the host") => {}
+                Err(e) => panic!("RunPodSandbox {ns_a}/server with host port {port}: {e:?}"),
+            }
+        }
+        panic!("no free host port in 20 tries");
+    };
+    let srv = k
+        .run_container(
+            &server_id,
+            &server_pod,
+            "srv",
+            &image_id,
+            "while :; do echo pod-a | nc -l -p 8080; done",
+        )
+        .await;
+    let server_ip: Ipv4Addr = k.pod_ip(&server_id).await.parse().unwrap();
+    assert!(
+        in_range(server_ip),
+        "the pod's address {server_ip} is not from the network list's range 10.245.0.0/24"
+    );
+    let pod_ns = agent
+        .dir
+        .path()
+        .join("run/tenants")
+        .join(&ns_a)
+        .join("ns/pods")
+        .join(&server_id);
+    assert!(
+        caas_agent::engine::ns::is_ns(&pod_ns),
+        "no pod netns at {}",
+        pod_ns.display()
+    );
+    // Inside, eth0 has that address, and the default route is the bridge in the tenant's netns.
+    let (code, out) = k.exec(&srv, "ip -4 -o addr show eth0; ip route").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("{server_ip}/24")), "{out}");
+    assert!(out.contains("default via 10.245.0.1"), "{out}");
+
+    // A second pod of A: a namespace of its own (its loopback has no 8080), and it reaches the
+    // server at the server pod's address over the tenant's bridge.
+    let client_pod = k.pod(&ns_a, "client", &[]);
+    let client_id = k.run_pod(&client_pod).await.unwrap();
+    let client = k
+        .run_container(&client_id, &client_pod, "c", &image_id, "sleep 600")
+        .await;
+    let client_ip: Ipv4Addr = k.pod_ip(&client_id).await.parse().unwrap();
+    assert!(in_range(client_ip) && client_ip != server_ip, "{client_ip}");
+    let (_, out) = k
+        .exec(
+            &client,
+            "nc -w 2 127.0.0.1 8080 </dev/null && echo CONNECTED || echo refused",
+        )
+        .await;
+    assert!(
+        out.contains("refused"),
+        "the client pod shares the server's loopback: {out}"
+    );
+    let (code, out) = k
+        .exec(&client, &format!("nc -w 5 {server_ip} 8080 </dev/null"))
+        .await;
+    assert!(
+        code == 0 && out.contains("pod-a"),
+        "pod to pod over the tenant's bridge: {code} {out}"
+    );
+
+    // The host port, on 127.0.0.1 and on the uplink.
+    assert_eq!(fetch_soon(local(port)).await, "pod-a", "127.0.0.1:{port}");
+    assert_eq!(
+        fetch_soon(SocketAddr::from((host.host_ip, port))).await,
+        "pod-a",
+        "{}:{port}",
+        host.host_ip
+    );
+
+    // Egress from a pod: NAT in the tenant's netns to the tenant's address, then at the host to
+    // the uplink's; the test host sees the uplink's address.
+    let world = host.serve(host.ip, 9000);
+    let (code, out) = k
+        .exec(&client, &format!("echo ping | nc -w 3 {} 9000", host.ip))
+        .await;
+    assert!(
+        code == 0 && out.contains("hello"),
+        "pod egress: {code} {out}"
+    );
+    let seen: Vec<Ipv4Addr> = world
+        .peers()
+        .iter()
+        .filter_map(|(p, _)| match p {
+            SocketAddr::V4(v) => Some(*v.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    assert!(
+        seen.contains(&host.host_ip),
+        "the test host saw {seen:?}, not the uplink address {}",
+        host.host_ip
+    );
+
+    // Tenant B's pod has a network of its own: A's pod address is not A's pod there.
+    let b_pod = k.pod(&ns_b, "client", &[]);
+    let b_id = k.run_pod(&b_pod).await.unwrap();
+    let b = k
+        .run_container(&b_id, &b_pod, "c", &image_id, "sleep 600")
+        .await;
+    let (_, out) = k
+        .exec(
+            &b,
+            &format!("nc -w 2 {server_ip} 8080 </dev/null || echo unreached"),
+        )
+        .await;
+    assert!(!out.contains("pod-a"), "tenant B reached A's pod: {out}");
+
+    // An agent restart keeps the pods' networks.
+    restart_with(&mut agent, pool, &host, cri_config).await;
+    k = Kubelet::connect(&agent).await;
+    assert_eq!(k.pod_ip(&server_id).await, server_ip.to_string());
+    assert_eq!(fetch_soon(local(port)).await, "pod-a", "after a restart");
+    let (code, out) = k
+        .exec(&client, &format!("nc -w 5 {server_ip} 8080 </dev/null"))
+        .await;
+    assert!(code == 0 && out.contains("pod-a"), "after a restart: {out}");
+
+    // Stopping the server pod takes its namespace and address away.
+    k.stop_pod(&server_id).await;
+    assert!(
+        !pod_ns.exists(),
+        "the stopped pod's netns is still at {}",
+        pod_ns.display()
+    );
+    assert_eq!(k.pod_ip(&server_id).await, "");
+    let ipam = agent
+        .dir
+        .path()
+        .join("run/tenants")
+        .join(&ns_a)
+        .join("cni/caas-test-pods")
+        .join(server_ip.to_string());
+    assert!(
+        !ipam.exists(),
+        "host-local still holds {server_ip}: {}",
+        ipam.display()
+    );
+    // Stopping twice succeeds (the network is gone already).
+    k.stop_pod(&server_id).await;
+
+    for id in [&server_id, &client_id, &b_id] {
+        k.remove_pod(id).await;
+    }
+    assert!(k.pods().await.is_empty());
+    let mut api = Api::new(&agent).await;
+    // The tenant PullImage put the image in (`[cri] image_tenant`) goes too.
+    for t in [ns_a.as_str(), ns_b.as_str(), "default"] {
+        api.delete_tenant(t).await;
+    }
+    let d = diff(&before, &host_network());
+    assert!(d.is_empty(), "left behind on the host:\n{d}");
+    agent.stop().await.unwrap();
+}

@@ -266,6 +266,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             stdin: false,
             stdin_once: false,
             tty: false,
+            netns: String::new(),
         },
     })
 }

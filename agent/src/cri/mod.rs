@@ -7,6 +7,7 @@
 //! CRI adds is kept in [`store`]: the pod sandboxes, and per container the CRI metadata that the
 //! caas model has no field for (pod, attempt, annotations, log path).
 
+pub mod cni;
 mod events;
 mod image;
 mod logs;
@@ -60,6 +61,8 @@ pub struct CriConfig {
     /// Where the streaming server (exec, port-forward) listens; kubelet connects to the URLs
     /// it hands out. Loopback by default: kubelet runs on this host.
     pub stream_address: std::net::SocketAddr,
+    /// `[cri.cni]`: a network namespace per pod, set up by CNI plugins.
+    pub cni: cni::CniConfig,
 }
 
 impl Default for CriConfig {
@@ -72,6 +75,7 @@ impl Default for CriConfig {
             default_quotas: DefaultQuotas::default(),
             volume_roots: vec![PathBuf::from("/var/lib/kubelet")],
             stream_address: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            cni: cni::CniConfig::default(),
         }
     }
 }
@@ -120,6 +124,7 @@ impl CriConfig {
                 ));
             }
         }
+        self.cni.validate()?;
         crate::validate::check_id("cri.image_tenant", &self.image_tenant)
     }
 }
@@ -138,6 +143,8 @@ pub struct Cri {
         tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The streaming server of Exec and PortForward.
     pub stream: Arc<stream::StreamServer>,
+    /// Rewrites of the pod rules in tenants' netns, one at a time.
+    pub(crate) cni_rules: tokio::sync::Mutex<()>,
 }
 
 impl Cri {
@@ -158,6 +165,7 @@ impl Cri {
             store,
             logs: logs::Copiers::new(state.shutdown.clone()),
             pod_locks: tokio::sync::Mutex::default(),
+            cni_rules: tokio::sync::Mutex::default(),
             stream,
             state,
         });

@@ -12,8 +12,8 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{
-    Cri, HANDLER_USERNS, HANDLER_VM, TENANT_ANNOTATION, now_ns, ns, stats,
-    store::{AddError, ContainerRecord, PodRecord},
+    Cri, HANDLER_USERNS, HANDLER_VM, TENANT_ANNOTATION, cni, now_ns, ns, stats,
+    store::{AddError, ContainerRecord, PodNetwork, PodRecord},
     stream,
 };
 use crate::{
@@ -418,7 +418,236 @@ impl Cri {
             .clone()
     }
 
+    /// The directory of a tenant's namespace files.
+    fn tenant_ns_dir(&self, tenant: &str) -> std::path::PathBuf {
+        self.state
+            .config
+            .run_dir
+            .join("tenants")
+            .join(tenant)
+            .join("ns")
+    }
+
+    /// Where host-local keeps a tenant's pod addresses (with the tenant's run dir, it goes with
+    /// the tenant).
+    fn ipam_dir(&self, tenant: &str) -> std::path::PathBuf {
+        self.state
+            .config
+            .run_dir
+            .join("tenants")
+            .join(tenant)
+            .join("cni")
+    }
+
+    /// Whether a new pod of `tenant` gets a network namespace of its own (CNI on, and a
+    /// user-namespaced tenant: a VM's pods share the guest's tenant netns).
+    async fn cni_applies(&self, tenant: &str) -> bool {
+        self.state.config.cri.cni.enabled
+            && self
+                .state
+                .sandboxes
+                .tenant(tenant)
+                .await
+                .is_ok_and(|t| t.isolation == Isolation::Userns)
+    }
+
+    /// Gives a pod whose record names a netns ([`PodNetwork::netns`]) its network: the engine
+    /// makes the netns, the CNI plugins add the pod to the network list, the record keeps the
+    /// result, and the tenant netns's rules learn the pod's host ports. On error what was made
+    /// is torn down again.
+    async fn setup_network(&self, p: &PodRecord) -> Result<PodRecord, Status> {
+        let Some(net) = p.network.clone() else {
+            return Ok(p.clone());
+        };
+        let r = self.setup_network_inner(p, net).await;
+        if r.is_err()
+            && let Some(now) = self.store.pod(&p.id).await
+            && let Err(e) = self.teardown_network(&now).await
+        {
+            tracing::warn!(pod = %p.id, error = %e.message(), "undoing a pod network");
+        }
+        r
+    }
+
+    async fn setup_network_inner(
+        &self,
+        p: &PodRecord,
+        mut net: PodNetwork,
+    ) -> Result<PodRecord, Status> {
+        let cfg = &self.state.config.cri.cni;
+        let list = cfg
+            .network()
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (_, mut eng) = self
+            .state
+            .sandboxes
+            .engine_of(&p.tenant)
+            .await
+            .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
+        let made = eng
+            .create_netns(epb::NetnsRequest {
+                name: net.netns.clone(),
+            })
+            .await
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!("making pod {}'s network namespace: {}", p.id, s.message()),
+                )
+            })?
+            .into_inner();
+        net.path = made.path;
+        net.network = list.name.clone();
+        net.config = Some(list.to_json());
+        // Recorded before ADD: an agent that dies during it still knows what to delete.
+        self.store
+            .set_pod_network(&p.id, Some(net.clone()))
+            .await
+            .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+        let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
+        let ipam_dir = self.ipam_dir(&p.tenant);
+        let netns = std::path::PathBuf::from(&net.path);
+        let call = cni::PodCall {
+            id: &p.id,
+            netns: &netns,
+            tenant_netns: &tenant_netns,
+            namespace: &p.namespace,
+            name: &p.name,
+            uid: &p.uid,
+            ipam_dir: &ipam_dir,
+        };
+        let result = cni::add(cfg, &list, &call)
+            .await
+            .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+        net.ip = cni::ipv4_of(&result)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        net.result = Some(result);
+        self.store
+            .set_pod_network(&p.id, Some(net))
+            .await
+            .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+        self.refresh_tenant_rules(&p.tenant).await?;
+        self.store
+            .pod(&p.id)
+            .await
+            .ok_or_else(|| Status::aborted(format!("pod {} was removed meanwhile", p.id)))
+    }
+
+    /// Takes a pod's own network down: CNI DEL with what ADD gave, the netns, the record's
+    /// address and results, the host-port forwards. What is gone already is skipped; an error leaves the
+    /// record, so that a retry (kubelet retries a stop) goes on from there.
+    pub(super) async fn teardown_network(&self, p: &PodRecord) -> Result<(), Status> {
+        let Some(net) = p.network.clone() else {
+            return Ok(());
+        };
+        let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
+        let netns = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
+        let tenant_alive = crate::engine::ns::is_ns(&tenant_netns);
+        if tenant_alive
+            && crate::engine::ns::is_ns(&netns)
+            && let Some(config) = &net.config
+        {
+            let list = cni::NetworkList::parse(&config.to_string(), "the pod's recorded network")
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let ipam_dir = self.ipam_dir(&p.tenant);
+            let call = cni::PodCall {
+                id: &p.id,
+                netns: &netns,
+                tenant_netns: &tenant_netns,
+                namespace: &p.namespace,
+                name: &p.name,
+                uid: &p.uid,
+                ipam_dir: &ipam_dir,
+            };
+            cni::del(
+                &self.state.config.cri.cni,
+                &list,
+                net.result.as_ref(),
+                &call,
+            )
+            .await
+            .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+        }
+        if crate::engine::ns::is_ns(&netns) || netns.exists() {
+            let (_, mut eng) = self
+                .state
+                .sandboxes
+                .engine_of(&p.tenant)
+                .await
+                .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
+            eng.delete_netns(epb::NetnsRequest {
+                name: net.netns.clone(),
+            })
+            .await
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!("removing pod {}'s network namespace: {}", p.id, s.message()),
+                )
+            })?;
+        }
+        // The record keeps the netns's name: the pod had one, and has no address now.
+        let down = PodNetwork {
+            netns: net.netns.clone(),
+            network: net.network.clone(),
+            ..PodNetwork::default()
+        };
+        self.store
+            .set_pod_network(&p.id, Some(down))
+            .await
+            .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+        if tenant_alive {
+            self.refresh_tenant_rules(&p.tenant).await?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the rules in a tenant's netns from its ready pods that have an address. One
+    /// rewrite at a time, each from the records as they are when it starts: the last one
+    /// written is never an older view.
+    async fn refresh_tenant_rules(&self, tenant: &str) -> Result<(), Status> {
+        let _one = self.cni_rules.lock().await;
+        let mut forwards = Vec::new();
+        for p in self.store.pods().await {
+            let Some(ip) = p
+                .network
+                .as_ref()
+                .filter(|_| p.ready && p.tenant == tenant)
+                .and_then(|n| n.ip.parse::<std::net::Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            forwards.extend(p.ports.iter().map(|&(proto, host, inside)| cni::Forward {
+                proto,
+                port: host,
+                pod_ip: ip,
+                pod_port: inside,
+            }));
+        }
+        let tenant_ip = self
+            .state
+            .sandboxes
+            .tenant(tenant)
+            .await
+            .ok()
+            .and_then(|t| t.subnet)
+            .filter(|_| self.state.config.network.enabled)
+            .map(|s| crate::net::addresses(s).1);
+        cni::apply_tenant_rules(
+            tenant,
+            &self.tenant_ns_dir(tenant).join("net"),
+            tenant_ip,
+            &forwards,
+        )
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+    }
+
     pub(super) async fn pod_ip(&self, p: &PodRecord) -> String {
+        if let Some(n) = &p.network {
+            return n.ip.clone();
+        }
         self.state
             .sandboxes
             .tenant(&p.tenant)
@@ -442,7 +671,10 @@ fn pod_metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
 /// Ready while its record says so and its tenant is ready: a pod whose tenant was deleted or
 /// failed is not, so kubelet makes a new one.
 fn pod_state(p: &PodRecord, ready_tenants: &HashSet<String>) -> cri::PodSandboxState {
-    if p.ready && ready_tenants.contains(&p.tenant) {
+    // A pod whose own network was never completed (an agent that died during its set-up) is
+    // not ready: kubelet stops it, which tears down what was made, and makes a new one.
+    let network_made = p.network.as_ref().is_none_or(|n| !n.ip.is_empty());
+    if p.ready && network_made && ready_tenants.contains(&p.tenant) {
         cri::PodSandboxState::SandboxReady
     } else {
         cri::PodSandboxState::SandboxNotready
@@ -976,10 +1208,25 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let resolv_conf = resolv_conf(config.dns_config.as_ref())?;
         let isolation = isolation_of(&r.runtime_handler)?;
         let tenant = tenant_of(&config)?;
+        if self.cri.state.config.cri.cni.enabled && isolation == Isolation::Userns {
+            // A pod network that cannot be made is refused before a tenant is made for it.
+            self.cri
+                .state
+                .config
+                .cri
+                .cni
+                .network()
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
         self.cri.ensure_tenant(&tenant, isolation, &ctx).await?;
         let m = config.metadata.unwrap_or_default();
+        let id = format!("{:032x}", rand::random::<u128>());
+        let network = self.cri.cni_applies(&tenant).await.then(|| PodNetwork {
+            netns: id.clone(),
+            ..PodNetwork::default()
+        });
         let p = PodRecord {
-            id: format!("{:032x}", rand::random::<u128>()),
+            id,
             tenant,
             name: m.name,
             uid: m.uid,
@@ -995,35 +1242,53 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             ports,
             resolv_conf,
             removed_cpu_ns: 0,
+            network,
         };
         match self.cri.store.add_pod(p.clone()).await {
             Ok(()) => {}
             Err(e @ AddError::Exists(_)) => return Err(Status::already_exists(e.to_string())),
             Err(AddError::Io(e)) => return Err(io_err(&e, &ctx)),
         }
-        if !p.ports.is_empty() {
-            // All of them or no pod; a caller that goes away half-way leaves nothing held.
-            let state = self.cri.state.clone();
-            let (tenant, id, name, ports) = (
-                p.tenant.clone(),
-                p.id.clone(),
-                format!("pod {}/{}", p.namespace, p.name),
-                p.ports.clone(),
-            );
-            let published = tokio::spawn(async move {
-                state
+        // The network and the host ports: all of them or no pod. In a task of its own, so a
+        // caller that goes away half-way leaves nothing held.
+        let cri = self.cri.clone();
+        let (pod, task_ctx) = (p.clone(), ctx.clone());
+        let made = tokio::spawn(async move {
+            let p = cri.setup_network(&pod).await?;
+            if !p.ports.is_empty() {
+                // A pod with a netns of its own is reached on the tenant's address at the
+                // host port, which the tenant netns forwards to the pod.
+                let ports: Vec<(Proto, u16, u16)> = if p.network.is_some() {
+                    p.ports.iter().map(|&(pr, h, _)| (pr, h, h)).collect()
+                } else {
+                    p.ports.clone()
+                };
+                let name = format!("pod {}/{}", p.namespace, p.name);
+                if let Err(e) = cri
+                    .state
                     .sandboxes
-                    .publish_owner(&tenant, &id, &name, &ports)
+                    .publish_owner(&p.tenant, &p.id, &name, &ports)
                     .await
-            })
-            .await
-            .map_err(|e| Status::internal(format!("publishing the pod's ports: {e}")))?;
-            if let Err(e) = published {
-                let _ = self.cri.store.remove_pod(&p.id).await;
-                return Err(status::sandbox(e, &ctx));
+                {
+                    if let Err(t) = cri.teardown_network(&p).await {
+                        tracing::warn!(pod = %p.id, error = %t.message(), "undoing a pod network");
+                    }
+                    return Err(status::sandbox(e, &task_ctx));
+                }
             }
-        }
-        tracing::info!(pod = %p.id, tenant = %p.tenant, name = %p.name, namespace = %p.namespace, "pod sandbox running");
+            Ok(p)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("setting up the pod's network: {e}")))?;
+        let p = match made {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.cri.store.remove_pod(&p.id).await;
+                return Err(e);
+            }
+        };
+        let ip = self.cri.pod_ip(&p).await;
+        tracing::info!(pod = %p.id, tenant = %p.tenant, name = %p.name, namespace = %p.namespace, %ip, "pod sandbox running");
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: p.id,
         }))
@@ -1065,6 +1330,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 }
             }
         }
+        // Its containers are down: its own network goes (as containerd tears it down at stop).
+        if let Some(p) = self.cri.store.pod(&p.id).await {
+            self.cri.teardown_network(&p).await?;
+        }
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -1082,6 +1351,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         self.cri.unready(&p, &ctx).await?;
         for c in self.cri.store.containers_of(&p.id).await {
             self.cri.remove_container(&c, &ctx).await?;
+        }
+        if let Some(p) = self.cri.store.pod(&p.id).await {
+            self.cri.teardown_network(&p).await?;
         }
         self.cri
             .store
@@ -1267,6 +1539,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             stdin: config.stdin,
             stdin_once: config.stdin_once,
             tty: config.tty,
+            netns: p
+                .network
+                .as_ref()
+                .map(|n| n.netns.clone())
+                .unwrap_or_default(),
             cap_drop: config
                 .linux
                 .as_ref()
@@ -1706,17 +1983,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                     )));
                 }
             }
+        } else if let Some(n) = p.network.as_ref().filter(|n| !n.path.is_empty()) {
+            stream::PortTarget::Netns(std::path::PathBuf::from(&n.path))
         } else {
-            stream::PortTarget::Netns(
-                self.cri
-                    .state
-                    .config
-                    .run_dir
-                    .join("tenants")
-                    .join(&p.tenant)
-                    .join("ns")
-                    .join("net"),
-            )
+            stream::PortTarget::Netns(self.cri.tenant_ns_dir(&p.tenant).join("net"))
         };
         let url = self
             .cri

@@ -51,6 +51,32 @@ pub struct PodRecord {
     /// CPU time of its removed containers, so that the pod's total never goes back.
     #[serde(default)]
     pub removed_cpu_ns: u64,
+    /// Its network namespace of its own, set up by CNI (none: it shares its tenant's).
+    #[serde(default)]
+    pub network: Option<PodNetwork>,
+}
+
+/// A pod's own network namespace and what CNI made in it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct PodNetwork {
+    /// The engine's name of the namespace (the pod id), recorded before it is made, so that an
+    /// agent that dies half-way still finds what to tear down.
+    pub netns: String,
+    /// The bind mount that holds it (empty until it is made, and again once torn down).
+    #[serde(default)]
+    pub path: String,
+    /// The CNI network list's name.
+    #[serde(default)]
+    pub network: String,
+    /// The pod's address (from the last plugin's result), or empty until CNI has added it.
+    #[serde(default)]
+    pub ip: String,
+    /// The network list it was added with, so DEL runs what ADD ran.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// The network list's result, kept for DEL (`prevResult`).
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
 }
 
 /// The CRI side of one container of a pod.
@@ -215,6 +241,20 @@ impl CriStore {
         {
             let mut q = p.clone();
             q.ready = ready;
+            self.write("pods", id, &q)?;
+            *p = q;
+        }
+        Ok(())
+    }
+
+    /// Replaces a pod's network record.
+    pub async fn set_pod_network(&self, id: &str, network: Option<PodNetwork>) -> io::Result<()> {
+        let mut pods = self.pods.lock().await;
+        if let Some(p) = pods.get_mut(id)
+            && p.network != network
+        {
+            let mut q = p.clone();
+            q.network = network;
             self.write("pods", id, &q)?;
             *p = q;
         }

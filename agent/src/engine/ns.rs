@@ -7,7 +7,7 @@ use std::{
     fs,
     io::Read,
     os::fd::{AsRawFd, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use nix::{
@@ -115,8 +115,97 @@ pub fn ensure(ns_dir: &Path, id_start: u32) -> Result<(), NsError> {
     result
 }
 
-/// Unmounts and removes the tenant's namespace files (tenant deletion, or a failed setup).
+/// Where the pod network namespace `name` is held.
+pub fn pod_netns_path(ns_dir: &Path, name: &str) -> PathBuf {
+    ns_dir.join("pods").join(name)
+}
+
+/// Makes sure the pod network namespace `name` exists: a netns owned by the tenant's userns
+/// (`ns_dir/user`, which must exist), so the tenant's containers may join it, with loopback up,
+/// held by a bind mount at [`pod_netns_path`]. Must run while the process is single-threaded.
+pub fn ensure_pod_netns(ns_dir: &Path, name: &str) -> Result<PathBuf, NsError> {
+    let path = pod_netns_path(ns_dir, name);
+    if is_ns(&path) {
+        return Ok(path);
+    }
+    let user = fs::File::open(ns_dir.join("user")).map_err(step("opening the tenant userns"))?;
+    if !is_ns(&ns_dir.join("user")) {
+        return Err(step("opening the tenant userns")(std::io::Error::other(
+            "the tenant's user namespace is not there",
+        )));
+    }
+    let dir = ns_dir.join("pods");
+    fs::create_dir_all(&dir).map_err(step("creating the pod ns dir"))?;
+    fs::File::create(&path).map_err(step("creating a ns mount point"))?;
+    let (to_parent_r, to_parent_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
+    let (to_child_r, to_child_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
+    let child = crate::sys::fork_and_run(|| {
+        if nix::sched::setns(&user, CloneFlags::CLONE_NEWUSER).is_err()
+            || nix::sched::unshare(CloneFlags::CLONE_NEWNET).is_err()
+        {
+            return 1;
+        }
+        let lo = crate::sys::set_loopback_up().is_ok();
+        if nix::unistd::write(&to_parent_w, if lo { b"1" } else { b"0" }).is_err() {
+            return 1;
+        }
+        let mut done = [0u8; 1];
+        let _ = nix::unistd::read(to_child_r.as_raw_fd(), &mut done);
+        0
+    })
+    .map_err(|e| step("fork")(errno(e)))?;
+    drop(to_parent_w);
+    drop(to_child_r);
+    let result = (|| {
+        let mut ready = [0u8; 1];
+        let n = fs::File::from(to_parent_r)
+            .read(&mut ready)
+            .map_err(step("waiting for unshare"))?;
+        if n != 1 || ready[0] != b'1' {
+            return Err(step("unshare")(std::io::Error::other(
+                "the namespace child failed to make a netns in the tenant's userns with loopback up",
+            )));
+        }
+        let src = format!("/proc/{child}/ns/net");
+        nix::mount::mount(
+            Some(src.as_str()),
+            path.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| step("bind-mounting a namespace")(errno(e)))
+    })();
+    let _ = nix::unistd::write(&to_child_w, b"1");
+    drop::<OwnedFd>(to_child_w);
+    let _ = waitpid(child, None);
+    match result {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            remove_pod_netns(ns_dir, name);
+            Err(e)
+        }
+    }
+}
+
+/// Unmounts and removes a pod network namespace; gone already is fine. The netns itself ends
+/// when nothing else holds it (its containers have exited).
+pub fn remove_pod_netns(ns_dir: &Path, name: &str) {
+    let p = pod_netns_path(ns_dir, name);
+    let _ = nix::mount::umount2(&p, MntFlags::MNT_DETACH);
+    let _ = fs::remove_file(&p);
+}
+
+/// Unmounts and removes the tenant's namespace files, its pods' included (tenant deletion, or
+/// a failed setup).
 pub fn release(ns_dir: &Path) {
+    if let Ok(rd) = fs::read_dir(ns_dir.join("pods")) {
+        for e in rd.flatten() {
+            let _ = nix::mount::umount2(&e.path(), MntFlags::MNT_DETACH);
+            let _ = fs::remove_file(e.path());
+        }
+        let _ = fs::remove_dir(ns_dir.join("pods"));
+    }
     for kind in ["user", "net"] {
         let p = ns_dir.join(kind);
         let _ = nix::mount::umount2(&p, MntFlags::MNT_DETACH);

@@ -150,6 +150,8 @@ pub struct CreateSpec {
     pub stdin_once: bool,
     /// Run the init on a terminal.
     pub tty: bool,
+    /// A pod network namespace of the tenant to join (empty: the tenant's).
+    pub netns: String,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -530,6 +532,21 @@ impl Engine {
     }
 
     /// Creates a container (its init waits for Start).
+    /// Makes (or finds) the pod network namespace `name`; returns the path that holds it.
+    pub fn create_netns(&self, name: &str) -> Result<PathBuf, EngineError> {
+        crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        super::ns::ensure_pod_netns(&self.paths.ns(), name)
+            .map_err(|e| EngineError::Runtime(e.to_string()))
+    }
+
+    /// Removes the pod network namespace `name` (gone already is fine). Containers still in it
+    /// keep it alive until they exit; no new one can join it.
+    pub fn delete_netns(&self, name: &str) -> Result<(), EngineError> {
+        crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        super::ns::remove_pod_netns(&self.paths.ns(), name);
+        Ok(())
+    }
+
     pub fn create(&mut self, c: CreateSpec) -> Result<Record, EngineError> {
         if self.recs.values().any(|r| r.name == c.name) {
             return Err(EngineError::NameTaken(c.name));
@@ -559,6 +576,16 @@ impl Engine {
         };
         if c.command.is_empty() {
             return Err(EngineError::Invalid("command: must not be empty".into()));
+        }
+        if !c.netns.is_empty() {
+            crate::validate::check_id("netns", &c.netns)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            if !super::ns::is_ns(&super::ns::pod_netns_path(&self.paths.ns(), &c.netns)) {
+                return Err(EngineError::State(format!(
+                    "netns: the pod network namespace {:?} does not exist (it goes when its pod stops)",
+                    c.netns
+                )));
+            }
         }
         let dir = self.paths.container(&c.id);
         fs::create_dir_all(&dir)
@@ -673,6 +700,9 @@ impl Engine {
             env: &c.env,
             workdir: &c.workdir,
             ns_dir: &self.paths.ns(),
+            netns: (!c.netns.is_empty())
+                .then(|| super::ns::pod_netns_path(&self.paths.ns(), &c.netns))
+                .as_deref(),
             cgroup: &cgroup,
             cpus: c.cpus,
             memory_bytes: c.memory_bytes,

@@ -374,6 +374,7 @@ impl epb::engine_server::Engine for EngineSvc {
             stdin: r.stdin,
             stdin_once: r.stdin_once,
             tty: r.tty,
+            netns: r.netns,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
@@ -477,6 +478,29 @@ impl epb::engine_server::Engine for EngineSvc {
         Ok(Response::new(pb::ListContainersResponse {
             containers: recs.iter().map(|r| to_pb(&self.tenant, r)).collect(),
         }))
+    }
+
+    async fn create_netns(
+        &self,
+        req: Request<epb::NetnsRequest>,
+    ) -> Result<Response<epb::NetnsReply>, Status> {
+        let path = self
+            .lock()?
+            .create_netns(&req.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(epb::NetnsReply {
+            path: path.to_string_lossy().into_owned(),
+        }))
+    }
+
+    async fn delete_netns(
+        &self,
+        req: Request<epb::NetnsRequest>,
+    ) -> Result<Response<epb::NetnsReply>, Status> {
+        self.lock()?
+            .delete_netns(&req.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(epb::NetnsReply::default()))
     }
 
     async fn inspect(

@@ -27,6 +27,8 @@ pub struct ContainerSpec<'a> {
     pub workdir: &'a str,
     /// The tenant's namespace files.
     pub ns_dir: &'a Path,
+    /// A pod network namespace to join instead of the tenant's (`ns_dir/net`).
+    pub netns: Option<&'a Path>,
     /// Absolute cgroup path.
     pub cgroup: &'a str,
     /// CPU limit in CPUs.
@@ -351,7 +353,10 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
             ns(LinuxNamespaceType::Uts, None)?,
             ns(LinuxNamespaceType::Mount, None)?,
             ns(LinuxNamespaceType::User, Some(&c.ns_dir.join("user")))?,
-            ns(LinuxNamespaceType::Network, Some(&c.ns_dir.join("net")))?,
+            ns(
+                LinuxNamespaceType::Network,
+                Some(c.netns.unwrap_or(&c.ns_dir.join("net"))),
+            )?,
         ])
         .cgroups_path(c.cgroup)
         .resources(resources.build()?)

@@ -1,0 +1,698 @@
+//! Pod networks through CNI: a network namespace per pod inside its tenant's network boundary.
+//!
+//! The tenant's netns is the "host" side of CNI. The agent asks the tenant's engine for a pod
+//! netns (owned by the tenant's user namespace, so the tenant's containers may join it), then
+//! runs the plugins of the configured network list with their process in the tenant's netns and
+//! `CNI_NETNS` naming the pod's. A bridge plugin thus makes its bridge inside the tenant's netns,
+//! and a pod's traffic leaves the tenant through the tenant's own link to the host, where the
+//! firewall, NAT and byte counters of the tenant apply unchanged. In the tenant's netns the
+//! agent keeps a small nftables table of its own: pods' traffic leaving through `eth0` is
+//! masqueraded to the tenant's address (the host accepts no other source from a tenant), and a
+//! pod's host ports, which the host publishes to the tenant's address, are forwarded on to the
+//! pod.
+//!
+//! The protocol is the CNI specification's (1.0.0 and the 0.x versions the plugins still speak):
+//! one process per plugin and command, the network configuration on stdin, `CNI_*` in the
+//! environment, the result or an error as JSON on stdout. Each plugin of a list gets the
+//! previous one's result as `prevResult`; DEL runs the list backwards with the ADD result.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::io::AsyncWriteExt;
+
+use crate::{net::ports::Proto, validate::Invalid};
+
+/// `[cri.cni]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniConfig {
+    /// Give every pod of a user-namespaced tenant a network namespace of its own, set up by the
+    /// network list in `conf_dir` (off: a tenant's pods share the tenant's netns). VM tenants'
+    /// pods always share their VM's.
+    pub enabled: bool,
+    /// Where the network configuration is: the first `*.conflist`, `*.conf` or `*.json` file by
+    /// name, as containerd picks it.
+    pub conf_dir: PathBuf,
+    /// Where plugin binaries are looked for, in order (`CNI_PATH`).
+    pub bin_dirs: Vec<PathBuf>,
+    /// How long one plugin may take before it is killed and the call fails.
+    pub plugin_timeout_seconds: u64,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            plugin_timeout_seconds: 30,
+        }
+    }
+}
+
+impl CniConfig {
+    /// Checks that the paths are absolute and the timeout is sane.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !self.conf_dir.is_absolute() {
+            return Err(Invalid::new(
+                "cri.cni.conf_dir",
+                format!("{} must be an absolute path", self.conf_dir.display()),
+            ));
+        }
+        if self.bin_dirs.is_empty() {
+            return Err(Invalid::new(
+                "cri.cni.bin_dirs",
+                "must name at least one directory",
+            ));
+        }
+        for (i, d) in self.bin_dirs.iter().enumerate() {
+            if !d.is_absolute() || d.to_string_lossy().contains(':') {
+                return Err(Invalid::new(
+                    format!("cri.cni.bin_dirs[{i}]"),
+                    format!("{} must be an absolute path without ':'", d.display()),
+                ));
+            }
+        }
+        if !(1..=600).contains(&self.plugin_timeout_seconds) {
+            return Err(Invalid::new(
+                "cri.cni.plugin_timeout_seconds",
+                format!("{} is outside 1..=600", self.plugin_timeout_seconds),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What went wrong with a pod's network.
+#[derive(Debug, thiserror::Error)]
+pub enum CniError {
+    /// The network configuration is missing or malformed.
+    #[error("CNI network configuration: {0}")]
+    Config(String),
+    /// A plugin failed or could not be run.
+    #[error("CNI plugin {plugin:?} of network {network:?}, {command}: {message}")]
+    Plugin {
+        /// The plugin's type.
+        plugin: String,
+        /// The network list's name.
+        network: String,
+        /// ADD or DEL.
+        command: &'static str,
+        /// What it said, or why it could not run.
+        message: String,
+    },
+    /// The tenant netns's rules could not be set.
+    #[error("the pod rules in tenant {tenant:?}'s network namespace: {message}")]
+    Rules {
+        /// The tenant.
+        tenant: String,
+        /// nft's complaint.
+        message: String,
+    },
+}
+
+/// A network configuration list, as loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkList {
+    /// Its name.
+    pub name: String,
+    /// Its `cniVersion`.
+    pub cni_version: String,
+    /// The plugins' configurations, in order.
+    pub plugins: Vec<Map<String, Value>>,
+}
+
+impl NetworkList {
+    /// The list as JSON (what a pod's record keeps, so DEL uses the ADD's configuration).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "cniVersion": self.cni_version,
+            "name": self.name,
+            "plugins": self.plugins,
+        })
+    }
+
+    /// Parses a `.conflist` document, or a single plugin's `.conf` (a list of one).
+    pub fn parse(text: &str, what: &str) -> Result<Self, CniError> {
+        let bad = |m: String| CniError::Config(format!("{what}: {m}"));
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("is not a JSON object".into()))?;
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| bad("has no \"name\"".into()))?
+            .to_string();
+        let cni_version = obj
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("0.2.0")
+            .to_string();
+        let plugins: Vec<Map<String, Value>> = match obj.get("plugins") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.as_object()
+                        .cloned()
+                        .ok_or_else(|| bad(format!("plugins[{i}] is not an object")))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("\"plugins\" is not a list".into())),
+            None => vec![obj.clone()],
+        };
+        if plugins.is_empty() {
+            return Err(bad("lists no plugins".into()));
+        }
+        for (i, p) in plugins.iter().enumerate() {
+            let t = p.get("type").and_then(Value::as_str).unwrap_or_default();
+            if t.is_empty() || t.contains('/') || t == "." || t == ".." {
+                return Err(bad(format!(
+                    "plugins[{i}] has no \"type\" that names a plugin binary"
+                )));
+            }
+        }
+        Ok(Self {
+            name,
+            cni_version,
+            plugins,
+        })
+    }
+
+    /// The first configuration file of `dir` by name, as containerd and CRI-O pick it.
+    pub fn load(dir: &Path) -> Result<Self, CniError> {
+        let rd = std::fs::read_dir(dir).map_err(|e| {
+            CniError::Config(format!(
+                "{}: {e}; put a network list there or set [cri.cni] conf_dir",
+                dir.display()
+            ))
+        })?;
+        let mut files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|x| x == "conflist" || x == "conf" || x == "json")
+            })
+            .collect();
+        files.sort();
+        let first = files.first().ok_or_else(|| {
+            CniError::Config(format!(
+                "{} holds no *.conflist, *.conf or *.json file",
+                dir.display()
+            ))
+        })?;
+        let text = std::fs::read_to_string(first)
+            .map_err(|e| CniError::Config(format!("{}: {e}", first.display())))?;
+        Self::parse(&text, &first.display().to_string())
+    }
+}
+
+impl CniConfig {
+    /// Loads the network list and checks that every plugin it names is installed: what a pod
+    /// needs before anything is made for it.
+    pub fn network(&self) -> Result<NetworkList, CniError> {
+        let list = NetworkList::load(&self.conf_dir)?;
+        for p in &list.plugins {
+            let ty = p.get("type").and_then(Value::as_str).unwrap_or_default();
+            if self.plugin(ty).is_none() {
+                return Err(CniError::Config(format!(
+                    "network {:?} uses plugin {ty:?}, which is in none of {}; install it (Debian: containernetworking-plugins) or set [cri.cni] bin_dirs",
+                    list.name,
+                    self.bin_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(list)
+    }
+
+    /// Where plugin `ty` is installed.
+    fn plugin(&self, ty: &str) -> Option<PathBuf> {
+        self.bin_dirs
+            .iter()
+            .map(|d| d.join(ty))
+            .find(|p| p.is_file())
+    }
+}
+
+/// What a pod's plugin calls need to know.
+#[derive(Debug, Clone)]
+pub struct PodCall<'a> {
+    /// The pod id (`CNI_CONTAINERID`).
+    pub id: &'a str,
+    /// The pod's netns (`CNI_NETNS`).
+    pub netns: &'a Path,
+    /// The tenant's netns, where the plugins run.
+    pub tenant_netns: &'a Path,
+    /// `K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID` for `CNI_ARGS`.
+    pub namespace: &'a str,
+    /// The pod's name.
+    pub name: &'a str,
+    /// The pod's uid.
+    pub uid: &'a str,
+    /// Where host-local keeps this tenant's allocations (unless the configuration says).
+    pub ipam_dir: &'a Path,
+}
+
+/// The interface the pod gets.
+pub const POD_IF: &str = "eth0";
+
+/// Runs the list's ADD; returns the last plugin's result, which gives the pod an IPv4 address
+/// ([`ipv4_of`]). On failure, what was added is deleted again.
+pub async fn add(
+    cfg: &CniConfig,
+    list: &NetworkList,
+    pod: &PodCall<'_>,
+) -> Result<Value, CniError> {
+    let mut prev: Option<Value> = None;
+    for (i, plugin) in list.plugins.iter().enumerate() {
+        let conf = plugin_conf(list, plugin, prev.as_ref(), pod);
+        match exec(cfg, list, plugin, "ADD", &conf, pod).await {
+            Ok(r) => prev = Some(r),
+            Err(e) => {
+                // Undo the plugins that ran, this one included (a DEL of what is not there
+                // succeeds), as libcni does.
+                let partial = NetworkList {
+                    plugins: list.plugins[..=i].to_vec(),
+                    ..list.clone()
+                };
+                if let Err(undo) = del(cfg, &partial, prev.as_ref(), pod).await {
+                    tracing::warn!(pod = pod.id, error = %undo, "undoing a failed CNI ADD");
+                }
+                return Err(e);
+            }
+        }
+    }
+    let result = prev.unwrap_or(Value::Null);
+    if ipv4_of(&result).is_none() {
+        let _ = del(cfg, list, Some(&result), pod).await;
+        return Err(CniError::Config(format!(
+            "network {:?} gave the pod no IPv4 address (result: {result})",
+            list.name
+        )));
+    }
+    Ok(result)
+}
+
+/// Runs the list's DEL backwards, every plugin even after one fails; the first failure is
+/// returned.
+pub async fn del(
+    cfg: &CniConfig,
+    list: &NetworkList,
+    result: Option<&Value>,
+    pod: &PodCall<'_>,
+) -> Result<(), CniError> {
+    let mut first = None;
+    for plugin in list.plugins.iter().rev() {
+        let conf = plugin_conf(list, plugin, result, pod);
+        if let Err(e) = exec(cfg, list, plugin, "DEL", &conf, pod).await {
+            tracing::warn!(pod = pod.id, error = %e, "CNI DEL");
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// The IPv4 address a result gives the pod (0.3+ `ips`, or 0.2 `ip4.ip`), without its prefix.
+pub fn ipv4_of(result: &Value) -> Option<Ipv4Addr> {
+    let strip = |s: &str| s.split('/').next().and_then(|a| a.parse::<Ipv4Addr>().ok());
+    if let Some(ips) = result.get("ips").and_then(Value::as_array) {
+        return ips
+            .iter()
+            .filter_map(|ip| ip.get("address").and_then(Value::as_str))
+            .find_map(strip);
+    }
+    result
+        .get("ip4")
+        .and_then(|v| v.get("ip"))
+        .and_then(Value::as_str)
+        .and_then(strip)
+}
+
+/// One plugin's stdin: its configuration with the list's name and version, the previous result,
+/// and, for host-local IPAM without a `dataDir`, the tenant's own allocation directory (every
+/// tenant's bridge is its own L2 domain, so each allocates from the whole range).
+fn plugin_conf(
+    list: &NetworkList,
+    plugin: &Map<String, Value>,
+    prev: Option<&Value>,
+    pod: &PodCall<'_>,
+) -> Value {
+    let mut c = plugin.clone();
+    c.insert("name".into(), Value::String(list.name.clone()));
+    c.insert("cniVersion".into(), Value::String(list.cni_version.clone()));
+    if let Some(p) = prev
+        && !list.cni_version.starts_with("0.2")
+        && !list.cni_version.starts_with("0.1")
+    {
+        c.insert("prevResult".into(), p.clone());
+    }
+    if let Some(Value::Object(ipam)) = c.get_mut("ipam")
+        && ipam.get("type").and_then(Value::as_str) == Some("host-local")
+        && !ipam.contains_key("dataDir")
+    {
+        ipam.insert(
+            "dataDir".into(),
+            Value::String(pod.ipam_dir.to_string_lossy().into_owned()),
+        );
+    }
+    Value::Object(c)
+}
+
+/// Runs one plugin, in the tenant's netns.
+async fn exec(
+    cfg: &CniConfig,
+    list: &NetworkList,
+    plugin: &Map<String, Value>,
+    command: &'static str,
+    conf: &Value,
+    pod: &PodCall<'_>,
+) -> Result<Value, CniError> {
+    let ty = plugin
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let fail = |message: String| CniError::Plugin {
+        plugin: ty.clone(),
+        network: list.name.clone(),
+        command,
+        message,
+    };
+    let bin = cfg.plugin(&ty).ok_or_else(|| {
+            fail(format!(
+                "no such plugin in {}; install it (Debian: containernetworking-plugins) or set [cri.cni] bin_dirs",
+                cfg.bin_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    let tenant_ns = std::fs::File::open(pod.tenant_netns).map_err(|e| {
+        fail(format!(
+            "the tenant's netns {}: {e}",
+            pod.tenant_netns.display()
+        ))
+    })?;
+    let cni_path = cfg
+        .bin_dirs
+        .iter()
+        .map(|d| d.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(":");
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+        pod.namespace, pod.name, pod.id, pod.uid
+    );
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod.id)
+        .env("CNI_NETNS", pod.netns)
+        .env("CNI_IFNAME", POD_IF)
+        .env("CNI_PATH", cni_path)
+        .env("CNI_ARGS", args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and makes one system call
+    // (setns), which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(tenant_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("starting {}: {e}", bin.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let body = conf.to_string();
+        stdin
+            .write_all(body.as_bytes())
+            .await
+            .map_err(|e| fail(format!("writing its configuration: {e}")))?;
+    }
+    let out = tokio::time::timeout(
+        Duration::from_secs(cfg.plugin_timeout_seconds),
+        child.wait_with_output(),
+    )
+    .await
+    .map_err(|_| {
+        fail(format!(
+            "took longer than {} s and was killed ([cri.cni] plugin_timeout_seconds)",
+            cfg.plugin_timeout_seconds
+        ))
+    })?
+    .map_err(|e| fail(format!("waiting for it: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // The specification's error: {"code", "msg", "details"} on stdout.
+        let message = serde_json::from_str::<Value>(&stdout)
+            .ok()
+            .map(|v| {
+                let mut m = v
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .unwrap_or("failed")
+                    .to_string();
+                if let Some(d) = v
+                    .get("details")
+                    .and_then(Value::as_str)
+                    .filter(|d| !d.is_empty())
+                {
+                    let _ = write!(m, ": {d}");
+                }
+                if let Some(c) = v.get("code").and_then(Value::as_u64) {
+                    let _ = write!(m, " (code {c})");
+                }
+                m
+            })
+            .unwrap_or_else(|| {
+                format!(
+                    "{}: {}{}",
+                    out.status,
+                    stdout.trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            });
+        return Err(fail(message));
+    }
+    if command == "DEL" || stdout.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(&stdout).map_err(|e| fail(format!("its result is not JSON: {e}")))
+}
+
+/// A host port forwarded in the tenant's netns to a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    /// tcp or udp.
+    pub proto: Proto,
+    /// The port on the tenant's address (the host port; the host publishes it there).
+    pub port: u16,
+    /// The pod's address.
+    pub pod_ip: Ipv4Addr,
+    /// The pod's port.
+    pub pod_port: u16,
+}
+
+/// The nft table the agent keeps in a tenant's netns.
+const TABLE: &str = "caas_pods";
+
+/// The transaction that replaces the tenant netns's table: masquerade of pods' traffic leaving
+/// through `eth0` to the tenant's address, and the host ports' forwards.
+pub fn tenant_rules(tenant_ip: Option<Ipv4Addr>, forwards: &[Forward]) -> String {
+    let mut s = format!("add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n");
+    s.push_str(
+        "  chain prerouting {\n    type nat hook prerouting priority -100; policy accept;\n",
+    );
+    for f in forwards {
+        let _ = writeln!(
+            s,
+            "    iifname \"eth0\" {} dport {} dnat to {}:{}",
+            f.proto.as_str(),
+            f.port,
+            f.pod_ip,
+            f.pod_port
+        );
+    }
+    s.push_str(
+        "  }\n  chain postrouting {\n    type nat hook postrouting priority 100; policy accept;\n",
+    );
+    match tenant_ip {
+        Some(ip) => {
+            let _ = writeln!(s, "    oifname \"eth0\" ip saddr != {ip} masquerade");
+        }
+        None => s.push_str("    oifname \"eth0\" masquerade\n"),
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+/// Replaces the table in the tenant's netns and turns forwarding on there.
+pub async fn apply_tenant_rules(
+    tenant: &str,
+    tenant_netns: &Path,
+    tenant_ip: Option<Ipv4Addr>,
+    forwards: &[Forward],
+) -> Result<(), CniError> {
+    let fail = |message: String| CniError::Rules {
+        tenant: tenant.into(),
+        message,
+    };
+    let ns = std::fs::File::open(tenant_netns)
+        .map_err(|e| fail(format!("{}: {e}", tenant_netns.display())))?;
+    // Forwarding, on a thread of its own that enters the netns (/proc/sys/net is the opener's
+    // netns) and ends after: never a pooled thread, which would stay in the tenant's netns.
+    let ns2 = ns.try_clone().map_err(|e| fail(e.to_string()))?;
+    let (done, forwarding) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let r = nix::sched::setns(ns2.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)
+            .and_then(|()| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"));
+        let _ = done.send(r);
+    });
+    forwarding
+        .await
+        .map_err(|_| fail("the thread turning forwarding on died".into()))?
+        .map_err(|e| fail(format!("turning forwarding on: {e}")))?;
+    let script = tenant_rules(tenant_ip, forwards);
+    let mut cmd = tokio::process::Command::new("nft");
+    cmd.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: as in `exec`: one async-signal-safe system call in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("starting nft: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| fail(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| fail(format!("nft: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_and_a_single_conf_both_load_and_bad_ones_are_named() {
+        let l = NetworkList::parse(
+            r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge","bridge":"cni0"},{"type":"portmap"}]}"#,
+            "x.conflist",
+        )
+        .unwrap();
+        assert_eq!(l.name, "pods");
+        assert_eq!(l.plugins.len(), 2);
+        let one = NetworkList::parse(
+            r#"{"cniVersion":"0.4.0","name":"one","type":"bridge"}"#,
+            "y.conf",
+        )
+        .unwrap();
+        assert_eq!(one.plugins.len(), 1);
+        assert_eq!(one.cni_version, "0.4.0");
+        for (bad, what) in [
+            ("{", "not JSON"),
+            (r#"{"plugins":[{"type":"bridge"}]}"#, "no \"name\""),
+            (r#"{"name":"n","plugins":[]}"#, "no plugins"),
+            (r#"{"name":"n","plugins":[{"type":"../x"}]}"#, "type"),
+        ] {
+            let e = NetworkList::parse(bad, "z.conflist")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("z.conflist") && e.contains(what), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn plugin_stdin_carries_name_version_prev_result_and_the_tenants_ipam_dir() {
+        let l = NetworkList::parse(
+            r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge","ipam":{"type":"host-local","ranges":[]}},{"type":"tuning","ipam":{"type":"host-local","dataDir":"/keep"}}]}"#,
+            "x",
+        )
+        .unwrap();
+        let pod = PodCall {
+            id: "p",
+            netns: Path::new("/n"),
+            tenant_netns: Path::new("/t"),
+            namespace: "ns",
+            name: "name",
+            uid: "u",
+            ipam_dir: Path::new("/run/t/cni"),
+        };
+        let first = plugin_conf(&l, &l.plugins[0], None, &pod);
+        assert_eq!(first["name"], "pods");
+        assert_eq!(first["cniVersion"], "1.0.0");
+        assert!(first.get("prevResult").is_none());
+        assert_eq!(first["ipam"]["dataDir"], "/run/t/cni");
+        let prev = serde_json::json!({"ips":[{"address":"10.1.0.5/24"}]});
+        let second = plugin_conf(&l, &l.plugins[1], Some(&prev), &pod);
+        assert_eq!(second["prevResult"], prev);
+        assert_eq!(second["ipam"]["dataDir"], "/keep");
+        assert_eq!(ipv4_of(&prev), Some(Ipv4Addr::new(10, 1, 0, 5)));
+        assert_eq!(
+            ipv4_of(&serde_json::json!({"ip4":{"ip":"10.2.0.7/16"}})),
+            Some(Ipv4Addr::new(10, 2, 0, 7))
+        );
+        assert_eq!(ipv4_of(&serde_json::json!({"ips":[]})), None);
+    }
+
+    #[test]
+    fn the_tenant_rules_masquerade_pods_and_forward_host_ports() {
+        let s = tenant_rules(
+            Some(Ipv4Addr::new(10, 88, 0, 2)),
+            &[Forward {
+                proto: Proto::Tcp,
+                port: 30080,
+                pod_ip: Ipv4Addr::new(10, 244, 0, 3),
+                pod_port: 80,
+            }],
+        );
+        assert!(s.starts_with("add table ip caas_pods\ndelete table ip caas_pods\n"));
+        assert!(s.contains("iifname \"eth0\" tcp dport 30080 dnat to 10.244.0.3:80"));
+        assert!(s.contains("oifname \"eth0\" ip saddr != 10.88.0.2 masquerade"));
+    }
+}
