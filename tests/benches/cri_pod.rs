@@ -45,11 +45,11 @@
 //!    left: runc containers, shims, the overlay / shm / netns mounts under its temp dirs, the
 //!    CNI bridge and veths and cached results, the pods' cgroups), and the agent's tenants.
 //!
-//! The two runtimes' pods are not the same thing, and the report says so: containerd's
-//! `RunPodSandbox` starts a pause container with its own network namespace set up through CNI;
-//! caas-agent's writes a record, because its pods live in the tenant (the namespace), whose
-//! engine holds the user and network namespaces every container of the tenant joins. There is
-//! no per-pod network namespace in caas-agent yet (docs/design.md, "Kubernetes CRI").
+//! Both runtimes give each pod a network namespace of its own set up by the same CNI plugins
+//! (caas-agent with `[cri.cni]` on, its bridge inside the tenant's network namespace). The pods
+//! still differ, and the report says so: containerd's `RunPodSandbox` also starts a pause
+//! container; caas-agent has none (its engine holds the namespaces), and its pods live in the
+//! tenant (the namespace), whose user namespace every container of the tenant joins.
 
 #![allow(clippy::unwrap_used)] // a benchmark harness: a failing setup step should stop it loudly
 
@@ -223,10 +223,31 @@ impl Agent {
             .tempdir()?;
         let slice = unique_slice();
         let socket = dir.path().join("run/agent.sock");
+        // The same CNI network as containerd's (bridge, no gateway address, no masquerade,
+        // host-local addresses): every pod gets a network namespace of its own.
+        let cni_conf = dir.path().join("cni");
+        std::fs::create_dir_all(&cni_conf)?;
+        std::fs::write(
+            cni_conf.join("10-caas-bench.conflist"),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "caas-bench-agent",
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": "cni0",
+                    "isGateway": false,
+                    "ipMasq": false,
+                    "hairpinMode": false,
+                    "ipam": { "type": "host-local", "ranges": [[{ "subnet": CNI_SUBNET }]] },
+                }],
+            }))?,
+        )?;
         let extra = format!(
             "[api]\nunix_socket = \"{}\"\n[images]\ninsecure_registries = [\"{registry}\"]\n\
-             [cri]\nenabled = true\n",
-            socket.display()
+             [cri]\nenabled = true\n[cri.cni]\nenabled = true\nconf_dir = \"{}\"\n\
+             bin_dirs = [\"{CNI_BIN_DIR}\"]\n",
+            socket.display(),
+            cni_conf.display()
         );
         let cfg = write_agent_config(dir.path(), &slice, &extra);
         let proc =
@@ -1386,12 +1407,13 @@ fn table(r: &Results) -> String {
          address), /dev/shm, hostname/hosts/resolv.conf files, a containerd-shim-runc-v2 process, \
          and runc create + start of `sleep infinity` in new PID, IPC, UTS and network namespaces; \
          the pod's containers then join its network and IPC namespaces.\n\
-         - caas-agent: writes the pod's record (a JSON file) in the namespace's tenant. There is \
-         no pause container and no network namespace per pod: the pod's containers join the \
-         tenant's user and network namespaces, which its engine holds and every pod of that \
-         namespace shares. The tenant (cgroup, namespaces, engine process) is made by the first \
-         pod or pull of a namespace: in the timed pods it exists (the pull made it); the \
-         \"first pod\" rows include it."
+         - caas-agent: a new network namespace (made by the tenant's engine in the tenant's \
+         user namespace) set up by the same CNI bridge and host-local plugins, with the bridge \
+         in the tenant's network namespace, and the pod's record (a JSON file) in the \
+         namespace's tenant. There is no pause container: the pod's containers join the pod's \
+         network namespace and the tenant's user namespace. The tenant (cgroup, namespaces, \
+         engine process) is made by the first pod or pull of a namespace: in the timed pods it \
+         exists (the pull made it); the \"first pod\" rows include it."
     );
     let _ = writeln!(
         o,

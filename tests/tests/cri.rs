@@ -1113,6 +1113,25 @@ async fn malformed_pods_are_refused_and_make_nothing() {
             &format!("namespace {ns:?}"),
         );
     }
+    for (field, bad) in [
+        ("name", "a;IP=10.0.0.1"),
+        ("uid", "u=1"),
+        ("namespace", "ns\n"),
+    ] {
+        let mut pod = k.pod("ns-ok", "p");
+        let m = pod.metadata.as_mut().unwrap();
+        match field {
+            "name" => m.name = bad.into(),
+            "uid" => m.uid = bad.into(),
+            _ => m.namespace = bad.into(),
+        }
+        let e = expect_code(
+            k.run_pod(&pod, "").await,
+            Code::InvalidArgument,
+            &format!("metadata.{field} {bad:?}"),
+        );
+        assert!(e.message().contains(&format!("metadata.{field}")), "{e:?}");
+    }
     let mut pod = k.pod("ns-ok", "p");
     pod.annotations = map(&[(TENANT_ANNOTATION, "no/slash")]);
     expect_code(
@@ -1246,8 +1265,45 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
     let ip = st.network.unwrap().ip;
     assert!(ip.starts_with("10.246.0."), "{ip}");
     assert!(!no_netns(&k, "cni-ns"));
+    let held = k
+        .agent
+        .dir
+        .path()
+        .join("run/tenants/cni-ns/cni/pods")
+        .join(&ip);
+    assert!(held.exists(), "host-local keeps no {}", held.display());
     k.stop_pod(&id).await.unwrap();
     assert!(no_netns(&k, "cni-ns"), "the stopped pod's netns is left");
+    assert!(!held.exists(), "the stopped pod's address is still held");
+    k.remove_pod(&id).await.unwrap();
+
+    // A pod whose netns went away behind the agent's back (as after a host reboot) is not
+    // ready, so kubelet replaces it; its stop still releases its address.
+    let id = k.ready_pod(&k.pod("cni-ns", "q")).await;
+    let ip = k.pod_status(&id).await.unwrap().network.unwrap().ip;
+    let ns = k
+        .agent
+        .dir
+        .path()
+        .join("run/tenants/cni-ns/ns/pods")
+        .join(&id);
+    nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    std::fs::remove_file(&ns).unwrap();
+    assert_eq!(
+        k.pod_status(&id).await.unwrap().state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    k.stop_pod(&id).await.unwrap();
+    let held = k
+        .agent
+        .dir
+        .path()
+        .join("run/tenants/cni-ns/cni/pods")
+        .join(&ip);
+    assert!(
+        !held.exists(),
+        "the address of a pod whose netns was gone is still held"
+    );
     k.remove_pod(&id).await.unwrap();
     k.agent.stop().await.unwrap();
 }

@@ -448,25 +448,25 @@ async fn exec(
     let mut child = cmd
         .spawn()
         .map_err(|e| fail(format!("starting {}: {e}", bin.display())))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let body = conf.to_string();
-        stdin
-            .write_all(body.as_bytes())
-            .await
-            .map_err(|e| fail(format!("writing its configuration: {e}")))?;
-    }
-    let out = tokio::time::timeout(
-        Duration::from_secs(cfg.plugin_timeout_seconds),
-        child.wait_with_output(),
-    )
-    .await
-    .map_err(|_| {
-        fail(format!(
-            "took longer than {} s and was killed ([cri.cni] plugin_timeout_seconds)",
-            cfg.plugin_timeout_seconds
-        ))
-    })?
-    .map_err(|e| fail(format!("waiting for it: {e}")))?;
+    let stdin = child.stdin.take();
+    let body = conf.to_string();
+    // Feeding the configuration and waiting, under one timeout. A plugin that exits without
+    // reading all of it (a broken pipe here) still has its say on stdout.
+    let run = async move {
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(body.as_bytes()).await;
+        }
+        child.wait_with_output().await
+    };
+    let out = tokio::time::timeout(Duration::from_secs(cfg.plugin_timeout_seconds), run)
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "took longer than {} s and was killed ([cri.cni] plugin_timeout_seconds)",
+                cfg.plugin_timeout_seconds
+            ))
+        })?
+        .map_err(|e| fail(format!("waiting for it: {e}")))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         // The specification's error: {"code", "msg", "details"} on stdout.

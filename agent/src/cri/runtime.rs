@@ -451,6 +451,58 @@ impl Cri {
                 .is_ok_and(|t| t.isolation == Isolation::Userns)
     }
 
+    /// The network and host ports of a new pod (its record added): its own netns through CNI
+    /// when the record names one, then its host ports. On error, the network is undone.
+    async fn make_pod_network(&self, pod: &PodRecord, ctx: &Ctx) -> Result<PodRecord, Status> {
+        let p = self.setup_network(pod).await?;
+        if p.ports.is_empty() {
+            return Ok(p);
+        }
+        // A pod with a netns of its own is reached on the tenant's address at the host port,
+        // which the tenant netns forwards to the pod.
+        let ports: Vec<(Proto, u16, u16)> = if p.network.is_some() {
+            p.ports.iter().map(|&(pr, h, _)| (pr, h, h)).collect()
+        } else {
+            p.ports.clone()
+        };
+        let name = format!("pod {}/{}", p.namespace, p.name);
+        if let Err(e) = self
+            .state
+            .sandboxes
+            .publish_owner(&p.tenant, &p.id, &name, &ports)
+            .await
+        {
+            if let Err(t) = self.teardown_network(&p).await {
+                tracing::warn!(pod = %p.id, error = %t.message(), "undoing a pod network");
+            }
+            return Err(status::sandbox(e, ctx));
+        }
+        Ok(p)
+    }
+
+    /// Drops the record of a pod that could not be made, unless its network could not be
+    /// undone: then it stays, not ready, for kubelet's clean-up of dead sandboxes (Stop,
+    /// Remove) to finish.
+    async fn drop_failed_pod(&self, pod: &PodRecord) {
+        // The undo already ran where the failure was; once more tells whether it is complete
+        // (teardown is idempotent: a DEL of what is gone succeeds).
+        let now = self.store.pod(&pod.id).await.unwrap_or_else(|| pod.clone());
+        let undone = match self.teardown_network(&now).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pod = %pod.id, error = %e.message(), "undoing a pod network");
+                false
+            }
+        };
+        if undone {
+            let _ = self.store.remove_pod(&pod.id).await;
+            self.pod_locks.lock().await.remove(&pod.id);
+        } else {
+            tracing::warn!(pod = %pod.id, "a pod whose network could not be undone is kept, not ready, for StopPodSandbox to retry");
+            let _ = self.store.set_pod_ready(&pod.id, false).await;
+        }
+    }
+
     /// Gives a pod whose record names a netns ([`PodNetwork::netns`]) its network: the engine
     /// makes the netns, the CNI plugins add the pod to the network list, the record keeps the
     /// result, and the tenant netns's rules learn the pod's host ports. On error what was made
@@ -460,11 +512,11 @@ impl Cri {
             return Ok(p.clone());
         };
         let r = self.setup_network_inner(p, net).await;
-        if r.is_err()
-            && let Some(now) = self.store.pod(&p.id).await
-            && let Err(e) = self.teardown_network(&now).await
-        {
-            tracing::warn!(pod = %p.id, error = %e.message(), "undoing a pod network");
+        if r.is_err() {
+            let now = self.store.pod(&p.id).await.unwrap_or_else(|| p.clone());
+            if let Err(e) = self.teardown_network(&now).await {
+                tracing::warn!(pod = %p.id, error = %e.message(), "undoing a pod network");
+            }
         }
         r
     }
@@ -484,19 +536,25 @@ impl Cri {
             .engine_of(&p.tenant)
             .await
             .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
-        let made = eng
-            .create_netns(epb::NetnsRequest {
-                name: net.netns.clone(),
-            })
-            .await
-            .map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!("making pod {}'s network namespace: {}", p.id, s.message()),
-                )
-            })?
-            .into_inner();
-        net.path = made.path;
+        eng.create_netns(epb::NetnsRequest {
+            name: net.netns.clone(),
+        })
+        .await
+        .map_err(|s| {
+            Status::new(
+                s.code(),
+                format!("making pod {}'s network namespace: {}", p.id, s.message()),
+            )
+        })?;
+        let path = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
+        if !crate::engine::ns::is_ns(&path) {
+            return Err(Status::internal(format!(
+                "pod {}'s network namespace is not at {} after the engine made it",
+                p.id,
+                path.display()
+            )));
+        }
+        net.path = path.to_string_lossy().into_owned();
         net.network = list.name.clone();
         net.config = Some(list.to_json());
         // Recorded before ADD: an agent that dies during it still knows what to delete.
@@ -544,10 +602,9 @@ impl Cri {
         let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
         let netns = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
         let tenant_alive = crate::engine::ns::is_ns(&tenant_netns);
-        if tenant_alive
-            && crate::engine::ns::is_ns(&netns)
-            && let Some(config) = &net.config
-        {
+        // DEL also when the pod's netns is gone (the plugins release what they hold, such as
+        // its address); not when the tenant's is: what the plugins made there went with it.
+        if tenant_alive && let Some(config) = &net.config {
             let list = cni::NetworkList::parse(&config.to_string(), "the pod's recorded network")
                 .map_err(|e| Status::internal(e.to_string()))?;
             let ipam_dir = self.ipam_dir(&p.tenant);
@@ -569,24 +626,9 @@ impl Cri {
             .await
             .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
         }
-        if crate::engine::ns::is_ns(&netns) || netns.exists() {
-            let (_, mut eng) = self
-                .state
-                .sandboxes
-                .engine_of(&p.tenant)
-                .await
-                .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
-            eng.delete_netns(epb::NetnsRequest {
-                name: net.netns.clone(),
-            })
-            .await
-            .map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!("removing pod {}'s network namespace: {}", p.id, s.message()),
-                )
-            })?;
-        }
+        // The agent, root in the host's mount namespace, takes the bind mount away itself:
+        // no need for the tenant's engine to be up.
+        crate::engine::ns::remove_pod_netns(&self.tenant_ns_dir(&p.tenant), &net.netns);
         // The record keeps the netns's name: the pod had one, and has no address now.
         let down = PodNetwork {
             netns: net.netns.clone(),
@@ -671,9 +713,12 @@ fn pod_metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
 /// Ready while its record says so and its tenant is ready: a pod whose tenant was deleted or
 /// failed is not, so kubelet makes a new one.
 fn pod_state(p: &PodRecord, ready_tenants: &HashSet<String>) -> cri::PodSandboxState {
-    // A pod whose own network was never completed (an agent that died during its set-up) is
-    // not ready: kubelet stops it, which tears down what was made, and makes a new one.
-    let network_made = p.network.as_ref().is_none_or(|n| !n.ip.is_empty());
+    // A pod whose own network was never completed (an agent that died during its set-up), or
+    // whose netns is gone (a host reboot, tenant namespaces made again), is not ready: kubelet
+    // stops it, which tears down what was left, and makes a new one.
+    let network_made = p.network.as_ref().is_none_or(|n| {
+        !n.ip.is_empty() && crate::engine::ns::is_ns(std::path::Path::new(&n.path))
+    });
     if p.ready && network_made && ready_tenants.contains(&p.tenant) {
         cri::PodSandboxState::SandboxReady
     } else {
@@ -835,6 +880,22 @@ fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
         .ok_or_else(|| bad("config.metadata", "is required"))?;
     if m.name.is_empty() {
         return Err(bad("config.metadata.name", "must not be empty"));
+    }
+    // They go into CNI_ARGS (`K=V;K=V`) and into messages: no separators, no control characters.
+    for (field, v) in [
+        ("config.metadata.name", &m.name),
+        ("config.metadata.namespace", &m.namespace),
+        ("config.metadata.uid", &m.uid),
+    ] {
+        if v.len() > 253
+            || v.chars()
+                .any(|ch| ch == ';' || ch == '=' || ch.is_control())
+        {
+            return Err(bad(
+                field,
+                "must be at most 253 characters without ';', '=' or control characters",
+            ));
+        }
     }
     if !c.log_directory.is_empty() && !c.log_directory.starts_with('/') {
         return Err(bad("config.log_directory", "must be an absolute path"));
@@ -1244,6 +1305,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             removed_cpu_ns: 0,
             network,
         };
+        // The pod's lock, taken before its record exists: a stop or remove that finds the record
+        // waits until its network and ports are made (or undone).
+        let lock = self.cri.pod_lock(&p.id).await;
+        let one = lock.lock_owned().await;
         match self.cri.store.add_pod(p.clone()).await {
             Ok(()) => {}
             Err(e @ AddError::Exists(_)) => return Err(Status::already_exists(e.to_string())),
@@ -1253,40 +1318,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         // caller that goes away half-way leaves nothing held.
         let cri = self.cri.clone();
         let (pod, task_ctx) = (p.clone(), ctx.clone());
-        let made = tokio::spawn(async move {
-            let p = cri.setup_network(&pod).await?;
-            if !p.ports.is_empty() {
-                // A pod with a netns of its own is reached on the tenant's address at the
-                // host port, which the tenant netns forwards to the pod.
-                let ports: Vec<(Proto, u16, u16)> = if p.network.is_some() {
-                    p.ports.iter().map(|&(pr, h, _)| (pr, h, h)).collect()
-                } else {
-                    p.ports.clone()
-                };
-                let name = format!("pod {}/{}", p.namespace, p.name);
-                if let Err(e) = cri
-                    .state
-                    .sandboxes
-                    .publish_owner(&p.tenant, &p.id, &name, &ports)
-                    .await
-                {
-                    if let Err(t) = cri.teardown_network(&p).await {
-                        tracing::warn!(pod = %p.id, error = %t.message(), "undoing a pod network");
-                    }
-                    return Err(status::sandbox(e, &task_ctx));
-                }
+        let p = tokio::spawn(async move {
+            let _one = one;
+            let made = cri.make_pod_network(&pod, &task_ctx).await;
+            if made.is_err() {
+                cri.drop_failed_pod(&pod).await;
             }
-            Ok(p)
+            made
         })
         .await
-        .map_err(|e| Status::internal(format!("setting up the pod's network: {e}")))?;
-        let p = match made {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = self.cri.store.remove_pod(&p.id).await;
-                return Err(e);
-            }
-        };
+        .map_err(|e| Status::internal(format!("setting up the pod's network: {e}")))??;
         let ip = self.cri.pod_ip(&p).await;
         tracing::info!(pod = %p.id, tenant = %p.tenant, name = %p.name, namespace = %p.namespace, %ip, "pod sandbox running");
         Ok(Response::new(cri::RunPodSandboxResponse {
@@ -1983,8 +2024,17 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                     )));
                 }
             }
-        } else if let Some(n) = p.network.as_ref().filter(|n| !n.path.is_empty()) {
-            stream::PortTarget::Netns(std::path::PathBuf::from(&n.path))
+        } else if let Some(n) = &p.network {
+            // A pod with a netns of its own is reached there or not at all.
+            let path =
+                crate::engine::ns::pod_netns_path(&self.cri.tenant_ns_dir(&p.tenant), &n.netns);
+            if n.ip.is_empty() || !crate::engine::ns::is_ns(&path) {
+                return Err(Status::failed_precondition(format!(
+                    "pod {} has no network namespace (stopped, or not set up); run a new pod sandbox",
+                    p.id
+                )));
+            }
+            stream::PortTarget::Netns(path)
         } else {
             stream::PortTarget::Netns(self.cri.tenant_ns_dir(&p.tenant).join("net"))
         };

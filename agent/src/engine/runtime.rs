@@ -539,14 +539,6 @@ impl Engine {
             .map_err(|e| EngineError::Runtime(e.to_string()))
     }
 
-    /// Removes the pod network namespace `name` (gone already is fine). Containers still in it
-    /// keep it alive until they exit; no new one can join it.
-    pub fn delete_netns(&self, name: &str) -> Result<(), EngineError> {
-        crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
-        super::ns::remove_pod_netns(&self.paths.ns(), name);
-        Ok(())
-    }
-
     pub fn create(&mut self, c: CreateSpec) -> Result<Record, EngineError> {
         if self.recs.values().any(|r| r.name == c.name) {
             return Err(EngineError::NameTaken(c.name));

@@ -493,16 +493,6 @@ impl epb::engine_server::Engine for EngineSvc {
         }))
     }
 
-    async fn delete_netns(
-        &self,
-        req: Request<epb::NetnsRequest>,
-    ) -> Result<Response<epb::NetnsReply>, Status> {
-        self.lock()?
-            .delete_netns(&req.into_inner().name)
-            .map_err(status)?;
-        Ok(Response::new(epb::NetnsReply::default()))
-    }
-
     async fn inspect(
         &self,
         req: Request<epb::ContainerId>,
