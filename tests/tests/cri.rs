@@ -2071,6 +2071,89 @@ async fn a_namespaces_pods_share_a_network_that_other_namespaces_cannot_reach() 
     k.agent.stop().await.unwrap();
 }
 
+/// Volumes as kubelet lays them out: behind `/var/lib/kubelet/pods/<uid>`, a 0750 root
+/// directory the tenant's unprivileged root may not search. A directory volume (an emptyDir,
+/// 0777) and a file volume (the pod's hosts file, 0644) are still bound in, readable and (the
+/// emptyDir) writable; the engine stages them on the host side. When the container goes, the
+/// staging goes and the volumes' files stay; so they do when the tenant is deleted under a
+/// running container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
+    use std::os::unix::fs::PermissionsExt;
+    registry_or_skip!("volumes_behind_kubelets_closed_pod_dirs_are_bound_in");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let root = k.agent.dir.path().to_path_buf();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pods = root.join("kubelet-pods");
+    let pod_dir = pods.join("4f1c-uid");
+    let empty_dir = pod_dir.join("volumes/kubernetes.io~empty-dir/cache");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    std::fs::set_permissions(&empty_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let hosts = pod_dir.join("etc-hosts");
+    std::fs::write(&hosts, "10.1.2.3 pod-from-kubelet\n").unwrap();
+    std::fs::write(empty_dir.join("kept.txt"), "kept\n").unwrap();
+    for d in [&pods, &pod_dir] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750)).unwrap();
+    }
+    let mount = |host: &Path, inside: &str, readonly: bool| cri::Mount {
+        container_path: inside.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let pod = k.pod("ns-kvol", "v");
+    let pod_id = k.ready_pod(&pod).await;
+    let mut c = k.container(
+        &pod,
+        "vols",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/hosts; cat /cache/kept.txt; echo from-the-pod > /cache/out.txt",
+        ],
+        &[],
+    );
+    c.mounts = vec![
+        mount(&hosts, "/etc/hosts", true),
+        mount(&empty_dir, "/cache", false),
+    ];
+    let (id, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    expect_output(&st, "vols", "10.1.2.3 pod-from-kubelet\nkept\n", "").await;
+    assert_eq!(
+        std::fs::read_to_string(empty_dir.join("out.txt")).unwrap(),
+        "from-the-pod\n"
+    );
+    let staging = root.join("run/tenants/ns-kvol/volumes").join(&id);
+    assert!(staging.exists(), "no staging at {}", staging.display());
+    k.remove_container(&id).await.unwrap();
+    assert!(!staging.exists(), "the staging outlived its container");
+    assert!(empty_dir.join("kept.txt").exists() && hosts.exists());
+
+    // The tenant deleted under a running container: its run dir goes, the volumes stay.
+    let mut c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
+    c.mounts = vec![mount(&empty_dir, "/cache", false)];
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    k.tenants
+        .delete_tenant(pb::DeleteTenantRequest {
+            id: "ns-kvol".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    assert!(!root.join("run/tenants/ns-kvol").exists());
+    assert_eq!(
+        std::fs::read_to_string(empty_dir.join("kept.txt")).unwrap(),
+        "kept\n",
+        "deleting the tenant reached into a volume"
+    );
+    assert!(hosts.exists() && empty_dir.join("out.txt").exists());
+    let _ = k.remove_pod(&pod_id).await;
+    k.agent.stop().await.unwrap();
+}
+
 /// Fields the runtime does not support yet are refused with UNIMPLEMENTED naming the field, and
 /// make no container (or, for pod fields, no pod). (Update this test as they become supported.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

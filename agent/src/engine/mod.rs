@@ -14,6 +14,7 @@ pub mod runtime;
 pub mod server;
 pub mod spec;
 pub mod unpack;
+pub mod volumes;
 
 use std::{
     os::unix::fs::PermissionsExt,

@@ -595,6 +595,17 @@ impl Engine {
                 "oom_score_adj: {v} is outside -1000..=1000"
             )));
         }
+        if let Some((i, (host, _, _))) = c.mounts.iter().enumerate().find(|(_, m)| !m.0.exists()) {
+            return Err(EngineError::Invalid(format!(
+                "mounts[{i}]: host path {} does not exist on this node",
+                host.display()
+            )));
+        }
+        // Volumes are bound where the tenant's root can reach them, then bound in from there.
+        let staged = super::volumes::stage(&self.paths.run, &c.id, &c.mounts)
+            .map_err(EngineError::Runtime)?;
+        let mut c = c;
+        c.mounts = staged;
         let result = self.build(&c, &lowers, &dir);
         match result {
             Ok((pid, phases, io)) => {
@@ -628,6 +639,7 @@ impl Engine {
                 Ok(r)
             }
             Err(e) => {
+                super::volumes::unstage(&self.paths.run, &c.id);
                 let mp = self.paths.mountpoint(&c.id);
                 rootfs::unmount(&mp);
                 let _ = fs::remove_dir(&mp);
@@ -1143,6 +1155,7 @@ impl Engine {
         let mp = self.paths.mountpoint(id);
         rootfs::unmount(&mp);
         let _ = fs::remove_dir(&mp);
+        super::volumes::unstage(&self.paths.run, id);
         let _ = fs::remove_file(self.paths.run.join(format!("resolv-{id}.conf")));
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "removing the container dir failed");

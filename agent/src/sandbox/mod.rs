@@ -509,6 +509,9 @@ impl Manager {
             self.run_dir.join("tenants").join(&t.id),
             self.state_dir.join("engines").join(&t.id),
         ] {
+            // Mounts an engine left (a container's staged volumes, its rootfs) go first: the
+            // removal must never reach into what they show.
+            crate::engine::volumes::unmount_under(&d);
             if let Err(e) = std::fs::remove_dir_all(&d)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
