@@ -1170,7 +1170,7 @@ async fn malformed_pods_are_refused_and_make_nothing() {
 /// read per pod), pods run in a netns of their own, which goes when the pod stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() {
-    root_or_skip!("a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing");
+    registry_or_skip!("a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing");
     if !std::path::Path::new("/usr/lib/cni/bridge").is_file() {
         let reason =
             "needs Debian's containernetworking-plugins in /usr/lib/cni (scripts/setup.sh)";
@@ -1184,7 +1184,7 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
     let conf = tempfile::tempdir().unwrap();
     let conf_dir = conf.path().join("net.d");
     let dir = conf_dir.clone();
-    let mut k = Kubelet::start(move |c| {
+    let (mut k, _images, bb) = Kubelet::with_registry_and(move |c| {
         c.cri.cni.enabled = true;
         c.cri.cni.conf_dir = dir;
         c.cri.cni.bin_dirs = vec!["/usr/lib/cni".into()];
@@ -1225,7 +1225,10 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
         "{e:?}"
     );
     assert_eq!(k.pod_ids(None).await, ids(&[]));
-    assert_eq!(k.tenant_ids().await, ids(&[]), "a tenant was made");
+    assert!(
+        !k.tenant_ids().await.contains("cni-ns"),
+        "the refused pod's tenant was made"
+    );
 
     // The second plugin fails (a second bridge for the same interface): the first one's ADD is
     // undone.
@@ -1254,16 +1257,32 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
         .join("run/tenants/cni-ns/cni/broken/10.246.0.2");
     assert!(!held.exists(), "the undone ADD still holds its address");
 
-    // A working list: the pod runs, in a netns of its own, with an address from the list.
+    // A working list: the pod runs, in a netns of its own, with an address from the list, and
+    // a network sysctl of the pod's applies there.
     write(
         r#"{"cniVersion":"1.0.0","name":"pods","plugins":[
             {"type":"bridge","bridge":"cni0","isGateway":true,
              "ipam":{"type":"host-local","ranges":[[{"subnet":"10.246.0.0/24"}]]}}]}"#,
     );
-    let id = k.ready_pod(&k.pod("cni-ns", "p")).await;
+    let mut pod = k.pod("cni-ns", "p");
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: map(&[("net.ipv4.ip_unprivileged_port_start", "80")]),
+        ..Default::default()
+    });
+    let id = k.ready_pod(&pod).await;
     let st = k.pod_status(&id).await.unwrap();
     let ip = st.network.unwrap().ip;
     assert!(ip.starts_with("10.246.0."), "{ip}");
+    let c = k.container(
+        &pod,
+        "net",
+        &bb.id,
+        &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+        &[],
+    );
+    let (_, cst) = k.run(&id, &pod, &c).await;
+    assert_eq!(cst.exit_code, 0, "{cst:?}");
+    expect_output(&cst, "net", "80\n", "").await;
     assert!(!no_netns(&k, "cni-ns"));
     let held = k
         .agent
@@ -2084,8 +2103,11 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     let (mut k, _images, bb) = Kubelet::with_registry().await;
     let root = k.agent.dir.path().to_path_buf();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let pods = root.join("kubelet-pods");
-    let pod_dir = pods.join("4f1c-uid");
+    // kubelet's layout under a volume root: pods/<pod uid>/...
+    let pod = k.pod("ns-kvol", "v");
+    let uid = pod.metadata.as_ref().unwrap().uid.clone();
+    let pods = root.join("pods");
+    let pod_dir = pods.join(&uid);
     let empty_dir = pod_dir.join("volumes/kubernetes.io~empty-dir/cache");
     std::fs::create_dir_all(&empty_dir).unwrap();
     std::fs::set_permissions(&empty_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -2101,7 +2123,6 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
         readonly,
         ..Default::default()
     };
-    let pod = k.pod("ns-kvol", "v");
     let pod_id = k.ready_pod(&pod).await;
     let mut c = k.container(
         &pod,
@@ -2127,9 +2148,26 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     );
     let staging = root.join("run/tenants/ns-kvol/volumes").join(&id);
     assert!(staging.exists(), "no staging at {}", staging.display());
+    // Staged where only the tenant's root may pass: group of its root, no access for others.
+    let volumes = root.join("run/tenants/ns-kvol/volumes");
+    let meta = std::fs::metadata(&volumes).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o710, "{volumes:?}");
+    assert_ne!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
     k.remove_container(&id).await.unwrap();
     assert!(!staging.exists(), "the staging outlived its container");
     assert!(empty_dir.join("kept.txt").exists() && hosts.exists());
+
+    // Another pod's directory under pods/ is refused, even though the agent could reach it.
+    let other = pods.join("other-pod-uid/volumes/kubernetes.io~secret/token");
+    std::fs::create_dir_all(&other).unwrap();
+    let mut c = k.container(&pod, "other", &bb.id, &["true"], &[]);
+    c.mounts = vec![mount(&other, "/secret", true)];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::PermissionDenied,
+        "another pod's volume",
+    );
+    assert!(e.message().contains("this pod's own directory"), "{e:?}");
 
     // The tenant deleted under a running container: its run dir goes, the volumes stay.
     let mut c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
@@ -2220,13 +2258,6 @@ async fn unsupported_container_fields_are_refused_by_name() {
             },
         ),
         (
-            "seccomp",
-            cri::ContainerConfig {
-                linux: security(&|sc| sc.seccomp = Some(localhost_profile())),
-                ..base.clone()
-            },
-        ),
-        (
             "apparmor",
             cri::ContainerConfig {
                 linux: security(&|sc| sc.apparmor = Some(localhost_profile())),
@@ -2247,30 +2278,6 @@ async fn unsupported_container_fields_are_refused_by_name() {
     }
     assert_eq!(k.container_ids(None).await, ids(&[]), "nothing was made");
 
-    // Pod fields: sysctls, and a seccomp profile of the node's own.
-    let mut sysctls = k.pod("ns-unsup", "sysctls");
-    sysctls.linux = Some(cri::LinuxPodSandboxConfig {
-        sysctls: map(&[("net.core.somaxconn", "1024")]),
-        ..Default::default()
-    });
-    let mut seccomp = k.pod("ns-unsup", "seccomp");
-    seccomp.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            seccomp: Some(localhost_profile()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    for (field, config) in [
-        ("config.linux.sysctls", sysctls),
-        ("config.linux.security_context.seccomp", seccomp),
-    ] {
-        let e = expect_code(k.run_pod(&config, "").await, Code::Unimplemented, field);
-        assert!(
-            e.message().contains(field),
-            "the refusal names {field}: {e:?}"
-        );
-    }
     assert_eq!(k.pod_ids(None).await, ids(&[&pod_id]), "no pod was made");
 
     // What the kubelet sends by default is accepted: the pod's network and IPC, the container's
@@ -2290,6 +2297,218 @@ async fn unsupported_container_fields_are_refused_by_name() {
     });
     let (_, st) = k.run(&pod_id, &pod, &kubelets).await;
     assert_eq!(st.exit_code, 0, "{st:?}");
+    k.agent.stop().await.unwrap();
+}
+
+/// A pod's sysctls are set in its containers when they are namespaced (IPC ones here; network
+/// ones need a pod netns of its own, see the CNI test), and refused by name when they would
+/// change the host or the netns the whole tenant shares. A container's masked and read-only
+/// paths add to the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_sysctls_and_extra_masked_and_read_only_paths_apply() {
+    registry_or_skip!("namespaced_sysctls_and_extra_masked_and_read_only_paths_apply");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    for (name, sysctl, why) in [
+        ("net", "net.core.somaxconn", "[cri.cni]"),
+        ("host", "vm.swappiness", "not namespaced"),
+        ("uts", "kernel.hostname", "not namespaced"),
+    ] {
+        let mut pod = k.pod("ns-sysctl", name);
+        pod.linux = Some(cri::LinuxPodSandboxConfig {
+            sysctls: map(&[(sysctl, "10")]),
+            ..Default::default()
+        });
+        let e = expect_code(k.run_pod(&pod, "").await, Code::InvalidArgument, sysctl);
+        assert!(
+            e.message().contains("config.linux.sysctls") && e.message().contains(why),
+            "{e:?}"
+        );
+    }
+    assert_eq!(k.pod_ids(None).await, ids(&[]), "no pod was made");
+
+    let mut pod = k.pod("ns-sysctl", "ok");
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: map(&[("kernel.shm_rmid_forced", "1"), ("kernel.msgmax", "9000")]),
+        ..Default::default()
+    });
+    let pod_id = k.ready_pod(&pod).await;
+    let mut c = k.container(
+        &pod,
+        "paths",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/kernel/msgmax; \
+             echo passwd:$(wc -c < /etc/passwd); \
+             touch /tmp/x 2>/dev/null && echo tmp-writable || echo tmp-read-only; \
+             echo timer_list:$(wc -c < /proc/timer_list)",
+        ],
+        &[],
+    );
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            masked_paths: strings(&["/etc/passwd"]),
+            readonly_paths: strings(&["/tmp"]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    // /proc/timer_list is among the defaults, which still apply beside the container's own
+    // list: masked, it reads as empty (unmasked, the tenant's root could not open it at all).
+    expect_output(
+        &st,
+        "paths",
+        "1\n9000\npasswd:0\ntmp-read-only\ntimer_list:0\n",
+        "",
+    )
+    .await;
+
+    let mut bad = k.container(&pod, "bad", &bb.id, &["true"], &[]);
+    bad.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            masked_paths: strings(&["relative/path"]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let e = expect_code(
+        k.create(&pod_id, &pod, &bad).await,
+        Code::InvalidArgument,
+        "a relative masked path",
+    );
+    assert!(e.message().contains("masked_paths[0]"), "{e:?}");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// A seccomp profile of type Localhost, a file on the node in kubelet's (Docker's) format,
+/// replaces the default profile: a profile that denies chmod makes chmod fail with EPERM, and
+/// the process runs filtered. Also through the deprecated `seccomp_profile_path`
+/// (`localhost/<path>`). A relative path, a file that is not there or not a profile, and a
+/// profile path without `localhost/` are refused by name and make nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // seccomp_profile_path: older kubelets and critest still send it
+async fn a_localhost_seccomp_profile_from_the_node_applies() {
+    registry_or_skip!("a_localhost_seccomp_profile_from_the_node_applies");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let dir = k.agent.dir.path().join("seccomp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let profile = dir.join("block-chmod.json");
+    std::fs::write(
+        &profile,
+        r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "syscalls": [
+    { "names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 },
+    { "names": ["mount"], "action": "SCMP_ACT_ERRNO", "includes": { "caps": ["CAP_SYS_ADMIN"] } }
+  ]
+}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("not-a-profile.json"), "{\"syscalls\": 3}").unwrap();
+    let pod = k.pod("ns-seccomp", "p");
+    let pod_id = k.ready_pod(&pod).await;
+    let with = |k: &Kubelet, name: &str, f: &dyn Fn(&mut cri::LinuxContainerSecurityContext)| {
+        let mut c = k.container(
+            &pod,
+            name,
+            &bb.id,
+            &[
+                "sh",
+                "-c",
+                "chmod 1777 /tmp 2>&1; grep '^Seccomp:' /proc/self/status",
+            ],
+            &[],
+        );
+        let mut sc = cri::LinuxContainerSecurityContext::default();
+        f(&mut sc);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        });
+        c
+    };
+    let localhost = |path: &Path| cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::Localhost as i32,
+        localhost_ref: path.display().to_string(),
+    };
+    let p = profile.clone();
+    let c = with(&k, "profile", &|sc| sc.seccomp = Some(localhost(&p)));
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    let records = log_until(&st, "the chmod's outcome", |r| {
+        stream_text(r, LogStream::Stdout).contains("Seccomp:")
+    })
+    .await;
+    let out = stream_text(&records, LogStream::Stdout);
+    assert!(
+        out.contains("Operation not permitted") && out.contains("Seccomp:\t2"),
+        "{out}"
+    );
+    let p = format!("localhost/{}", profile.display());
+    let c = with(&k, "deprecated", &|sc| sc.seccomp_profile_path = p.clone());
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    let records = log_until(&st, "the chmod's outcome", |r| {
+        stream_text(r, LogStream::Stdout).contains("Seccomp:")
+    })
+    .await;
+    assert!(
+        stream_text(&records, LogStream::Stdout).contains("Operation not permitted"),
+        "{records:?}"
+    );
+    // Without a Localhost profile the default one applies: chmod works.
+    let c = with(&k, "default", &|_| {});
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    let records = log_until(&st, "the default profile's outcome", |r| {
+        stream_text(r, LogStream::Stdout).contains("Seccomp:")
+    })
+    .await;
+    assert!(
+        !stream_text(&records, LogStream::Stdout).contains("Operation not permitted"),
+        "{records:?}"
+    );
+
+    let before = k.container_ids(None).await;
+    let missing = dir.join("missing.json");
+    let broken = dir.join("not-a-profile.json");
+    let cases: Vec<(&str, cri::ContainerConfig, &str)> = vec![
+        (
+            "relative",
+            with(&k, "relative", &|sc| {
+                sc.seccomp = Some(localhost(Path::new("profiles/x.json")))
+            }),
+            "absolute",
+        ),
+        (
+            "missing",
+            with(&k, "missing", &|sc| sc.seccomp = Some(localhost(&missing))),
+            "missing.json",
+        ),
+        (
+            "broken",
+            with(&k, "broken", &|sc| sc.seccomp = Some(localhost(&broken))),
+            "defaultAction",
+        ),
+        (
+            "prefixless",
+            with(&k, "prefixless", &|sc| {
+                sc.seccomp_profile_path = "block-chmod.json".into()
+            }),
+            "seccomp_profile_path",
+        ),
+    ];
+    for (name, c, says) in cases {
+        let e = expect_code(
+            k.create(&pod_id, &pod, &c).await,
+            Code::InvalidArgument,
+            name,
+        );
+        assert!(e.message().contains(says), "{name}: {e:?}");
+    }
+    assert_eq!(k.container_ids(None).await, before, "no container was made");
+    k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
 

@@ -267,6 +267,10 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             stdin_once: false,
             tty: false,
             netns: String::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
+            sysctls: Default::default(),
+            seccomp: String::new(),
         },
     })
 }

@@ -12,6 +12,7 @@ mod events;
 mod image;
 mod logs;
 mod runtime;
+mod seccomp;
 mod stats;
 pub mod store;
 pub mod stream;

@@ -903,19 +903,14 @@ fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
     if !c.hostname.is_empty() {
         check_hostname(&c.hostname)?;
     }
-    if let Some(l) = &c.linux {
-        if !l.sysctls.is_empty() {
-            return Err(unsupported("config.linux.sysctls"));
+    if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
+        if sc.privileged {
+            return Err(unsupported("config.linux.security_context.privileged"));
         }
-        if let Some(sc) = &l.security_context {
-            if sc.privileged {
-                return Err(unsupported("config.linux.security_context.privileged"));
-            }
-            if let Some(ns) = &sc.namespace_options {
-                check_namespaces("config.linux.security_context.namespace_options", ns)?;
-            }
-            check_profile("config.linux.security_context.seccomp", sc.seccomp.as_ref())?;
+        if let Some(ns) = &sc.namespace_options {
+            check_namespaces("config.linux.security_context.namespace_options", ns)?;
         }
+        check_profile("config.linux.security_context.seccomp", sc.seccomp.as_ref())?;
     }
     Ok(())
 }
@@ -940,10 +935,68 @@ fn check_hostname(h: &str) -> Result<(), Status> {
 /// get it, a profile of the node's own (`Localhost`) is not supported yet.
 fn check_profile(field: &str, p: Option<&cri::SecurityProfile>) -> Result<(), Status> {
     match p {
-        Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
-            Err(unsupported(&format!("{field} of type Localhost")))
+        Some(p)
+            if p.profile_type == cri::security_profile::ProfileType::Localhost as i32
+                && !std::path::Path::new(&p.localhost_ref).is_absolute() =>
+        {
+            Err(bad(
+                &format!("{field}.localhost_ref"),
+                format!(
+                    "{:?} must be the absolute path of a profile file on the node",
+                    p.localhost_ref
+                ),
+            ))
         }
         _ => Ok(()),
+    }
+}
+
+/// The OCI seccomp profile of a container that asks for a Localhost one (empty: the default),
+/// loaded from the node for the capabilities the container will have.
+fn localhost_profile_of(c: &cri::ContainerConfig) -> Result<String, Status> {
+    let Some(path) = security_of(c).map(localhost_seccomp).transpose()?.flatten() else {
+        return Ok(String::new());
+    };
+    let drop = security_of(c)
+        .and_then(|s| s.capabilities.as_ref())
+        .map(|c| c.drop_capabilities.clone())
+        .unwrap_or_default();
+    let caps: HashSet<String> = crate::engine::spec::capabilities(&drop)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    super::seccomp::load_localhost(&path, &caps)
+        .map_err(|e| bad("config.linux.security_context.seccomp", e))
+}
+
+/// The Localhost seccomp profile a container asks for, if any: its `seccomp`, or else the
+/// deprecated `seccomp_profile_path` (`localhost/<path>`; `runtime/default`, `docker/default`
+/// and `unconfined` mean the default profile, which is always applied at least; anything else
+/// is refused).
+// The deprecated field is read on purpose: older kubelets and critest still send it.
+#[allow(deprecated)]
+fn localhost_seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<String>, Status> {
+    let f = "config.linux.security_context";
+    if let Some(p) = &sc.seccomp {
+        check_profile(&format!("{f}.seccomp"), Some(p))?;
+        return Ok(
+            (p.profile_type == cri::security_profile::ProfileType::Localhost as i32)
+                .then(|| p.localhost_ref.clone()),
+        );
+    }
+    match sc.seccomp_profile_path.as_str() {
+        "" | "runtime/default" | "docker/default" | "unconfined" => Ok(None),
+        s => match s.strip_prefix("localhost/") {
+            Some(path) if std::path::Path::new(path).is_absolute() => Ok(Some(path.to_string())),
+            _ => Err(bad(
+                &format!("{f}.seccomp_profile_path"),
+                format!(
+                    "{s:?} is none of runtime/default, docker/default, unconfined or localhost/<absolute path>"
+                ),
+            )),
+        },
     }
 }
 
@@ -1067,7 +1120,7 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
                 }
             }
         }
-        check_profile(&format!("{f}.seccomp"), sc.seccomp.as_ref())?;
+        localhost_seccomp(sc)?;
         if let Some(p) = &sc.apparmor
             && p.profile_type == cri::security_profile::ProfileType::Localhost as i32
         {
@@ -1123,6 +1176,7 @@ fn mounts_of(
     c: &cri::ContainerConfig,
     roots: &[std::path::PathBuf],
     agent_dirs: &[&std::path::Path],
+    pod_uid: &str,
 ) -> Result<Vec<epb::BindMount>, Status> {
     let mut out = Vec::new();
     for (i, m) in c.mounts.iter().enumerate() {
@@ -1172,6 +1226,28 @@ fn mounts_of(
                 .iter()
                 .filter_map(|d| d.canonicalize().ok())
                 .any(|d| real.starts_with(&d) || d.starts_with(&real));
+        // Under a root's `pods/` (kubelet's per-pod directories), only this pod's own: the
+        // engine binds as host root, so kubelet's 0750 directories no longer keep pods apart.
+        let other_pod = roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .filter_map(|r| {
+                real.strip_prefix(r.join("pods"))
+                    .ok()
+                    .map(std::path::Path::to_path_buf)
+            })
+            .any(|rest| {
+                rest.components().next().is_none_or(|first| {
+                    pod_uid.is_empty() || first.as_os_str() != std::ffi::OsStr::new(pod_uid)
+                })
+            });
+        if other_pod {
+            return Err(Status::permission_denied(format!(
+                "{}: {} is not in this pod's own directory (pods/{pod_uid}) of [cri] volume_roots",
+                f("host_path"),
+                real.display()
+            )));
+        }
         if !allowed || forbidden {
             return Err(Status::permission_denied(format!(
                 "{}: {} is not under a directory of [cri] volume_roots ({}); volumes must lie there",
@@ -1269,7 +1345,20 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let resolv_conf = resolv_conf(config.dns_config.as_ref())?;
         let isolation = isolation_of(&r.runtime_handler)?;
         let tenant = tenant_of(&config)?;
-        if self.cri.state.config.cri.cni.enabled && isolation == Isolation::Userns {
+        // Namespaced ones only; the network's only where the pod gets a netns of its own.
+        let own_netns = self.cri.state.config.cri.cni.enabled && isolation == Isolation::Userns;
+        let sysctls = sorted(
+            config
+                .linux
+                .as_ref()
+                .map(|l| l.sysctls.clone())
+                .unwrap_or_default(),
+        );
+        for (k, v) in &sysctls {
+            crate::engine::spec::check_sysctl(k, v, own_netns)
+                .map_err(|e| bad(&format!("config.linux.sysctls[{k:?}]"), e))?;
+        }
+        if own_netns {
             // A pod network that cannot be made is refused before a tenant is made for it.
             self.cri
                 .state
@@ -1286,6 +1375,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             netns: id.clone(),
             ..PodNetwork::default()
         });
+
         let p = PodRecord {
             id,
             tenant,
@@ -1304,6 +1394,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             resolv_conf,
             removed_cpu_ns: 0,
             network,
+            sysctls,
         };
         // The pod's lock, taken before its record exists: a stop or remove that finds the record
         // waits until its network and ports are made (or undone).
@@ -1570,6 +1661,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                     &self.cri.state.config.state_dir,
                     &self.cri.state.config.run_dir,
                 ],
+                &p.uid,
             )?,
             oom_score_adj: oom_score_adj(&config)?,
             readonly_rootfs: security_of(&config).is_some_and(|s| s.readonly_rootfs),
@@ -1585,6 +1677,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .as_ref()
                 .map(|n| n.netns.clone())
                 .unwrap_or_default(),
+            // Kubelet's lists (the defaults of its proc mount type) add to the engine's own,
+            // which always apply: a container is never masked less than the defaults.
+            masked_paths: security_of(&config)
+                .map(|s| s.masked_paths.clone())
+                .unwrap_or_default(),
+            readonly_paths: security_of(&config)
+                .map(|s| s.readonly_paths.clone())
+                .unwrap_or_default(),
+            sysctls: p.sysctls.clone().into_iter().collect(),
+            seccomp: localhost_profile_of(&config)?,
             cap_drop: config
                 .linux
                 .as_ref()

@@ -54,6 +54,9 @@ pub struct PodRecord {
     /// Its network namespace of its own, set up by CNI (none: it shares its tenant's).
     #[serde(default)]
     pub network: Option<PodNetwork>,
+    /// Namespaced kernel parameters, set in each of its containers.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
 }
 
 /// A pod's own network namespace and what CNI made in it.

@@ -152,6 +152,14 @@ pub struct CreateSpec {
     pub tty: bool,
     /// A pod network namespace of the tenant to join (empty: the tenant's).
     pub netns: String,
+    /// Paths masked inside, beyond the defaults.
+    pub masked_paths: Vec<String>,
+    /// Paths read-only inside, beyond the defaults.
+    pub readonly_paths: Vec<String>,
+    /// Namespaced kernel parameters.
+    pub sysctls: BTreeMap<String, String>,
+    /// A seccomp profile (OCI JSON) instead of the default; empty: the default.
+    pub seccomp: String,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -532,6 +540,11 @@ impl Engine {
     }
 
     /// Creates a container (its init waits for Start).
+    /// Unstages the volumes of containers this engine has no record of (it died creating them).
+    pub fn unstage_orphan_volumes(&self) {
+        super::volumes::unstage_orphans(&self.paths.run, &|id| self.recs.contains_key(id));
+    }
+
     /// Makes (or finds) the pod network namespace `name`; returns the path that holds it.
     pub fn create_netns(&self, name: &str) -> Result<PathBuf, EngineError> {
         crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -569,6 +582,26 @@ impl Engine {
         if c.command.is_empty() {
             return Err(EngineError::Invalid("command: must not be empty".into()));
         }
+        for (field, paths) in [
+            ("masked_paths", &c.masked_paths),
+            ("readonly_paths", &c.readonly_paths),
+        ] {
+            if let Some((i, p)) = paths.iter().enumerate().find(|(_, p)| {
+                let p = Path::new(p);
+                !p.is_absolute()
+                    || p == Path::new("/")
+                    || p.components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+            }) {
+                return Err(EngineError::Invalid(format!(
+                    "{field}[{i}]: {p:?} must be an absolute path other than /, without `..`"
+                )));
+            }
+        }
+        for (k, v) in &c.sysctls {
+            spec::check_sysctl(k, v, !c.netns.is_empty())
+                .map_err(|e| EngineError::Invalid(format!("sysctls: {e}")))?;
+        }
         if !c.netns.is_empty() {
             crate::validate::check_id("netns", &c.netns)
                 .map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -602,7 +635,7 @@ impl Engine {
             )));
         }
         // Volumes are bound where the tenant's root can reach them, then bound in from there.
-        let staged = super::volumes::stage(&self.paths.run, &c.id, &c.mounts)
+        let staged = super::volumes::stage(&self.paths.run, &c.id, self.id_start, &c.mounts)
             .map_err(EngineError::Runtime)?;
         let mut c = c;
         c.mounts = staged;
@@ -708,6 +741,10 @@ impl Engine {
                 .then(|| super::ns::pod_netns_path(&self.paths.ns(), &c.netns))
                 .as_deref(),
             cgroup: &cgroup,
+            masked_paths: &c.masked_paths,
+            readonly_paths: &c.readonly_paths,
+            sysctls: &c.sysctls,
+            seccomp: (!c.seccomp.is_empty()).then_some(c.seccomp.as_str()),
             cpus: c.cpus,
             memory_bytes: c.memory_bytes,
             pids: c.pids,

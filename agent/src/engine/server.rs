@@ -375,6 +375,10 @@ impl epb::engine_server::Engine for EngineSvc {
             stdin_once: r.stdin_once,
             tty: r.tty,
             netns: r.netns,
+            masked_paths: r.masked_paths,
+            readonly_paths: r.readonly_paths,
+            sysctls: r.sysctls.into_iter().collect(),
+            seccomp: r.seccomp,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

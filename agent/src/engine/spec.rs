@@ -2,6 +2,7 @@
 //! defaults have (an explicit seccomp profile, a device allowlist, the default capability set),
 //! joined to the tenant's user and network namespaces, under the tenant's cgroup.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use oci_spec::runtime::{
@@ -29,6 +30,14 @@ pub struct ContainerSpec<'a> {
     pub ns_dir: &'a Path,
     /// A pod network namespace to join instead of the tenant's (`ns_dir/net`).
     pub netns: Option<&'a Path>,
+    /// Paths masked beyond the defaults.
+    pub masked_paths: &'a [String],
+    /// Paths read-only beyond the defaults.
+    pub readonly_paths: &'a [String],
+    /// Namespaced kernel parameters ([`check_sysctl`]).
+    pub sysctls: &'a BTreeMap<String, String>,
+    /// A seccomp profile (OCI JSON) instead of [`default_seccomp`].
+    pub seccomp: Option<&'a str>,
     /// Absolute cgroup path.
     pub cgroup: &'a str,
     /// CPU limit in CPUs.
@@ -66,6 +75,9 @@ pub enum SpecError {
     /// A bind mount that cannot be.
     #[error("mounts: {0}")]
     Mount(String),
+    /// A seccomp profile that is not one.
+    #[error("seccomp: the profile is not an OCI linux.seccomp: {0}")]
+    Seccomp(String),
     /// A capability name that is not one.
     #[error("cap_drop: {0:?} is not a capability name (such as NET_RAW, or ALL)")]
     Capability(String),
@@ -360,10 +372,75 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
         ])
         .cgroups_path(c.cgroup)
         .resources(resources.build()?)
-        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
-        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
-        .seccomp(default_seccomp()?)
+        .masked_paths(with_extra(defaults.masked_paths(), c.masked_paths))
+        .readonly_paths(with_extra(defaults.readonly_paths(), c.readonly_paths))
+        .seccomp(match c.seccomp {
+            Some(json) => serde_json::from_str::<LinuxSeccomp>(json)
+                .map_err(|e| SpecError::Seccomp(e.to_string()))?,
+            None => default_seccomp()?,
+        })
+        .sysctl(
+            c.sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<std::collections::HashMap<_, _>>(),
+        )
         .build()?;
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Whether a kernel parameter may be set in a container: it must belong to a namespace the
+/// container has of its own (IPC; network with `own_netns`), never one that changes the host.
+/// The error says why.
+pub fn check_sysctl(name: &str, value: &str, own_netns: bool) -> Result<(), String> {
+    let ipc = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+        || name.contains("..")
+    {
+        return Err(format!("{name:?} is not a kernel parameter name"));
+    }
+    if value.is_empty() || value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(format!(
+            "{name}: the value {value:?} is empty or has control characters"
+        ));
+    }
+    if ipc.contains(&name) || name.starts_with("fs.mqueue.") {
+        return Ok(());
+    }
+    if name.starts_with("net.") {
+        return if own_netns {
+            Ok(())
+        } else {
+            Err(format!(
+                "{name} would change the network namespace the whole tenant shares; it needs a pod network namespace of its own ([cri.cni])"
+            ))
+        };
+    }
+    Err(format!(
+        "{name} is not namespaced (only kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.* and net.* are): setting it would change the host"
+    ))
+}
+
+/// The default paths and, after them, the extra ones they lack: never fewer than the defaults.
+fn with_extra(defaults: &Option<Vec<String>>, extra: &[String]) -> Vec<String> {
+    let mut all = defaults.clone().unwrap_or_default();
+    for p in extra {
+        if !all.contains(p) {
+            all.push(p.clone());
+        }
+    }
+    all
 }

@@ -13,29 +13,73 @@
 //! ([`unmount_under`]), or removing the directory would reach into the volumes themselves.
 
 use std::{
+    ffi::OsString,
     fs,
-    os::unix::fs::PermissionsExt,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStringExt, fs::PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
-use nix::mount::{MntFlags, MsFlags};
+use nix::{
+    fcntl::{OFlag, OpenHow, ResolveFlag},
+    mount::{MntFlags, MsFlags},
+};
 
 /// Where a container's volumes are staged.
 pub fn dir(run: &Path, id: &str) -> PathBuf {
     run.join("volumes").join(id)
 }
 
+/// Makes `<run>/volumes` ready: owned by root and the tenant's root group (`gid`, the host id
+/// of the tenant's gid 0) with mode 0710, so that only the tenant's root (and host root) may
+/// pass it, and a private mount of its own, so that nothing staged under it propagates to
+/// other mount namespaces.
+fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
+    let v = run.join("volumes");
+    crate::fsutil::ensure_dir(&v, 0o710).map_err(|e| format!("{}: {e}", v.display()))?;
+    nix::unistd::chown(&v, Some(0.into()), Some(gid.into()))
+        .map_err(|e| format!("{}: {e}", v.display()))?;
+    fs::set_permissions(&v, fs::Permissions::from_mode(0o710))
+        .map_err(|e| format!("{}: {e}", v.display()))?;
+    let canon = v
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", v.display()))?;
+    if !mount_points().contains(&canon) {
+        nix::mount::mount(
+            Some(&canon),
+            &canon,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("binding {} onto itself: {e}", canon.display()))?;
+    }
+    nix::mount::mount(
+        None::<&str>,
+        &canon,
+        None::<&str>,
+        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making {} private: {e}", canon.display()))?;
+    Ok(v)
+}
+
 /// Binds each `(host path, container path, read-only)` at a staging path and returns the same
-/// list with the staging paths. On error, what was staged is undone.
+/// list with the staging paths. `gid` is the host id of the tenant's root group. On error,
+/// what was staged is undone.
 pub fn stage(
     run: &Path,
     id: &str,
+    gid: u32,
     mounts: &[(PathBuf, String, bool)],
 ) -> Result<Vec<(PathBuf, String, bool)>, String> {
     if mounts.is_empty() {
         return Ok(Vec::new());
     }
-    let r = stage_all(run, id, mounts);
+    let r = stage_all(run, id, gid, mounts);
     if r.is_err() {
         unstage(run, id);
     }
@@ -45,31 +89,45 @@ pub fn stage(
 fn stage_all(
     run: &Path,
     id: &str,
+    gid: u32,
     mounts: &[(PathBuf, String, bool)],
 ) -> Result<Vec<(PathBuf, String, bool)>, String> {
+    prepare(run, gid)?;
     let base = dir(run, id);
-    for d in [run.join("volumes"), base.clone()] {
-        crate::fsutil::ensure_dir(&d, 0o711).map_err(|e| format!("{}: {e}", d.display()))?;
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o711))
-            .map_err(|e| format!("{}: {e}", d.display()))?;
-    }
+    crate::fsutil::ensure_dir(&base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
     let mut out = Vec::with_capacity(mounts.len());
     for (i, (host, inside, ro)) in mounts.iter().enumerate() {
-        let meta = fs::metadata(host).map_err(|e| {
+        // The agent checked the path with every symlink resolved; opened now with no symlink
+        // allowed on the way, a component swapped for a link since then is refused, and the
+        // bind is made from what was opened, not from the name again.
+        let raw = nix::fcntl::openat2(
+            libc::AT_FDCWD,
+            host.as_path(),
+            OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS),
+        )
+        .map_err(|e| {
             format!(
-                "mounts[{i}]: host path {}: {e} (it must exist on this node)",
+                "mounts[{i}]: host path {}: {e} (it must exist, with no symbolic link on the way)",
                 host.display()
             )
         })?;
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let is_dir = nix::sys::stat::fstat(fd.as_raw_fd())
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+            .map_err(|e| format!("mounts[{i}]: {}: {e}", host.display()))?;
         let at = base.join(i.to_string());
-        if meta.is_dir() {
+        if is_dir {
             fs::create_dir(&at)
         } else {
             fs::File::create(&at).map(drop)
         }
         .map_err(|e| format!("{}: {e}", at.display()))?;
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
         nix::mount::mount(
-            Some(host.as_path()),
+            Some(source.as_str()),
             at.as_path(),
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
@@ -103,35 +161,73 @@ pub fn unstage(run: &Path, id: &str) {
     let _ = fs::remove_dir(&base);
 }
 
-/// Unmounts every mount at or below `dir` (deepest first), as seen in this process's mount
-/// namespace. Call before removing a directory that may hold bind mounts.
-pub fn unmount_under(dir: &Path) {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+/// Unstages the volumes of containers the engine has no record of (an engine that died while
+/// creating one).
+pub fn unstage_orphans(run: &Path, known: &dyn Fn(&str) -> bool) {
+    let Ok(rd) = fs::read_dir(run.join("volumes")) else {
         return;
     };
-    let mut points: Vec<PathBuf> = mount_points(&text)
-        .into_iter()
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    // Deepest first; a path mounted more than once is unmounted as often.
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in points {
-        let _ = nix::mount::umount2(&p, MntFlags::MNT_DETACH);
+    for e in rd.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        if !known(&id) {
+            tracing::info!(container = %id, "unstaging the volumes of a container that was never made");
+            unstage(run, &id);
+        }
     }
 }
 
-/// The mount points listed in mountinfo text (field 5, with its octal escapes undone).
-fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+/// Unmounts every mount at or below `dir` (deepest first), as seen in this process's mount
+/// namespace. True when none is left after: only then may the directory be removed.
+pub fn unmount_under(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        // Not there: nothing is mounted on it.
+        return true;
+    };
+    let under = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|p| p.starts_with(&dir))
+            .collect();
+        // Deepest first; a path mounted more than once is listed (and unmounted) as often.
+        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        v
+    };
+    for p in under() {
+        if let Err(e) = nix::mount::umount2(&p, MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %p.display(), error = %e, "unmounting");
+        }
+    }
+    let left = under();
+    if !left.is_empty() {
+        tracing::error!(dir = %dir.display(), mounts = ?left, "mounts are left under a directory about to be removed");
+    }
+    left.is_empty() && !mount_points_unreadable()
+}
+
+/// Whether this process's mountinfo cannot be read (then nothing may be assumed unmounted).
+fn mount_points_unreadable() -> bool {
+    fs::read("/proc/self/mountinfo").is_err()
+}
+
+/// The mount points of this process's mount namespace.
+fn mount_points() -> Vec<PathBuf> {
+    fs::read("/proc/self/mountinfo")
+        .map(|b| parse_mount_points(&b))
+        .unwrap_or_default()
+}
+
+/// The mount points listed in mountinfo bytes (field 5, with its octal escapes undone; names
+/// need not be UTF-8).
+fn parse_mount_points(mountinfo: &[u8]) -> Vec<PathBuf> {
     mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|f| PathBuf::from(unescape(f)))
+        .split(|b| *b == b'\n')
+        .filter_map(|l| l.split(|b| *b == b' ').nth(4))
+        .map(|f| PathBuf::from(OsString::from_vec(unescape(f))))
         .collect()
 }
 
 /// Undoes mountinfo's `\ooo` escapes (space, tab, newline, backslash).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
+fn unescape(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -139,15 +235,14 @@ fn unescape(s: &str) -> String {
             && i + 3 < b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
             out.push(b[i]);
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
@@ -156,16 +251,22 @@ mod tests {
 
     #[test]
     fn mount_points_are_read_with_their_escapes_undone() {
-        let text = "36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw\n\
-                    37 35 98:0 / /run/x/volumes/c1/0 rw - ext4 /dev/sda rw\n";
+        let text = b"36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw\n\
+                    37 35 98:0 / /run/x/volumes/c1/0 rw - ext4 /dev/sda rw\n\
+                    38 35 98:0 / /run/\xff rw - ext4 /dev/sda rw\n";
+        let points = parse_mount_points(text);
         assert_eq!(
-            mount_points(text),
+            points[2],
+            PathBuf::from(OsString::from_vec(b"/run/\xff".to_vec()))
+        );
+        assert_eq!(
+            points[..2].to_vec(),
             vec![
                 PathBuf::from("/mnt/a b"),
                 PathBuf::from("/run/x/volumes/c1/0")
             ]
         );
-        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
-        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape(b"a\\134b\\011"), b"a\\b\t");
+        assert_eq!(unescape(b"trailing\\04"), b"trailing\\04");
     }
 }

@@ -490,9 +490,13 @@ impl Manager {
             m.finish_tenant(&t.id).await;
         }
         crate::engine::ns::release(&self.run_dir.join("tenants").join(&t.id).join("ns"));
+        let mut cgroups_gone = false;
         for attempt in 0..50 {
             match self.cgroups.remove(&t.id) {
-                Ok(()) => break,
+                Ok(()) => {
+                    cgroups_gone = true;
+                    break;
+                }
                 Err(CgroupError::Busy(_)) if attempt < 49 => {
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
@@ -510,8 +514,16 @@ impl Manager {
             self.state_dir.join("engines").join(&t.id),
         ] {
             // Mounts an engine left (a container's staged volumes, its rootfs) go first: the
-            // removal must never reach into what they show.
-            crate::engine::volumes::unmount_under(&d);
+            // removal must never reach into what they show. An engine that may still run (its
+            // cgroup could not be removed) could stage again meanwhile: then the dirs stay.
+            if !cgroups_gone && t.isolation != crate::tenants::Isolation::Vm {
+                tracing::warn!(tenant = %t.id, dir = %d.display(), "the tenant's processes may still run: its dir is kept");
+                continue;
+            }
+            if !crate::engine::volumes::unmount_under(&d) {
+                tracing::error!(tenant = %t.id, dir = %d.display(), "mounts are left under the tenant's dir: it is kept, not removed");
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir_all(&d)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
