@@ -2243,13 +2243,13 @@ async fn unsupported_container_fields_are_refused_by_name() {
             },
         ),
         (
-            // A process namespace shared in the pod (shareProcessNamespace).
+            // Another container's process namespace (ephemeral containers' targetContainerName).
             "namespace_options.pid",
             cri::ContainerConfig {
                 linux: security(&|sc| {
                     sc.namespace_options = Some(cri::NamespaceOption {
                         network: cri::NamespaceMode::Pod as i32,
-                        pid: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Target as i32,
                         ipc: cri::NamespaceMode::Pod as i32,
                         ..Default::default()
                     })
@@ -2509,6 +2509,125 @@ async fn a_localhost_seccomp_profile_from_the_node_applies() {
     }
     assert_eq!(k.container_ids(None).await, before, "no container was made");
     k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// A pod made with `namespace_options.pid` POD (kubelet's shareProcessNamespace) gives its
+/// containers one process namespace: its PID 1 is the engine's holder (`caas-pause`), and each
+/// container sees the others' processes. A pod without it keeps a namespace per container, and
+/// a container asking for POD there is FAILED_PRECONDITION. Stopping the pod ends the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_containers_share_a_process_namespace_when_asked() {
+    registry_or_skip!("a_pods_containers_share_a_process_namespace_when_asked");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod_ns = |mode: cri::NamespaceMode| cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod as i32,
+        pid: mode as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    let mut pod = k.pod("ns-pid", "shared");
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(pod_ns(cri::NamespaceMode::Pod)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod_id = k.ready_pod(&pod).await;
+    let st = k.pod_status(&pod_id).await.unwrap();
+    let opts = st.linux.unwrap().namespaces.unwrap().options.unwrap();
+    assert_eq!(opts.pid, cri::NamespaceMode::Pod as i32);
+    let in_ns = |k: &Kubelet, name: &str, cmd: &[&str], mode: cri::NamespaceMode| {
+        let mut c = k.container(&pod, name, &bb.id, cmd, &[]);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(pod_ns(mode)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c
+    };
+    let c1 = in_ns(&k, "first", &["sleep", "601"], cri::NamespaceMode::Pod);
+    let first = k.created(&pod_id, &pod, &c1).await;
+    k.running(&first).await;
+    let c2 = in_ns(&k, "second", &["sleep", "602"], cri::NamespaceMode::Pod);
+    let second = k.created(&pod_id, &pod, &c2).await;
+    k.running(&second).await;
+    let r = k
+        .exec(
+            &second,
+            &[
+                "sh",
+                "-c",
+                "tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o args",
+            ],
+        )
+        .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.starts_with("caas-pause pause"),
+        "PID 1 of the pod: {out}"
+    );
+    assert!(
+        out.contains("sleep 601") && out.contains("sleep 602"),
+        "the pod's processes: {out}"
+    );
+    let holder_file = k
+        .agent
+        .dir
+        .path()
+        .join("run/tenants/ns-pid/ns/pods")
+        .join(format!("{pod_id}.pid"));
+    let holder: i32 = std::fs::read_to_string(&holder_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(Path::new(&format!("/proc/{holder}")).exists());
+
+    // A pod of its own per container otherwise; POD there is refused.
+    let plain = k.pod("ns-pid", "plain");
+    let plain_id = k.ready_pod(&plain).await;
+    let mut c = k.container(&plain, "own", &bb.id, &["sleep", "603"], &[]);
+    let own = k.created(&plain_id, &plain, &c).await;
+    k.running(&own).await;
+    let r = k
+        .exec(&own, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"])
+        .await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "sleep 603");
+    c.metadata.as_mut().unwrap().name = "asks-pod".into();
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(pod_ns(cri::NamespaceMode::Pod)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    expect_code(
+        k.create(&plain_id, &plain, &c).await,
+        Code::FailedPrecondition,
+        "POD in a pod without a shared process namespace",
+    );
+
+    // Stopping the pod ends its PID 1 (and the namespace with it).
+    k.stop_pod(&pod_id).await.unwrap();
+    let deadline = Instant::now() + STATE_DEADLINE;
+    while Path::new(&format!("/proc/{holder}/ns")).exists()
+        && std::fs::read_to_string(format!("/proc/{holder}/cmdline"))
+            .is_ok_and(|c| c.starts_with("caas-pause"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pod's PID 1 outlived its pod"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!holder_file.exists());
+    for id in [&pod_id, &plain_id] {
+        k.remove_pod(id).await.unwrap();
+    }
     k.agent.stop().await.unwrap();
 }
 

@@ -271,6 +271,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             readonly_paths: Vec::new(),
             sysctls: Default::default(),
             seccomp: String::new(),
+            pidns: String::new(),
         },
     })
 }

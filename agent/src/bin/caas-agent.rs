@@ -30,6 +30,9 @@ enum Cmd {
     /// Be the init of a VM tenant's guest (PID 1 inside the VM, started by its kernel).
     #[command(hide = true)]
     Guest(caas_agent::guest::GuestArgs),
+    /// Be PID 1 of a pod's shared process namespace (started by the tenant's engine).
+    #[command(hide = true)]
+    Pause,
     /// Certificates for development and tests.
     Certs {
         #[command(subcommand)]
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Pause => caas_agent::engine::pause::run(),
         Cmd::Guest(args) => {
             if std::process::id() != 1 {
                 eprintln!("caas-agent guest: only runs as the init (PID 1) of a VM tenant's guest");

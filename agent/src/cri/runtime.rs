@@ -352,7 +352,11 @@ impl Cri {
                 namespaces: Some(cri::Namespace {
                     options: Some(cri::NamespaceOption {
                         network: cri::NamespaceMode::Pod as i32,
-                        pid: cri::NamespaceMode::Container as i32,
+                        pid: if p.shared_pid {
+                            cri::NamespaceMode::Pod as i32
+                        } else {
+                            cri::NamespaceMode::Container as i32
+                        },
                         ipc: cri::NamespaceMode::Pod as i32,
                         target_id: String::new(),
                         userns_options: None,
@@ -455,6 +459,14 @@ impl Cri {
     /// when the record names one, then its host ports. On error, the network is undone.
     async fn make_pod_network(&self, pod: &PodRecord, ctx: &Ctx) -> Result<PodRecord, Status> {
         let p = self.setup_network(pod).await?;
+        if p.shared_pid
+            && let Err(e) = self.setup_pidns(&p).await
+        {
+            if let Err(t) = self.teardown_network(&p).await {
+                tracing::warn!(pod = %p.id, error = %t.message(), "undoing a pod network");
+            }
+            return Err(e);
+        }
         if p.ports.is_empty() {
             return Ok(p);
         }
@@ -480,6 +492,49 @@ impl Cri {
         Ok(p)
     }
 
+    /// Gives a pod with `shared_pid` its process namespace: the tenant's engine starts its
+    /// PID 1 (`caas-agent pause`).
+    async fn setup_pidns(&self, p: &PodRecord) -> Result<(), Status> {
+        let (_, mut eng) = self
+            .state
+            .sandboxes
+            .engine_of(&p.tenant)
+            .await
+            .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
+        eng.create_pidns(epb::NetnsRequest { name: p.id.clone() })
+            .await
+            .map_err(|s| {
+                Status::new(
+                    s.code(),
+                    format!("making pod {}'s process namespace: {}", p.id, s.message()),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Ends a pod's shared process namespace (its PID 1, and whatever is left in it). Without
+    /// an engine to ask, the agent ends it itself where it can (a user-namespaced tenant's
+    /// files are on the host); a tenant that is gone took it along.
+    pub(super) async fn teardown_pidns(&self, p: &PodRecord) -> Result<(), Status> {
+        if !p.shared_pid {
+            return Ok(());
+        }
+        match self.state.sandboxes.engine_of(&p.tenant).await {
+            Ok((_, mut eng)) => {
+                eng.delete_pidns(epb::NetnsRequest { name: p.id.clone() })
+                    .await
+                    .map_err(|s| {
+                        Status::new(
+                            s.code(),
+                            format!("ending pod {}'s process namespace: {}", p.id, s.message()),
+                        )
+                    })?;
+            }
+            Err(_) => crate::engine::ns::remove_pidns(&self.tenant_ns_dir(&p.tenant), &p.id),
+        }
+        Ok(())
+    }
+
     /// Drops the record of a pod that could not be made, unless its network could not be
     /// undone: then it stays, not ready, for kubelet's clean-up of dead sandboxes (Stop,
     /// Remove) to finish.
@@ -487,6 +542,9 @@ impl Cri {
         // The undo already ran where the failure was; once more tells whether it is complete
         // (teardown is idempotent: a DEL of what is gone succeeds).
         let now = self.store.pod(&pod.id).await.unwrap_or_else(|| pod.clone());
+        if let Err(e) = self.teardown_pidns(&now).await {
+            tracing::warn!(pod = %pod.id, error = %e.message(), "ending a pod's process namespace");
+        }
         let undone = match self.teardown_network(&now).await {
             Ok(()) => true,
             Err(e) => {
@@ -951,6 +1009,22 @@ fn check_profile(field: &str, p: Option<&cri::SecurityProfile>) -> Result<(), St
     }
 }
 
+/// The pod process namespace a container joins: the pod's, when the container asks for the
+/// POD mode (kubelet's shareProcessNamespace) and the pod was made with it.
+fn pod_pidns(p: &PodRecord, c: &cri::ContainerConfig) -> Result<String, Status> {
+    let wants = security_of(c)
+        .and_then(|s| s.namespace_options.as_ref())
+        .is_some_and(|ns| ns.pid == cri::NamespaceMode::Pod as i32);
+    match (wants, p.shared_pid) {
+        (false, _) => Ok(String::new()),
+        (true, true) => Ok(p.id.clone()),
+        (true, false) => Err(Status::failed_precondition(format!(
+            "config.linux.security_context.namespace_options.pid = POD, but pod sandbox {} was not made with a shared process namespace (its namespace_options.pid)",
+            p.id
+        ))),
+    }
+}
+
 /// The OCI seccomp profile of a container that asks for a Localhost one (empty: the default),
 /// loaded from the node for the capabilities the container will have.
 fn localhost_profile_of(c: &cri::ContainerConfig) -> Result<String, Status> {
@@ -1087,9 +1161,9 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
         }
         if let Some(ns) = &sc.namespace_options {
             check_namespaces(&format!("{f}.namespace_options"), ns)?;
-            if ns.pid != cri::NamespaceMode::Container as i32 {
+            if ns.pid == cri::NamespaceMode::Target as i32 {
                 return Err(unsupported(&format!(
-                    "{f}.namespace_options.pid other than CONTAINER (a process namespace shared in the pod)"
+                    "{f}.namespace_options.pid = TARGET (another container's process namespace)"
                 )));
             }
         }
@@ -1369,6 +1443,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
         self.cri.ensure_tenant(&tenant, isolation, &ctx).await?;
+        let shared_pid = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|sc| sc.namespace_options.as_ref())
+            .is_some_and(|ns| ns.pid == cri::NamespaceMode::Pod as i32);
         let m = config.metadata.unwrap_or_default();
         let id = format!("{:032x}", rand::random::<u128>());
         let network = self.cri.cni_applies(&tenant).await.then(|| PodNetwork {
@@ -1395,6 +1475,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             removed_cpu_ns: 0,
             network,
             sysctls,
+            shared_pid,
         };
         // The pod's lock, taken before its record exists: a stop or remove that finds the record
         // waits until its network and ports are made (or undone).
@@ -1462,8 +1543,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 }
             }
         }
-        // Its containers are down: its own network goes (as containerd tears it down at stop).
+        // Its containers are down: its own process namespace and network go (as containerd
+        // tears them down at stop).
         if let Some(p) = self.cri.store.pod(&p.id).await {
+            self.cri.teardown_pidns(&p).await?;
             self.cri.teardown_network(&p).await?;
         }
         Ok(Response::new(cri::StopPodSandboxResponse {}))
@@ -1485,6 +1568,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             self.cri.remove_container(&c, &ctx).await?;
         }
         if let Some(p) = self.cri.store.pod(&p.id).await {
+            self.cri.teardown_pidns(&p).await?;
             self.cri.teardown_network(&p).await?;
         }
         self.cri
@@ -1687,6 +1771,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .unwrap_or_default(),
             sysctls: p.sysctls.clone().into_iter().collect(),
             seccomp: localhost_profile_of(&config)?,
+            pidns: pod_pidns(&p, &config)?,
             cap_drop: config
                 .linux
                 .as_ref()

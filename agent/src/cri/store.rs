@@ -57,6 +57,10 @@ pub struct PodRecord {
     /// Namespaced kernel parameters, set in each of its containers.
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// Whether its containers share a process namespace (`namespace_options.pid` POD), held
+    /// by a PID 1 of the tenant's engine.
+    #[serde(default)]
+    pub shared_pid: bool,
 }
 
 /// A pod's own network namespace and what CNI made in it.

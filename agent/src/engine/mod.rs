@@ -8,6 +8,7 @@
 pub mod fdio;
 pub mod layout;
 pub mod ns;
+pub mod pause;
 pub mod record;
 pub mod rootfs;
 pub mod runtime;

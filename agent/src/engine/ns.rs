@@ -199,6 +199,7 @@ pub fn remove_pod_netns(ns_dir: &Path, name: &str) {
 /// Unmounts and removes the tenant's namespace files, its pods' included (tenant deletion, or
 /// a failed setup).
 pub fn release(ns_dir: &Path) {
+    remove_all_pidns(ns_dir);
     if let Ok(rd) = fs::read_dir(ns_dir.join("pods")) {
         for e in rd.flatten() {
             let _ = nix::mount::umount2(&e.path(), MntFlags::MNT_DETACH);
@@ -210,5 +211,138 @@ pub fn release(ns_dir: &Path) {
         let p = ns_dir.join(kind);
         let _ = nix::mount::umount2(&p, MntFlags::MNT_DETACH);
         let _ = fs::remove_file(&p);
+    }
+}
+
+/// Where a pod's process-namespace holder is recorded: the bind mount of its pid namespace
+/// (its identity) and its pid.
+fn pidns_files(ns_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let d = ns_dir.join("pods");
+    (
+        d.join(format!("{name}.pidns")),
+        d.join(format!("{name}.pid")),
+    )
+}
+
+/// The pid of the live holder of pod `name`'s process namespace: the process its pid file names,
+/// if that process's pid namespace is still the one bind-mounted (a reused pid is not it).
+pub fn pidns_holder(ns_dir: &Path, name: &str) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let (ns, pidfile) = pidns_files(ns_dir, name);
+    let pid: i32 = fs::read_to_string(&pidfile).ok()?.trim().parse().ok()?;
+    let want = fs::metadata(&ns).ok().filter(|_| is_ns(&ns))?;
+    let have = fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    (have.ino() == want.ino() && have.dev() == want.dev()).then_some(pid)
+}
+
+/// Makes sure pod `name` has a process namespace of its own, owned by the tenant's userns, with
+/// a holder as its PID 1: `exe pause` (named `caas-pause` in its argv), which reaps what is orphaned in
+/// it; containers of the pod join it (`/proc/<holder>/ns/pid`). Returns the holder's pid. Must
+/// run while the process is single-threaded.
+pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsError> {
+    use std::os::unix::ffi::OsStrExt;
+    if let Some(pid) = pidns_holder(ns_dir, name) {
+        return Ok(pid);
+    }
+    remove_pidns(ns_dir, name);
+    let user = fs::File::open(ns_dir.join("user")).map_err(step("opening the tenant userns"))?;
+    let (ns, pidfile) = pidns_files(ns_dir, name);
+    fs::create_dir_all(ns_dir.join("pods")).map_err(step("creating the pod ns dir"))?;
+    fs::File::create(&ns).map_err(step("creating a ns mount point"))?;
+    let exe = std::ffi::CString::new(exe.as_os_str().as_bytes())
+        .map_err(|e| step("the engine's path")(std::io::Error::other(e)))?;
+    let argv = [c"caas-pause".to_owned(), c"pause".to_owned()];
+    let (to_parent_r, to_parent_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
+    let child = crate::sys::fork_and_run(|| {
+        let root = nix::unistd::Gid::from_raw(0);
+        if nix::sched::setns(&user, CloneFlags::CLONE_NEWUSER).is_err()
+            || nix::unistd::setresgid(root, root, root).is_err()
+            || nix::unistd::setgroups(&[]).is_err()
+            || nix::unistd::setresuid(0.into(), 0.into(), 0.into()).is_err()
+            || nix::sched::unshare(CloneFlags::CLONE_NEWPID).is_err()
+        {
+            return 1;
+        }
+        // SAFETY: this (forked) process is single-threaded; the grandchild only makes system
+        // calls, execs, or runs the pause loop, and never returns here.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                let _ = nix::unistd::setsid();
+                let _ = nix::unistd::execv(&exe, &argv);
+                // The binary could not be run (not reachable by the tenant's root): the same
+                // loop, in this process.
+                super::pause::run()
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                let b = child.as_raw().to_le_bytes();
+                if nix::unistd::write(&to_parent_w, &b).is_err() {
+                    return 1;
+                }
+                0
+            }
+            Err(_) => 1,
+        }
+    })
+    .map_err(|e| step("fork")(errno(e)))?;
+    drop(to_parent_w);
+    let mut b = [0u8; 4];
+    let read = fs::File::from(to_parent_r).read_exact(&mut b);
+    let _ = waitpid(child, None);
+    let result = (|| {
+        read.map_err(|_| {
+            step("starting the pod's PID 1")(std::io::Error::other(
+                "the namespace child failed to join the tenant's userns and make a pid namespace",
+            ))
+        })?;
+        let pid = i32::from_le_bytes(b);
+        let src = format!("/proc/{pid}/ns/pid");
+        nix::mount::mount(
+            Some(src.as_str()),
+            ns.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| step("bind-mounting a namespace")(errno(e)))?;
+        fs::write(&pidfile, pid.to_string()).map_err(step("writing the holder's pid"))?;
+        Ok(pid)
+    })();
+    if result.is_err() {
+        if let Ok(pid) = read_pid(&b) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        remove_pidns(ns_dir, name);
+    }
+    result
+}
+
+fn read_pid(b: &[u8; 4]) -> Result<i32, ()> {
+    let pid = i32::from_le_bytes(*b);
+    if pid > 1 { Ok(pid) } else { Err(()) }
+}
+
+/// Ends pod `name`'s process namespace: its holder is killed (and with it every process left
+/// in the namespace) and its files go. Gone already is fine.
+pub fn remove_pidns(ns_dir: &Path, name: &str) {
+    if let Some(pid) = pidns_holder(ns_dir, name) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    let (ns, pidfile) = pidns_files(ns_dir, name);
+    let _ = nix::mount::umount2(&ns, MntFlags::MNT_DETACH);
+    let _ = fs::remove_file(&ns);
+    let _ = fs::remove_file(&pidfile);
+}
+
+/// Ends every pod process namespace of the tenant (its engine shuts down, or the tenant goes).
+pub fn remove_all_pidns(ns_dir: &Path) {
+    let Ok(rd) = fs::read_dir(ns_dir.join("pods")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = n.strip_suffix(".pid") {
+            remove_pidns(ns_dir, name);
+        }
     }
 }

@@ -160,6 +160,8 @@ pub struct CreateSpec {
     pub sysctls: BTreeMap<String, String>,
     /// A seccomp profile (OCI JSON) instead of the default; empty: the default.
     pub seccomp: String,
+    /// A pod process namespace of the tenant to join (empty: a new one).
+    pub pidns: String,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -540,6 +542,27 @@ impl Engine {
     }
 
     /// Creates a container (its init waits for Start).
+    /// Makes (or finds) the pod process namespace `name`; returns its holder's pid.
+    pub fn create_pidns(&self, name: &str) -> Result<i32, EngineError> {
+        crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let exe = std::env::current_exe()
+            .map_err(|e| EngineError::Runtime(format!("the engine's own binary: {e}")))?;
+        super::ns::ensure_pidns(&self.paths.ns(), name, &exe)
+            .map_err(|e| EngineError::Runtime(e.to_string()))
+    }
+
+    /// Ends the pod process namespace `name`.
+    pub fn delete_pidns(&self, name: &str) -> Result<(), EngineError> {
+        crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        super::ns::remove_pidns(&self.paths.ns(), name);
+        Ok(())
+    }
+
+    /// Ends every pod process namespace of the tenant.
+    pub fn delete_all_pidns(&self) {
+        super::ns::remove_all_pidns(&self.paths.ns());
+    }
+
     /// Unstages the volumes of containers this engine has no record of (it died creating them).
     pub fn unstage_orphan_volumes(&self) {
         super::volumes::unstage_orphans(&self.paths.run, &|id| self.recs.contains_key(id));
@@ -601,6 +624,16 @@ impl Engine {
         for (k, v) in &c.sysctls {
             spec::check_sysctl(k, v, !c.netns.is_empty())
                 .map_err(|e| EngineError::Invalid(format!("sysctls: {e}")))?;
+        }
+        if !c.pidns.is_empty() {
+            crate::validate::check_id("pidns", &c.pidns)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            if super::ns::pidns_holder(&self.paths.ns(), &c.pidns).is_none() {
+                return Err(EngineError::State(format!(
+                    "pidns: the pod's process namespace {:?} is gone (its PID 1 ended, or its pod stopped)",
+                    c.pidns
+                )));
+            }
         }
         if !c.netns.is_empty() {
             crate::validate::check_id("netns", &c.netns)
@@ -725,6 +758,11 @@ impl Engine {
             fs::write(&own, &c.resolv_conf).map_err(|e| rt("resolv.conf")(&e))?;
             own
         };
+        // The pod's process namespace, by its holder's pid (checked in `create`).
+        let pidns = (!c.pidns.is_empty())
+            .then(|| super::ns::pidns_holder(&self.paths.ns(), &c.pidns))
+            .flatten()
+            .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")));
         let spec = spec::build(&spec::ContainerSpec {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
@@ -745,6 +783,7 @@ impl Engine {
             readonly_paths: &c.readonly_paths,
             sysctls: &c.sysctls,
             seccomp: (!c.seccomp.is_empty()).then_some(c.seccomp.as_str()),
+            pidns: pidns.as_deref(),
             cpus: c.cpus,
             memory_bytes: c.memory_bytes,
             pids: c.pids,

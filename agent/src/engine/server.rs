@@ -379,6 +379,7 @@ impl epb::engine_server::Engine for EngineSvc {
             readonly_paths: r.readonly_paths,
             sysctls: r.sysctls.into_iter().collect(),
             seccomp: r.seccomp,
+            pidns: r.pidns,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
@@ -495,6 +496,29 @@ impl epb::engine_server::Engine for EngineSvc {
         Ok(Response::new(epb::NetnsReply {
             path: path.to_string_lossy().into_owned(),
         }))
+    }
+
+    async fn create_pidns(
+        &self,
+        req: Request<epb::NetnsRequest>,
+    ) -> Result<Response<epb::NetnsReply>, Status> {
+        let pid = self
+            .lock()?
+            .create_pidns(&req.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(epb::NetnsReply {
+            path: format!("/proc/{pid}/ns/pid"),
+        }))
+    }
+
+    async fn delete_pidns(
+        &self,
+        req: Request<epb::NetnsRequest>,
+    ) -> Result<Response<epb::NetnsReply>, Status> {
+        self.lock()?
+            .delete_pidns(&req.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(epb::NetnsReply::default()))
     }
 
     async fn inspect(
@@ -707,6 +731,7 @@ impl epb::engine_server::Engine for EngineSvc {
                 }))
                 .await?;
             }
+            self.lock()?.delete_all_pidns();
         }
         self.shutdown.cancel();
         Ok(Response::new(epb::ShutdownResponse {}))

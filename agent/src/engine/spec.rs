@@ -38,6 +38,8 @@ pub struct ContainerSpec<'a> {
     pub sysctls: &'a BTreeMap<String, String>,
     /// A seccomp profile (OCI JSON) instead of [`default_seccomp`].
     pub seccomp: Option<&'a str>,
+    /// A process namespace to join (a pod's) instead of a new one.
+    pub pidns: Option<&'a Path>,
     /// Absolute cgroup path.
     pub cgroup: &'a str,
     /// CPU limit in CPUs.
@@ -360,7 +362,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     let defaults = spec.linux().clone().unwrap_or_default();
     let linux = LinuxBuilder::default()
         .namespaces(vec![
-            ns(LinuxNamespaceType::Pid, None)?,
+            ns(LinuxNamespaceType::Pid, c.pidns)?,
             ns(LinuxNamespaceType::Ipc, None)?,
             ns(LinuxNamespaceType::Uts, None)?,
             ns(LinuxNamespaceType::Mount, None)?,
