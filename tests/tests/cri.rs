@@ -8,8 +8,8 @@
 //! through /proc, and the network).
 //!
 //! The refusals of fields that are not supported yet are all in one test,
-//! [`unsupported_container_fields_are_refused_by_name`], so they are easy to update (those of
-//! capabilities beyond the default set are with the capability test).
+//! [`unsupported_container_fields_are_refused_by_name`], so they are easy to update (adding
+//! ALL capabilities is refused in the capability test).
 
 #![allow(clippy::unwrap_used)] // integration-test helpers panic on purpose: that is a failing test
 
@@ -121,6 +121,8 @@ impl Kubelet {
             // Volumes of the tests lie in the agent's temp dir (beside its state and run dirs,
             // which stay refused).
             cfg.cri.volume_roots = vec![cfg.state_dir.parent().unwrap().to_path_buf()];
+            // kubelet's own directory, whose pods/<uid> layout the volume tests build.
+            cfg.cri.kubelet_root = cfg.state_dir.parent().unwrap().join("kubelet");
             tweak(cfg);
         })
         .await
@@ -2103,10 +2105,11 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     let (mut k, _images, bb) = Kubelet::with_registry().await;
     let root = k.agent.dir.path().to_path_buf();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // kubelet's layout under a volume root: pods/<pod uid>/...
+    // kubelet's layout under its root: pods/<pod uid>/...
     let pod = k.pod("ns-kvol", "v");
     let uid = pod.metadata.as_ref().unwrap().uid.clone();
-    let pods = root.join("pods");
+    std::fs::create_dir_all(root.join("kubelet/plugins/csi/globalmount")).unwrap();
+    let pods = root.join("kubelet/pods");
     let pod_dir = pods.join(&uid);
     let empty_dir = pod_dir.join("volumes/kubernetes.io~empty-dir/cache");
     std::fs::create_dir_all(&empty_dir).unwrap();
@@ -2157,17 +2160,24 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     assert!(!staging.exists(), "the staging outlived its container");
     assert!(empty_dir.join("kept.txt").exists() && hosts.exists());
 
-    // Another pod's directory under pods/ is refused, even though the agent could reach it.
+    // Elsewhere in kubelet's directory: another pod's, kubelet's plugin dirs, pods/ itself.
     let other = pods.join("other-pod-uid/volumes/kubernetes.io~secret/token");
     std::fs::create_dir_all(&other).unwrap();
-    let mut c = k.container(&pod, "other", &bb.id, &["true"], &[]);
-    c.mounts = vec![mount(&other, "/secret", true)];
-    let e = expect_code(
-        k.create(&pod_id, &pod, &c).await,
-        Code::PermissionDenied,
-        "another pod's volume",
-    );
-    assert!(e.message().contains("this pod's own directory"), "{e:?}");
+    for (name, path) in [
+        ("other", other.clone()),
+        ("plugins", root.join("kubelet/plugins/csi/globalmount")),
+        ("pods", pods.clone()),
+        ("own-dir", pod_dir.clone()),
+    ] {
+        let mut c = k.container(&pod, name, &bb.id, &["true"], &[]);
+        c.mounts = vec![mount(&path, "/x", true)];
+        let e = expect_code(
+            k.create(&pod_id, &pod, &c).await,
+            Code::PermissionDenied,
+            &format!("{name}: {}", path.display()),
+        );
+        assert!(e.message().contains("this pod's own directory"), "{e:?}");
+    }
 
     // The tenant deleted under a running container: its run dir goes, the volumes stay.
     let mut c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
@@ -2489,7 +2499,7 @@ async fn a_localhost_seccomp_profile_from_the_node_applies() {
         (
             "broken",
             with(&k, "broken", &|sc| sc.seccomp = Some(localhost(&broken))),
-            "defaultAction",
+            "not a seccomp profile",
         ),
         (
             "prefixless",
@@ -2885,13 +2895,17 @@ async fn cap_eff(
 }
 
 /// `drop_capabilities` are dropped from the default set (`ALL` drops every one);
-/// `add_capabilities` within the default set are accepted, beyond it UNIMPLEMENTED; a name that
-/// is no capability is INVALID_ARGUMENT.
+/// `add_capabilities` are added, also beyond the default set (capabilities of the tenant's user
+/// namespace), after a drop of ALL and before the named drops; adding ALL or SYS_ADMIN is
+/// UNIMPLEMENTED; a name that is no capability is INVALID_ARGUMENT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capabilities_are_dropped_from_the_default_set_and_not_added_beyond_it() {
-    registry_or_skip!("capabilities_are_dropped_from_the_default_set_and_not_added_beyond_it");
+async fn capabilities_are_dropped_from_and_added_to_the_default_set() {
+    registry_or_skip!("capabilities_are_dropped_from_and_added_to_the_default_set");
     const CHOWN: u64 = 1 << 0;
+    const NET_BIND_SERVICE: u64 = 1 << 10;
+    const NET_ADMIN: u64 = 1 << 12;
     const NET_RAW: u64 = 1 << 13;
+    const SYS_PTRACE: u64 = 1 << 19;
     let (mut k, _images, bb) = Kubelet::with_registry().await;
     let pod = k.pod("ns-caps", "caps");
     let pod_id = k.ready_pod(&pod).await;
@@ -2950,16 +2964,54 @@ async fn capabilities_are_dropped_from_the_default_set_and_not_added_beyond_it()
     .await;
     assert_eq!(chown, default, "add CHOWN (in the default set already)");
 
-    let mut c = k.container(&pod, "sys-admin", &bb.id, &["true"], &[]);
-    c.linux = caps(&["SYS_ADMIN"], &[]);
-    let e = expect_code(
-        k.create(&pod_id, &pod, &c).await,
-        Code::Unimplemented,
-        "add SYS_ADMIN",
+    // Beyond the default set: the tenant's user namespace's capabilities, not the host's.
+    let admin = cap_eff(
+        &mut k,
+        &pod_id,
+        &pod,
+        "add-ptrace",
+        &bb.id,
+        caps(&["SYS_PTRACE", "CAP_NET_ADMIN"], &[]),
+    )
+    .await;
+    assert_eq!(
+        admin,
+        default | SYS_PTRACE | NET_ADMIN,
+        "add SYS_PTRACE and NET_ADMIN: {admin:016x}"
     );
-    assert!(
-        e.message().contains("add_capabilities"),
-        "the refusal names the field: {e:?}"
+    // kubelet's usual pattern: drop ALL, add one back.
+    let nbs = cap_eff(
+        &mut k,
+        &pod_id,
+        &pod,
+        "drop-all-add-one",
+        &bb.id,
+        caps(&["NET_BIND_SERVICE"], &["ALL"]),
+    )
+    .await;
+    assert_eq!(
+        nbs, NET_BIND_SERVICE,
+        "drop ALL, add NET_BIND_SERVICE: {nbs:016x}"
+    );
+    for (name, cap) in [("add-all", "ALL"), ("add-sys-admin", "SYS_ADMIN")] {
+        let mut c = k.container(&pod, name, &bb.id, &["true"], &[]);
+        c.linux = caps(&[cap], &[]);
+        let e = expect_code(
+            k.create(&pod_id, &pod, &c).await,
+            Code::Unimplemented,
+            &format!("add {cap}"),
+        );
+        assert!(
+            e.message().contains("add_capabilities[0]"),
+            "the refusal names the field: {e:?}"
+        );
+    }
+    let mut c = k.container(&pod, "add-not-a-cap", &bb.id, &["true"], &[]);
+    c.linux = caps(&["NOT_A_CAP"], &[]);
+    expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::InvalidArgument,
+        "add NOT_A_CAP",
     );
     let mut c = k.container(&pod, "not-a-cap", &bb.id, &["true"], &[]);
     c.linux = caps(&[], &["NOT_A_CAP"]);
@@ -2974,7 +3026,7 @@ async fn capabilities_are_dropped_from_the_default_set_and_not_added_beyond_it()
     );
     assert_eq!(
         k.container_ids(None).await.len(),
-        4,
+        6,
         "the refused containers were not made"
     );
     k.remove_pod(&pod_id).await.unwrap();

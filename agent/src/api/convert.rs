@@ -272,6 +272,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             sysctls: Default::default(),
             seccomp: String::new(),
             pidns: String::new(),
+            cap_add: Vec::new(),
         },
     })
 }

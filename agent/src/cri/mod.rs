@@ -56,9 +56,12 @@ pub struct CriConfig {
     pub image_tenant: String,
     /// Quotas of tenants created on first use (unset: the `[tenants]` defaults).
     pub default_quotas: DefaultQuotas,
-    /// Host directories under which volumes (`mounts`) may lie: kubelet's pods directory by
+    /// Host directories under which volumes (`mounts`) may lie: kubelet's directory by
     /// default. Paths resolve (symlinks followed) before they are checked.
     pub volume_roots: Vec<PathBuf>,
+    /// kubelet's root directory: inside it, a pod's volumes may lie only in its own
+    /// `pods/<uid>` (never another pod's, nor kubelet's plugin dirs).
+    pub kubelet_root: PathBuf,
     /// Where the streaming server (exec, port-forward) listens; kubelet connects to the URLs
     /// it hands out. Loopback by default: kubelet runs on this host.
     pub stream_address: std::net::SocketAddr,
@@ -75,6 +78,7 @@ impl Default for CriConfig {
             image_tenant: "default".into(),
             default_quotas: DefaultQuotas::default(),
             volume_roots: vec![PathBuf::from("/var/lib/kubelet")],
+            kubelet_root: PathBuf::from("/var/lib/kubelet"),
             stream_address: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             cni: cni::CniConfig::default(),
         }
@@ -124,6 +128,12 @@ impl CriConfig {
                     ),
                 ));
             }
+        }
+        if !self.kubelet_root.is_absolute() {
+            return Err(Invalid::new(
+                "cri.kubelet_root",
+                format!("{} must be an absolute path", self.kubelet_root.display()),
+            ));
         }
         self.cni.validate()?;
         crate::validate::check_id("cri.image_tenant", &self.image_tenant)

@@ -947,11 +947,13 @@ fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
     ] {
         if v.len() > 253
             || v.chars()
-                .any(|ch| ch == ';' || ch == '=' || ch.is_control())
+                .any(|ch| ch == ';' || ch == '=' || ch == '/' || ch.is_control())
+            || v == "."
+            || v == ".."
         {
             return Err(bad(
                 field,
-                "must be at most 253 characters without ';', '=' or control characters",
+                "must be at most 253 characters without ';', '=', '/' or control characters, and not . or ..",
             ));
         }
     }
@@ -1035,7 +1037,11 @@ fn localhost_profile_of(c: &cri::ContainerConfig) -> Result<String, Status> {
         .and_then(|s| s.capabilities.as_ref())
         .map(|c| c.drop_capabilities.clone())
         .unwrap_or_default();
-    let caps: HashSet<String> = crate::engine::spec::capabilities(&drop)
+    let add = security_of(c)
+        .and_then(|s| s.capabilities.as_ref())
+        .map(|c| c.add_capabilities.clone())
+        .unwrap_or_default();
+    let caps: HashSet<String> = crate::engine::spec::capabilities_with(&drop, &add)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|c| serde_json::to_value(c).ok())
@@ -1173,16 +1179,20 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
                     "{f}.capabilities.add_ambient_capabilities"
                 )));
             }
-            let default = crate::engine::spec::capabilities(&[]).unwrap_or_default();
             for (i, c) in caps.add_capabilities.iter().enumerate() {
-                let within = crate::engine::spec::capabilities(&[])
-                    .ok()
-                    .zip(crate::engine::spec::capabilities(std::slice::from_ref(c)).ok())
-                    .is_some_and(|(all, less)| all.len() > less.len());
-                if !within || default.is_empty() {
+                // With CAP_SYS_ADMIN a container could unmount its masked paths, and some of
+                // what they hide in /proc (sched_debug, timer lists) describes the host.
+                let upper = c.to_uppercase();
+                if upper == "ALL" || upper.trim_start_matches("CAP_") == "SYS_ADMIN" {
                     return Err(unsupported(&format!(
-                        "{f}.capabilities.add_capabilities[{i}] = {c:?} (beyond the default set)"
+                        "{f}.capabilities.add_capabilities[{i}] = {c} (it would let a container unmount the masks over the host's information in /proc)"
                     )));
+                }
+                if crate::engine::spec::capabilities_with(&[], std::slice::from_ref(c)).is_err() {
+                    return Err(bad(
+                        &format!("{f}.capabilities.add_capabilities[{i}]"),
+                        format!("{c:?} is not a capability name"),
+                    ));
                 }
             }
             for (i, c) in caps.drop_capabilities.iter().enumerate() {
@@ -1250,6 +1260,7 @@ fn mounts_of(
     c: &cri::ContainerConfig,
     roots: &[std::path::PathBuf],
     agent_dirs: &[&std::path::Path],
+    kubelet_root: &std::path::Path,
     pod_uid: &str,
 ) -> Result<Vec<epb::BindMount>, Status> {
     let mut out = Vec::new();
@@ -1300,24 +1311,18 @@ fn mounts_of(
                 .iter()
                 .filter_map(|d| d.canonicalize().ok())
                 .any(|d| real.starts_with(&d) || d.starts_with(&real));
-        // Under a root's `pods/` (kubelet's per-pod directories), only this pod's own: the
-        // engine binds as host root, so kubelet's 0750 directories no longer keep pods apart.
-        let other_pod = roots
-            .iter()
-            .filter_map(|r| r.canonicalize().ok())
-            .filter_map(|r| {
-                real.strip_prefix(r.join("pods"))
-                    .ok()
-                    .map(std::path::Path::to_path_buf)
-            })
-            .any(|rest| {
-                rest.components().next().is_none_or(|first| {
-                    pod_uid.is_empty() || first.as_os_str() != std::ffi::OsStr::new(pod_uid)
-                })
-            });
+        // Inside kubelet's directory, only this pod's own `pods/<uid>`: the engine binds as
+        // host root, so kubelet's 0750 directories no longer keep pods apart.
+        let kubelet = kubelet_root.canonicalize().ok();
+        let kubelet_pods = kubelet_root.join("pods").canonicalize().ok();
+        let other_pod = (kubelet.as_ref().is_some_and(|k| real.starts_with(k))
+            || kubelet_pods.as_ref().is_some_and(|k| real.starts_with(k)))
+            && !(kubelet_pods.as_ref().is_some_and(|k| {
+                !pod_uid.is_empty() && real.starts_with(k.join(pod_uid)) && real != k.join(pod_uid)
+            }));
         if other_pod {
             return Err(Status::permission_denied(format!(
-                "{}: {} is not in this pod's own directory (pods/{pod_uid}) of [cri] volume_roots",
+                "{}: {} is in kubelet's directory ([cri] kubelet_root) but not in this pod's own directory (pods/{pod_uid})",
                 f("host_path"),
                 real.display()
             )));
@@ -1745,6 +1750,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                     &self.cri.state.config.state_dir,
                     &self.cri.state.config.run_dir,
                 ],
+                &self.cri.state.config.cri.kubelet_root,
                 &p.uid,
             )?,
             oom_score_adj: oom_score_adj(&config)?,
@@ -1778,6 +1784,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .and_then(|l| l.security_context.as_ref())
                 .and_then(|s| s.capabilities.as_ref())
                 .map(|c| c.drop_capabilities.clone())
+                .unwrap_or_default(),
+            cap_add: security_of(&config)
+                .and_then(|s| s.capabilities.as_ref())
+                .map(|c| c.add_capabilities.clone())
                 .unwrap_or_default(),
         };
         if !create.mounts.is_empty()

@@ -162,6 +162,8 @@ pub struct CreateSpec {
     pub seccomp: String,
     /// A pod process namespace of the tenant to join (empty: a new one).
     pub pidns: String,
+    /// Capabilities added to the default set.
+    pub cap_add: Vec<String>,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -766,6 +768,7 @@ impl Engine {
         let spec = spec::build(&spec::ContainerSpec {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
+            cap_add: &c.cap_add,
             mounts: &c.mounts,
             readonly_rootfs: c.readonly_rootfs,
             supplemental_groups: &groups,

@@ -380,6 +380,7 @@ impl epb::engine_server::Engine for EngineSvc {
             sysctls: r.sysctls.into_iter().collect(),
             seccomp: r.seccomp,
             pidns: r.pidns,
+            cap_add: r.cap_add,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

@@ -58,6 +58,8 @@ pub struct ContainerSpec<'a> {
     pub resolv_conf: Option<&'a Path>,
     /// Capabilities dropped from the default set (`NET_RAW`, `CAP_NET_RAW`, or `ALL`).
     pub cap_drop: &'a [String],
+    /// Capabilities added to the default set (of the tenant's user namespace).
+    pub cap_add: &'a [String],
     /// Host paths bound in: (host path, container path, read-only).
     pub mounts: &'a [(std::path::PathBuf, String, bool)],
     /// Mount the root filesystem read-only.
@@ -109,21 +111,36 @@ fn check_bind(host: &Path, inside: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// One capability by name (`NET_ADMIN` or `CAP_NET_ADMIN`, any case).
+fn capability(name: &str) -> Result<Capability, SpecError> {
+    // oci-spec parses the name without its `CAP_` prefix.
+    name.to_uppercase()
+        .trim_start_matches("CAP_")
+        .parse()
+        .map_err(|_| SpecError::Capability(name.to_string()))
+}
+
 /// The default capability set less `drop`.
 pub fn capabilities(drop: &[String]) -> Result<std::collections::HashSet<Capability>, SpecError> {
+    capabilities_with(drop, &[])
+}
+
+/// The default capability set with `add` and without `drop`, as containerd computes it: `ALL`
+/// in `drop` empties the set first, then `add` is added, then the named drops removed. The
+/// capabilities are those of the tenant's user namespace: they give no power over the host.
+pub fn capabilities_with(
+    drop: &[String],
+    add: &[String],
+) -> Result<std::collections::HashSet<Capability>, SpecError> {
     let mut caps: std::collections::HashSet<Capability> = CAPS.iter().copied().collect();
-    for name in drop {
-        let upper = name.to_uppercase();
-        if upper == "ALL" {
-            caps.clear();
-            continue;
-        }
-        // oci-spec parses the name without its `CAP_` prefix.
-        let cap: Capability = upper
-            .trim_start_matches("CAP_")
-            .parse()
-            .map_err(|_| SpecError::Capability(name.clone()))?;
-        caps.remove(&cap);
+    if drop.iter().any(|d| d.eq_ignore_ascii_case("ALL")) {
+        caps.clear();
+    }
+    for name in add {
+        caps.insert(capability(name)?);
+    }
+    for name in drop.iter().filter(|d| !d.eq_ignore_ascii_case("ALL")) {
+        caps.remove(&capability(name)?);
     }
     Ok(caps)
 }
@@ -203,14 +220,19 @@ const DENIED_SYSCALLS: &[&str] = &[
     "mount_setattr",
 ];
 
+/// The system calls every container is denied, by name (those libseccomp knows on this
+/// architecture).
+pub fn denied_syscalls() -> impl Iterator<Item = &'static str> {
+    DENIED_SYSCALLS
+        .iter()
+        .copied()
+        // libseccomp refuses names it does not know on this architecture.
+        .filter(|n| !matches!(*n, "vm86" | "vm86old" | "stime" | "umount"))
+}
+
 /// The default seccomp profile.
 pub fn default_seccomp() -> Result<LinuxSeccomp, SpecError> {
-    let denied: Vec<String> = DENIED_SYSCALLS
-        .iter()
-        // libseccomp refuses names it does not know on this architecture.
-        .filter(|n| !matches!(**n, "vm86" | "vm86old" | "stime" | "umount"))
-        .map(|s| s.to_string())
-        .collect();
+    let denied: Vec<String> = denied_syscalls().map(str::to_string).collect();
     Ok(LinuxSeccompBuilder::default()
         .default_action(LinuxSeccompAction::ScmpActAllow)
         .syscalls(vec![
@@ -273,7 +295,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push(format!("PATH={}", super::rootfs::DEFAULT_PATH));
     }
-    let caps = capabilities(c.cap_drop)?;
+    let caps = capabilities_with(c.cap_drop, c.cap_add)?;
     let mut capabilities = LinuxCapabilities::default();
     capabilities.set_bounding(Some(caps.clone()));
     capabilities.set_effective(Some(caps.clone()));

@@ -47,11 +47,13 @@ fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", v.display()))?;
     if !mount_points().contains(&canon) {
+        // Recursive: what is staged under it already (an engine of an earlier version) stays
+        // visible through it.
         nix::mount::mount(
             Some(&canon),
             &canon,
             None::<&str>,
-            MsFlags::MS_BIND,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
         .map_err(|e| format!("binding {} onto itself: {e}", canon.display()))?;
@@ -192,12 +194,25 @@ pub fn unmount_under(dir: &Path) -> bool {
         v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         v
     };
-    for p in under() {
-        if let Err(e) = nix::mount::umount2(&p, MntFlags::MNT_DETACH) {
-            tracing::warn!(mount = %p.display(), error = %e, "unmounting");
+    // Passes until none is left or a pass unmounts nothing: a mount stacked over others hides
+    // them until it goes.
+    let mut left = under();
+    for _ in 0..16 {
+        if left.is_empty() {
+            break;
         }
+        for p in &left {
+            if let Err(e) = nix::mount::umount2(p, MntFlags::MNT_DETACH) {
+                tracing::debug!(mount = %p.display(), error = %e, "unmounting");
+            }
+        }
+        let now = under();
+        if now.len() >= left.len() {
+            left = now;
+            break;
+        }
+        left = now;
     }
-    let left = under();
     if !left.is_empty() {
         tracing::error!(dir = %dir.display(), mounts = ?left, "mounts are left under a directory about to be removed");
     }

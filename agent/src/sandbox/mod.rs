@@ -516,12 +516,25 @@ impl Manager {
             // Mounts an engine left (a container's staged volumes, its rootfs) go first: the
             // removal must never reach into what they show. An engine that may still run (its
             // cgroup could not be removed) could stage again meanwhile: then the dirs stay.
-            if !cgroups_gone && t.isolation != crate::tenants::Isolation::Vm {
-                tracing::warn!(tenant = %t.id, dir = %d.display(), "the tenant's processes may still run: its dir is kept");
-                continue;
-            }
-            if !crate::engine::volumes::unmount_under(&d) {
-                tracing::error!(tenant = %t.id, dir = %d.display(), "mounts are left under the tenant's dir: it is kept, not removed");
+            let keep = if !cgroups_gone && t.isolation != crate::tenants::Isolation::Vm {
+                Some("the tenant's processes may still run")
+            } else if !crate::engine::volumes::unmount_under(&d) {
+                Some("mounts are left under it")
+            } else {
+                None
+            };
+            if let Some(why) = keep {
+                // Kept, but out of the way: a new tenant of the same id must not find it.
+                let q = quarantine_path(&d);
+                match std::fs::rename(&d, &q) {
+                    Ok(()) => {
+                        tracing::error!(tenant = %t.id, dir = %q.display(), "{why}: the tenant's dir is kept there, not removed; remove it by hand once that is resolved")
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::error!(tenant = %t.id, dir = %d.display(), error = %e, "{why}, and the dir could not be moved aside")
+                    }
+                }
                 continue;
             }
             if let Err(e) = std::fs::remove_dir_all(&d)
@@ -1063,4 +1076,17 @@ impl Manager {
         }
         Ok(out)
     }
+}
+
+/// Where a tenant dir that could not be removed is moved: beside it, hidden, unique.
+fn quarantine_path(d: &std::path::Path) -> std::path::PathBuf {
+    let name = d
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_nanos())
+        .unwrap_or_default();
+    d.with_file_name(format!(".quarantine-{name}-{nanos}"))
 }
