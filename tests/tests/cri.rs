@@ -2584,6 +2584,26 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
         out.contains("sleep 601") && out.contains("sleep 602"),
         "the pod's processes: {out}"
     );
+    // That PID 1 holds nothing of the host's: nobody, no capability, no new privileges, and
+    // its root (an empty directory) is closed to the pod's containers.
+    let r = k
+        .exec(
+            &second,
+            &[
+                "sh",
+                "-c",
+                "grep -E '^(Uid|CapEff|NoNewPrivs)' /proc/1/status; ls /proc/1/root/etc >/dev/null 2>&1 && echo HOST-ETC || echo no-host-etc",
+            ],
+        )
+        .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("Uid:\t65534\t65534\t65534\t65534")
+            && out.contains("CapEff:\t0000000000000000")
+            && out.contains("NoNewPrivs:\t1")
+            && out.contains("no-host-etc"),
+        "the pod's PID 1: {out}"
+    );
     let holder_file = k
         .agent
         .dir
@@ -2603,6 +2623,62 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
     let mut c = k.container(&plain, "own", &bb.id, &["sleep", "603"], &[]);
     let own = k.created(&plain_id, &plain, &c).await;
     k.running(&own).await;
+    // An exec'd process runs in the tenant's user namespace as the container's root (mapped to
+    // the tenant's range), like the container's own process; never root of the host's.
+    let r = k.exec(&own, &["cat", "/proc/self/uid_map"]).await;
+    let map = String::from_utf8_lossy(&r.stdout).to_string();
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert!(
+        fields.len() == 3 && fields[0] == "0" && fields[1] != "0" && fields[2] == "65536",
+        "an exec'd process's uid_map: {map:?}"
+    );
+    let socket = k.agent.dir.path().join("run/cri.sock");
+    let own2 = own.clone();
+    let exec = tokio::spawn(async move {
+        let mut c = caas_tests::cri::CriClient::connect(&socket).await.unwrap();
+        c.rt.exec_sync(cri::ExecSyncRequest {
+            container_id: own2,
+            cmd: strings(&["sleep", "4.5"]),
+            timeout: 20,
+        })
+        .await
+        .unwrap();
+    });
+    let (mut exec_seen, mut init_ns) = (None, None);
+    let deadline = Instant::now() + STATE_DEADLINE;
+    while exec_seen.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let p = e.path();
+            let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
+                continue;
+            };
+            let uid = std::fs::read_to_string(p.join("status"))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string));
+            let ns = std::fs::read_link(p.join("ns/user")).ok();
+            if cmd.starts_with(b"sleep\x004.5") {
+                exec_seen = Some((uid, ns));
+            } else if cmd.starts_with(b"sleep\x00603") {
+                init_ns = Some((uid, ns));
+            }
+        }
+    }
+    exec.await.unwrap();
+    let (exec_uid, exec_ns) = exec_seen.expect("the exec'd sleep was not seen on the host");
+    let (init_uid, init_ns) = init_ns.expect("the container's sleep was not seen on the host");
+    assert_eq!(
+        exec_ns, init_ns,
+        "the exec'd process is not in the container's user namespace"
+    );
+    assert_eq!(exec_uid, init_uid, "the exec'd process's host uid");
+    assert_ne!(
+        exec_uid.as_deref(),
+        Some("0"),
+        "an exec'd process is root of the host"
+    );
     let r = k
         .exec(&own, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"])
         .await;

@@ -985,11 +985,19 @@ async fn a_vm_tenant_gets_the_same_network_through_a_tap() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (header, body) = tokio::task::spawn_blocking(move || {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        // "ready" is printed just before httpd binds: under emulation that takes a moment.
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut s = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{addr} never accepted within 30 s: {e}"),
+            }
+        };
         s.write_all(b"GET /hi HTTP/1.0\r\n\r\n").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut all = String::new();

@@ -32,7 +32,11 @@ enum Cmd {
     Guest(caas_agent::guest::GuestArgs),
     /// Be PID 1 of a pod's shared process namespace (started by the tenant's engine).
     #[command(hide = true)]
-    Pause,
+    Pause {
+        /// The empty directory it confines itself to.
+        #[arg(long)]
+        root: PathBuf,
+    },
     /// Certificates for development and tests.
     Certs {
         #[command(subcommand)]
@@ -104,7 +108,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Pause => caas_agent::engine::pause::run(),
+        Cmd::Pause { root } => caas_agent::engine::pause::main(&root),
         Cmd::Guest(args) => {
             if std::process::id() != 1 {
                 eprintln!("caas-agent guest: only runs as the init (PID 1) of a VM tenant's guest");

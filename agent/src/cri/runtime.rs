@@ -777,7 +777,11 @@ fn pod_state(p: &PodRecord, ready_tenants: &HashSet<String>) -> cri::PodSandboxS
     let network_made = p.network.as_ref().is_none_or(|n| {
         !n.ip.is_empty() && crate::engine::ns::is_ns(std::path::Path::new(&n.path))
     });
-    if p.ready && network_made && ready_tenants.contains(&p.tenant) {
+    // A shared process namespace whose PID 1 ended (signalled from inside the pod, or a host
+    // reboot) takes no new container: the pod is not ready either.
+    let pid1_alive = p.pidns_dir.is_empty()
+        || crate::engine::ns::pidns_holder(std::path::Path::new(&p.pidns_dir), &p.id).is_some();
+    if p.ready && network_made && pid1_alive && ready_tenants.contains(&p.tenant) {
         cri::PodSandboxState::SandboxReady
     } else {
         cri::PodSandboxState::SandboxNotready
@@ -1454,6 +1458,14 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .and_then(|l| l.security_context.as_ref())
             .and_then(|sc| sc.namespace_options.as_ref())
             .is_some_and(|ns| ns.pid == cri::NamespaceMode::Pod as i32);
+        let pidns_dir = if shared_pid && isolation == Isolation::Userns {
+            self.cri
+                .tenant_ns_dir(&tenant)
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            String::new()
+        };
         let m = config.metadata.unwrap_or_default();
         let id = format!("{:032x}", rand::random::<u128>());
         let network = self.cri.cni_applies(&tenant).await.then(|| PodNetwork {
@@ -1481,6 +1493,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             network,
             sysctls,
             shared_pid,
+            pidns_dir,
         };
         // The pod's lock, taken before its record exists: a stop or remove that finds the record
         // waits until its network and ports are made (or undone).

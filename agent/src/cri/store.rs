@@ -61,6 +61,10 @@ pub struct PodRecord {
     /// by a PID 1 of the tenant's engine.
     #[serde(default)]
     pub shared_pid: bool,
+    /// For a shared process namespace in a user-namespaced tenant: the tenant's namespace dir,
+    /// where its PID 1 is recorded (so a pod whose PID 1 is gone shows not ready).
+    #[serde(default)]
+    pub pidns_dir: String,
 }
 
 /// A pod's own network namespace and what CNI made in it.

@@ -235,10 +235,19 @@ pub fn pidns_holder(ns_dir: &Path, name: &str) -> Option<i32> {
     (have.ino() == want.ino() && have.dev() == want.dev()).then_some(pid)
 }
 
+/// The empty directory a pod's PID 1 is confined to.
+fn pidns_root(ns_dir: &Path, name: &str) -> PathBuf {
+    ns_dir.join("pods").join(format!("{name}.root"))
+}
+
+/// The fd number the tenant's netns is handed to the pod's PID 1 on.
+pub const PAUSE_NETNS_FD: i32 = 3;
+
 /// Makes sure pod `name` has a process namespace of its own, owned by the tenant's userns, with
-/// a holder as its PID 1: `exe pause` (named `caas-pause` in its argv), which reaps what is orphaned in
-/// it; containers of the pod join it (`/proc/<holder>/ns/pid`). Returns the holder's pid. Must
-/// run while the process is single-threaded.
+/// a holder as its PID 1: `exe pause` (named `caas-pause` in its argv), which reaps what is
+/// orphaned in it; containers of the pod join it through its bind mount ([`pidns_path`]).
+/// Before it waits, the holder confines itself as tightly as a container ([`confine_pause`]).
+/// Returns the holder's pid. Must run while the process is single-threaded.
 pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsError> {
     use std::os::unix::ffi::OsStrExt;
     if let Some(pid) = pidns_holder(ns_dir, name) {
@@ -246,13 +255,34 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
     }
     remove_pidns(ns_dir, name);
     let user = fs::File::open(ns_dir.join("user")).map_err(step("opening the tenant userns"))?;
+    let net = fs::File::open(ns_dir.join("net")).map_err(step("opening the tenant netns"))?;
     let (ns, pidfile) = pidns_files(ns_dir, name);
+    let root = pidns_root(ns_dir, name);
     fs::create_dir_all(ns_dir.join("pods")).map_err(step("creating the pod ns dir"))?;
     fs::File::create(&ns).map_err(step("creating a ns mount point"))?;
+    fs::create_dir_all(&root).map_err(step("creating the holder's root"))?;
+    fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+        .map_err(step("creating the holder's root"))?;
     let exe = std::ffi::CString::new(exe.as_os_str().as_bytes())
         .map_err(|e| step("the engine's path")(std::io::Error::other(e)))?;
-    let argv = [c"caas-pause".to_owned(), c"pause".to_owned()];
-    let (to_parent_r, to_parent_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
+    let root_arg = std::ffi::CString::new(root.as_os_str().as_bytes())
+        .map_err(|e| step("the holder's root")(std::io::Error::other(e)))?;
+    let argv = [
+        c"caas-pause".to_owned(),
+        c"pause".to_owned(),
+        c"--root".to_owned(),
+        root_arg,
+    ];
+    let devnull = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(step("opening /dev/null"))?;
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (to_parent_r, to_parent_w) =
+        nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
+    // Closed by a successful exec; written to when the exec fails.
+    let (exec_r, exec_w) = nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
     let child = crate::sys::fork_and_run(|| {
         let root = nix::unistd::Gid::from_raw(0);
         if nix::sched::setns(&user, CloneFlags::CLONE_NEWUSER).is_err()
@@ -264,14 +294,26 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
             return 1;
         }
         // SAFETY: this (forked) process is single-threaded; the grandchild only makes system
-        // calls, execs, or runs the pause loop, and never returns here.
+        // calls and execs, or _exits.
         match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => {
                 let _ = nix::unistd::setsid();
+                // Standard streams to /dev/null, the tenant's netns on fd 3, and nothing else
+                // of the engine's open across the exec.
+                for fd in 0..3 {
+                    let _ = nix::unistd::dup2(devnull.as_raw_fd(), fd);
+                }
+                let _ = nix::unistd::dup2(net.as_raw_fd(), PAUSE_NETNS_FD);
+                // SAFETY: close_range(2) takes plain integers; it closes every descriptor above
+                // fd 3 except that it only marks them close-on-exec (flag 4 =
+                // CLOSE_RANGE_CLOEXEC), so the exec-failure pipe stays usable until the exec.
+                unsafe {
+                    libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 4u32);
+                }
                 let _ = nix::unistd::execv(&exe, &argv);
-                // The binary could not be run (not reachable by the tenant's root): the same
-                // loop, in this process.
-                super::pause::run()
+                let _ = nix::unistd::write(&exec_w, b"x");
+                // SAFETY: _exit ends the process at once, running nothing of the engine's.
+                unsafe { libc::_exit(127) }
             }
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 let b = child.as_raw().to_le_bytes();
@@ -285,6 +327,7 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
     })
     .map_err(|e| step("fork")(errno(e)))?;
     drop(to_parent_w);
+    drop(exec_w);
     let mut b = [0u8; 4];
     let read = fs::File::from(to_parent_r).read_exact(&mut b);
     let _ = waitpid(child, None);
@@ -294,6 +337,15 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
                 "the namespace child failed to join the tenant's userns and make a pid namespace",
             ))
         })?;
+        let mut failed = [0u8; 1];
+        if fs::File::from(exec_r).read(&mut failed).unwrap_or(0) > 0 {
+            return Err(step("starting the pod's PID 1")(std::io::Error::other(
+                format!(
+                    "{} could not be run as the tenant's root (is every directory on its path searchable by others?)",
+                    exe.to_string_lossy()
+                ),
+            )));
+        }
         let pid = i32::from_le_bytes(b);
         let src = format!("/proc/{pid}/ns/pid");
         nix::mount::mount(
@@ -317,6 +369,44 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
     result
 }
 
+/// The bind mount of pod `name`'s process namespace, which its containers join (a namespace
+/// whose PID 1 is gone refuses new processes: a container cannot end up anywhere else).
+pub fn pidns_path(ns_dir: &Path, name: &str) -> PathBuf {
+    pidns_files(ns_dir, name).0
+}
+
+/// What the pod's PID 1 does first, right after its exec, as root of the tenant's user
+/// namespace: it joins the tenant's network namespace (fd [`PAUSE_NETNS_FD`]), takes a mount
+/// namespace of its own confined to the empty directory `root`, becomes nobody (65534, so no
+/// capability is left), and is no longer dumpable nor able to gain privileges. Whoever gets
+/// hold of it (a pod's container may signal or, with CAP_SYS_PTRACE, trace it) finds nothing
+/// of the host's.
+pub fn confine_pause(root: &Path) -> Result<(), String> {
+    let net = unsafe_owned_fd(PAUSE_NETNS_FD);
+    nix::sched::setns(&net, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("joining the tenant's netns: {e}"))?;
+    drop(net);
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("a mount namespace: {e}"))?;
+    nix::unistd::chdir(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    let nobody = nix::unistd::Gid::from_raw(65534);
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setresgid(nobody, nobody, nobody).map_err(|e| format!("setresgid: {e}"))?;
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::setresuid(nobody, nobody, nobody).map_err(|e| format!("setresuid: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
+    Ok(())
+}
+
+/// Takes fd `fd` (inherited across the exec) as owned.
+fn unsafe_owned_fd(fd: i32) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the fd was set up by the engine before the exec for this process alone, and
+    // nothing else in this process refers to it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 fn read_pid(b: &[u8; 4]) -> Result<i32, ()> {
     let pid = i32::from_le_bytes(*b);
     if pid > 1 { Ok(pid) } else { Err(()) }
@@ -332,6 +422,7 @@ pub fn remove_pidns(ns_dir: &Path, name: &str) {
     let _ = nix::mount::umount2(&ns, MntFlags::MNT_DETACH);
     let _ = fs::remove_file(&ns);
     let _ = fs::remove_file(&pidfile);
+    let _ = fs::remove_dir(pidns_root(ns_dir, name));
 }
 
 /// Ends every pod process namespace of the tenant (its engine shuts down, or the tenant goes).

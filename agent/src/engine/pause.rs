@@ -7,9 +7,20 @@ use nix::sys::{
     wait::{WaitPidFlag, WaitStatus, waitpid},
 };
 
+/// Confines itself to `root` ([`super::ns::confine_pause`]), then runs until SIGTERM or
+/// SIGINT. It ends at once if it cannot confine itself.
+pub fn main(root: &std::path::Path) -> ! {
+    if let Err(e) = super::ns::confine_pause(root) {
+        eprintln!("caas-pause: {e}");
+        // SAFETY: _exit ends the process at once.
+        unsafe { libc::_exit(1) }
+    }
+    run()
+}
+
 /// Runs until SIGTERM or SIGINT. The signals are blocked and waited for, so none is missed
 /// between a reap and the wait.
-pub fn run() -> ! {
+fn run() -> ! {
     let mut set = SigSet::empty();
     for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT] {
         set.add(s);
@@ -23,7 +34,8 @@ pub fn run() -> ! {
             }
         }
         if let Ok(Signal::SIGTERM | Signal::SIGINT) = set.wait() {
-            std::process::exit(0)
+            // SAFETY: _exit ends the process at once.
+            unsafe { libc::_exit(0) }
         }
     }
 }

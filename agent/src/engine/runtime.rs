@@ -760,11 +760,9 @@ impl Engine {
             fs::write(&own, &c.resolv_conf).map_err(|e| rt("resolv.conf")(&e))?;
             own
         };
-        // The pod's process namespace, by its holder's pid (checked in `create`).
-        let pidns = (!c.pidns.is_empty())
-            .then(|| super::ns::pidns_holder(&self.paths.ns(), &c.pidns))
-            .flatten()
-            .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")));
+        // The pod's process namespace, by its bind mount (its holder checked in `create`).
+        let pidns =
+            (!c.pidns.is_empty()).then(|| super::ns::pidns_path(&self.paths.ns(), &c.pidns));
         let spec = spec::build(&spec::ContainerSpec {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
@@ -1043,11 +1041,14 @@ impl Engine {
                 None,
             )
         };
-        let built = builder
-            .as_tenant()
-            .with_process(Some(&process_file))
-            .with_detach(true)
-            .build();
+        let built = build_in_userns(&self.paths.ns().join("user"), move || {
+            builder
+                .as_tenant()
+                .with_process(Some(&process_file))
+                .with_detach(true)
+                .build()
+                .map_err(|e| e.to_string())
+        });
         if console.is_some() {
             // libcontainer 0.7 leaves its link to the console socket in the container's dir.
             remove_tty_links(&self.paths.youki().join(&id));
@@ -1304,7 +1305,26 @@ impl Engine {
         else {
             return;
         };
+        self.kill_leftovers(&id);
         self.mark_exited(&id, code, "");
+    }
+
+    /// Kills what is left in an exited container's cgroup. A container with a process
+    /// namespace of its own has nothing left (its init's exit ended the namespace); one in a
+    /// pod's shared namespace may (its init's children go to the pod's PID 1), and a container
+    /// that exited must not go on running.
+    fn kill_leftovers(&self, id: &str) {
+        let rel = self.cgroup(id);
+        let rel = rel.trim_start_matches('/');
+        for h in &self.hierarchies {
+            let Ok(procs) = fs::read_to_string(h.join(rel).join("cgroup.procs")) else {
+                continue;
+            };
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            return;
+        }
     }
 
     fn mark_exited(&mut self, id: &str, code: i32, message: &str) {
@@ -1567,5 +1587,48 @@ fn set_oom_score_adj(id: &str, pid: u32, v: i32) {
             error = %e,
             "the container's OOM score adjustment could not be set (lowering it needs CAP_SYS_RESOURCE); it keeps the inherited one"
         );
+    }
+}
+
+/// Runs libcontainer's tenant build (an exec into a running container) in a child of the engine
+/// that first joins the tenant's user namespace. libcontainer 0.7's tenant builder joins each of
+/// the container's namespaces but its user namespace (its list of namespaces to join leaves
+/// `user` out), so built from the engine, host root, the exec'd process would run as root of
+/// the host's user namespace. From inside the tenant's, its user is the tenant's. The child
+/// keeps host root's own uid for files (the container's state and cgroup files are root's),
+/// and only the tenant's capabilities. Must run while the process is single-threaded.
+fn build_in_userns(
+    userns: &Path,
+    build: impl FnOnce() -> Result<Pid, String>,
+) -> Result<Pid, String> {
+    use std::io::Read as _;
+    let user = fs::File::open(userns).map_err(|e| format!("{}: {e}", userns.display()))?;
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let child = crate::sys::fork_and_run(|| {
+        let answer = match nix::sched::setns(&user, nix::sched::CloneFlags::CLONE_NEWUSER) {
+            Err(e) => format!("err joining the tenant's user namespace: {e}"),
+            Ok(()) => match build() {
+                Ok(pid) => format!("ok {}", pid.as_raw()),
+                Err(e) => format!("err {e}"),
+            },
+        };
+        i32::from(nix::unistd::write(&w, answer.as_bytes()).is_err())
+    })
+    .map_err(|e| format!("fork: {e}"))?;
+    drop(w);
+    let mut answer = String::new();
+    let read = fs::File::from(r).read_to_string(&mut answer);
+    let _ = waitpid(child, None);
+    read.map_err(|e| format!("the exec's builder: {e}"))?;
+    match answer.split_once(' ') {
+        Some(("ok", pid)) => pid
+            .parse::<i32>()
+            .map(Pid::from_raw)
+            .map_err(|_| format!("the exec's builder answered {answer:?}")),
+        Some(("err", e)) => Err(e.to_string()),
+        _ => Err(format!(
+            "the exec's builder ended without an answer {answer:?}"
+        )),
     }
 }
