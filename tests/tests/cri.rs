@@ -2625,6 +2625,18 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
     k.running(&own).await;
     // An exec'd process runs in the tenant's user namespace as the container's root (mapped to
     // the tenant's range), like the container's own process; never root of the host's.
+    // It runs filtered by the container's seccomp profile, as the container's own process.
+    let r = k
+        .exec(
+            &own,
+            &["grep", "-E", "^(Seccomp|Groups):", "/proc/self/status"],
+        )
+        .await;
+    let status = String::from_utf8_lossy(&r.stdout).to_string();
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "an exec'd process's seccomp mode: {status:?}"
+    );
     let r = k.exec(&own, &["cat", "/proc/self/uid_map"]).await;
     let map = String::from_utf8_lossy(&r.stdout).to_string();
     let fields: Vec<&str> = map.split_whitespace().collect();

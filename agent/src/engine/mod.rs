@@ -93,6 +93,9 @@ pub fn main(args: EngineArgs) -> Result<(), String> {
     cg.add_pid(&engine_cg, std::process::id())
         .map_err(|e| format!("joining the tenant cgroup: {e}"))?;
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("becoming a subreaper: {e}"))?;
+    // No supplementary groups of whoever started the agent: libcontainer leaves a process's
+    // groups as they are when the spec names none, and containers must not carry the host's.
+    nix::unistd::setgroups(&[]).map_err(|e| format!("dropping supplementary groups: {e}"))?;
     let paths = args.paths();
     // The run dir is on the path to every container's rootfs and runtime state, which the
     // tenant's unprivileged root must traverse: search-only for others, no listing.

@@ -376,8 +376,9 @@ pub fn pidns_path(ns_dir: &Path, name: &str) -> PathBuf {
 }
 
 /// What the pod's PID 1 does first, right after its exec, as root of the tenant's user
-/// namespace: it joins the tenant's network namespace (fd [`PAUSE_NETNS_FD`]), takes a mount
-/// namespace of its own confined to the empty directory `root`, becomes nobody (65534, so no
+/// namespace: it joins the tenant's network namespace (fd [`PAUSE_NETNS_FD`]), takes mount,
+/// IPC, UTS and cgroup namespaces of its own, pivots into an empty read-only tmpfs mounted on
+/// `root` (nothing of the host's stays mounted for it), becomes nobody (65534, so no
 /// capability is left), and is no longer dumpable nor able to gain privileges. Whoever gets
 /// hold of it (a pod's container may signal or, with CAP_SYS_PTRACE, trace it) finds nothing
 /// of the host's.
@@ -386,9 +387,48 @@ pub fn confine_pause(root: &Path) -> Result<(), String> {
     nix::sched::setns(&net, CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("joining the tenant's netns: {e}"))?;
     drop(net);
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("a mount namespace: {e}"))?;
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(|e| format!("namespaces of its own: {e}"))?;
+    // Its root becomes an empty read-only tmpfs and the host's mounts go from its mount
+    // namespace altogether (pivot_root, then the old root detached): a chroot could be walked
+    // out of through /proc/<pid>/root/.. by whoever may trace it.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making / private: {e}"))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=0555"),
+    )
+    .map_err(|e| format!("a tmpfs root: {e}"))?;
     nix::unistd::chdir(root).map_err(|e| format!("{}: {e}", root.display()))?;
-    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("the old root: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("a read-only root: {e}"))?;
     let nobody = nix::unistd::Gid::from_raw(65534);
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     nix::unistd::setresgid(nobody, nobody, nobody).map_err(|e| format!("setresgid: {e}"))?;

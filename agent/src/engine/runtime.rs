@@ -1002,7 +1002,9 @@ impl Engine {
         )
         .map_err(io_rt("writing the exec's process.json"))?;
         let _cleanup = RemoveOnDrop(vec![process_file.clone()]);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
+            .with_executor(SeccompExecutor(seccomp))
             .with_root_path(self.paths.youki())
             .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?;
         let (builder, stdio, console) = if io.tty.is_some() {
@@ -1587,6 +1589,33 @@ fn set_oom_score_adj(id: &str, pid: u32, v: i32) {
             error = %e,
             "the container's OOM score adjustment could not be set (lowering it needs CAP_SYS_RESOURCE); it keeps the inherited one"
         );
+    }
+}
+
+/// The workload executor of execs: it applies the container's seccomp profile to the exec'd
+/// process right before it execs. libcontainer 0.7's tenant builder drops `linux.seccomp` from
+/// the spec it builds for an exec, so without this an exec'd process would run unfiltered.
+#[derive(Clone)]
+struct SeccompExecutor(Option<oci_spec::runtime::LinuxSeccomp>);
+
+impl libcontainer::workload::Executor for SeccompExecutor {
+    fn exec(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(), libcontainer::workload::ExecutorError> {
+        if let Some(s) = &self.0 {
+            libcontainer::seccomp::initialize_seccomp(s).map_err(|e| {
+                libcontainer::workload::ExecutorError::Other(format!("seccomp: {e}"))
+            })?;
+        }
+        libcontainer::workload::default::get_executor().exec(spec)
+    }
+
+    fn validate(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
     }
 }
 
