@@ -492,23 +492,30 @@ impl Cri {
         Ok(p)
     }
 
+    /// The engine of a pod's tenant, for the pod's namespaces (`UNAVAILABLE` naming it when it
+    /// is not up).
+    async fn pod_engine(
+        &self,
+        tenant: &str,
+    ) -> Result<
+        caas_proto::engine::v1::engine_client::EngineClient<tonic::transport::Channel>,
+        Status,
+    > {
+        self.state
+            .sandboxes
+            .engine_of(tenant)
+            .await
+            .map(|(_, e)| e)
+            .map_err(|e| Status::unavailable(format!("tenant {tenant:?}'s engine: {e}")))
+    }
+
     /// Gives a pod with `shared_pid` its process namespace: the tenant's engine starts its
     /// PID 1 (`caas-agent pause`).
     async fn setup_pidns(&self, p: &PodRecord) -> Result<(), Status> {
-        let (_, mut eng) = self
-            .state
-            .sandboxes
-            .engine_of(&p.tenant)
-            .await
-            .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
+        let mut eng = self.pod_engine(&p.tenant).await?;
         eng.create_pidns(epb::NetnsRequest { name: p.id.clone() })
             .await
-            .map_err(|s| {
-                Status::new(
-                    s.code(),
-                    format!("making pod {}'s process namespace: {}", p.id, s.message()),
-                )
-            })?;
+            .map_err(context(format!("making pod {}'s process namespace", p.id)))?;
         Ok(())
     }
 
@@ -523,12 +530,7 @@ impl Cri {
             Ok((_, mut eng)) => {
                 eng.delete_pidns(epb::NetnsRequest { name: p.id.clone() })
                     .await
-                    .map_err(|s| {
-                        Status::new(
-                            s.code(),
-                            format!("ending pod {}'s process namespace: {}", p.id, s.message()),
-                        )
-                    })?;
+                    .map_err(context(format!("ending pod {}'s process namespace", p.id)))?;
             }
             Err(_) => crate::engine::ns::remove_pidns(&self.tenant_ns_dir(&p.tenant), &p.id),
         }
@@ -588,22 +590,12 @@ impl Cri {
         let list = cfg
             .network()
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let (_, mut eng) = self
-            .state
-            .sandboxes
-            .engine_of(&p.tenant)
-            .await
-            .map_err(|e| Status::unavailable(format!("tenant {:?}'s engine: {e}", p.tenant)))?;
+        let mut eng = self.pod_engine(&p.tenant).await?;
         eng.create_netns(epb::NetnsRequest {
             name: net.netns.clone(),
         })
         .await
-        .map_err(|s| {
-            Status::new(
-                s.code(),
-                format!("making pod {}'s network namespace: {}", p.id, s.message()),
-            )
-        })?;
+        .map_err(context(format!("making pod {}'s network namespace", p.id)))?;
         let path = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
         if !crate::engine::ns::is_ns(&path) {
             return Err(Status::internal(format!(
@@ -1260,6 +1252,11 @@ fn oom_score_adj(c: &cri::ContainerConfig) -> Result<Option<i32>, Status> {
 }
 
 /// A container's volumes: host paths bound in, checked.
+/// Prefixes an engine's answer with what was being done, keeping its code.
+fn context(what: String) -> impl FnOnce(Status) -> Status {
+    move |s| Status::new(s.code(), format!("{what}: {}", s.message()))
+}
+
 fn mounts_of(
     c: &cri::ContainerConfig,
     roots: &[std::path::PathBuf],

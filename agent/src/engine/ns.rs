@@ -58,14 +58,42 @@ pub fn ensure(ns_dir: &Path, id_start: u32) -> Result<(), NsError> {
     for p in [&user, &net] {
         fs::File::create(p).map_err(step("creating a ns mount point"))?;
     }
-    let (to_parent_r, to_parent_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
-    let (to_child_r, to_child_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
+    let result = hold(
+        || nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET).is_ok(),
+        Some(id_start),
+        &[("user", &user), ("net", &net)],
+    )
+    .map(|lo| {
+        if !lo {
+            tracing::warn!("could not bring loopback up in the tenant netns");
+        }
+    });
+    if result.is_err() {
+        release(ns_dir);
+    }
+    result
+}
+
+/// Forks a child that `enter`s new namespaces (false: it could not) and brings loopback up in
+/// its netns, writes its id maps (`map`: container ids 0..65536 to host `map..`) when it made a
+/// user namespace, and bind-mounts its namespaces of each kind onto their targets, which exist.
+/// Returns whether loopback came up. Must run while the process is single-threaded.
+fn hold(
+    enter: impl FnOnce() -> bool,
+    map: Option<u32>,
+    binds: &[(&str, &Path)],
+) -> Result<bool, NsError> {
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (to_parent_r, to_parent_w) =
+        nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
+    let (to_child_r, to_child_w) =
+        nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
     // The child uses its copies of the descriptors by reference; they close when it exits.
     let child = crate::sys::fork_and_run(|| {
-        if nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET).is_err() {
+        if !enter() {
             return 1;
         }
-        // Root of the new userns holds CAP_NET_ADMIN over the new netns: bring loopback up.
+        // Root of the new (or joined) userns holds CAP_NET_ADMIN over the new netns.
         let lo = crate::sys::set_loopback_up().is_ok();
         if nix::unistd::write(&to_parent_w, if lo { b"1" } else { b"0" }).is_err() {
             return 1;
@@ -84,34 +112,30 @@ pub fn ensure(ns_dir: &Path, id_start: u32) -> Result<(), NsError> {
             .map_err(step("waiting for unshare"))?;
         if n != 1 {
             return Err(step("unshare")(std::io::Error::other(
-                "the namespace child failed to unshare user+net",
+                "the namespace child failed to make its namespaces",
             )));
         }
-        if ready[0] != b'1' {
-            tracing::warn!("could not bring loopback up in the tenant netns");
+        if let Some(id_start) = map {
+            let map = format!("0 {id_start} {RANGE_SIZE}\n");
+            fs::write(format!("/proc/{child}/uid_map"), &map).map_err(step("writing uid_map"))?;
+            fs::write(format!("/proc/{child}/gid_map"), &map).map_err(step("writing gid_map"))?;
         }
-        let map = format!("0 {id_start} {RANGE_SIZE}\n");
-        fs::write(format!("/proc/{child}/uid_map"), &map).map_err(step("writing uid_map"))?;
-        fs::write(format!("/proc/{child}/gid_map"), &map).map_err(step("writing gid_map"))?;
-        for (kind, target) in [("user", &user), ("net", &net)] {
+        for (kind, target) in binds {
             let src = format!("/proc/{child}/ns/{kind}");
             nix::mount::mount(
                 Some(src.as_str()),
-                target.as_path(),
+                *target,
                 None::<&str>,
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
             .map_err(|e| step("bind-mounting a namespace")(errno(e)))?;
         }
-        Ok(())
+        Ok(ready[0] == b'1')
     })();
     let _ = nix::unistd::write(&to_child_w, b"1");
     drop::<OwnedFd>(to_child_w);
     let _ = waitpid(child, None);
-    if result.is_err() {
-        release(ns_dir);
-    }
     result
 }
 
@@ -137,48 +161,23 @@ pub fn ensure_pod_netns(ns_dir: &Path, name: &str) -> Result<PathBuf, NsError> {
     let dir = ns_dir.join("pods");
     fs::create_dir_all(&dir).map_err(step("creating the pod ns dir"))?;
     fs::File::create(&path).map_err(step("creating a ns mount point"))?;
-    let (to_parent_r, to_parent_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
-    let (to_child_r, to_child_w) = nix::unistd::pipe().map_err(|e| step("pipe")(errno(e)))?;
-    let child = crate::sys::fork_and_run(|| {
-        if nix::sched::setns(&user, CloneFlags::CLONE_NEWUSER).is_err()
-            || nix::sched::unshare(CloneFlags::CLONE_NEWNET).is_err()
-        {
-            return 1;
+    let result = hold(
+        || {
+            nix::sched::setns(&user, CloneFlags::CLONE_NEWUSER).is_ok()
+                && nix::sched::unshare(CloneFlags::CLONE_NEWNET).is_ok()
+        },
+        None,
+        &[("net", &path)],
+    )
+    .and_then(|lo| {
+        if lo {
+            Ok(())
+        } else {
+            Err(step("loopback")(std::io::Error::other(
+                "could not bring loopback up in the pod's netns",
+            )))
         }
-        let lo = crate::sys::set_loopback_up().is_ok();
-        if nix::unistd::write(&to_parent_w, if lo { b"1" } else { b"0" }).is_err() {
-            return 1;
-        }
-        let mut done = [0u8; 1];
-        let _ = nix::unistd::read(to_child_r.as_raw_fd(), &mut done);
-        0
-    })
-    .map_err(|e| step("fork")(errno(e)))?;
-    drop(to_parent_w);
-    drop(to_child_r);
-    let result = (|| {
-        let mut ready = [0u8; 1];
-        let n = fs::File::from(to_parent_r)
-            .read(&mut ready)
-            .map_err(step("waiting for unshare"))?;
-        if n != 1 || ready[0] != b'1' {
-            return Err(step("unshare")(std::io::Error::other(
-                "the namespace child failed to make a netns in the tenant's userns with loopback up",
-            )));
-        }
-        let src = format!("/proc/{child}/ns/net");
-        nix::mount::mount(
-            Some(src.as_str()),
-            path.as_path(),
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| step("bind-mounting a namespace")(errno(e)))
-    })();
-    let _ = nix::unistd::write(&to_child_w, b"1");
-    drop::<OwnedFd>(to_child_w);
-    let _ = waitpid(child, None);
+    });
     match result {
         Ok(()) => Ok(path),
         Err(e) => {
