@@ -2709,6 +2709,102 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
         "POD in a pod without a shared process namespace",
     );
 
+    // TARGET (kubectl debug --target): a container joins the process namespace of another
+    // running container of its pod, and sees it as PID 1.
+    let target_ns = |target: &str| cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod as i32,
+        pid: cri::NamespaceMode::Target as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        target_id: target.to_string(),
+        ..Default::default()
+    };
+    let with_ns = |c: &mut cri::ContainerConfig, name: &str, ns: cri::NamespaceOption| {
+        c.metadata.as_mut().unwrap().name = name.into();
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(ns),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    };
+    let mut d = k.container(&plain, "debug", &bb.id, &["sleep", "604"], &[]);
+    with_ns(&mut d, "debug", target_ns(&own));
+    let debug = k.created(&plain_id, &plain, &d).await;
+    k.running(&debug).await;
+    for (id, who) in [(&debug, "the debug container"), (&own, "its target")] {
+        let r = k
+            .exec(
+                id,
+                &[
+                    "sh",
+                    "-c",
+                    "tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o args",
+                ],
+            )
+            .await;
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            out.starts_with("sleep 603") && out.contains("sleep 604"),
+            "processes as {who} sees them: {out}"
+        );
+    }
+    let (debug_pid, own_pid) = (k.host_pid(&debug).await, k.host_pid(&own).await);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{debug_pid}/ns/pid")).unwrap(),
+        std::fs::read_link(format!("/proc/{own_pid}/ns/pid")).unwrap(),
+    );
+    // Not a container of another pod, not an unknown one, not an exited one, and not without
+    // a target.
+    with_ns(&mut d, "debug-other-pod", target_ns(&first));
+    expect_code(
+        k.create(&plain_id, &plain, &d).await,
+        Code::FailedPrecondition,
+        "TARGET naming a container of another pod",
+    );
+    with_ns(&mut d, "debug-unknown", target_ns("0123456789ab"));
+    expect_code(
+        k.create(&plain_id, &plain, &d).await,
+        Code::NotFound,
+        "TARGET naming no container",
+    );
+    with_ns(&mut d, "debug-nothing", target_ns(""));
+    expect_code(
+        k.create(&plain_id, &plain, &d).await,
+        Code::InvalidArgument,
+        "TARGET without a target_id",
+    );
+    let brief = k.container(&plain, "brief", &bb.id, &["true"], &[]);
+    let brief = k.created(&plain_id, &plain, &brief).await;
+    k.start_container(&brief).await;
+    k.wait_state(&brief, cri::ContainerState::ContainerExited)
+        .await;
+    with_ns(&mut d, "debug-exited", target_ns(&brief));
+    expect_code(
+        k.create(&plain_id, &plain, &d).await,
+        Code::FailedPrecondition,
+        "TARGET naming an exited container",
+    );
+    // Those refusals left no container behind.
+    let names: BTreeSet<String> = k
+        .list_containers(None)
+        .await
+        .into_iter()
+        .filter(|c| c.pod_sandbox_id == plain_id)
+        .map(|c| c.metadata.unwrap().name)
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["own".into(), "debug".into(), "brief".into()])
+    );
+    // The debug container goes with its target's namespace: when the target's PID 1 ends,
+    // the kernel ends every process of that namespace.
+    k.stop_container(&own, 0).await.unwrap();
+    let st = k
+        .wait_state(&debug, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!(st.exit_code, 137, "the debug container's exit: {st:?}");
+
     // Stopping the pod ends its PID 1 (and the namespace with it).
     k.stop_pod(&pod_id).await.unwrap();
     let deadline = Instant::now() + STATE_DEADLINE;

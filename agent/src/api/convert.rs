@@ -273,6 +273,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             seccomp: String::new(),
             pidns: String::new(),
             cap_add: Vec::new(),
+            pid_target: String::new(),
         },
     })
 }

@@ -37,6 +37,29 @@ impl RuntimeApi {
     pub fn new(cri: Arc<Cri>) -> Self {
         Self { cri }
     }
+
+    /// The container whose process namespace a new container of pod `p` joins (the TARGET
+    /// mode, as kubelet asks for an ephemeral container made with `kubectl debug --target`):
+    /// one of the same pod. Empty for the other modes. Whether it runs is the engine's check.
+    async fn pid_target(&self, p: &PodRecord, c: &cri::ContainerConfig) -> Result<String, Status> {
+        let Some(ns) = security_of(c).and_then(|s| s.namespace_options.as_ref()) else {
+            return Ok(String::new());
+        };
+        if ns.pid != cri::NamespaceMode::Target as i32 {
+            return Ok(String::new());
+        }
+        match self.cri.store.container(&ns.target_id).await {
+            Some(t) if t.pod == p.id => Ok(t.id),
+            Some(t) => Err(Status::failed_precondition(format!(
+                "config.linux.security_context.namespace_options.target_id: container {} is in pod sandbox {}, not in {}; a container can only join the process namespace of one of its own pod",
+                t.id, t.pod, p.id
+            ))),
+            None => Err(Status::not_found(format!(
+                "config.linux.security_context.namespace_options.target_id: no container {:?}",
+                ns.target_id
+            ))),
+        }
+    }
 }
 
 fn bad(field: &str, reason: impl Into<String>) -> Status {
@@ -1163,10 +1186,11 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
         }
         if let Some(ns) = &sc.namespace_options {
             check_namespaces(&format!("{f}.namespace_options"), ns)?;
-            if ns.pid == cri::NamespaceMode::Target as i32 {
-                return Err(unsupported(&format!(
-                    "{f}.namespace_options.pid = TARGET (another container's process namespace)"
-                )));
+            if ns.pid == cri::NamespaceMode::Target as i32 && ns.target_id.is_empty() {
+                return Err(bad(
+                    &format!("{f}.namespace_options.target_id"),
+                    "must name the container whose process namespace to join (pid = TARGET)",
+                ));
             }
         }
         if let Some(caps) = &sc.capabilities {
@@ -1738,6 +1762,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 "must be an absolute path inside the container",
             ));
         }
+        let pid_target = self.pid_target(&p, &config).await?;
         let mut create = epb::CreateRequest {
             id: id.clone(),
             name: format!("k8s-{id}"),
@@ -1788,6 +1813,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             sysctls: p.sysctls.clone().into_iter().collect(),
             seccomp: localhost_profile_of(&config)?,
             pidns: pod_pidns(&p, &config)?,
+            pid_target,
             cap_drop: config
                 .linux
                 .as_ref()

@@ -164,6 +164,8 @@ pub struct CreateSpec {
     pub pidns: String,
     /// Capabilities added to the default set.
     pub cap_add: Vec<String>,
+    /// A running container of this engine whose process namespace to join (empty: none).
+    pub pid_target: String,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -637,6 +639,16 @@ impl Engine {
                 )));
             }
         }
+        let pid_target = if c.pid_target.is_empty() {
+            None
+        } else {
+            if !c.pidns.is_empty() {
+                return Err(EngineError::Invalid(
+                    "pid_target and pidns: a container joins one process namespace, not two".into(),
+                ));
+            }
+            Some(self.pid_target(&c.pid_target)?)
+        };
         if !c.netns.is_empty() {
             crate::validate::check_id("netns", &c.netns)
                 .map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -674,7 +686,21 @@ impl Engine {
             .map_err(EngineError::Runtime)?;
         let mut c = c;
         c.mounts = staged;
-        let result = self.build(&c, &lowers, &dir);
+        let result = self
+            .build(&c, &lowers, &dir, pid_target.as_ref().map(|t| t.0.as_path()))
+            .and_then(|(pid, phases, io)| {
+                // The target's pid could have been reused between the check and the join: the
+                // new container must be in the namespace that was checked, or it goes.
+                match &pid_target {
+                    Some((_, want)) if ns_id(&format!("/proc/{pid}/ns/pid")).as_ref() != Some(want) => {
+                        Err(EngineError::State(format!(
+                            "pid_target: container {:?} ended while this container was made; its process namespace is gone",
+                            c.pid_target
+                        )))
+                    }
+                    _ => Ok((pid, phases, io)),
+                }
+            });
         match result {
             Ok((pid, phases, io)) => {
                 if let Some(io) = io {
@@ -721,11 +747,37 @@ impl Engine {
         }
     }
 
+    /// The process namespace of a running container of this engine, for another to join: its
+    /// path through the container's init and the namespace's (device, inode), which the joiner
+    /// is checked against once made.
+    fn pid_target(&self, key: &str) -> Result<(PathBuf, (u64, u64)), EngineError> {
+        let r = self.get(key).map_err(|_| {
+            EngineError::NotFound(format!(
+                "pid_target: no container {key:?} in this tenant's engine"
+            ))
+        })?;
+        if r.state != State::Running || r.pid == 0 {
+            return Err(EngineError::State(format!(
+                "pid_target: container {key:?} is {}; only a running container's process namespace can be joined",
+                format!("{:?}", r.state).to_lowercase()
+            )));
+        }
+        let path = PathBuf::from(format!("/proc/{}/ns/pid", r.pid));
+        let id = ns_id(&path.to_string_lossy()).ok_or_else(|| {
+            EngineError::State(format!(
+                "pid_target: container {key:?} ended (its init {} is gone)",
+                r.pid
+            ))
+        })?;
+        Ok((path, id))
+    }
+
     fn build(
         &mut self,
         c: &CreateSpec,
         lowers: &[PathBuf],
         dir: &Path,
+        pid_target: Option<&Path>,
     ) -> Result<(u32, BuildPhases, Option<ContainerIo>), EngineError> {
         let t0 = Instant::now();
         let rt = |what: &str| {
@@ -761,8 +813,9 @@ impl Engine {
             own
         };
         // The pod's process namespace, by its bind mount (its holder checked in `create`).
-        let pidns =
-            (!c.pidns.is_empty()).then(|| super::ns::pidns_path(&self.paths.ns(), &c.pidns));
+        let pidns = (!c.pidns.is_empty())
+            .then(|| super::ns::pidns_path(&self.paths.ns(), &c.pidns))
+            .or_else(|| pid_target.map(Path::to_path_buf));
         let spec = spec::build(&spec::ContainerSpec {
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
@@ -1537,6 +1590,12 @@ fn receive_terminal(listener: &std::os::unix::net::UnixListener) -> std::io::Res
         }
     }
     Err(std::io::Error::other("no descriptor came with the message"))
+}
+
+/// The (device, inode) of a namespace file such as `/proc/PID/ns/pid`; None when it is gone.
+fn ns_id(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn micros(d: Duration) -> u64 {

@@ -381,6 +381,7 @@ impl epb::engine_server::Engine for EngineSvc {
             seccomp: r.seccomp,
             pidns: r.pidns,
             cap_add: r.cap_add,
+            pid_target: r.pid_target,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;
