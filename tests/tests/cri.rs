@@ -2825,6 +2825,144 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
     k.agent.stop().await.unwrap();
 }
 
+/// Host pids of the processes whose command line starts with `argv` (NUL-separated).
+fn host_pids_running(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv.join("\0").into_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            cmd.starts_with(&want).then_some(pid)
+        })
+        .collect()
+}
+
+/// Waits until no process runs `argv`; false when one still does at the deadline.
+async fn gone_within(argv: &[&str], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !host_pids_running(argv).is_empty() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// In a pod's shared process namespace a container's init may leave processes behind (they go
+/// to the pod's PID 1); when the init exits, they are killed, also when it exited while no
+/// engine watched (the next engine finds it exited when it re-adopts the containers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exits() {
+    registry_or_skip!("what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exits");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let shared = cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod as i32,
+        pid: cri::NamespaceMode::Pod as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    let mut pod = k.pod("ns-left", "shared");
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(shared.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod_id = k.ready_pod(&pod).await;
+    let in_pod = |k: &Kubelet, name: &str, script: &str| {
+        let mut c = k.container(&pod, name, &bb.id, &["sh", "-c", script], &[]);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(shared.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c
+    };
+
+    // The init exits; its background child, which keeps forking, would go on under the pod's
+    // PID 1.
+    let c = in_pod(
+        &k,
+        "quits",
+        "(while :; do sleep 705 & sleep 0.02; done) & sleep 0.5; exit 3",
+    );
+    let quits = k.created(&pod_id, &pod, &c).await;
+    k.start_container(&quits).await;
+    let st = k
+        .wait_state(&quits, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!(st.exit_code, 3);
+    assert!(
+        gone_within(&["sleep", "705"], STATE_DEADLINE).await,
+        "the exited container's child still runs: {:?}",
+        host_pids_running(&["sleep", "705"])
+    );
+
+    // The init dies while its engine is stopped; the engine is then killed. The next call
+    // starts a new engine, which finds the container exited and kills what it left.
+    let c = in_pod(&k, "orphans", "sleep 707 & wait");
+    let orphans = k.created(&pod_id, &pod, &c).await;
+    k.running(&orphans).await;
+    let init = k.host_pid(&orphans).await as i32;
+    let deadline = Instant::now() + STATE_DEADLINE;
+    while host_pids_running(&["sleep", "707"]).is_empty() {
+        assert!(Instant::now() < deadline, "the container's child never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let engine: i32 = std::fs::read_to_string(format!("/proc/{init}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        std::fs::read_to_string(format!("/proc/{engine}/cmdline"))
+            .unwrap()
+            .contains("engine"),
+        "the container's parent is its engine"
+    );
+    use nix::{sys::signal::Signal, unistd::Pid};
+    nix::sys::signal::kill(Pid::from_raw(engine), Signal::SIGSTOP).unwrap();
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !host_pids_running(&["sleep", "707"]).is_empty(),
+        "the child outlives its init until an engine sees the exit"
+    );
+    nix::sys::signal::kill(Pid::from_raw(engine), Signal::SIGKILL).unwrap();
+    // Ended (gone, or a zombie until the agent reaps it).
+    let deadline = Instant::now() + STATE_DEADLINE;
+    while std::fs::read_to_string(format!("/proc/{engine}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    }) {
+        assert!(Instant::now() < deadline, "the killed engine did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = k
+        .wait_state(&orphans, cri::ContainerState::ContainerExited)
+        .await;
+    assert!(
+        gone_within(&["sleep", "707"], STATE_DEADLINE).await,
+        "the re-adopted exited container's child still runs: {:?} (status {st:?})",
+        host_pids_running(&["sleep", "707"])
+    );
+    k.stop_pod(&pod_id).await.unwrap();
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// A seccomp or AppArmor profile of type Localhost (a file of the node's).
 fn localhost_profile() -> cri::SecurityProfile {
     cri::SecurityProfile {

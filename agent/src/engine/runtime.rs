@@ -346,6 +346,8 @@ impl Engine {
             && fs::read_to_string(format!("/proc/{}/stat", r.pid))
                 .is_ok_and(|s| !s.contains(") Z "));
         if !alive {
+            // Whatever its init left in a shared process namespace must not go on running.
+            self.kill_leftovers(id);
             self.mark_exited(
                 id,
                 -1,
@@ -1368,18 +1370,64 @@ impl Engine {
     /// namespace of its own has nothing left (its init's exit ended the namespace); one in a
     /// pod's shared namespace may (its init's children go to the pod's PID 1), and a container
     /// that exited must not go on running.
+    ///
+    /// Nothing may escape by forking meanwhile: on cgroup v2 the kernel kills the whole cgroup
+    /// (`cgroup.kill`); on v1 the cgroup is frozen first, signalled, then thawed, and without a
+    /// freezer the listing and killing repeat until no new process shows up.
     fn kill_leftovers(&self, id: &str) {
         let rel = self.cgroup(id);
         let rel = rel.trim_start_matches('/');
-        for h in &self.hierarchies {
-            let Ok(procs) = fs::read_to_string(h.join(rel).join("cgroup.procs")) else {
-                continue;
-            };
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        let dirs: Vec<PathBuf> = self
+            .hierarchies
+            .iter()
+            .map(|h| h.join(rel))
+            .filter(|d| d.join("cgroup.procs").exists())
+            .collect();
+        let procs = |d: &Path| -> Vec<i32> {
+            fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        };
+        let Some(first) = dirs.first() else { return };
+        if procs(first).is_empty() {
             return;
         }
+        if let Some(d) = dirs.iter().find(|d| d.join("cgroup.kill").exists())
+            && fs::write(d.join("cgroup.kill"), "1").is_ok()
+        {
+            return;
+        }
+        let freezer = dirs
+            .iter()
+            .find(|d| d.join("freezer.state").exists())
+            .filter(|d| freeze(d));
+        let mut killed = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let new: Vec<i32> = procs(first)
+                .into_iter()
+                .filter(|p| !killed.contains(p))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                killed.insert(pid);
+            }
+            // Frozen, nothing forked since the listing: one pass got them all.
+            if freezer.is_some() {
+                break;
+            }
+        }
+        if let Some(d) = freezer {
+            // Thawed, the signalled processes die.
+            if let Err(e) = fs::write(d.join("freezer.state"), "THAWED") {
+                tracing::warn!(container = %id, error = %e, "thawing the container's cgroup failed");
+            }
+        }
+        tracing::info!(container = %id, processes = killed.len(), "killed what the container's init left running");
     }
 
     fn mark_exited(&mut self, id: &str, code: i32, message: &str) {
@@ -1590,6 +1638,23 @@ fn receive_terminal(listener: &std::os::unix::net::UnixListener) -> std::io::Res
         }
     }
     Err(std::io::Error::other("no descriptor came with the message"))
+}
+
+/// Freezes a v1 freezer cgroup and waits (up to about 100 ms) until it is frozen; thaws it
+/// again and says false when it does not get there.
+fn freeze(dir: &Path) -> bool {
+    let state = dir.join("freezer.state");
+    if fs::write(&state, "FROZEN").is_err() {
+        return false;
+    }
+    for _ in 0..100 {
+        if fs::read_to_string(&state).is_ok_and(|s| s.trim() == "FROZEN") {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = fs::write(&state, "THAWED");
+    false
 }
 
 /// The (device, inode) of a namespace file such as `/proc/PID/ns/pid`; None when it is gone.

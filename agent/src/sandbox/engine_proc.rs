@@ -64,7 +64,8 @@ impl EngineProcess {
         self.pid
     }
 
-    /// Whether the engine process still runs: one small procfs read, no RPC.
+    /// Whether the engine process still runs: one small procfs read, no RPC. A process that
+    /// ended but is not reaped yet (a zombie, or one being torn down) does not.
     pub fn alive(&self) -> bool {
         start_time(self.pid) == Some(self.start)
     }
@@ -87,7 +88,11 @@ fn start_time(pid: i32) -> Option<u64> {
     // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     // rest starts at field 3 (state); starttime is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// A channel to a live engine and which process it is, or None.
