@@ -2545,6 +2545,23 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
         ..Default::default()
     });
     let pod_id = k.ready_pod(&pod).await;
+    // Its PID 1 is confined by the time the pod is ready (the engine waits for it).
+    let holder: i32 = std::fs::read_to_string(
+        k.agent
+            .dir
+            .path()
+            .join("run/tenants/ns-pid/ns/pods")
+            .join(format!("{pod_id}.pid")),
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{holder}/status")).unwrap();
+    assert!(
+        status.contains("CapEff:\t0000000000000000") && status.contains("NoNewPrivs:\t1"),
+        "the pod's PID 1 when the pod is ready: {status}"
+    );
     let st = k.pod_status(&pod_id).await.unwrap();
     let opts = st.linux.unwrap().namespaces.unwrap().options.unwrap();
     assert_eq!(opts.pid, cri::NamespaceMode::Pod as i32);
@@ -2610,11 +2627,10 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
         .path()
         .join("run/tenants/ns-pid/ns/pods")
         .join(format!("{pod_id}.pid"));
-    let holder: i32 = std::fs::read_to_string(&holder_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&holder_file).unwrap().trim(),
+        holder.to_string()
+    );
     assert!(Path::new(&format!("/proc/{holder}")).exists());
 
     // A pod of its own per container otherwise; POD there is refused.

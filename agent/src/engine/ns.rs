@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::Read,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -241,6 +241,10 @@ fn pidns_root(ns_dir: &Path, name: &str) -> PathBuf {
 
 /// The fd number the tenant's netns is handed to the pod's PID 1 on.
 pub const PAUSE_NETNS_FD: i32 = 3;
+/// The descriptor on which the pod's PID 1 says it has confined itself (one byte, then closed).
+pub const PAUSE_READY_FD: i32 = 4;
+/// How long the engine waits for the pod's PID 1 to confine itself.
+const PAUSE_READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Makes sure pod `name` has a process namespace of its own, owned by the tenant's userns, with
 /// a holder as its PID 1: `exe pause` (named `caas-pause` in its argv), which reaps what is
@@ -282,6 +286,8 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
         nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
     // Closed by a successful exec; written to when the exec fails.
     let (exec_r, exec_w) = nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
+    // Written to by the PID 1 once it has confined itself; closed unwritten if it could not.
+    let (ready_r, ready_w) = nix::unistd::pipe2(cloexec).map_err(|e| step("pipe")(errno(e)))?;
     let child = crate::sys::fork_and_run(|| {
         let root = nix::unistd::Gid::from_raw(0);
         if nix::sched::setns(&user, CloneFlags::CLONE_NEWUSER).is_err()
@@ -299,15 +305,24 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
                 let _ = nix::unistd::setsid();
                 // Standard streams to /dev/null, the tenant's netns on fd 3, and nothing else
                 // of the engine's open across the exec.
+                // The ready pipe first goes out of the way of the numbers it is given below.
+                let Ok(ready) = nix::fcntl::fcntl(
+                    ready_w.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64),
+                ) else {
+                    // SAFETY: _exit ends the process at once, running nothing of the engine's.
+                    unsafe { libc::_exit(126) }
+                };
                 for fd in 0..3 {
                     let _ = nix::unistd::dup2(devnull.as_raw_fd(), fd);
                 }
                 let _ = nix::unistd::dup2(net.as_raw_fd(), PAUSE_NETNS_FD);
+                let _ = nix::unistd::dup2(ready, PAUSE_READY_FD);
                 // SAFETY: close_range(2) takes plain integers; it closes every descriptor above
-                // fd 3 except that it only marks them close-on-exec (flag 4 =
+                // fd 4 except that it only marks them close-on-exec (flag 4 =
                 // CLOSE_RANGE_CLOEXEC), so the exec-failure pipe stays usable until the exec.
                 unsafe {
-                    libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 4u32);
+                    libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 4u32);
                 }
                 let _ = nix::unistd::execv(&exe, &argv);
                 let _ = nix::unistd::write(&exec_w, b"x");
@@ -327,6 +342,7 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
     .map_err(|e| step("fork")(errno(e)))?;
     drop(to_parent_w);
     drop(exec_w);
+    drop(ready_w);
     let mut b = [0u8; 4];
     let read = fs::File::from(to_parent_r).read_exact(&mut b);
     let _ = waitpid(child, None);
@@ -345,6 +361,9 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
                 ),
             )));
         }
+        // No container may join before the PID 1 is confined: until then its root is the
+        // engine's, and a container of the pod could look through /proc/1/root.
+        wait_ready(ready_r)?;
         let pid = i32::from_le_bytes(b);
         let src = format!("/proc/{pid}/ns/pid");
         nix::mount::mount(
@@ -366,6 +385,38 @@ pub fn ensure_pidns(ns_dir: &Path, name: &str, exe: &Path) -> Result<i32, NsErro
         remove_pidns(ns_dir, name);
     }
     result
+}
+
+/// Waits (up to [`PAUSE_READY_WAIT`]) for the pod's PID 1 to say it has confined itself.
+fn wait_ready(ready: OwnedFd) -> Result<(), NsError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let failed = |why: &str| {
+        step("starting the pod's PID 1")(std::io::Error::other(format!(
+            "it {why} (joining the tenant's netns, its own namespaces, the pivot into an empty root, becoming nobody)"
+        )))
+    };
+    let deadline = std::time::Instant::now() + PAUSE_READY_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::from(u16::try_from(left.as_millis().min(60_000)).unwrap_or(60_000));
+        let mut fds = [PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) if left.is_zero() => {
+                return Err(failed(&format!(
+                    "did not confine itself within {} s",
+                    PAUSE_READY_WAIT.as_secs()
+                )));
+            }
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => break,
+            Err(e) => return Err(step("waiting for the pod's PID 1")(errno(e))),
+        }
+    }
+    let mut b = [0u8; 1];
+    match fs::File::from(ready).read(&mut b) {
+        Ok(1) => Ok(()),
+        _ => Err(failed("could not confine itself")),
+    }
 }
 
 /// The bind mount of pod `name`'s process namespace, which its containers join (a namespace
