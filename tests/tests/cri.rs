@@ -2953,6 +2953,33 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
         !host_pids_running(&["sleep", "707"]).is_empty(),
         "the child outlives its init until an engine sees the exit"
     );
+    // A pod PID 1 that no pod holds, as an engine that died right after starting one leaves
+    // it: the tenant's root runs `caas-pause` confined to a root of its own, with no record.
+    let ns_dir = k.agent.dir.path().join("run/tenants/ns-left/ns");
+    let ghost_root = ns_dir.join("pods/ghost.root");
+    std::fs::create_dir_all(&ghost_root).unwrap();
+    let mut ghost = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "exec nsenter --user=\"$1/user\" --setuid 0 --setgid 0 -- bash -c 'exec -a caas-pause \"$0\" pause --root \"$1\"' \"$2\" \"$3\" 3<\"$1/net\" 4>/dev/null",
+            "sh",
+        ])
+        .arg(&ns_dir)
+        .arg(caas_tests::bin("caas-agent"))
+        .arg(&ghost_root)
+        .spawn()
+        .unwrap();
+    let ghost_argv = [
+        "caas-pause",
+        "pause",
+        "--root",
+        ghost_root.to_str().unwrap(),
+    ];
+    let deadline = Instant::now() + STATE_DEADLINE;
+    while host_pids_running(&ghost_argv).is_empty() {
+        assert!(Instant::now() < deadline, "the untracked PID 1 never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     nix::sys::signal::kill(Pid::from_raw(engine), Signal::SIGKILL).unwrap();
     // Ended (gone, or a zombie until the agent reaps it).
     let deadline = Instant::now() + STATE_DEADLINE;
@@ -2973,6 +3000,19 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
         gone_within(&["sleep", "707"], STATE_DEADLINE).await,
         "the re-adopted exited container's child still runs: {:?} (status {st:?})",
         host_pids_running(&["sleep", "707"])
+    );
+    // The new engine killed the untracked PID 1 and kept the pod's own.
+    let gone = gone_within(&ghost_argv, STATE_DEADLINE).await;
+    if !gone {
+        let _ = ghost.kill();
+    }
+    let _ = ghost.wait();
+    assert!(gone, "the untracked pod PID 1 still runs");
+    let st = k.pod_status(&pod_id).await.unwrap();
+    assert_eq!(
+        st.state,
+        cri::PodSandboxState::SandboxReady as i32,
+        "the pod's own PID 1 goes on"
     );
     k.stop_pod(&pod_id).await.unwrap();
     k.remove_pod(&pod_id).await.unwrap();

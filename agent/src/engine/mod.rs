@@ -136,7 +136,7 @@ async fn serve(args: EngineArgs, paths: runtime::Paths, cg: TenantCgroups) -> Re
     } else {
         "exited: the host restarted"
     });
-    engine.unstage_orphan_volumes();
+    engine.clean_up_orphans();
     engine.adopt();
     let adopted = engine.adopted_running();
     let eng = Arc::new(Mutex::new(engine));

@@ -516,6 +516,59 @@ pub fn remove_pidns(ns_dir: &Path, name: &str) {
 }
 
 /// Ends every pod process namespace of the tenant (its engine shuts down, or the tenant goes).
+/// Kills the PID 1s of pod process namespaces that no pod holds: an engine that died between
+/// starting one and recording it left it running, untracked. They are the processes of this
+/// tenant's user namespace that run `caas-pause pause --root <ns_dir>/pods/<name>.root` and
+/// are not `<name>`'s recorded holder. Returns how many were killed.
+pub fn kill_untracked_holders(ns_dir: &Path) -> usize {
+    use std::os::unix::{ffi::OsStrExt, fs::MetadataExt};
+    let same = |a: &fs::Metadata, b: &fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let Ok(userns) = fs::metadata(ns_dir.join("user")) else {
+        return 0;
+    };
+    let pods = ns_dir.join("pods");
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let [b"caas-pause", b"pause", b"--root", root, ..] = args.as_slice() else {
+            continue;
+        };
+        let root = Path::new(std::ffi::OsStr::from_bytes(root));
+        let Some(name) = root
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_suffix(".root"))
+            .filter(|_| root.parent() == Some(pods.as_path()))
+        else {
+            continue;
+        };
+        let in_tenant = fs::metadata(e.path().join("ns/user")).is_ok_and(|m| same(&m, &userns));
+        if !in_tenant || pidns_holder(ns_dir, name) == Some(pid) {
+            continue;
+        }
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+            .is_ok()
+        {
+            tracing::warn!(
+                pod = name,
+                pid,
+                "killed a pod's PID 1 that no pod holds (its engine died making it)"
+            );
+            killed += 1;
+        }
+    }
+    killed
+}
+
 pub fn remove_all_pidns(ns_dir: &Path) {
     let Ok(rd) = fs::read_dir(ns_dir.join("pods")) else {
         return;

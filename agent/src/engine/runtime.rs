@@ -569,9 +569,11 @@ impl Engine {
         super::ns::remove_all_pidns(&self.paths.ns());
     }
 
-    /// Unstages the volumes of containers this engine has no record of (it died creating them).
-    pub fn unstage_orphan_volumes(&self) {
+    /// Unstages the volumes of containers this engine has no record of (it died creating them),
+    /// and kills pod PID 1s it has no record of (it died starting them).
+    pub fn clean_up_orphans(&self) {
         super::volumes::unstage_orphans(&self.paths.run, &|id| self.recs.contains_key(id));
+        super::ns::kill_untracked_holders(&self.paths.ns());
     }
 
     /// Makes (or finds) the pod network namespace `name`; returns the path that holds it.
