@@ -2160,6 +2160,81 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     assert!(!staging.exists(), "the staging outlived its container");
     assert!(empty_dir.join("kept.txt").exists() && hosts.exists());
 
+    // Read-only all the way down (recursiveReadOnly): a mount below the volume is read-only
+    // inside too; a plain read-only volume leaves it as it is (writable here).
+    let features = k
+        .cri
+        .rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .runtime_handlers;
+    for h in &features {
+        let rro = h.features.as_ref().unwrap().recursive_read_only_mounts;
+        assert_eq!(rro, h.name != "caas-vm", "handler {:?}", h.name);
+    }
+    let tree = pod_dir.join("volumes/kubernetes.io~empty-dir/tree");
+    let sub = tree.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0777"),
+    )
+    .unwrap();
+    let mut c = k.container(
+        &pod,
+        "rro",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "touch /plain/sub/f && echo plain-sub-writable; touch /rro/sub/f 2>&1 | grep -q 'Read-only file system' && echo rro-sub-read-only; touch /rro/top 2>/dev/null || echo rro-top-read-only",
+        ],
+        &[],
+    );
+    let mut rro = mount(&tree, "/rro", true);
+    rro.recursive_read_only = true;
+    c.mounts = vec![mount(&tree, "/plain", true), rro.clone()];
+    let (id, st) = k.run(&pod_id, &pod, &c).await;
+    let _ = nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    expect_output(
+        &st,
+        "rro",
+        "plain-sub-writable\nrro-sub-read-only\nrro-top-read-only\n",
+        "",
+    )
+    .await;
+    let reported: Vec<(String, bool, bool)> = st
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.clone(), m.readonly, m.recursive_read_only))
+        .collect();
+    assert_eq!(
+        reported,
+        vec![("/plain".into(), true, false), ("/rro".into(), true, true)]
+    );
+    k.remove_container(&id).await.unwrap();
+    // Not without read-only, and not with a propagation that would bring in mounts later.
+    let mut writable = rro.clone();
+    writable.readonly = false;
+    let mut slave = rro.clone();
+    slave.propagation = cri::MountPropagation::PropagationHostToContainer as i32;
+    for (name, m) in [("rro-rw", writable), ("rro-slave", slave)] {
+        let mut c = k.container(&pod, name, &bb.id, &["true"], &[]);
+        c.mounts = vec![m];
+        let e = expect_code(
+            k.create(&pod_id, &pod, &c).await,
+            Code::InvalidArgument,
+            name,
+        );
+        assert!(e.message().contains("recursive_read_only"), "{e:?}");
+    }
+
     // Elsewhere in kubelet's directory: another pod's, kubelet's plugin dirs, pods/ itself.
     let other = pods.join("other-pod-uid/volumes/kubernetes.io~secret/token");
     std::fs::create_dir_all(&other).unwrap();
@@ -2249,21 +2324,6 @@ async fn unsupported_container_fields_are_refused_by_name() {
                     host_path: "/dev/null".into(),
                     permissions: "rwm".into(),
                 }],
-                ..base.clone()
-            },
-        ),
-        (
-            // Another container's process namespace (ephemeral containers' targetContainerName).
-            "namespace_options.pid",
-            cri::ContainerConfig {
-                linux: security(&|sc| {
-                    sc.namespace_options = Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Pod as i32,
-                        pid: cri::NamespaceMode::Target as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    })
-                }),
                 ..base.clone()
             },
         ),

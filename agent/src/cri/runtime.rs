@@ -881,6 +881,7 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
                 container_path: inside.clone(),
                 host_path: host.clone(),
                 readonly: *ro,
+                recursive_read_only: r.recursive_read_only.contains(inside),
                 ..Default::default()
             })
             .collect(),
@@ -1294,6 +1295,20 @@ fn mounts_of(
         if m.image.as_ref().is_some_and(|im| !im.image.is_empty()) {
             return Err(unsupported(&format!("{} (image volumes)", f("image"))));
         }
+        if m.recursive_read_only && !m.readonly {
+            return Err(bad(
+                &f("recursive_read_only"),
+                "needs readonly: a mount read-only all the way down is read-only itself",
+            ));
+        }
+        if m.recursive_read_only
+            && m.propagation != cri::MountPropagation::PropagationPrivate as i32
+        {
+            return Err(bad(
+                &f("recursive_read_only"),
+                "needs private propagation: mounts that appear below it later could not be made read-only",
+            ));
+        }
         if m.propagation != cri::MountPropagation::PropagationPrivate as i32 {
             return Err(unsupported(&format!(
                 "{} other than private",
@@ -1302,9 +1317,6 @@ fn mounts_of(
         }
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return Err(unsupported(&f("uid_mappings")));
-        }
-        if m.recursive_read_only {
-            return Err(unsupported(&f("recursive_read_only")));
         }
         let host = std::path::Path::new(&m.host_path);
         if !host.is_absolute()
@@ -1382,6 +1394,7 @@ fn mounts_of(
             host_path: real.display().to_string(),
             container_path: m.container_path.clone(),
             readonly: m.readonly,
+            recursive_read_only: m.recursive_read_only,
         });
     }
     Ok(out)
@@ -1881,6 +1894,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .mounts
                 .iter()
                 .map(|m| (m.host_path.clone(), m.container_path.clone(), m.readonly))
+                .collect(),
+            recursive_read_only: create
+                .mounts
+                .iter()
+                .filter(|m| m.recursive_read_only)
+                .map(|m| m.container_path.clone())
                 .collect(),
         };
         // The record first: a container the engine made is never one the CRI does not know.
@@ -2403,10 +2422,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 },
             },
         ];
+        // Volumes (and with them recursive read-only ones) are for user-namespace pods; a VM
+        // tenant's guest does not have the host's paths.
         let handler = |name: &str| cri::RuntimeHandler {
             name: name.into(),
             features: Some(cri::RuntimeHandlerFeatures {
-                recursive_read_only_mounts: false,
+                recursive_read_only_mounts: name != HANDLER_VM,
                 user_namespaces: false,
             }),
         };

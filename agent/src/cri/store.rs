@@ -118,6 +118,9 @@ pub struct ContainerRecord {
     /// Host paths bound in: (host path, container path, read-only).
     #[serde(default)]
     pub mounts: Vec<(String, String, bool)>,
+    /// Container paths of those mounts that are read-only all the way down.
+    #[serde(default)]
+    pub recursive_read_only: Vec<String>,
 }
 
 /// How far a container's output has been copied to its CRI log: byte offsets of the engine's

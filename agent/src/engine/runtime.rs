@@ -135,7 +135,7 @@ pub struct CreateSpec {
     /// Capabilities dropped from the default set.
     pub cap_drop: Vec<String>,
     /// Host paths bound in: (host path, container path, read-only).
-    pub mounts: Vec<(PathBuf, String, bool)>,
+    pub mounts: Vec<spec::Bind>,
     /// The init's OOM score adjustment.
     pub oom_score_adj: Option<i32>,
     /// Mount the root filesystem read-only.
@@ -679,10 +679,20 @@ impl Engine {
                 "oom_score_adj: {v} is outside -1000..=1000"
             )));
         }
-        if let Some((i, (host, _, _))) = c.mounts.iter().enumerate().find(|(_, m)| !m.0.exists()) {
+        if let Some((i, m)) = c.mounts.iter().enumerate().find(|(_, m)| !m.host.exists()) {
             return Err(EngineError::Invalid(format!(
                 "mounts[{i}]: host path {} does not exist on this node",
-                host.display()
+                m.host.display()
+            )));
+        }
+        if let Some((i, _)) = c
+            .mounts
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.recursive_read_only && !m.readonly)
+        {
+            return Err(EngineError::Invalid(format!(
+                "mounts[{i}]: recursive_read_only needs readonly"
             )));
         }
         // Volumes are bound where the tenant's root can reach them, then bound in from there.

@@ -365,7 +365,12 @@ impl epb::engine_server::Engine for EngineSvc {
             mounts: r
                 .mounts
                 .into_iter()
-                .map(|m| (PathBuf::from(m.host_path), m.container_path, m.readonly))
+                .map(|m| crate::engine::spec::Bind {
+                    host: PathBuf::from(m.host_path),
+                    inside: m.container_path,
+                    readonly: m.readonly,
+                    recursive_read_only: m.recursive_read_only,
+                })
                 .collect(),
             oom_score_adj: r.oom_score_adj,
             readonly_rootfs: r.readonly_rootfs,

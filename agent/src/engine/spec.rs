@@ -15,6 +15,18 @@ use oci_spec::runtime::{
 
 use crate::cgroups::tenant::CFS_PERIOD_US;
 
+/// A host path bound into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// Absolute host path (file or directory).
+    pub host: std::path::PathBuf,
+    /// Absolute path inside.
+    pub inside: String,
+    pub readonly: bool,
+    /// With `readonly`: the mounts below `host` are read-only inside too.
+    pub recursive_read_only: bool,
+}
+
 /// What a container runs and within which limits.
 #[derive(Debug, Clone)]
 pub struct ContainerSpec<'a> {
@@ -61,7 +73,7 @@ pub struct ContainerSpec<'a> {
     /// Capabilities added to the default set (of the tenant's user namespace).
     pub cap_add: &'a [String],
     /// Host paths bound in: (host path, container path, read-only).
-    pub mounts: &'a [(std::path::PathBuf, String, bool)],
+    pub mounts: &'a [Bind],
     /// Mount the root filesystem read-only.
     pub readonly_rootfs: bool,
     /// Extra group ids of the process.
@@ -320,17 +332,21 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     spec.set_process(Some(process));
     if !c.mounts.is_empty() {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
-        for (host, inside, ro) in c.mounts {
-            check_bind(host, inside)?;
+        for b in c.mounts {
+            check_bind(&b.host, &b.inside)?;
             let mut options: Vec<String> = ["rbind", "rprivate", "nosuid", "nodev"]
                 .map(String::from)
                 .to_vec();
-            options.push(if *ro { "ro" } else { "rw" }.into());
+            options.push(if b.readonly { "ro" } else { "rw" }.into());
+            // Mounts below it read-only too (mount_setattr with AT_RECURSIVE).
+            if b.readonly && b.recursive_read_only {
+                options.push("rro".into());
+            }
             mounts.push(
                 MountBuilder::default()
-                    .destination(inside)
+                    .destination(&b.inside)
                     .typ("bind")
-                    .source(host)
+                    .source(&b.host)
                     .options(options)
                     .build()?,
             );

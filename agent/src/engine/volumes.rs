@@ -22,6 +22,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::spec::Bind;
 use nix::{
     fcntl::{OFlag, OpenHow, ResolveFlag},
     mount::{MntFlags, MsFlags},
@@ -72,12 +73,7 @@ fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
 /// Binds each `(host path, container path, read-only)` at a staging path and returns the same
 /// list with the staging paths. `gid` is the host id of the tenant's root group. On error,
 /// what was staged is undone.
-pub fn stage(
-    run: &Path,
-    id: &str,
-    gid: u32,
-    mounts: &[(PathBuf, String, bool)],
-) -> Result<Vec<(PathBuf, String, bool)>, String> {
+pub fn stage(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind>, String> {
     if mounts.is_empty() {
         return Ok(Vec::new());
     }
@@ -88,17 +84,13 @@ pub fn stage(
     r
 }
 
-fn stage_all(
-    run: &Path,
-    id: &str,
-    gid: u32,
-    mounts: &[(PathBuf, String, bool)],
-) -> Result<Vec<(PathBuf, String, bool)>, String> {
+fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind>, String> {
     prepare(run, gid)?;
     let base = dir(run, id);
     crate::fsutil::ensure_dir(&base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
     let mut out = Vec::with_capacity(mounts.len());
-    for (i, (host, inside, ro)) in mounts.iter().enumerate() {
+    for (i, m) in mounts.iter().enumerate() {
+        let host = &m.host;
         // The agent checked the path with every symlink resolved; opened now with no symlink
         // allowed on the way, a component swapped for a link since then is refused, and the
         // bind is made from what was opened, not from the name again.
@@ -144,7 +136,10 @@ fn stage_all(
             None::<&str>,
         )
         .map_err(|e| format!("mounts[{i}]: making {} private: {e}", at.display()))?;
-        out.push((at, inside.clone(), *ro));
+        out.push(Bind {
+            host: at,
+            ..m.clone()
+        });
     }
     Ok(out)
 }
