@@ -2901,6 +2901,59 @@ async fn a_pods_containers_share_a_process_namespace_when_asked() {
     k.agent.stop().await.unwrap();
 }
 
+/// Sends SIGKILL to a process when dropped or asked, through a pidfd: never to another
+/// process that got its pid since.
+struct KillOnDrop(Option<std::os::fd::OwnedFd>);
+
+impl KillOnDrop {
+    fn new(pid: i32) -> Self {
+        // SAFETY: pidfd_open(2) takes plain values and returns a new descriptor or -1.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0u32) };
+        assert!(
+            fd >= 0,
+            "pidfd_open {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the descriptor is new and owned by nothing else.
+        Self(Some(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(i32::try_from(fd).unwrap())
+        }))
+    }
+
+    fn kill(&self) {
+        if let Some(fd) = &self.0 {
+            // SAFETY: plain values and a descriptor this guard owns.
+            unsafe {
+                nix::libc::syscall(
+                    nix::libc::SYS_pidfd_send_signal,
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    nix::libc::SIGKILL,
+                    std::ptr::null::<nix::libc::siginfo_t>(),
+                    0u32,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A child process killed and reaped when dropped, unless taken.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Host pids of the processes whose command line starts with `argv` (NUL-separated).
 fn host_pids_running(argv: &[&str]) -> Vec<i32> {
     let want: Vec<u8> = argv.join("\0").into_bytes();
@@ -3006,6 +3059,8 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
         "the container's parent is its engine"
     );
     use nix::{sys::signal::Signal, unistd::Pid};
+    // Killed when this test ends, whichever way: a failure must not leave the engine stopped.
+    let engine_guard = KillOnDrop::new(engine);
     nix::sys::signal::kill(Pid::from_raw(engine), Signal::SIGSTOP).unwrap();
     nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -3018,7 +3073,7 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
     let ns_dir = k.agent.dir.path().join("run/tenants/ns-left/ns");
     let ghost_root = ns_dir.join("pods/ghost.root");
     std::fs::create_dir_all(&ghost_root).unwrap();
-    let mut ghost = std::process::Command::new("sh")
+    let ghost = std::process::Command::new("sh")
         .args([
             "-c",
             "exec nsenter --user=\"$1/user\" --setuid 0 --setgid 0 -- bash -c 'exec -a caas-pause \"$0\" pause --root \"$1\"' \"$2\" \"$3\" 3<\"$1/net\" 4>/dev/null",
@@ -3029,18 +3084,27 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
         .arg(&ghost_root)
         .spawn()
         .unwrap();
+    let mut ghost = ChildGuard(Some(ghost));
     let ghost_argv = [
         "caas-pause",
         "pause",
         "--root",
         ghost_root.to_str().unwrap(),
     ];
+    // Confined like a real one (so it goes on by itself until killed).
+    let ghost_pid = ghost.0.as_ref().unwrap().id();
     let deadline = Instant::now() + STATE_DEADLINE;
-    while host_pids_running(&ghost_argv).is_empty() {
-        assert!(Instant::now() < deadline, "the untracked PID 1 never ran");
+    while !std::fs::read_to_string(format!("/proc/{ghost_pid}/status"))
+        .is_ok_and(|s| s.contains("NoNewPrivs:\t1"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the untracked PID 1 never confined itself"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    nix::sys::signal::kill(Pid::from_raw(engine), Signal::SIGKILL).unwrap();
+    assert_eq!(host_pids_running(&ghost_argv), vec![ghost_pid as i32]);
+    engine_guard.kill();
     // Ended (gone, or a zombie until the agent reaps it).
     let deadline = Instant::now() + STATE_DEADLINE;
     while std::fs::read_to_string(format!("/proc/{engine}/stat")).is_ok_and(|s| {
@@ -3063,11 +3127,13 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
     );
     // The new engine killed the untracked PID 1 and kept the pod's own.
     let gone = gone_within(&ghost_argv, STATE_DEADLINE).await;
-    if !gone {
-        let _ = ghost.kill();
-    }
-    let _ = ghost.wait();
     assert!(gone, "the untracked pod PID 1 still runs");
+    let status = ghost.0.take().unwrap().wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the untracked pod PID 1 was killed: {status:?}"
+    );
     let st = k.pod_status(&pod_id).await.unwrap();
     assert_eq!(
         st.state,

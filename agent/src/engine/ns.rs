@@ -414,7 +414,7 @@ fn wait_ready(ready: OwnedFd) -> Result<(), NsError> {
     }
     let mut b = [0u8; 1];
     match fs::File::from(ready).read(&mut b) {
-        Ok(1) => Ok(()),
+        Ok(1) if b[0] == b'1' => Ok(()),
         _ => Err(failed("could not confine itself")),
     }
 }
@@ -515,11 +515,11 @@ pub fn remove_pidns(ns_dir: &Path, name: &str) {
     let _ = fs::remove_dir(pidns_root(ns_dir, name));
 }
 
-/// Ends every pod process namespace of the tenant (its engine shuts down, or the tenant goes).
 /// Kills the PID 1s of pod process namespaces that no pod holds: an engine that died between
 /// starting one and recording it left it running, untracked. They are the processes of this
 /// tenant's user namespace that run `caas-pause pause --root <ns_dir>/pods/<name>.root` and
-/// are not `<name>`'s recorded holder. Returns how many were killed.
+/// are not `<name>`'s recorded holder; what such a one left of its files goes too. Returns how
+/// many were killed.
 pub fn kill_untracked_holders(ns_dir: &Path) -> usize {
     use std::os::unix::{ffi::OsStrExt, fs::MetadataExt};
     let same = |a: &fs::Metadata, b: &fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
@@ -533,6 +533,16 @@ pub fn kill_untracked_holders(ns_dir: &Path) -> usize {
     let mut killed = 0;
     for e in procs.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // The user namespace first: only this tenant's processes have their command line read
+        // (reading another's can wait on its memory map).
+        if !fs::metadata(e.path().join("ns/user")).is_ok_and(|m| same(&m, &userns)) {
+            continue;
+        }
+        // Held from here on, so that the pid cannot be another process's by the time it is
+        // signalled.
+        let Ok(pidfd) = pidfd_open(pid) else {
             continue;
         };
         let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
@@ -551,24 +561,48 @@ pub fn kill_untracked_holders(ns_dir: &Path) -> usize {
         else {
             continue;
         };
-        let in_tenant = fs::metadata(e.path().join("ns/user")).is_ok_and(|m| same(&m, &userns));
-        if !in_tenant || pidns_holder(ns_dir, name) == Some(pid) {
+        let holder = pidns_holder(ns_dir, name);
+        if holder == Some(pid) {
             continue;
         }
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
-            .is_ok()
-        {
+        // SAFETY: pidfd_send_signal(2) takes a descriptor this function owns and plain values.
+        let sent = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        } == 0;
+        if sent {
             tracing::warn!(
                 pod = name,
                 pid,
                 "killed a pod's PID 1 that no pod holds (its engine died making it)"
             );
             killed += 1;
+            if holder.is_none() {
+                remove_pidns(ns_dir, name);
+            }
         }
     }
     killed
 }
 
+/// A pidfd for `pid` (pidfd_open(2)).
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes plain values and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the descriptor is new and owned by nothing else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Ends every pod process namespace of the tenant (its engine shuts down, or the tenant goes).
 pub fn remove_all_pidns(ns_dir: &Path) {
     let Ok(rd) = fs::read_dir(ns_dir.join("pods")) else {
         return;

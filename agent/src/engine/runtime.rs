@@ -700,8 +700,19 @@ impl Engine {
             .map_err(EngineError::Runtime)?;
         let mut c = c;
         c.mounts = staged;
+        // A target that ended while this container was made fails its build too: that is the
+        // target's state, not an error of the engine's.
+        let target_gone = |t: &(PathBuf, (u64, u64))| {
+            (ns_id(&t.0.to_string_lossy()).as_ref() != Some(&t.1)).then(|| {
+                EngineError::State(format!(
+                    "pid_target: container {:?} ended while this container was made; its process namespace is gone",
+                    c.pid_target
+                ))
+            })
+        };
         let result = self
             .build(&c, &lowers, &dir, pid_target.as_ref().map(|t| t.0.as_path()))
+            .map_err(|e| pid_target.as_ref().and_then(target_gone).unwrap_or(e))
             .and_then(|(pid, phases, io)| {
                 // The target's pid could have been reused between the check and the join: the
                 // new container must be in the namespace that was checked, or it goes.
@@ -1434,9 +1445,11 @@ impl Engine {
             }
         }
         if let Some(d) = freezer {
-            // Thawed, the signalled processes die.
-            if let Err(e) = fs::write(d.join("freezer.state"), "THAWED") {
-                tracing::warn!(container = %id, error = %e, "thawing the container's cgroup failed");
+            // Thawed, the signalled processes die. (An engine that dies before this leaves the
+            // cgroup frozen; the next one finds the container exited and comes here again.)
+            let thawed = (0..10).any(|_| fs::write(d.join("freezer.state"), "THAWED").is_ok());
+            if !thawed {
+                tracing::error!(container = %id, cgroup = %d.display(), "thawing the container's cgroup failed; its processes stay frozen");
             }
         }
         tracing::info!(container = %id, processes = killed.len(), "killed what the container's init left running");
