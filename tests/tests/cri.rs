@@ -2277,6 +2277,138 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     k.agent.stop().await.unwrap();
 }
 
+/// An image volume (kubelet's ImageVolume) is the read-only union of an image's layers, bound
+/// where the container asks: one of several layers (an overlay without an upper layer) and one
+/// of a single layer (the layer itself, bound read-only). Its files run; nothing is written.
+/// The image counts as in use while the container exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_volumes_are_read_only_views_of_an_images_layers() {
+    registry_or_skip!("image_volumes_are_read_only_views_of_an_images_layers");
+    let (mut k, mut images, bb) = Kubelet::with_registry().await;
+    let hello = LayerTar::new()
+        .dir("data")
+        .file("data/hello.txt", b"hello from a layer\n")
+        .into_tar();
+    let app = images
+        .push("app", images.busybox().layer(hello, Compression::Gzip))
+        .await;
+    let pod = k.pod("ns-imgvol", "iv");
+    let pod_id = k.ready_pod(&pod).await;
+    let image_mount = |image: &str, inside: &str, readonly: bool| cri::Mount {
+        container_path: inside.into(),
+        readonly,
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Not pulled yet: NOT_FOUND, naming the mount.
+    let mut c = k.container(&pod, "early", &bb.id, &["true"], &[]);
+    c.mounts = vec![image_mount(&app.reference, "/vol", true)];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::NotFound,
+        "an image volume of an image not pulled",
+    );
+    assert!(e.message().contains("mounts[0].image"), "{e:?}");
+    k.pull(&app.reference, None).await.unwrap();
+
+    let mut c = k.container(
+        &pod,
+        "iv",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "cat /vol/data/hello.txt; /vol/bin/busybox echo runs-from-the-volume; touch /vol/x 2>&1 | grep -q 'Read-only file system' && echo vol-read-only; test -x /one/bin/busybox && echo one-layer; touch /one/y 2>/dev/null || echo one-read-only",
+        ],
+        &[],
+    );
+    c.mounts = vec![
+        image_mount(&app.reference, "/vol", true),
+        image_mount(&bb.reference, "/one", true),
+    ];
+    let id = k.created(&pod_id, &pod, &c).await;
+    let staged = k
+        .agent
+        .dir
+        .path()
+        .join("run/tenants/ns-imgvol/volumes")
+        .join(&id);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let overlay = mountinfo
+        .lines()
+        .find(|l| l.contains(&format!("{}/0 ", staged.display())))
+        .unwrap_or_else(|| panic!("the image volume is not staged: {mountinfo}"));
+    assert!(
+        overlay.contains(" - overlay ") && overlay.contains(" ro,"),
+        "several layers: a read-only overlay: {overlay}"
+    );
+    k.start_container(&id).await;
+    let st = k
+        .wait_state(&id, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    expect_output(
+        &st,
+        "iv",
+        "hello from a layer\nruns-from-the-volume\nvol-read-only\none-layer\none-read-only\n",
+        "",
+    )
+    .await;
+    let reported: Vec<(String, String, bool, Option<String>)> = st
+        .mounts
+        .iter()
+        .map(|m| {
+            (
+                m.container_path.clone(),
+                m.host_path.clone(),
+                m.readonly,
+                m.image.as_ref().map(|i| i.image.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reported,
+        vec![
+            (
+                "/vol".into(),
+                String::new(),
+                true,
+                Some(app.reference.clone())
+            ),
+            (
+                "/one".into(),
+                String::new(),
+                true,
+                Some(bb.reference.clone())
+            ),
+        ]
+    );
+    // In use while the container exists.
+    expect_code(
+        k.remove_image(&app.reference).await,
+        Code::FailedPrecondition,
+        "removing an image a container has as a volume",
+    );
+    k.remove_container(&id).await.unwrap();
+    assert!(!staged.exists(), "the staging outlived its container");
+    k.remove_image(&app.reference).await.unwrap();
+
+    // Read-only or nothing.
+    let mut c = k.container(&pod, "rw", &bb.id, &["true"], &[]);
+    c.mounts = vec![image_mount(&bb.reference, "/vol", false)];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::InvalidArgument,
+        "a writable image volume",
+    );
+    assert!(e.message().contains("mounts[0].readonly"), "{e:?}");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// Fields the runtime does not support yet are refused with UNIMPLEMENTED naming the field, and
 /// make no container (or, for pod fields, no pod). (Update this test as they become supported.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -337,7 +337,19 @@ impl cri::image_service_server::ImageService for ImageApi {
                 .list_containers(Some(&tenant))
                 .await
             {
-                Ok(cs) => cs.into_iter().map(|c| (c.name, c.image)).collect(),
+                Ok(cs) => {
+                    let mut users: Vec<(String, String)> =
+                        cs.into_iter().map(|c| (c.name, c.image)).collect();
+                    // Pods' containers that have it as a volume use it too.
+                    for c in self.cri.store.containers().await {
+                        if c.tenant == tenant {
+                            for image in c.image_mounts.values() {
+                                users.push((format!("k8s-{}", c.id), image.clone()));
+                            }
+                        }
+                    }
+                    users
+                }
                 Err(crate::sandbox::SandboxError::Tenant(
                     crate::tenants::TenantError::NotFound { .. },
                 )) => continue,

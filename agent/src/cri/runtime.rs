@@ -882,6 +882,10 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
                 host_path: host.clone(),
                 readonly: *ro,
                 recursive_read_only: r.recursive_read_only.contains(inside),
+                image: r.image_mounts.get(inside).map(|image| cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .collect(),
@@ -1293,7 +1297,32 @@ fn mounts_of(
     for (i, m) in c.mounts.iter().enumerate() {
         let f = |name: &str| format!("config.mounts[{i}].{name}");
         if m.image.as_ref().is_some_and(|im| !im.image.is_empty()) {
-            return Err(unsupported(&format!("{} (image volumes)", f("image"))));
+            // An image volume: its layers are filled in once the image is found (see
+            // `image_volumes`).
+            if !m.readonly {
+                return Err(bad(
+                    &f("readonly"),
+                    "an image volume is read-only: set readonly",
+                ));
+            }
+            if m.propagation != cri::MountPropagation::PropagationPrivate as i32
+                || !m.uid_mappings.is_empty()
+                || !m.gid_mappings.is_empty()
+            {
+                return Err(unsupported(&format!(
+                    "{} with propagation or id mappings",
+                    f("image")
+                )));
+            }
+            check_container_path(&f("container_path"), &m.container_path)?;
+            out.push(epb::BindMount {
+                host_path: String::new(),
+                container_path: m.container_path.clone(),
+                readonly: true,
+                recursive_read_only: m.recursive_read_only,
+                image_layers: Vec::new(),
+            });
+            continue;
         }
         if m.recursive_read_only && !m.readonly {
             return Err(bad(
@@ -1376,28 +1405,35 @@ fn mounts_of(
                     .join(", ")
             )));
         }
-        let inside = std::path::Path::new(&m.container_path);
-        if !inside.is_absolute()
-            || inside
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-            || inside == std::path::Path::new("/")
-            || inside.starts_with("/proc")
-            || inside.starts_with("/sys")
-        {
-            return Err(bad(
-                &f("container_path"),
-                "must be an absolute path without `..`, and not /, /proc or /sys",
-            ));
-        }
+        check_container_path(&f("container_path"), &m.container_path)?;
         out.push(epb::BindMount {
             host_path: real.display().to_string(),
             container_path: m.container_path.clone(),
             readonly: m.readonly,
             recursive_read_only: m.recursive_read_only,
+            image_layers: Vec::new(),
         });
     }
     Ok(out)
+}
+
+/// Where a volume may go inside a container.
+fn check_container_path(field: &str, path: &str) -> Result<(), Status> {
+    let inside = std::path::Path::new(path);
+    if !inside.is_absolute()
+        || inside
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        || inside == std::path::Path::new("/")
+        || inside.starts_with("/proc")
+        || inside.starts_with("/sys")
+    {
+        return Err(bad(
+            field,
+            "must be an absolute path without `..`, and not /, /proc or /sys",
+        ));
+    }
+    Ok(())
 }
 
 /// The `user` an engine is given from a container's security context (None: the image's).
@@ -1853,6 +1889,30 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 "config.mounts in a VM tenant (host paths are not in the guest)",
             ));
         }
+        // Image volumes: the layers of the image, as the tenant's store holds them (pulled
+        // first, as kubelet does for a container's own image).
+        let mut image_mounts = BTreeMap::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            let Some(im) = m.image.as_ref().filter(|im| !im.image.is_empty()) else {
+                continue;
+            };
+            let vol = self
+                .cri
+                .image_for(&p.tenant, &im.image, &ctx)
+                .await
+                .map_err(|e| {
+                    Status::new(
+                        e.code(),
+                        format!("config.mounts[{i}].image: {}", e.message()),
+                    )
+                })?;
+            create.mounts[i].image_layers = vol
+                .lower_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
+            image_mounts.insert(m.container_path.clone(), im.image.clone());
+        }
         let image_id = rootfs.image.config_digest.to_string();
         convert::apply_image(&mut create, rootfs)?;
         if let Some(u) = user {
@@ -1901,6 +1961,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .filter(|m| m.recursive_read_only)
                 .map(|m| m.container_path.clone())
                 .collect(),
+            image_mounts,
         };
         // The record first: a container the engine made is never one the CRI does not know.
         self.cri

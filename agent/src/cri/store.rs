@@ -121,6 +121,9 @@ pub struct ContainerRecord {
     /// Container paths of those mounts that are read-only all the way down.
     #[serde(default)]
     pub recursive_read_only: Vec<String>,
+    /// Image volumes: container path to the image as kubelet named it.
+    #[serde(default)]
+    pub image_mounts: BTreeMap<String, String>,
 }
 
 /// How far a container's output has been copied to its CRI log: byte offsets of the engine's

@@ -679,7 +679,28 @@ impl Engine {
                 "oom_score_adj: {v} is outside -1000..=1000"
             )));
         }
-        if let Some((i, m)) = c.mounts.iter().enumerate().find(|(_, m)| !m.host.exists()) {
+        if let Some((i, _)) = c
+            .mounts
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !m.image_layers.is_empty() && !m.readonly)
+        {
+            return Err(EngineError::Invalid(format!(
+                "mounts[{i}]: an image volume is read-only (set readonly)"
+            )));
+        }
+        if let Some((i, m)) = c.mounts.iter().enumerate().find(|(_, m)| {
+            if m.image_layers.is_empty() {
+                !m.host.exists()
+            } else {
+                m.image_layers.iter().any(|l| !l.is_dir())
+            }
+        }) {
+            if !m.image_layers.is_empty() {
+                return Err(EngineError::Invalid(format!(
+                    "mounts[{i}]: a layer of the image volume is not in the tenant's image store"
+                )));
+            }
             return Err(EngineError::Invalid(format!(
                 "mounts[{i}]: host path {} does not exist on this node",
                 m.host.display()

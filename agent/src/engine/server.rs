@@ -370,6 +370,7 @@ impl epb::engine_server::Engine for EngineSvc {
                     inside: m.container_path,
                     readonly: m.readonly,
                     recursive_read_only: m.recursive_read_only,
+                    image_layers: m.image_layers.into_iter().map(PathBuf::from).collect(),
                 })
                 .collect(),
             oom_score_adj: r.oom_score_adj,

@@ -25,6 +25,9 @@ pub struct Bind {
     pub readonly: bool,
     /// With `readonly`: the mounts below `host` are read-only inside too.
     pub recursive_read_only: bool,
+    /// An image volume: the read-only union of these layers (topmost first) is staged and
+    /// bound instead of `host`.
+    pub image_layers: Vec<std::path::PathBuf>,
 }
 
 /// What a container runs and within which limits.

@@ -90,7 +90,17 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
     crate::fsutil::ensure_dir(&base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
     let mut out = Vec::with_capacity(mounts.len());
     for (i, m) in mounts.iter().enumerate() {
-        let host = &m.host;
+        if m.image_layers.len() > 1 {
+            let at = base.join(i.to_string());
+            stage_image(&at, &m.image_layers).map_err(|e| format!("mounts[{i}]: {e}"))?;
+            out.push(Bind {
+                host: at,
+                ..m.clone()
+            });
+            continue;
+        }
+        // An image of one layer is that layer, bound like a host path (read-only).
+        let host = m.image_layers.first().unwrap_or(&m.host);
         // The agent checked the path with every symlink resolved; opened now with no symlink
         // allowed on the way, a component swapped for a link since then is refused, and the
         // bind is made from what was opened, not from the name again.
@@ -142,6 +152,50 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
         });
     }
     Ok(out)
+}
+
+/// Mounts the read-only union of an image's layers (topmost first) on a new directory `at`,
+/// private like every staged volume. (An overlay without an upper layer is read-only.)
+fn stage_image(at: &Path, layers: &[PathBuf]) -> Result<(), String> {
+    fs::create_dir(at).map_err(|e| format!("{}: {e}", at.display()))?;
+    let lowerdir = layers
+        .iter()
+        .map(|l| {
+            let s = l.display().to_string();
+            // `:` separates layers and `,` options in the overlay's mount options.
+            if s.contains([':', ',', '\\']) {
+                Err(format!(
+                    "image layer {s:?}: a path with ':', ',' or '\\' cannot be an overlay layer"
+                ))
+            } else {
+                Ok(s)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .join(":");
+    let opts = format!("lowerdir={lowerdir}");
+    if opts.len() >= 4096 {
+        return Err(format!(
+            "the image's {} layer paths do not fit in the overlay's 4096-byte mount options",
+            layers.len()
+        ));
+    }
+    nix::mount::mount(
+        Some("overlay"),
+        at,
+        Some("overlay"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| format!("mounting the image's layers on {}: {e}", at.display()))?;
+    nix::mount::mount(
+        None::<&str>,
+        at,
+        None::<&str>,
+        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making {} private: {e}", at.display()))
 }
 
 /// Unmounts and removes a container's staged volumes; none is fine.
