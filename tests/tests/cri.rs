@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used)] // integration-test helpers panic on purpose: that is a failing test
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -2185,6 +2185,14 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
         Some("mode=0777"),
     )
     .unwrap();
+    // Unmounted however the test ends.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let sub_mount = Unmount(sub.clone());
     let mut c = k.container(
         &pod,
         "rro",
@@ -2200,7 +2208,7 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     rro.recursive_read_only = true;
     c.mounts = vec![mount(&tree, "/plain", true), rro.clone()];
     let (id, st) = k.run(&pod_id, &pod, &c).await;
-    let _ = nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH);
+    drop(sub_mount);
     assert_eq!(st.exit_code, 0, "{st:?}");
     expect_output(
         &st,
@@ -2274,6 +2282,84 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
     );
     assert!(hosts.exists() && empty_dir.join("out.txt").exists());
     let _ = k.remove_pod(&pod_id).await;
+    k.agent.stop().await.unwrap();
+}
+
+/// A tag that moves on (pulled again, with other content) leaves the image it named in place,
+/// untagged and known by its digest and id, while a container runs on its layers: the
+/// container keeps its files, and the old image can be removed only once the container is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it() {
+    registry_or_skip!("a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it");
+    let (mut k, mut images, bb) = Kubelet::with_registry().await;
+    let layer = |text: &[u8]| {
+        LayerTar::new()
+            .dir("data")
+            .file("data/which.txt", text)
+            .into_tar()
+    };
+    let old = images
+        .push(
+            "moving",
+            images.busybox().layer(layer(b"old\n"), Compression::Gzip),
+        )
+        .await;
+    // Pulled for the pod, as kubelet does (its tenant's store).
+    let pod = k.pod("ns-moving", "m");
+    let pod_id = k.ready_pod(&pod).await;
+    assert_eq!(k.pull(&old.reference, Some(&pod)).await.unwrap(), old.id);
+    let c = k.container(&pod, "on-old", &old.reference, &["sleep", "600"], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+
+    let new = images
+        .push(
+            "moving",
+            images.busybox().layer(layer(b"new\n"), Compression::Gzip),
+        )
+        .await;
+    assert_eq!(new.reference, old.reference);
+    assert_ne!(new.id, old.id);
+    assert_eq!(k.pull(&new.reference, Some(&pod)).await.unwrap(), new.id);
+    // The running container still has its image's files.
+    let r = k.exec(&id, &["cat", "/data/which.txt"]).await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "old\n", "{r:?}");
+    // Both in the pod's tenant: the tag with the new image, the old one untagged, by digest.
+    let listed: BTreeMap<String, (Vec<String>, usize)> = k
+        .list_images(None)
+        .await
+        .into_iter()
+        .filter(|i| i.id == old.id || i.id == new.id)
+        .map(|i| (i.id.clone(), (i.repo_tags.clone(), i.repo_digests.len())))
+        .collect();
+    assert_eq!(
+        listed.get(&new.id),
+        Some(&(vec![new.reference.clone()], 1)),
+        "{listed:?}"
+    );
+    assert_eq!(listed.get(&old.id), Some(&(Vec::new(), 1)), "{listed:?}");
+    // In use by the container, by id.
+    expect_code(
+        k.remove_image(&old.id).await,
+        Code::FailedPrecondition,
+        "removing the old image under a container",
+    );
+    k.remove_container(&id).await.unwrap();
+    k.remove_image(&old.id).await.unwrap();
+    assert!(k.image_status(&old.id).await.is_none());
+    assert!(k.image_status(&new.reference).await.is_some());
+    // A container of the new one sees the new files.
+    let c = k.container(
+        &pod,
+        "on-new",
+        &new.reference,
+        &["cat", "/data/which.txt"],
+        &[],
+    );
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    expect_output(&st, "on-new", "new\n", "").await;
+    let _ = bb;
+    k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
 
@@ -2409,6 +2495,98 @@ async fn image_volumes_are_read_only_views_of_an_images_layers() {
     k.agent.stop().await.unwrap();
 }
 
+/// A device a pod asks for (as device plugins do) is given when the node's operator lists it
+/// in `[cri] allowed_devices`: the node is bound in and its major:minor allowed in the
+/// container's device cgroup with the access asked for, and to no other container. Anything
+/// not listed is PERMISSION_DENIED; what is not a device, INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_listed_by_the_operator_are_given_to_the_containers_that_ask() {
+    registry_or_skip!("devices_listed_by_the_operator_are_given_to_the_containers_that_ask");
+    // A node of its own with the fuse device's numbers (10:229: not among the defaults, and
+    // opening it does nothing), open to all as device plugins' nodes usually are.
+    let devs = tempfile::tempdir().unwrap();
+    let fuse = devs.path().join("fuse");
+    nix::sys::stat::mknod(
+        &fuse,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(10, 229),
+    )
+    .unwrap();
+    // (mknod's mode goes through the umask.)
+    std::fs::set_permissions(&fuse, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let plain = devs.path().join("plain");
+    std::fs::write(&plain, "not a device").unwrap();
+    let allowed = vec![fuse.clone(), plain.clone()];
+    let (mut k, _images, bb) =
+        Kubelet::with_registry_and(move |c| c.cri.allowed_devices = allowed).await;
+    let pod = k.pod("ns-dev", "d");
+    let pod_id = k.ready_pod(&pod).await;
+    let device = |host: &Path, access: &str| cri::Device {
+        container_path: "/dev/fuse".into(),
+        host_path: host.display().to_string(),
+        permissions: access.into(),
+    };
+    let script = "test -c /dev/fuse && echo is-a-device; \
+                  (exec 3<>/dev/fuse) 2>/dev/null && echo opened-rw || echo no-rw; \
+                  (exec 3</dev/fuse) 2>/dev/null && echo opened-r || echo no-r";
+    let mut c = k.container(&pod, "rw", &bb.id, &["sh", "-c", script], &[]);
+    c.devices = vec![device(&fuse, "rwm")];
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    expect_output(&st, "rw", "is-a-device\nopened-rw\nopened-r\n", "").await;
+    assert!(
+        st.mounts.is_empty(),
+        "a device is not a mount: {:?}",
+        st.mounts
+    );
+    // Read access only: the device cgroup refuses opening it for writing.
+    let mut c = k.container(&pod, "r", &bb.id, &["sh", "-c", script], &[]);
+    c.devices = vec![device(&fuse, "r")];
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    expect_output(&st, "r", "is-a-device\nno-rw\nopened-r\n", "").await;
+    // A container that did not ask has neither the node nor the access.
+    let mut c = k.container(
+        &pod,
+        "none",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "test -e /dev/fuse && echo has-fuse || echo no-fuse",
+        ],
+        &[],
+    );
+    c.devices = Vec::new();
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    expect_output(&st, "none", "no-fuse\n", "").await;
+
+    // Not listed, and listed but not a device.
+    let mut c = k.container(&pod, "unlisted", &bb.id, &["true"], &[]);
+    c.devices = vec![device(Path::new("/dev/fuse"), "rwm")];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::PermissionDenied,
+        "a device not in allowed_devices",
+    );
+    assert!(e.message().contains("allowed_devices"), "{e:?}");
+    c.devices = vec![device(&plain, "rwm")];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::InvalidArgument,
+        "a listed path that is no device",
+    );
+    assert!(e.message().contains("config.devices[0].host_path"), "{e:?}");
+    c.devices = vec![device(&fuse, "rwx")];
+    expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::InvalidArgument,
+        "permissions other than rwm",
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// Fields the runtime does not support yet are refused with UNIMPLEMENTED naming the field, and
 /// make no container (or, for pod fields, no pod). (Update this test as they become supported.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2449,12 +2627,10 @@ async fn unsupported_container_fields_are_refused_by_name() {
             },
         ),
         (
-            "devices",
+            "cdi_devices",
             cri::ContainerConfig {
-                devices: vec![cri::Device {
-                    container_path: "/dev/null2".into(),
-                    host_path: "/dev/null".into(),
-                    permissions: "rwm".into(),
+                cdi_devices: vec![cri::CdiDevice {
+                    name: "vendor.example/gpu=0".into(),
                 }],
                 ..base.clone()
             },

@@ -340,11 +340,14 @@ impl cri::image_service_server::ImageService for ImageApi {
                 Ok(cs) => {
                     let mut users: Vec<(String, String)> =
                         cs.into_iter().map(|c| (c.name, c.image)).collect();
-                    // Pods' containers that have it as a volume use it too.
+                    // Pods' containers use it by id too (an image whose tag moved on is known
+                    // by its id only), and those that have it as a volume.
                     for c in self.cri.store.containers().await {
                         if c.tenant == tenant {
-                            for image in c.image_mounts.values() {
-                                users.push((format!("k8s-{}", c.id), image.clone()));
+                            let name = format!("k8s-{}", c.id);
+                            users.push((name.clone(), c.image_id.clone()));
+                            for id in &c.image_mount_ids {
+                                users.push((name.clone(), id.clone()));
                             }
                         }
                     }

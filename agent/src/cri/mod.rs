@@ -65,6 +65,10 @@ pub struct CriConfig {
     /// Where the streaming server (exec, port-forward) listens; kubelet connects to the URLs
     /// it hands out. Loopback by default: kubelet runs on this host.
     pub stream_address: std::net::SocketAddr,
+    /// Host device nodes (char or block) that containers may be given (`devices`, as device
+    /// plugins ask for them); none by default. A device reaches only the tenants of pods that
+    /// ask for it: list only what tenants may share. Paths resolve before they are compared.
+    pub allowed_devices: Vec<PathBuf>,
     /// `[cri.cni]`: a network namespace per pod, set up by CNI plugins.
     pub cni: cni::CniConfig,
 }
@@ -80,6 +84,7 @@ impl Default for CriConfig {
             volume_roots: vec![PathBuf::from("/var/lib/kubelet")],
             kubelet_root: PathBuf::from("/var/lib/kubelet"),
             stream_address: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            allowed_devices: Vec::new(),
             cni: cni::CniConfig::default(),
         }
     }
@@ -134,6 +139,14 @@ impl CriConfig {
                 "cri.kubelet_root",
                 format!("{} must be an absolute path", self.kubelet_root.display()),
             ));
+        }
+        for (i, d) in self.allowed_devices.iter().enumerate() {
+            if !d.is_absolute() {
+                return Err(Invalid::new(
+                    format!("cri.allowed_devices[{i}]"),
+                    format!("{} must be an absolute path", d.display()),
+                ));
+            }
         }
         self.cni.validate()?;
         crate::validate::check_id("cri.image_tenant", &self.image_tenant)

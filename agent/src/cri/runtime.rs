@@ -1176,13 +1176,8 @@ fn check_container_config(c: &cri::ContainerConfig) -> Result<(), Status> {
     if c.image.as_ref().is_none_or(|i| i.image.is_empty()) {
         return Err(bad("config.image.image", "must name an image"));
     }
-    for (set, field) in [
-        (!c.devices.is_empty(), "config.devices"),
-        (!c.cdi_devices.is_empty(), "config.cdi_devices"),
-    ] {
-        if set {
-            return Err(unsupported(field));
-        }
+    if !c.cdi_devices.is_empty() {
+        return Err(unsupported("config.cdi_devices"));
     }
     if let Some(sc) = c.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
         let f = "config.linux.security_context";
@@ -1297,8 +1292,8 @@ fn mounts_of(
     for (i, m) in c.mounts.iter().enumerate() {
         let f = |name: &str| format!("config.mounts[{i}].{name}");
         if m.image.as_ref().is_some_and(|im| !im.image.is_empty()) {
-            // An image volume: its layers are filled in once the image is found (see
-            // `image_volumes`).
+            // An image volume: its layers are filled in by the create handler once the image
+            // is found.
             if !m.readonly {
                 return Err(bad(
                     &f("readonly"),
@@ -1321,6 +1316,7 @@ fn mounts_of(
                 readonly: true,
                 recursive_read_only: m.recursive_read_only,
                 image_layers: Vec::new(),
+                device_access: String::new(),
             });
             continue;
         }
@@ -1412,6 +1408,65 @@ fn mounts_of(
             readonly: m.readonly,
             recursive_read_only: m.recursive_read_only,
             image_layers: Vec::new(),
+            device_access: String::new(),
+        });
+    }
+    Ok(out)
+}
+
+/// The host devices a container asks for (device plugins' `devices`), as device binds for its
+/// engine: only nodes listed in `[cri] allowed_devices`, resolved, and char or block devices.
+fn devices_of(
+    c: &cri::ContainerConfig,
+    allowed: &[std::path::PathBuf],
+) -> Result<Vec<epb::BindMount>, Status> {
+    use std::os::unix::fs::FileTypeExt;
+    let allowed: Vec<std::path::PathBuf> = allowed
+        .iter()
+        .filter_map(|d| d.canonicalize().ok())
+        .collect();
+    let mut out = Vec::new();
+    for (i, d) in c.devices.iter().enumerate() {
+        let f = |name: &str| format!("config.devices[{i}].{name}");
+        let real = std::path::Path::new(&d.host_path)
+            .canonicalize()
+            .map_err(|e| bad(&f("host_path"), format!("{:?}: {e}", d.host_path)))?;
+        if !allowed.contains(&real) {
+            return Err(Status::permission_denied(format!(
+                "{}: {} is not in [cri] allowed_devices; the node's operator lists the devices pods may be given",
+                f("host_path"),
+                real.display()
+            )));
+        }
+        let kind = std::fs::metadata(&real)
+            .map_err(|e| bad(&f("host_path"), format!("{}: {e}", real.display())))?
+            .file_type();
+        if !(kind.is_char_device() || kind.is_block_device()) {
+            return Err(bad(
+                &f("host_path"),
+                format!("{} is not a char or block device", real.display()),
+            ));
+        }
+        check_container_path(&f("container_path"), &d.container_path)?;
+        // kubelet sends "mrw" by default; an empty one means all of them.
+        let access = if d.permissions.is_empty() {
+            "rwm".to_string()
+        } else {
+            d.permissions.clone()
+        };
+        if !access.chars().all(|c| "rwm".contains(c)) {
+            return Err(bad(
+                &f("permissions"),
+                format!("{access:?} must be letters of \"rwm\""),
+            ));
+        }
+        out.push(epb::BindMount {
+            host_path: real.display().to_string(),
+            container_path: d.container_path.clone(),
+            readonly: false,
+            recursive_read_only: false,
+            image_layers: Vec::new(),
+            device_access: access,
         });
     }
     Ok(out)
@@ -1875,6 +1930,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .map(|c| c.add_capabilities.clone())
                 .unwrap_or_default(),
         };
+        create.mounts.extend(devices_of(
+            &config,
+            &self.cri.state.config.cri.allowed_devices,
+        )?);
         if !create.mounts.is_empty()
             && self
                 .cri
@@ -1886,12 +1945,13 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .is_none_or(|t| t.isolation == Isolation::Vm)
         {
             return Err(unsupported(
-                "config.mounts in a VM tenant (host paths are not in the guest)",
+                "config.mounts and config.devices in a VM tenant (host paths are not in the guest)",
             ));
         }
         // Image volumes: the layers of the image, as the tenant's store holds them (pulled
         // first, as kubelet does for a container's own image).
         let mut image_mounts = BTreeMap::new();
+        let mut image_mount_ids = Vec::new();
         for (i, m) in config.mounts.iter().enumerate() {
             let Some(im) = m.image.as_ref().filter(|im| !im.image.is_empty()) else {
                 continue;
@@ -1906,12 +1966,15 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                         format!("config.mounts[{i}].image: {}", e.message()),
                     )
                 })?;
+            // Resolved: the engine opens them with no symbolic link allowed on the way.
             create.mounts[i].image_layers = vol
                 .lower_dirs
                 .iter()
+                .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
                 .map(|d| d.display().to_string())
                 .collect();
             image_mounts.insert(m.container_path.clone(), im.image.clone());
+            image_mount_ids.push(vol.image.config_digest.to_string());
         }
         let image_id = rootfs.image.config_digest.to_string();
         convert::apply_image(&mut create, rootfs)?;
@@ -1953,6 +2016,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             mounts: create
                 .mounts
                 .iter()
+                .filter(|m| m.device_access.is_empty())
                 .map(|m| (m.host_path.clone(), m.container_path.clone(), m.readonly))
                 .collect(),
             recursive_read_only: create
@@ -1962,6 +2026,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .map(|m| m.container_path.clone())
                 .collect(),
             image_mounts,
+            image_mount_ids,
         };
         // The record first: a container the engine made is never one the CRI does not know.
         self.cri

@@ -124,6 +124,9 @@ pub struct ContainerRecord {
     /// Image volumes: container path to the image as kubelet named it.
     #[serde(default)]
     pub image_mounts: BTreeMap<String, String>,
+    /// The ids (config digests) of those images.
+    #[serde(default)]
+    pub image_mount_ids: Vec<String>,
 }
 
 /// How far a container's output has been copied to its CRI log: byte offsets of the engine's

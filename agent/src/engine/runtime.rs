@@ -697,8 +697,8 @@ impl Engine {
             }
         }) {
             if !m.image_layers.is_empty() {
-                return Err(EngineError::Invalid(format!(
-                    "mounts[{i}]: a layer of the image volume is not in the tenant's image store"
+                return Err(EngineError::State(format!(
+                    "mounts[{i}]: a layer of the image volume is no longer in the tenant's image store (the image was removed); pull it again"
                 )));
             }
             return Err(EngineError::Invalid(format!(

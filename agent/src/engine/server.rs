@@ -371,6 +371,7 @@ impl epb::engine_server::Engine for EngineSvc {
                     readonly: m.readonly,
                     recursive_read_only: m.recursive_read_only,
                     image_layers: m.image_layers.into_iter().map(PathBuf::from).collect(),
+                    device_access: m.device_access,
                 })
                 .collect(),
             oom_score_adj: r.oom_score_adj,

@@ -28,6 +28,9 @@ pub struct Bind {
     /// An image volume: the read-only union of these layers (topmost first) is staged and
     /// bound instead of `host`.
     pub image_layers: Vec<std::path::PathBuf>,
+    /// A device node: the cgroup access (letters of "rwm") it is allowed with; empty: not a
+    /// device.
+    pub device_access: String,
 }
 
 /// What a container runs and within which limits.
@@ -296,6 +299,37 @@ fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, SpecError> {
     ])
 }
 
+/// The device cgroup rule that lets a container use the device node at `path` with `access`.
+fn device_rule(path: &std::path::Path, access: &str) -> Result<LinuxDeviceCgroup, SpecError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let bad = |why: &str| SpecError::Mount(format!("device {}: {why}", path.display()));
+    if access.is_empty() || !access.chars().all(|c| "rwm".contains(c)) {
+        return Err(bad(&format!(
+            "access {access:?} must be letters of \"rwm\""
+        )));
+    }
+    let m = std::fs::metadata(path).map_err(|e| bad(&e.to_string()))?;
+    let typ = if m.file_type().is_char_device() {
+        LinuxDeviceType::C
+    } else if m.file_type().is_block_device() {
+        LinuxDeviceType::B
+    } else {
+        return Err(bad("is not a char or block device"));
+    };
+    let (major, minor) = (
+        nix::sys::stat::major(m.rdev()),
+        nix::sys::stat::minor(m.rdev()),
+    );
+    LinuxDeviceCgroupBuilder::default()
+        .allow(true)
+        .typ(typ)
+        .major(i64::try_from(major).map_err(|_| bad("major number out of range"))?)
+        .minor(i64::try_from(minor).map_err(|_| bad("minor number out of range"))?)
+        .access(access)
+        .build()
+        .map_err(SpecError::from)
+}
+
 /// Builds the spec.
 pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     let mut spec = Spec::default();
@@ -337,9 +371,12 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         for b in c.mounts {
             check_bind(&b.host, &b.inside)?;
-            let mut options: Vec<String> = ["rbind", "rprivate", "nosuid", "nodev"]
-                .map(String::from)
-                .to_vec();
+            let mut options: Vec<String> =
+                ["rbind", "rprivate", "nosuid"].map(String::from).to_vec();
+            // A device node must stay usable; nothing else bound in may hold one.
+            if b.device_access.is_empty() {
+                options.push("nodev".into());
+            }
             options.push(if b.readonly { "ro" } else { "rw" }.into());
             // Mounts below it read-only too (mount_setattr with AT_RECURSIVE).
             if b.readonly && b.recursive_read_only {
@@ -380,7 +417,11 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
             None => b.build(),
         }
     };
-    let mut resources = LinuxResourcesBuilder::default().devices(device_rules()?);
+    let mut rules = device_rules()?;
+    for b in c.mounts.iter().filter(|b| !b.device_access.is_empty()) {
+        rules.push(device_rule(&b.host, &b.device_access)?);
+    }
+    let mut resources = LinuxResourcesBuilder::default().devices(rules);
     if let Some(m) = c.memory_bytes {
         let m = i64::try_from(m).unwrap_or(i64::MAX);
         resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build()?);

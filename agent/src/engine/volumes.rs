@@ -146,6 +146,18 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
             None::<&str>,
         )
         .map_err(|e| format!("mounts[{i}]: making {} private: {e}", at.display()))?;
+        // Read-only here already: the container's mount namespace gets this mount locked
+        // read-only, so its bind cannot be made writable from inside, whatever it may do.
+        if m.readonly {
+            nix::mount::mount(
+                None::<&str>,
+                at.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(|e| format!("mounts[{i}]: making {} read-only: {e}", at.display()))?;
+        }
         out.push(Bind {
             host: at,
             ..m.clone()

@@ -625,11 +625,35 @@ impl ImageStore {
     }
 
     /// Records an image (replacing one of the same reference). Returns whether one was replaced.
+    ///
+    /// A reference that now names other content (a tag that moved) does not take the old image
+    /// away: containers made from it may still run on its layers. The old image stays, by its
+    /// digest (`repo@sha256:…`, untagged, as the CRI lists it), until it is removed like any
+    /// image (kubelet's image GC removes it once no container uses it).
     fn save(&self, tenant: &str, record: ImageRecord) -> Result<bool, ImageError> {
         let mut recs = self.records();
         let mut list = recs.get(tenant).cloned().unwrap_or_default();
         let before = list.len();
-        list.retain(|r| r.reference != record.reference);
+        let mut kept = Vec::new();
+        list.retain(|r| {
+            if r.reference != record.reference {
+                return true;
+            }
+            if r.manifest_digest != record.manifest_digest {
+                let mut old = r.clone();
+                old.reference = r.normalized_repo_at();
+                old.normalized = old.reference.clone();
+                kept.push(old);
+            }
+            false
+        });
+        for old in kept {
+            if !list.iter().any(|r| r.reference == old.reference)
+                && old.reference != record.reference
+            {
+                list.push(old);
+            }
+        }
         let replaced = list.len() != before;
         list.push(record);
         self.write_records(tenant, &list)?;
