@@ -2504,7 +2504,23 @@ async fn devices_listed_by_the_operator_are_given_to_the_containers_that_ask() {
     registry_or_skip!("devices_listed_by_the_operator_are_given_to_the_containers_that_ask");
     // A node of its own with the fuse device's numbers (10:229: not among the defaults, and
     // opening it does nothing), open to all as device plugins' nodes usually are.
+    // On a tmpfs of the test's own, which allows device nodes (a host's /tmp may not).
     let devs = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        devs.path(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _devs_mount = Unmount(devs.path().to_path_buf());
     let fuse = devs.path().join("fuse");
     nix::sys::stat::mknod(
         &fuse,
@@ -2563,7 +2579,7 @@ async fn devices_listed_by_the_operator_are_given_to_the_containers_that_ask() {
 
     // Not listed, and listed but not a device.
     let mut c = k.container(&pod, "unlisted", &bb.id, &["true"], &[]);
-    c.devices = vec![device(Path::new("/dev/fuse"), "rwm")];
+    c.devices = vec![device(Path::new("/dev/null"), "rwm")];
     let e = expect_code(
         k.create(&pod_id, &pod, &c).await,
         Code::PermissionDenied,

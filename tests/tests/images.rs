@@ -1533,6 +1533,23 @@ async fn imported_images_run_and_removal_collects_blobs() {
         assert!(api.cached(&l), "{l} still cached");
     }
 
+    // The tag moves on while the container runs: the old image stays, untagged, under its
+    // digest, and is still in use by the container (by the content it runs, whatever its
+    // reference names now; cri.rs checks that such a container keeps its files).
+    let mut moved = OciLayout::new(&work.join("moved")).unwrap();
+    moved.add_image(&image("moved on\n"), "v1").unwrap();
+    let mm = reg
+        .push(moved.dir(), "v1", "gc/pulled:v1", PushMode::Oci)
+        .await
+        .unwrap();
+    assert_ne!(mm.digest, pm.digest);
+    assert_eq!(api.pull("t", &r_p).await.unwrap().image.digest, mm.digest);
+    let old_at = format!("{}/gc/pulled@{}", reg.host(), pm.digest);
+    assert_eq!(api.inspect("t", &old_at).await.unwrap().digest, pm.digest);
+    expect_err(api.remove("t", &old_at).await, Code::FailedPrecondition, "");
+    // The tag's new image is not in use by the old container.
+    api.remove("t", &r_p).await.unwrap();
+
     // Removing the tarball import: gone from the store, its own blobs collected.
     api.remove("t", r_two).await.unwrap();
     expect_err(api.inspect("t", r_two).await, Code::NotFound, "");
@@ -1552,7 +1569,7 @@ async fn imported_images_run_and_removal_collects_blobs() {
 
     // Once the container is gone the pulled image goes too, with its own blobs.
     api.delete("t", "user").await;
-    api.remove("t", &r_p).await.unwrap();
+    api.remove("t", &old_at).await.unwrap();
     let pulled_only = [
         p_b.layers[1].digest.clone(),
         p_b.config.digest.clone(),

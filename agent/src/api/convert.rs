@@ -355,6 +355,23 @@ pub fn container_matches(
 
 /// Fills a create request from a stored image: its layers, and where the request is silent,
 /// its entrypoint and cmd, working directory and environment (the request's entries win).
+/// The label with the id (config digest) of the image a container was made from.
+pub const IMAGE_ID_LABEL: &str = "caas.io/image-id";
+
+/// A tenant's containers as image users: (name, image) pairs for
+/// [`crate::images::ImageStore::remove`], by the id of the content each runs (whatever its
+/// reference names now), or, for containers made before they were labelled with it, by the
+/// reference each was made from.
+pub fn image_users(containers: Vec<pb::Container>) -> Vec<(String, String)> {
+    containers
+        .into_iter()
+        .map(|c| match c.labels.get(IMAGE_ID_LABEL) {
+            Some(id) => (c.name.clone(), id.clone()),
+            None => (c.name, c.image),
+        })
+        .collect()
+}
+
 pub fn apply_image(
     create: &mut caas_proto::engine::v1::CreateRequest,
     rootfs: crate::images::Rootfs,
@@ -399,6 +416,12 @@ pub fn apply_image(
     env.append(&mut create.env);
     create.env = env;
     create.rootfs = String::new();
+    // Which content it runs, whatever its reference names later: the image store keeps an
+    // image in use by it (see `ImageStore::remove`).
+    create.labels.insert(
+        IMAGE_ID_LABEL.into(),
+        rootfs.image.config_digest.to_string(),
+    );
     create.lower_dirs = rootfs
         .lower_dirs
         .iter()

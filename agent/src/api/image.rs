@@ -220,10 +220,8 @@ impl ImageService for ImageApi {
                 .sandboxes
                 .list_containers(Some(&t))
                 .await
-                .map_err(|e| status::sandbox(e, &ctx))?
-                .into_iter()
-                .map(|c| (c.name, c.image))
-                .collect(),
+                .map_err(|e| status::sandbox(e, &ctx))
+                .map(super::convert::image_users)?,
             Err(_) => Vec::new(),
         };
         let rec = self

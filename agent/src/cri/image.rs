@@ -338,8 +338,7 @@ impl cri::image_service_server::ImageService for ImageApi {
                 .await
             {
                 Ok(cs) => {
-                    let mut users: Vec<(String, String)> =
-                        cs.into_iter().map(|c| (c.name, c.image)).collect();
+                    let mut users = crate::api::convert::image_users(cs);
                     // Pods' containers use it by id too (an image whose tag moved on is known
                     // by its id only), and those that have it as a volume.
                     for c in self.cri.store.containers().await {
@@ -348,6 +347,12 @@ impl cri::image_service_server::ImageService for ImageApi {
                             users.push((name.clone(), c.image_id.clone()));
                             for id in &c.image_mount_ids {
                                 users.push((name.clone(), id.clone()));
+                            }
+                            // Recorded before their ids were: by the name kubelet gave.
+                            if c.image_mount_ids.is_empty() {
+                                for image in c.image_mounts.values() {
+                                    users.push((name.clone(), image.clone()));
+                                }
                             }
                         }
                     }

@@ -647,6 +647,9 @@ impl ImageStore {
             }
             false
         });
+        // Back to content kept untagged before (A, B, A again): the tag names it now.
+        let now_at = record.normalized_repo_at();
+        list.retain(|r| !(r.reference == now_at && r.manifest_digest == record.manifest_digest));
         for old in kept {
             if !list.iter().any(|r| r.reference == old.reference)
                 && old.reference != record.reference
