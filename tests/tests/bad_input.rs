@@ -175,6 +175,26 @@ async fn bad_quotas_and_labels_name_the_field() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
+
+    // A container's labels under caas.io/ are the agent's (what image content it runs).
+    let mut c = ContainerServiceClient::new(agent.unix().await);
+    let e = c
+        .create_container(pb::CreateContainerRequest {
+            tenant: "a".into(),
+            name: "forged".into(),
+            rootfs_path: "/".into(),
+            command: vec!["true".into()],
+            labels: BTreeMap::from([("caas.io/image-id".to_string(), "sha256:0".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().starts_with("labels[\"caas.io/image-id\"]"),
+        "{}",
+        e.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

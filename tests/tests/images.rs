@@ -1509,6 +1509,12 @@ async fn imported_images_run_and_removal_collects_blobs() {
         api.sh("t", "two", r_two, "cat /data/hello.txt").await,
         "imported tar\n"
     );
+    // A second name of the same content may go while a container uses the content under the
+    // first: the first keeps the layers. The first may not.
+    let alias = "local/one-alias:v1";
+    api.import("t", one.dir(), alias).await.unwrap();
+    api.remove("t", alias).await.unwrap();
+    expect_err(api.remove("t", r_one).await, Code::FailedPrecondition, "");
     api.delete("t", "one").await;
     api.delete("t", "two").await;
     let refs: BTreeSet<String> = api

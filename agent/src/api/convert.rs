@@ -156,6 +156,13 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
     let tenant = id("tenant", r.tenant)?;
     let name = id("name", r.name)?;
     validate::check_labels("labels", &r.labels).map_err(status::invalid)?;
+    // The agent's own labels (`caas.io/image-id`) say what a container runs: never a caller's.
+    if let Some(k) = r.labels.keys().find(|k| k.starts_with("caas.io/")) {
+        return Err(bad(
+            &format!("labels[{k:?}]"),
+            "keys under caas.io/ are set by the agent".into(),
+        ));
+    }
     match (r.image.is_empty(), r.rootfs_path.is_empty()) {
         (true, true) => {
             return Err(bad(
@@ -353,8 +360,6 @@ pub fn container_matches(
     (state == 0 || c.state == state) && validate::labels_match(&c.labels, labels)
 }
 
-/// Fills a create request from a stored image: its layers, and where the request is silent,
-/// its entrypoint and cmd, working directory and environment (the request's entries win).
 /// The label with the id (config digest) of the image a container was made from.
 pub const IMAGE_ID_LABEL: &str = "caas.io/image-id";
 
@@ -372,6 +377,8 @@ pub fn image_users(containers: Vec<pb::Container>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Fills a create request from a stored image: its layers, and where the request is silent,
+/// its entrypoint and cmd, working directory and environment (the request's entries win).
 pub fn apply_image(
     create: &mut caas_proto::engine::v1::CreateRequest,
     rootfs: crate::images::Rootfs,

@@ -148,7 +148,8 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
         .map_err(|e| format!("mounts[{i}]: making {} private: {e}", at.display()))?;
         // Read-only here already: the container's mount namespace gets this mount locked
         // read-only, so its bind cannot be made writable from inside, whatever it may do.
-        // (A bind remount sets every per-mount flag: the ones the source has are kept.)
+        // (A bind remount sets nosuid, nodev and noexec to what it is given: the source's are
+        // kept; given no atime flag, the kernel keeps the mount's own.)
         if m.readonly {
             use nix::sys::statvfs::FsFlags;
             let has = nix::sys::statvfs::statvfs(at.as_path())
@@ -159,9 +160,6 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
                 (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
                 (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
                 (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-                (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-                (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-                (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
             ] {
                 if has.contains(f) {
                     flags |= keep;

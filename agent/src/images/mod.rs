@@ -687,9 +687,18 @@ impl ImageStore {
         let lock = self.tenant_lock(tenant);
         let _g = lock.write().await;
         let image = self.get(tenant, q)?;
+        // A container names what it runs by id: another record of the same content (a second
+        // tag of it) keeps that content's layers, so this one may go.
+        let same_content_stays = self.records().get(tenant).is_some_and(|l| {
+            l.iter()
+                .any(|r| r.reference != image.reference && r.config_digest == image.config_digest)
+        });
         let users: Vec<&str> = containers
             .iter()
-            .filter(|(_, img)| image.matches(img))
+            .filter(|(_, img)| {
+                image.matches(img)
+                    && !(same_content_stays && img.as_str() == image.config_digest.as_str())
+            })
             .map(|(n, _)| n.as_str())
             .collect();
         if !users.is_empty() {
