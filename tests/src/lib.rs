@@ -220,6 +220,16 @@ pub fn cleanup_tenants(socket: &Path, slice: &str) {
 }
 
 /// Path of a workspace binary (built by `cargo build --bins`, which the test command runs first).
+/// The parent pid of host process `pid` (its `PPid` in /proc); panics when it is gone.
+pub fn ppid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"))
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no PPid in /proc/{pid}/status"))
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test-binary>

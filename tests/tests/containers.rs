@@ -802,14 +802,7 @@ async fn a_dead_engine_is_restarted_and_readopts_its_containers() {
     api.tenant("t", None).await;
     let c = api.run("t", "survivor", "echo up; sleep 600").await;
     api.logs_until("t", "survivor", "up").await;
-    let engine_pid: i32 = std::fs::read_to_string(format!("/proc/{}/status", c.pid))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let engine_pid = caas_tests::ppid(c.pid) as i32;
     let cmdline = std::fs::read_to_string(format!("/proc/{engine_pid}/cmdline")).unwrap();
     assert!(
         cmdline.contains("engine"),

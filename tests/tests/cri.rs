@@ -775,6 +775,16 @@ impl Images {
         self.reg.host()
     }
 
+    /// Pushes busybox with a layer holding one file, `data/<file>`, as `<repo>:v1`.
+    async fn push_with_data(&mut self, repo: &str, file: &str, content: &[u8]) -> Pushed {
+        let layer = LayerTar::new()
+            .dir("data")
+            .file(&format!("data/{file}"), content)
+            .into_tar();
+        self.push(repo, self.busybox().layer(layer, Compression::Gzip))
+            .await
+    }
+
     /// Pushes `img` as `<repo>:v1`.
     async fn push(&mut self, repo: &str, img: ImageBuilder) -> Pushed {
         let built = self.layout.add_image(&img, repo).unwrap();
@@ -1340,13 +1350,7 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
 async fn images_are_pulled_inspected_listed_and_removed() {
     registry_or_skip!("images_are_pulled_inspected_listed_and_removed");
     let (mut k, mut images, bb) = Kubelet::with_registry().await;
-    let hello = LayerTar::new()
-        .dir("data")
-        .file("data/hello.txt", b"hello\n")
-        .into_tar();
-    let app = images
-        .push("app", images.busybox().layer(hello, Compression::Gzip))
-        .await;
+    let app = images.push_with_data("app", "hello.txt", b"hello\n").await;
     let other = images
         .push("other", images.busybox().label("which", "other"))
         .await;
@@ -2292,18 +2296,7 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
 async fn a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it() {
     registry_or_skip!("a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it");
     let (mut k, mut images, bb) = Kubelet::with_registry().await;
-    let layer = |text: &[u8]| {
-        LayerTar::new()
-            .dir("data")
-            .file("data/which.txt", text)
-            .into_tar()
-    };
-    let old = images
-        .push(
-            "moving",
-            images.busybox().layer(layer(b"old\n"), Compression::Gzip),
-        )
-        .await;
+    let old = images.push_with_data("moving", "which.txt", b"old\n").await;
     // Pulled for the pod, as kubelet does (its tenant's store).
     let pod = k.pod("ns-moving", "m");
     let pod_id = k.ready_pod(&pod).await;
@@ -2312,12 +2305,7 @@ async fn a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it() {
     let id = k.created(&pod_id, &pod, &c).await;
     k.running(&id).await;
 
-    let new = images
-        .push(
-            "moving",
-            images.busybox().layer(layer(b"new\n"), Compression::Gzip),
-        )
-        .await;
+    let new = images.push_with_data("moving", "which.txt", b"new\n").await;
     assert_eq!(new.reference, old.reference);
     assert_ne!(new.id, old.id);
     assert_eq!(k.pull(&new.reference, Some(&pod)).await.unwrap(), new.id);
@@ -2371,12 +2359,8 @@ async fn a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it() {
 async fn image_volumes_are_read_only_views_of_an_images_layers() {
     registry_or_skip!("image_volumes_are_read_only_views_of_an_images_layers");
     let (mut k, mut images, bb) = Kubelet::with_registry().await;
-    let hello = LayerTar::new()
-        .dir("data")
-        .file("data/hello.txt", b"hello from a layer\n")
-        .into_tar();
     let app = images
-        .push("app", images.busybox().layer(hello, Compression::Gzip))
+        .push_with_data("app", "hello.txt", b"hello from a layer\n")
         .await;
     let pod = k.pod("ns-imgvol", "iv");
     let pod_id = k.ready_pod(&pod).await;
@@ -3362,20 +3346,14 @@ async fn what_an_init_leaves_in_a_shared_process_namespace_is_killed_when_it_exi
     let c = in_pod(&k, "orphans", "sleep 707 & wait");
     let orphans = k.created(&pod_id, &pod, &c).await;
     k.running(&orphans).await;
-    let init = k.host_pid(&orphans).await as i32;
+    let init_pid = k.host_pid(&orphans).await;
+    let init = init_pid as i32;
     let deadline = Instant::now() + STATE_DEADLINE;
     while host_pids_running(&["sleep", "707"]).is_empty() {
         assert!(Instant::now() < deadline, "the container's child never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let engine: i32 = std::fs::read_to_string(format!("/proc/{init}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let engine = caas_tests::ppid(init_pid) as i32;
     assert!(
         std::fs::read_to_string(format!("/proc/{engine}/cmdline"))
             .unwrap()

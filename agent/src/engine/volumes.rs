@@ -59,14 +59,7 @@ fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
         )
         .map_err(|e| format!("binding {} onto itself: {e}", canon.display()))?;
     }
-    nix::mount::mount(
-        None::<&str>,
-        &canon,
-        None::<&str>,
-        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making {} private: {e}", canon.display()))?;
+    make_private(&canon)?;
     Ok(v)
 }
 
@@ -138,14 +131,7 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
             None::<&str>,
         )
         .map_err(|e| format!("mounts[{i}]: binding {}: {e}", host.display()))?;
-        nix::mount::mount(
-            None::<&str>,
-            at.as_path(),
-            None::<&str>,
-            MsFlags::MS_PRIVATE | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mounts[{i}]: making {} private: {e}", at.display()))?;
+        make_private(&at).map_err(|e| format!("mounts[{i}]: {e}"))?;
         // Read-only here already: the container's mount namespace gets this mount locked
         // read-only, so its bind cannot be made writable from inside, whatever it may do.
         // (A bind remount sets nosuid, nodev and noexec to what it is given: the source's are
@@ -216,14 +202,20 @@ fn stage_image(at: &Path, layers: &[PathBuf]) -> Result<(), String> {
         Some(opts.as_str()),
     )
     .map_err(|e| format!("mounting the image's layers on {}: {e}", at.display()))?;
+    make_private(at)
+}
+
+/// Makes the mount at `p` and those below it private: nothing propagates to or from other
+/// mount namespaces.
+fn make_private(p: &Path) -> Result<(), String> {
     nix::mount::mount(
         None::<&str>,
-        at,
+        p,
         None::<&str>,
         MsFlags::MS_PRIVATE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| format!("making {} private: {e}", at.display()))
+    .map_err(|e| format!("making {} private: {e}", p.display()))
 }
 
 /// Unmounts and removes a container's staged volumes; none is fine.
