@@ -364,8 +364,8 @@ impl Containerd {
             cgroup_parent: format!("/caas-bench-cri-{pid}"),
             run_dir_existed: Path::new("/run/containerd").exists(),
             cni_cache_existed: Path::new(CNI_CACHE_DIR).exists(),
-            version: first_line("containerd", &["--version"]),
-            runc_version: first_line("runc", &["--version"]),
+            version: caas_tests::first_line("containerd", &["--version"]),
+            runc_version: caas_tests::first_line("runc", &["--version"]),
         };
         c.socket = c.path.join("containerd.sock");
         for d in ["root", "state", "cni/conf", "cni/ipam", "opt"] {
@@ -684,22 +684,6 @@ impl Drop for Containerd {
 fn shim_socket_name(address: &Path, id: &str) -> String {
     let p = address.join(CONTAINERD_NS).join(id);
     format!("{:x}", Sha256::digest(p.as_os_str().as_bytes()))
-}
-
-fn first_line(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
 }
 
 fn dir_names(p: &Path) -> Vec<String> {

@@ -808,17 +808,7 @@ struct Results {
 }
 
 fn version(cmd: &str) -> String {
-    std::process::Command::new(cmd)
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_default()
+    caas_tests::first_line(cmd, &["--version"])
 }
 
 fn loadavg() -> String {

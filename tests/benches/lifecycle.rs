@@ -25,8 +25,15 @@
 //! recently deleted ones (perf: `recently_deleted`, `find_get_block_common`). That costs a few
 //! milliseconds per container, more for the agent (about 15 inodes per container: container dir,
 //! overlay upper and work, logs, record, bundle, runtime state) than for crun (about 4). Point
-//! `TMPDIR` at a journaled file system (e.g. a loop-mounted ext4) to compare the runtimes rather
-//! than that file system.
+//! `TMPDIR` at a journaled file system (e.g. a loop-mounted ext4) or a tmpfs to compare the
+//! runtimes rather than that file system. The effect grows with every run in a row: ext4 counts
+//! an inode as recently deleted for up to five minutes, and one run deletes some 3,000. Seen
+//! here on 2026-12-05: three runs back to back on `/tmp` gave the agent a median of 16, 28 and
+//! 39 ms, where a tmpfs gave 11 to 12 (crun 7 to 9 throughout). The table names the file
+//! system `TMPDIR` is on.
+//!
+//! The third peer, `libcontainer`, is youki's libcontainer driven in-process with the peers'
+//! bundle (no runtime binary to exec): the floor of the library the agent's engine uses.
 
 #![allow(clippy::unwrap_used)] // a benchmark harness: a failing setup step should stop it loudly
 
@@ -65,6 +72,9 @@ const ENV_BUNDLE: &str = "CAAS_BENCH_PEER_BUNDLE";
 const ENV_ROOT: &str = "CAAS_BENCH_PEER_ROOT";
 const ENV_PREFIX: &str = "CAAS_BENCH_PEER_PREFIX";
 const ENV_COUNT: &str = "CAAS_BENCH_PEER_COUNT";
+/// The in-process peer: youki's libcontainer driven directly, as `youki run` does, with the
+/// peers' bundle. It is the floor of what any caller of libcontainer can reach on this host.
+const LIBCONTAINER: &str = "libcontainer";
 
 fn main() {
     if std::env::var_os(ENV_CHILD).is_some() {
@@ -94,7 +104,11 @@ fn main() {
 
     let crun = bench_peer("crun");
     let runc = bench_peer("runc");
-    print!("{}", table(&agent, &crun, &runc));
+    let lc = match run_peer(LIBCONTAINER, None) {
+        Ok(p) => p,
+        Err(e) => Peer::Failed(format!("{e:#}")),
+    };
+    print!("{}", table(&agent, &crun, &runc, &lc));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,25 +427,18 @@ fn bench_peer(name: &str) -> Peer {
     let Some(runtime) = which(name) else {
         return Peer::Missing;
     };
-    match run_peer(name, &runtime) {
+    match run_peer(name, Some(&runtime)) {
         Ok(p) => p,
         Err(e) => Peer::Failed(format!("{e:#}")),
     }
 }
 
-fn run_peer(name: &str, runtime: &Path) -> anyhow::Result<Peer> {
-    let version = Command::new(runtime)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_default();
+/// Runs one peer in the peer child: a runtime binary, or with `None` libcontainer in-process.
+fn run_peer(name: &str, runtime: Option<&Path>) -> anyhow::Result<Peer> {
+    let version = match runtime {
+        Some(runtime) => caas_tests::first_line(runtime, &["--version"]),
+        None => "libcontainer 0.7 in-process".to_string(),
+    };
 
     // One bundle per peer: a busybox rootfs owned by the mapped root, and a config.json.
     let dir = tempfile::Builder::new()
@@ -453,7 +460,7 @@ fn run_peer(name: &str, runtime: &Path) -> anyhow::Result<Peer> {
 
     let out = Command::new(std::env::current_exe()?)
         .env(ENV_CHILD, "1")
-        .env(ENV_RUNTIME, runtime)
+        .env(ENV_RUNTIME, runtime.unwrap_or(Path::new(LIBCONTAINER)))
         .env(ENV_BUNDLE, dir.path())
         .env(ENV_ROOT, &state_root)
         .env(ENV_PREFIX, format!("bench-{name}-{}", std::process::id()))
@@ -560,6 +567,9 @@ fn peer_config(rootfs: &Path) -> serde_json::Value {
 /// maps, mounts, cgroups, starting /bin/true, waiting for it, deleting the container) and this
 /// process's waitpid. Not included: making this child, the unshare/umount (done once), and
 /// writing the bundle.
+///
+/// With the runtime [`LIBCONTAINER`], each run is [`libcontainer_run`] in this process instead
+/// (no fork+exec of a runtime binary: the floor for a caller of the library).
 fn peer_child() -> i32 {
     match peer_child_inner() {
         Ok(()) => 0,
@@ -600,6 +610,18 @@ fn peer_child_inner() -> anyhow::Result<()> {
 
     let mut out = std::io::stdout().lock();
     let mut result = Ok(());
+    if runtime == LIBCONTAINER {
+        // The container's init is reparented here when libcontainer's intermediate exits.
+        nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+        for i in 0..count {
+            let id = format!("{prefix}-{i}");
+            let t0 = Instant::now();
+            libcontainer_run(Path::new(&root), Path::new(&bundle), &id)
+                .with_context(|| format!("{id}: libcontainer"))?;
+            writeln!(out, "ms {:.4}", ms(t0.elapsed()))?;
+        }
+        return Ok(());
+    }
     for i in 0..count {
         let id = format!("{prefix}-{i}");
         let t0 = Instant::now();
@@ -650,6 +672,39 @@ fn peer_child_inner() -> anyhow::Result<()> {
     result
 }
 
+/// One `run` of the bundle by libcontainer, as `youki run` does it: create (detached), start,
+/// wait for the init, delete. Stdio is /dev/null (this process's stdout carries the timings).
+fn libcontainer_run(root: &Path, bundle: &Path, id: &str) -> anyhow::Result<()> {
+    use libcontainer::{container::builder::ContainerBuilder, syscall::syscall::SyscallType};
+    use nix::sys::wait::{WaitStatus, waitpid};
+    let null = || -> anyhow::Result<std::os::fd::OwnedFd> {
+        Ok(std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
+            .into())
+    };
+    let mut c = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(root)?
+        .with_stdin(null()?)
+        .with_stdout(null()?)
+        .with_stderr(null()?)
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .context("create")?;
+    c.start().context("start")?;
+    let pid = c.pid().context("no pid after start")?;
+    let st = waitpid(pid, None).context("waitpid")?;
+    c.delete(true).context("delete")?;
+    ensure!(
+        matches!(st, WaitStatus::Exited(_, 0)),
+        "/bin/true ended with {st:?}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Report
 
@@ -665,6 +720,20 @@ fn row(out: &mut String, label: &str, value: &str) {
     let _ = writeln!(out, "{label:<LABEL_W$}{value:>9}");
 }
 
+/// The kind of file system `p` is on, by its magic number.
+fn fs_name(p: &Path) -> String {
+    use nix::sys::statfs::{EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC, statfs};
+    match statfs(p).map(|s| s.filesystem_type()) {
+        Ok(t) if t == EXT4_SUPER_MAGIC => "ext4 (see the bench's doc: without a journal it \
+                                           slows every run that follows another)"
+            .into(),
+        Ok(t) if t == TMPFS_MAGIC => "tmpfs".into(),
+        Ok(t) if t == XFS_SUPER_MAGIC => "xfs".into(),
+        Ok(t) => format!("a file system of type {:#x}", t.0),
+        Err(e) => format!("an unknown file system ({e})"),
+    }
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -673,7 +742,7 @@ fn delta_mib(from: u64, to: u64) -> String {
     format!("{:+.1}", (to as f64 - from as f64) / 1024.0)
 }
 
-fn table(a: &AgentResults, crun: &Peer, runc: &Peer) -> String {
+fn table(a: &AgentResults, crun: &Peer, runc: &Peer, lc: &Peer) -> String {
     let mut o = String::new();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
@@ -717,7 +786,7 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer) -> String {
         );
     }
     let mut versions = Vec::new();
-    for (name, peer) in [("crun", crun), ("runc", runc)] {
+    for (name, peer) in [("crun", crun), ("runc", runc), (LIBCONTAINER, lc)] {
         let label = format!("{name} run (userns+netns)");
         match peer {
             Peer::Missing => row(
@@ -736,7 +805,7 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer) -> String {
             }
         }
     }
-    for (name, peer) in [("crun", crun), ("runc", runc)] {
+    for (name, peer) in [("crun", crun), ("runc", runc), (LIBCONTAINER, lc)] {
         let label = format!("ratio caas-agent / {name}");
         if let Peer::Ran { ms, .. } = peer {
             let s = stats(ms);
@@ -801,6 +870,8 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer) -> String {
         "peers: one `run` each, new userns+netns per container, no seccomp, no cgroup limits; \
          timed from spawn to exit."
     );
+    let tmp = std::env::temp_dir();
+    let _ = writeln!(o, "TMPDIR {} is on {}", tmp.display(), fs_name(&tmp));
     if !versions.is_empty() {
         let _ = writeln!(o, "peer versions: {}", versions.join("; "));
     }

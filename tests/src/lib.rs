@@ -436,6 +436,23 @@ pub fn tar_dir(dir: &Path) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
+/// The first line a tool prints for `args` (e.g. `--version`), trimmed; empty when it cannot run.
+pub fn first_line(cmd: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
 /// For benches (`harness = false`, release profile): `target/release/caas-agent`, which runs the
 /// agent and the tenant engines and which `cargo bench` does not build, must exist; a note is
 /// printed when agent sources are newer than it (it would bench an old agent).

@@ -469,6 +469,102 @@ async fn memory_and_pids_limits_hold_in(api: &mut Api, host_slice: Option<&str>)
         .unwrap();
 }
 
+/// On a cgroup v1 host the engine makes a container's `/sys/fs/cgroup` (one bind of the
+/// container's own cgroup per hierarchy under a tmpfs) instead of libcontainer's init: the
+/// container sees its own limits where a JVM looks for them, cannot write any of it, and the
+/// view leaves neither mounts in the engine's namespace nor cgroups of a failed create behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_sees_its_own_cgroups_read_only() {
+    root_or_skip!("a_container_sees_its_own_cgroups_read_only");
+    let hierarchies: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "unified")
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !hierarchies.iter().any(|h| h == "memory") {
+        println!(
+            "a_container_sees_its_own_cgroups_read_only: skipped: this host has no cgroup v1 memory hierarchy (the view is for v1 and hybrid hosts)"
+        );
+        return;
+    }
+    let agent = TestAgent::start(|_| {}).await.unwrap();
+    let mut api = Api::new(&agent).await;
+    api.tenant("t", None).await;
+    let mut req = api.req(
+        "t",
+        "look",
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max; \
+         echo mounts $(grep -c ' - cgroup ' /proc/self/mountinfo); \
+         echo own $(grep ':memory:' /proc/self/cgroup | cut -d: -f3); \
+         echo root $(grep ' /sys/fs/cgroup/memory ' /proc/self/mountinfo | cut -d' ' -f4); \
+         touch /sys/fs/cgroup/x 2>/dev/null && echo tmpfs-writable; \
+         mkdir /sys/fs/cgroup/memory/sub 2>/dev/null && echo cgroup-writable; \
+         (echo 1 > /sys/fs/cgroup/pids/pids.max) 2>/dev/null && echo limit-writable; \
+         echo end",
+    );
+    req.resources = Some(pb::Resources {
+        memory_bytes: Some(48 << 20),
+        pids: Some(50),
+        ..Default::default()
+    });
+    let c = api.run_req(req).await;
+    assert_eq!(api.wait("t", "look").await.exit_code, 0);
+    let out = api.logs("t", "look").await;
+    let own = format!("/{}/tenant-t/c-{}", agent.slice, c.id);
+    let want = format!(
+        "{}\n50\nmounts {}\nown {own}\nroot {own}\nend\n",
+        48u64 << 20,
+        hierarchies.len()
+    );
+    assert_eq!(out, want, "the container's view of its cgroups");
+    // The view was the engine's only while the container was made. (The engine works in the
+    // host's mount namespace, this one: its container's overlay is seen here.)
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mountinfo.contains(&format!("/rootfs/{} ", c.id)),
+        "the engine's mounts are not seen here:\n{mountinfo}"
+    );
+    assert!(
+        !mountinfo.contains(&format!("/volumes/{}/cgroup", c.id)),
+        "the view is still mounted in the engine's namespace:\n{mountinfo}"
+    );
+
+    // A create that fails in libcontainer (a working directory that is a file) leaves no
+    // cgroup directory of its own and no view.
+    let tenant_dir =
+        std::path::PathBuf::from(format!("/sys/fs/cgroup/memory/{}/tenant-t", agent.slice));
+    let children = || -> Vec<String> {
+        std::fs::read_dir(&tenant_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let before = children();
+    for h in &hierarchies {
+        if h == "systemd" {
+            continue;
+        }
+        assert!(
+            std::path::Path::new(&format!("/sys/fs/cgroup/{h}{own}")).is_dir(),
+            "{h}: the container's cgroup"
+        );
+    }
+    let mut bad = api.req("t", "bad", "true");
+    bad.workdir = "/bin/sh".into();
+    let e = api.c.create_container(bad).await.unwrap_err();
+    assert!(e.message().contains("creating the container"), "{e:?}");
+    assert_eq!(children(), before, "cgroups left by a failed create");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains("/volumes/") && l.contains("/cgroup "))
+        .collect();
+    assert!(left.is_empty(), "a view left mounted: {left:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_container_input_is_refused_and_changes_nothing() {
     root_or_skip!("bad_container_input_is_refused_and_changes_nothing");

@@ -5,6 +5,7 @@
 //! the tenant's cgroup, makes (or finds) the tenant's user and network namespaces, becomes the
 //! subreaper of its containers, and serves the engine protocol on a root-only unix socket.
 
+pub mod cgroupfs;
 pub mod fdio;
 pub mod layout;
 pub mod ns;

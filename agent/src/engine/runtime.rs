@@ -224,6 +224,8 @@ pub struct Engine {
     cgroups: TenantCgroups,
     /// The cgroup hierarchies, listed once: a container's cgroup is a directory in each.
     hierarchies: Vec<PathBuf>,
+    /// On a v1 or hybrid host: what a container's `/sys/fs/cgroup` holds, made by the engine.
+    cgroup_view: Option<super::cgroupfs::View>,
     recs: BTreeMap<String, Record>,
     exits: HashMap<String, watch::Sender<bool>>,
     events: broadcast::Sender<pb::ContainerEvent>,
@@ -270,13 +272,27 @@ impl Engine {
             }
         }
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        let hierarchies = cgroups.all_hierarchies();
+        let cgroup_view = match layout {
+            CgroupLayout::V1 | CgroupLayout::Hybrid => {
+                let v = super::cgroupfs::View::detect(&cgroup_root, &hierarchies);
+                if v.is_none() {
+                    tracing::warn!(
+                        "cannot read this process's cgroups; containers' /sys/fs/cgroup is left to libcontainer"
+                    );
+                }
+                v
+            }
+            CgroupLayout::V2 | CgroupLayout::None => None,
+        };
         let mut eng = Self {
             tenant,
             id_start,
             paths,
             cgroup_root,
             layout,
-            hierarchies: cgroups.all_hierarchies(),
+            hierarchies,
+            cgroup_view,
             cgroups,
             recs,
             exits: HashMap::new(),
@@ -786,6 +802,9 @@ impl Engine {
                 if let Ok(mut ct) = Container::load(self.paths.youki().join(&c.id)) {
                     let _ = ct.delete(true);
                 }
+                if let Some(v) = &self.cgroup_view {
+                    v.remove_cgroups(&self.cgroup(&c.id));
+                }
                 let _ = fs::remove_dir_all(&dir);
                 let _ = fs::remove_file(self.paths.run.join(format!("resolv-{}.conf", c.id)));
                 Err(e)
@@ -862,7 +881,13 @@ impl Engine {
         let pidns = (!c.pidns.is_empty())
             .then(|| super::ns::pidns_path(&self.paths.ns(), &c.pidns))
             .or_else(|| pid_target.map(Path::to_path_buf));
+        // Made just before libcontainer runs (below), released right after.
+        let cgroup_view = self
+            .cgroup_view
+            .as_ref()
+            .map(|_| super::volumes::dir(&self.paths.run, &c.id).join("cgroup"));
         let spec = spec::build(&spec::ContainerSpec {
+            cgroup_view: cgroup_view.as_deref(),
             resolv_conf: resolv.exists().then_some(resolv.as_path()),
             cap_drop: &c.cap_drop,
             cap_add: &c.cap_add,
@@ -941,11 +966,19 @@ impl Engine {
                 .with_stdout(open("stdout.log")?)
                 .with_stderr(open("stderr.log")?);
         }
+        if let (Some(v), Some(at)) = (&self.cgroup_view, &cgroup_view) {
+            super::volumes::base(&self.paths.run, &c.id, self.id_start)
+                .map_err(EngineError::Runtime)?;
+            v.stage(at, &cgroup).map_err(EngineError::Runtime)?;
+        }
         let built = builder
             .as_init(&bundle)
             .with_systemd(false)
             .with_detach(true)
             .build();
+        if let Some(at) = &cgroup_view {
+            super::cgroupfs::release(at);
+        }
         let container = built.map_err(|e| rt("creating the container")(&e))?;
         let io = match (console, stdin_w) {
             (Some((listener, _dir)), _) => {

@@ -80,6 +80,9 @@ pub struct ContainerSpec<'a> {
     pub cap_add: &'a [String],
     /// Host paths bound in: (host path, container path, read-only).
     pub mounts: &'a [Bind],
+    /// The container's `/sys/fs/cgroup`, made by the engine ([`super::cgroupfs`]), bound
+    /// instead of the default `cgroup` mount; None keeps that mount (libcontainer makes it).
+    pub cgroup_view: Option<&'a Path>,
     /// Mount the root filesystem read-only.
     pub readonly_rootfs: bool,
     /// Extra group ids of the process.
@@ -330,9 +333,36 @@ fn device_rule(path: &std::path::Path, access: &str) -> Result<LinuxDeviceCgroup
         .map_err(SpecError::from)
 }
 
+/// A recursive read-only bind of `host` at `inside`, with nothing to execute, no devices and no
+/// setuid.
+fn ro_bind(inside: &str, host: &Path) -> Result<oci_spec::runtime::Mount, SpecError> {
+    Ok(MountBuilder::default()
+        .destination(inside)
+        .typ("bind")
+        .source(host)
+        .options(
+            ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .build()?)
+}
+
 /// Builds the spec.
 pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     let mut spec = Spec::default();
+    if let Some(view) = c.cgroup_view {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for m in mounts
+            .iter_mut()
+            .filter(|m| m.destination() == Path::new("/sys/fs/cgroup"))
+        {
+            // Recursive: the view is a tmpfs with a bind per hierarchy below it, each
+            // read-only already.
+            *m = ro_bind("/sys/fs/cgroup", view)?;
+        }
+        spec.set_mounts(Some(mounts));
+    }
     spec.set_hostname(Some(c.hostname.to_string()));
     spec.set_root(Some(
         RootBuilder::default()
@@ -395,18 +425,7 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
     }
     if let Some(conf) = c.resolv_conf {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
-        mounts.push(
-            MountBuilder::default()
-                .destination("/etc/resolv.conf")
-                .typ("bind")
-                .source(conf)
-                .options(
-                    ["rbind", "ro", "nosuid", "nodev", "noexec"]
-                        .map(String::from)
-                        .to_vec(),
-                )
-                .build()?,
-        );
+        mounts.push(ro_bind("/etc/resolv.conf", conf)?);
         spec.set_mounts(Some(mounts));
     }
 

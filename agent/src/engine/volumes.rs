@@ -77,10 +77,17 @@ pub fn stage(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
     r
 }
 
-fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind>, String> {
+/// Makes a container's staging directory (and `<run>/volumes` with it) and returns it.
+/// Whatever is mounted under it goes with [`unstage`].
+pub fn base(run: &Path, id: &str, gid: u32) -> Result<PathBuf, String> {
     prepare(run, gid)?;
     let base = dir(run, id);
     crate::fsutil::ensure_dir(&base, 0o711).map_err(|e| format!("{}: {e}", base.display()))?;
+    Ok(base)
+}
+
+fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind>, String> {
+    let base = base(run, id, gid)?;
     let mut out = Vec::with_capacity(mounts.len());
     for (i, m) in mounts.iter().enumerate() {
         if m.image_layers.len() > 1 {
