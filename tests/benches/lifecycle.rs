@@ -125,6 +125,10 @@ struct AgentResults {
     bench_many_kib: u64,
     burst_wall_ms: f64,
     burst_slowest_ms: f64,
+    /// One inspect of a running container: through the agent (client -> agent -> engine), and
+    /// straight to the engine's socket (one hop).
+    inspect_api_ms: Vec<f64>,
+    inspect_engine_ms: Vec<f64>,
     notes: Vec<String>,
 }
 
@@ -256,6 +260,43 @@ async fn bench_agent_on(agent: &TestAgent) -> anyhow::Result<AgentResults> {
         }
     }
 
+    // Round trips: what one call costs with no container work in it.
+    create_start(&mut c, create_req(&rootfs, "probe", &["/bin/sleep", "600"]))
+        .await
+        .context("create+start probe")?;
+    let mut inspect_api_ms = Vec::with_capacity(ITERS);
+    for i in 0..WARMUP + ITERS {
+        let t0 = Instant::now();
+        c.inspect_container(pb::InspectContainerRequest {
+            r#ref: cref("probe"),
+        })
+        .await
+        .context("inspect probe")?;
+        if i >= WARMUP {
+            inspect_api_ms.push(ms(t0.elapsed()));
+        }
+    }
+    let sock = run_dir.join("tenants").join(TENANT).join("engine.sock");
+    let mut e = caas_proto::engine::v1::engine_client::EngineClient::new(
+        caas_agent::client::connect(&caas_agent::client::Target::Unix(sock.clone()))
+            .await
+            .with_context(|| format!("connecting to the engine at {}", sock.display()))?,
+    );
+    let mut inspect_engine_ms = Vec::with_capacity(ITERS);
+    for i in 0..WARMUP + ITERS {
+        let t0 = Instant::now();
+        e.inspect(caas_proto::engine::v1::ContainerId {
+            container: "probe".into(),
+        })
+        .await
+        .context("engine inspect probe")?;
+        if i >= WARMUP {
+            inspect_engine_ms.push(ms(t0.elapsed()));
+        }
+    }
+    drop(e);
+    delete(&mut c, "probe").await?;
+
     // Memory: the idle engine and this process, then with MANY sleeping containers.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let engine_idle_kib = vm_rss_kib(engine)?;
@@ -346,6 +387,8 @@ async fn bench_agent_on(agent: &TestAgent) -> anyhow::Result<AgentResults> {
         bench_many_kib,
         burst_wall_ms,
         burst_slowest_ms,
+        inspect_api_ms,
+        inspect_engine_ms,
         notes,
     })
 }
@@ -859,6 +902,24 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer, lc: &Peer) -> String {
         &format!("{BURST} concurrent create+start: slowest call ms"),
         &f(a.burst_slowest_ms),
     );
+    let _ = writeln!(o, "{rule}");
+    row3(
+        &mut o,
+        "one round trip (inspect of a running container), ms",
+        "median",
+        "p90",
+        "min",
+    );
+    for (label, v) in [
+        (
+            "  through the agent (client -> agent -> engine)",
+            &a.inspect_api_ms,
+        ),
+        ("  straight to the engine's socket", &a.inspect_engine_ms),
+    ] {
+        let s = stats(v);
+        row3(&mut o, label, &f(s.median), &f(s.p90), &f(s.min));
+    }
     let _ = writeln!(o, "{rule}");
     let _ = writeln!(
         o,
