@@ -853,6 +853,24 @@ async fn version_and_status_describe_the_runtime() {
     for h in ["caas-userns", "caas-vm"] {
         assert!(handlers.contains(h), "{h} is not among {handlers:?}");
     }
+    // No cadvisor-style metrics: UNIMPLEMENTED (critest and kubelet then skip them), not an
+    // empty list that claims support.
+    expect_code(
+        k.cri
+            .rt
+            .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await,
+        Code::Unimplemented,
+        "ListMetricDescriptors",
+    );
+    expect_code(
+        k.cri
+            .rt
+            .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await,
+        Code::Unimplemented,
+        "ListPodSandboxMetrics",
+    );
     k.agent.stop().await.unwrap();
 
     let mut plain = TestAgent::start(|_| {}).await.unwrap();
@@ -1378,6 +1396,18 @@ async fn images_are_pulled_inspected_listed_and_removed() {
         "an unknown image has no status, and no error"
     );
 
+    // A config with labels only names no pod's tenant (critest's image tests send one): into
+    // the image tenant too.
+    let labels_only = cri::PodSandboxConfig {
+        labels: map(&[("io.kubernetes.pod.name", "image-test")]),
+        ..Default::default()
+    };
+    assert_eq!(
+        k.pull(&app.reference, Some(&labels_only)).await.unwrap(),
+        app.id,
+        "a pull with a config that names no tenant"
+    );
+
     // By digest.
     assert_eq!(k.pull(&other.by_digest, None).await.unwrap(), other.id);
     let s = k
@@ -1567,6 +1597,20 @@ async fn container_status_and_cri_log_report_what_ran() {
     assert_eq!(st.annotations, c.annotations);
     let want_log = Path::new(&pod.log_directory).join("talker/0.log");
     assert_eq!(Path::new(&st.log_path), want_log, "{st:?}");
+    // The first status that says EXITED comes once all output is in the log (critest reads
+    // the log right then, without waiting).
+    let at_exit = parse_log(&std::fs::read_to_string(&want_log).unwrap_or_default()).unwrap();
+    assert_eq!(
+        (
+            stream_text(&at_exit, LogStream::Stdout),
+            stream_text(&at_exit, LogStream::Stderr)
+        ),
+        (
+            "pwd=/tmp greeting=hello there\nsecond line\n".to_string(),
+            "to stderr\n".to_string()
+        ),
+        "the log when the status first said EXITED"
+    );
     k.assert_recent("created_at", st.created_at);
     k.assert_recent("started_at", st.started_at);
     k.assert_recent("finished_at", st.finished_at);
@@ -1594,6 +1638,30 @@ async fn container_status_and_cri_log_report_what_ran() {
     assert!(
         stdout[0].time_ns <= stdout[1].time_ns,
         "one stream's records are in time order: {stdout:?}"
+    );
+
+    // Much output just before the exit, the status asked for without a pause: still, the
+    // first EXITED comes with every line in the log.
+    const LINES: usize = 20_000;
+    let script = format!("i=0; while [ $i -lt {LINES} ]; do echo line $i; i=$((i+1)); done");
+    let c = k.container(&pod, "burst", &bb.id, &["sh", "-c", &script], &[]);
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.start_container(&id).await;
+    let deadline = Instant::now() + STATE_DEADLINE;
+    let st = loop {
+        let st = k.status(&id).await.unwrap();
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "burst did not exit: {st:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let text = std::fs::read_to_string(&st.log_path).unwrap_or_default();
+    let at_exit = parse_log(&text).unwrap();
+    assert_eq!(
+        at_exit.len(),
+        LINES,
+        "log lines when the status first said EXITED"
     );
     k.agent.stop().await.unwrap();
 }
@@ -1762,6 +1830,9 @@ async fn containers_run_exec_stop_and_remove_with_list_filters() {
     );
     k.remove_container(&sleeper).await.unwrap();
     k.remove_container("no-such-container").await.unwrap();
+    // StopContainer of a removed or unknown container: a no-op too (critest's idempotence).
+    k.stop_container(&sleeper, 1).await.unwrap();
+    k.stop_container("no-such-container", 1).await.unwrap();
     assert_eq!(k.container_ids(None).await, ids(&[&stubborn, &idle]));
     k.agent.stop().await.unwrap();
 }
@@ -3487,35 +3558,28 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
     assert_eq!(st.reason, "OOMKilled", "{st:?}");
     assert_ne!(st.exit_code, 0, "{st:?}");
 
-    // A running container: the meter reads it each second.
+    // A running container: the meter reads it each second, and a container started since its
+    // last tick is read when asked (critest asks right after StartContainer and wants
+    // timestamps).
     let c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
     let id = k.created(&pod_id, &pod, &c).await;
     k.start_container(&id).await;
-    k.wait_state(&id, cri::ContainerState::ContainerRunning)
-        .await;
-    let deadline = Instant::now() + STATE_DEADLINE;
-    let stats = loop {
-        let s = k
-            .cri
-            .rt
-            .container_stats(cri::ContainerStatsRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .stats
-            .unwrap();
-        if s.memory
-            .as_ref()
-            .and_then(|m| m.working_set_bytes.as_ref())
-            .is_some()
-        {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no meter reading of {id}: {s:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let stats = k
+        .cri
+        .rt
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(
+        stats.cpu.as_ref().is_some_and(|c| c.timestamp > 0)
+            && stats.memory.as_ref().is_some_and(|m| m.timestamp > 0),
+        "stats right after StartContainer have CPU and memory readings: {stats:?}"
+    );
     assert_eq!(stats.attributes.as_ref().unwrap().id, id);
     let ws = stats.memory.unwrap().working_set_bytes.unwrap().value;
     assert!(

@@ -13,7 +13,10 @@ use std::{collections::BTreeSet, sync::Arc};
 use caas_proto::cri::v1 as cri;
 use tonic::{Request, Response, Status};
 
-use super::{Cri, now_ns, runtime::tenant_of};
+use super::{
+    Cri, now_ns,
+    runtime::{names_a_tenant, tenant_of},
+};
 use crate::{
     api::{auth::Ctx, status},
     images::{Credentials, ImageError, ImageRecord, Rootfs},
@@ -281,9 +284,11 @@ impl cri::image_service_server::ImageService for ImageApi {
             .unwrap_or_default();
         let reference = reference(r.image)?;
         let creds = credentials(r.auth)?;
+        // A pod's pull goes into the pod's tenant. A config that names no tenant (critest's
+        // image tests send one with labels only) is no pod's: the image tenant, as without one.
         let tenant = match &r.sandbox_config {
-            Some(sc) => tenant_of(sc)?,
-            None => self.cri.state.config.cri.image_tenant.clone(),
+            Some(sc) if names_a_tenant(sc) => tenant_of(sc)?,
+            _ => self.cri.state.config.cri.image_tenant.clone(),
         };
         let t = match self.cri.state.sandboxes.tenant(&tenant).await {
             Ok(t) if super::open_to_pods(&t) => t,

@@ -33,10 +33,17 @@ pub const MAX_LINE: usize = 16 << 10;
 /// A request to reopen the log file (kubelet rotated it), answered once it is reopened.
 type Reopen = tokio::sync::oneshot::Sender<std::io::Result<()>>;
 
+/// A running copier: its reopen requests, and a receiver that sees the copier end (its sender
+/// is dropped when it does).
+type Running = (
+    tokio::sync::mpsc::Sender<Reopen>,
+    tokio::sync::watch::Receiver<()>,
+);
+
 /// The running copiers, by container id.
 #[derive(Debug)]
 pub struct Copiers {
-    running: Mutex<HashMap<String, tokio::sync::mpsc::Sender<Reopen>>>,
+    running: Mutex<HashMap<String, Running>>,
     shutdown: CancellationToken,
 }
 
@@ -58,16 +65,18 @@ impl Copiers {
             return;
         }
         let (tx, mut reopen) = tokio::sync::mpsc::channel(4);
+        let (ended, ended_rx) = tokio::sync::watch::channel(());
         {
             let mut running = self.running.lock().await;
             if running.contains_key(&c.id) {
                 return;
             }
-            running.insert(c.id.clone(), tx);
+            running.insert(c.id.clone(), (tx, ended_rx));
         }
         let c = c.clone();
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
+            let _ended = ended;
             let mut backoff = Duration::from_millis(500);
             loop {
                 match copy(&cri, &c, &mut reopen, &stop).await {
@@ -90,9 +99,19 @@ impl Copiers {
         });
     }
 
+    /// Waits, at most `limit`, for the copier of `id` to end: of an exited container, once all
+    /// of its output is in the log. Returns at once when none runs.
+    pub async fn wait_ended(&self, id: &str, limit: Duration) {
+        let Some(mut ended) = self.running.lock().await.get(id).map(|r| r.1.clone()) else {
+            return;
+        };
+        // The sender is only ever dropped, never sent on: `changed` returns when it is.
+        let _ = tokio::time::timeout(limit, ended.changed()).await;
+    }
+
     /// Makes the copier of `id` reopen its file; returns once it did. False when none runs.
     pub async fn reopen(&self, id: &str) -> std::io::Result<bool> {
-        let Some(tx) = self.running.lock().await.get(id).cloned() else {
+        let Some(tx) = self.running.lock().await.get(id).map(|r| r.0.clone()) else {
             return Ok(false);
         };
         let (ack, done) = tokio::sync::oneshot::channel();

@@ -37,6 +37,25 @@ impl Readings {
     pub fn of(&self, c: &ContainerRecord) -> Option<&Counters> {
         self.0.get(&(c.tenant.clone(), c.id.clone()))
     }
+
+    /// Reads now the containers of `records` that have no reading yet (made since the meter's
+    /// last tick), so that stats asked for right after a start have figures.
+    pub async fn complete(&mut self, cri: &Cri, records: &[ContainerRecord]) {
+        for c in records {
+            let key = (c.tenant.clone(), c.id.clone());
+            if self.0.contains_key(&key) {
+                continue;
+            }
+            if let Some(r) = cri
+                .state
+                .metering
+                .read_container_now(&c.tenant, &c.id)
+                .await
+            {
+                self.0.insert(key, r);
+            }
+        }
+    }
 }
 
 fn u64v(v: u64) -> Option<cri::UInt64Value> {

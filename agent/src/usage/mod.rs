@@ -139,13 +139,15 @@ impl Metering {
         }
     }
 
-    async fn track(&self, key: MeterKey, rel: String) {
-        if self
-            .tracked
+    fn is_tracked(&self, key: &MeterKey) -> bool {
+        self.tracked
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&key)
-        {
+            .contains(key)
+    }
+
+    async fn track(&self, key: MeterKey, rel: String) {
+        if self.is_tracked(&key) {
             return;
         }
         match self.sampler.add(key.clone(), rel.clone()).await {
@@ -181,11 +183,7 @@ impl Metering {
     /// metering; the readings leave its bytes out until it can be.
     pub async fn track_tenant_link(&self, tenant: &str, link: &str) {
         let key = Self::tenant_key(tenant);
-        let tracked = self
-            .tracked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&key);
+        let tracked = self.is_tracked(&key);
         if !tracked {
             // `track_tenant` failed (and said why), or was not called.
             tracing::error!(
@@ -252,6 +250,19 @@ impl Metering {
         self.read_now(key).await;
     }
 
+    /// A reading of a metered container taken now, for a caller that needs one before the
+    /// next tick (the CRI's stats of a container started a moment ago). It is a reading like
+    /// any other: it also goes to the ledger. `None` when the container is not metered or its
+    /// cgroup cannot be read.
+    pub async fn read_container_now(&self, tenant: &str, id: &str) -> Option<Counters> {
+        let key = Self::container_key(tenant, id);
+        let tracked = self.is_tracked(&key);
+        if !tracked {
+            return None;
+        }
+        self.sampler.read_now(key).await.ok().map(|s| s.counters)
+    }
+
     /// [`Metering::flush_container`] for a tenant and all of its containers.
     pub async fn flush_tenant(&self, tenant: &str) {
         for key in self.keys_of(tenant) {
@@ -260,11 +271,7 @@ impl Metering {
     }
 
     async fn read_now(&self, key: MeterKey) {
-        let tracked = self
-            .tracked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&key);
+        let tracked = self.is_tracked(&key);
         if tracked && let Err(e) = self.sampler.read_now(key.clone()).await {
             tracing::warn!(
                 tenant = %key.tenant,
