@@ -16,9 +16,18 @@
 //! and busybox-static.
 //!
 //! Knobs: `CAAS_BENCH_ROUNDS` (default 5), `CAAS_BENCH_SECS` (seconds per iperf3 run, default 5),
-//! `CAAS_BENCH_ATTACH` (attach samples per method, default 50). A run takes about
-//! 2 minutes 15 s with the defaults: 5 paths, each a 1 s warm-up run and ROUNDS runs of SECS
-//! seconds, plus half a second per run and a few seconds for the attach part and the agent.
+//! `CAAS_BENCH_ATTACH` (attach samples per method, default 50), `CAAS_BENCH_GSO` (the IPv4 GSO
+//! sizes to run the throughput paths with, comma-separated bytes; default `65536,196608`). A
+//! run takes about 4 minutes 30 s with the defaults: per GSO size, 5 paths, each a 1 s warm-up
+//! run and ROUNDS runs of SECS seconds, plus half a second per run and a few seconds for the
+//! attach part and the agent.
+//!
+//! GSO sizes: for each size, every link the bench makes (both ends of each veth, the test
+//! host's uplink included) gets it as its `gso_ipv4_max_size` and `gro_ipv4_max_size`, and a
+//! new tenant is made, whose link takes the uplink's size as the agent does (BIG TCP: the agent
+//! gives a new tenant link the uplinks' size when all of them are above 64 KiB). So each set
+//! compares the paths with the same link settings. 65536 is the kernel's default; 196608 is a
+//! BIG TCP size (Linux 6.3+ for IPv4).
 //!
 //! Throughput paths, each one iperf3 TCP stream from client to server (`iperf3 -c ADDR -t SECS
 //! -J`, the server `iperf3 -s -1`), the receiver's rate:
@@ -127,10 +136,18 @@ fn main() {
         eprintln!("network bench: {e:#}");
         std::process::exit(1);
     }
+    let gso = match gso_sizes() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("network bench: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let opts = Opts {
         rounds: env_usize("CAAS_BENCH_ROUNDS", 5),
         secs: env_usize("CAAS_BENCH_SECS", 5),
         attach: env_usize("CAAS_BENCH_ATTACH", 50),
+        gso,
         tag: format!("{:08x}", rand::random::<u32>()),
     };
     let started = Instant::now();
@@ -154,10 +171,35 @@ fn main() {
     }
 }
 
+/// `CAAS_BENCH_GSO`: the IPv4 GSO sizes to run the paths with, comma-separated bytes.
+fn gso_sizes() -> anyhow::Result<Vec<u32>> {
+    let Ok(v) = std::env::var("CAAS_BENCH_GSO") else {
+        return Ok(vec![DEFAULT_GSO, BIG_GSO]);
+    };
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| (4096..=524_288).contains(&n))
+                .with_context(|| {
+                    format!("CAAS_BENCH_GSO: {x:?} is not a size in bytes from 4096 to 524288")
+                })
+        })
+        .collect()
+}
+
+/// The kernel's default IPv4 GSO size.
+const DEFAULT_GSO: u32 = 65_536;
+/// A BIG TCP size (192 KiB), as Cilium's BIG TCP uses on hosts whose NICs take it.
+const BIG_GSO: u32 = 196_608;
+
 struct Opts {
     rounds: usize,
     secs: usize,
     attach: usize,
+    /// The IPv4 GSO sizes of the bench's links, one throughput set each.
+    gso: Vec<u32>,
     /// Random hex in every name this run makes.
     tag: String,
 }
@@ -712,8 +754,8 @@ const ROUTER: usize = 2;
 const NAT: usize = 4;
 
 struct Results {
-    /// Gbit/s per path, one sample per round.
-    gbits: [Vec<f64>; 5],
+    /// Per GSO size, Gbit/s per path, one sample per round.
+    gbits: Vec<(u32, [Vec<f64>; 5])>,
     /// Milliseconds: the agent's `net::attach`, then the same with `ip` commands.
     attach_ms: [Vec<f64>; 2],
     iperf3_version: String,
@@ -776,14 +818,58 @@ async fn run(opts: &Opts, cleanup: &mut Cleanup) -> anyhow::Result<Results> {
     })
 }
 
+/// Every link the bench made for the plain paths and the test host (both ends of each veth):
+/// the netns it is in (`None`: the root netns) and its name.
+fn plain_links(plain: &Plain, tag: &str) -> Vec<(Option<PathBuf>, String)> {
+    let ns = |n: &str| Some(PathBuf::from(format!("/run/netns/{n}")));
+    let router = format!("cbn-r-{tag}");
+    vec![
+        (ns(&plain.pair.0), "eth0".into()),
+        (ns(&plain.pair.1), "eth0".into()),
+        (None, format!("cbnc{tag}")),
+        (ns(&plain.routed.0), "eth0".into()),
+        (None, format!("cbnd{tag}")),
+        (ns(&plain.routed.1), "eth0".into()),
+        (ns(&router), "toe".into()),
+        (ns(&router), "tof".into()),
+        (ns(&plain.router.0), "eth0".into()),
+        (ns(&plain.router.1), "eth0".into()),
+        (None, plain.host.1.clone()),
+        (ns(&plain.host.0), "eth0".into()),
+    ]
+}
+
+/// The throughput paths once per GSO size: every plain link and the uplink (the test host's
+/// link) get the size, then a new tenant (whose link takes the uplink's size, as the agent
+/// does) runs the tenant paths.
 async fn throughput(
     agent: &TestAgent,
     plain: &Plain,
     opts: &Opts,
+) -> anyhow::Result<Vec<(u32, [Vec<f64>; 5])>> {
+    let mut out = Vec::new();
+    for (i, &gso) in opts.gso.iter().enumerate() {
+        for (ns, link) in plain_links(plain, &opts.tag) {
+            caas_agent::net::set_link_gso(ns.as_deref(), &link, gso)
+                .await
+                .with_context(|| format!("setting the GSO size of {link} to {gso}"))?;
+        }
+        eprintln!("GSO size {gso} on every plain link and the uplink");
+        out.push((gso, throughput_at(agent, plain, opts, gso, i).await?));
+    }
+    Ok(out)
+}
+
+async fn throughput_at(
+    agent: &TestAgent,
+    plain: &Plain,
+    opts: &Opts,
+    gso: u32,
+    set: usize,
 ) -> anyhow::Result<[Vec<f64>; 5]> {
     let ch = agent.unix().await;
     let mut tenants = TenantServiceClient::new(ch.clone());
-    let id = format!("bench-net-{}", opts.tag);
+    let id = format!("bench-net-{}-{set}", opts.tag);
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     tenants
         .create_tenant(pb::CreateTenantRequest {
@@ -807,6 +893,11 @@ async fn throughput(
         addr: tenant_addr(&id).await?,
         seq: 0,
     };
+    let tenant_gso = caas_agent::net::gso_of(None, &caas_agent::net::link_name(&id)).await?;
+    ensure!(
+        tenant_gso == Some(gso),
+        "the tenant's link has GSO size {tenant_gso:?}, the uplink {gso}"
+    );
     // iperf3 runs in a container before anything is timed.
     let ran = t
         .run("check", &[IPERF3, "--version"], Duration::from_secs(30))
@@ -871,7 +962,10 @@ async fn throughput(
                 .with_context(|| format!("round {round}: {}", PATHS[i]))?;
             same_table(&format!("round {round}: {}", PATHS[i]))?;
             let warm = if round == 0 { " (warm-up)" } else { "" };
-            eprintln!("round {round}: {:<66} {g:6.2} Gbit/s{warm}", PATHS[i]);
+            eprintln!(
+                "gso {gso} round {round}: {:<66} {g:6.2} Gbit/s{warm}",
+                PATHS[i]
+            );
             if round > 0 {
                 gbits[i].push(g);
             }
@@ -916,7 +1010,7 @@ async fn attach_bench(cleanup: &mut Cleanup, opts: &Opts) -> anyhow::Result<[Vec
             let _ns = Undo::new(&["ip", "netns", "del", &ns]);
             let t0 = Instant::now();
             if method == 0 {
-                caas_agent::net::attach(&tenant, &ns_path, subnet)
+                caas_agent::net::attach(&tenant, &ns_path, subnet, &[])
                     .await
                     .context("caas_agent::net::attach")?;
             } else {
@@ -1031,6 +1125,15 @@ fn row(out: &mut String, label: &str, cols: &[String]) {
     let _ = writeln!(out);
 }
 
+/// Median, min and max of `v`, as columns.
+fn spread(v: &[f64]) -> Vec<String> {
+    let st = stats(v);
+    [st.median, st.min, st.max]
+        .iter()
+        .map(|x| format!("{x:.2}"))
+        .collect()
+}
+
 fn table(opts: &Opts, r: &Results, took: Duration) -> String {
     let mut o = String::new();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -1051,39 +1154,54 @@ fn table(opts: &Opts, r: &Results, took: Duration) -> String {
     );
     let rule = "-".repeat(LABEL_W + 5 * 9);
     let s = |x: &str| x.to_string();
-    let _ = writeln!(o, "{rule}");
-    row(
-        &mut o,
-        "TCP throughput, Gbit/s",
-        &[s("median"), s("min"), s("max"), s("/pair"), s("/routed")],
-    );
-    for (i, label) in PATHS.iter().enumerate() {
-        let st = stats(&r.gbits[i]);
+    for (gso, gbits) in &r.gbits {
+        let _ = writeln!(o, "{rule}");
+        let what = if *gso == DEFAULT_GSO {
+            "the kernel's default".to_string()
+        } else {
+            format!("BIG TCP, {} KiB", gso / 1024)
+        };
         row(
             &mut o,
-            label,
-            &[
-                format!("{:.2}", st.median),
-                format!("{:.2}", st.min),
-                format!("{:.2}", st.max),
-                format!("{:.2}", ratio(&r.gbits[i], &r.gbits[PAIR])),
-                format!("{:.2}", ratio(&r.gbits[i], &r.gbits[ROUTED])),
-            ],
+            &format!("TCP throughput, Gbit/s; IPv4 GSO size {gso} on all links ({what})"),
+            &[],
+        );
+        row(
+            &mut o,
+            "",
+            &[s("median"), s("min"), s("max"), s("/pair"), s("/routed")],
+        );
+        for (i, label) in PATHS.iter().enumerate() {
+            let mut cols = spread(&gbits[i]);
+            cols.push(format!("{:.2}", ratio(&gbits[i], &gbits[PAIR])));
+            cols.push(format!("{:.2}", ratio(&gbits[i], &gbits[ROUTED])));
+            row(&mut o, label, &cols);
+        }
+        let nat = ratio(&gbits[NAT], &gbits[PAIR]);
+        let _ = writeln!(
+            o,
+            "goal: NAT path >= 0.90 of the plain netns pair (same GSO size): {nat:.2}, {}",
+            if nat >= 0.9 { "met" } else { "NOT met" }
+        );
+        let _ = writeln!(
+            o,
+            "NAT path / routed via a router netns (its links, no netfilter): {:.2}; routed via \
+             the host / via a router netns (conntrack alone): {:.2}",
+            ratio(&gbits[NAT], &gbits[ROUTER]),
+            ratio(&gbits[ROUTED], &gbits[ROUTER])
         );
     }
-    let nat = ratio(&r.gbits[NAT], &r.gbits[PAIR]);
-    let _ = writeln!(
-        o,
-        "goal: NAT path >= 0.90 of the plain netns pair: {nat:.2}, {}",
-        if nat >= 0.9 { "met" } else { "NOT met" }
-    );
-    let _ = writeln!(
-        o,
-        "NAT path / routed via a router netns (its links, no netfilter): {:.2}; routed via the \
-         host / via a router netns (conntrack alone): {:.2}",
-        ratio(&r.gbits[NAT], &r.gbits[ROUTER]),
-        ratio(&r.gbits[ROUTED], &r.gbits[ROUTER])
-    );
+    let default = r.gbits.iter().find(|(g, _)| *g == DEFAULT_GSO);
+    for (gso, gbits) in r.gbits.iter().filter(|(g, _)| *g != DEFAULT_GSO) {
+        if let Some((_, d)) = default {
+            // Medians of different runs (the sets run one after the other): a rougher ratio.
+            let _ = writeln!(
+                o,
+                "NAT path with GSO size {gso} / the plain pair at the default size (medians): {:.2}",
+                stats(&gbits[NAT]).median / stats(&d[PAIR]).median
+            );
+        }
+    }
     let _ = writeln!(o, "{rule}");
     row(
         &mut o,
@@ -1103,16 +1221,7 @@ fn table(opts: &Opts, r: &Results, took: Duration) -> String {
             &r.attach_ms[1],
         ),
     ] {
-        let st = stats(v);
-        row(
-            &mut o,
-            label,
-            &[
-                format!("{:.2}", st.median),
-                format!("{:.2}", st.min),
-                format!("{:.2}", st.max),
-            ],
-        );
+        row(&mut o, label, &spread(v));
     }
     row(
         &mut o,

@@ -813,6 +813,87 @@ async fn bytes_a_tenant_sends_are_billed() {
     );
 }
 
+/// With BIG TCP on the uplink (an IPv4 GSO size above the default 64 KiB), a new tenant's link
+/// takes the uplink's size on both ends, so that the tenant's TCP sends packets the uplink
+/// passes on whole; bulk traffic through the NAT arrives intact. With the default uplink size,
+/// the tenant link keeps the kernel's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_links_take_the_uplinks_big_tcp_size() {
+    root_or_skip!("tenant_links_take_the_uplinks_big_tcp_size");
+    let _serial = SERIAL.lock().await;
+    const BIG: u32 = 196_608;
+    let host = TestHost::new(49);
+    let host_ns = PathBuf::from(format!("/run/netns/{}", host.ns));
+    assert_eq!(
+        caas_agent::net::gso_of(None, &host.link).await.unwrap(),
+        Some(65_536),
+        "a new veth has the kernel's default"
+    );
+    let agent = agent("10.239.0.0/24", &host).await;
+    let mut api = Api::new(&agent).await;
+    let tenant_ns = |t: &str| agent.dir.path().join("run/tenants").join(t).join("ns/net");
+
+    // The default uplink: the tenant link keeps the default.
+    let small = caas_tests::unique("gs");
+    api.tenant(&small).await;
+    let link = caas_agent::net::link_name(&small);
+    assert_eq!(
+        caas_agent::net::gso_of(None, &link).await.unwrap(),
+        Some(65_536)
+    );
+
+    // BIG TCP on the uplink (both its ends, as on a real NIC's path): a new tenant takes it.
+    caas_agent::net::set_link_gso(None, &host.link, BIG)
+        .await
+        .unwrap();
+    caas_agent::net::set_link_gso(Some(&host_ns), "eth0", BIG)
+        .await
+        .unwrap();
+    let big = caas_tests::unique("gb");
+    api.tenant(&big).await;
+    let link = caas_agent::net::link_name(&big);
+    assert_eq!(
+        caas_agent::net::gso_of(None, &link).await.unwrap(),
+        Some(BIG),
+        "the host side of a tenant link made after the uplink got BIG TCP"
+    );
+    assert_eq!(
+        caas_agent::net::gso_of(Some(&tenant_ns(&big)), "eth0")
+            .await
+            .unwrap(),
+        Some(BIG),
+        "the tenant's eth0"
+    );
+
+    // 64 MiB through the NAT to the test host, with the large packets: all of it arrives.
+    let world = host.serve(host.ip, 9000);
+    let (code, out) = api
+        .outcome(
+            &big,
+            "bulk",
+            &format!(
+                "dd if=/dev/zero bs=1M count=64 2>/dev/null | nc -w 5 {} 9000 >/dev/null; echo sent",
+                host.ip
+            ),
+        )
+        .await;
+    assert!(code == 0 && out.contains("sent"), "{code} {out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        if let Some(&(_, n)) = world.peers().first() {
+            break n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the test host saw no connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(got, 64 << 20, "bytes the test host received");
+    api.delete_tenant(&big).await;
+    api.delete_tenant(&small).await;
+}
+
 /// An HTTP/1.0 GET of `path` from `addr`, made inside the test host: the response's header and
 /// its body's length.
 fn download(host: &TestHost, addr: SocketAddr, path: &str) -> (String, u64) {

@@ -574,18 +574,118 @@ async fn host_side_conf(h: &Handle, idx: u32, link: &str) -> Result<(), NetError
     Ok(())
 }
 
+/// The kernel's default largest GSO/GRO packet (64 KiB); above it is BIG TCP.
+const LEGACY_GSO: u32 = 65_536;
+
+fn gso_ipv4(a: &LinkAttribute) -> Option<u32> {
+    match a {
+        LinkAttribute::GsoIpv4MaxSize(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn tso_max(a: &LinkAttribute) -> Option<u32> {
+    match a {
+        LinkAttribute::TsoMaxSize(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// An attribute of the link `req` asks for, as `pick` takes it; `None` when the link or the
+/// attribute is not there.
+async fn link_u32(
+    req: rtnetlink::LinkGetRequest,
+    pick: fn(&LinkAttribute) -> Option<u32>,
+) -> Option<u32> {
+    req.execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten()
+        .and_then(|m| m.attributes.iter().find_map(pick))
+}
+
+/// The IPv4 GSO size the uplinks all take (the smallest of their `gso_ipv4_max_size`), when it
+/// is above the kernel's default (BIG TCP on every uplink); `None` otherwise, or when an uplink
+/// cannot be read.
+async fn uplinks_gso(h: &Handle, uplinks: &[String]) -> Option<u32> {
+    let mut least: Option<u32> = None;
+    for u in uplinks {
+        let g = link_u32(h.link().get().match_name(u.clone()), gso_ipv4).await?;
+        least = Some(least.map_or(g, |l| l.min(g)));
+    }
+    least.filter(|&g| g > LEGACY_GSO)
+}
+
+/// The handle for the netns at `ns`, or the agent's own.
+fn handle_for(ns: Option<&Path>, link: &str) -> Result<Handle, NetError> {
+    match ns {
+        Some(ns) => connect_in(ns, link),
+        None => connect(link),
+    }
+}
+
+/// The IPv4 GSO size (`gso_ipv4_max_size`) of `link` in the netns bind-mounted at `ns` (`None`:
+/// the agent's own); `None` when the link or the attribute is not there.
+pub async fn gso_of(ns: Option<&Path>, link: &str) -> Result<Option<u32>, NetError> {
+    let h = handle_for(ns, link)?;
+    Ok(link_u32(h.link().get().match_name(link.to_string()), gso_ipv4).await)
+}
+
+/// Sets the IPv4 GSO and GRO sizes of `link` in the netns at `ns` (`None`: the agent's own) to
+/// `size`, at most what the device takes (as an operator sets an uplink's BIG TCP size).
+pub async fn set_link_gso(ns: Option<&Path>, link: &str, size: u32) -> Result<(), NetError> {
+    let h = handle_for(ns, link)?;
+    let idx = index_of(&h, link).await.ok_or_else(|| NetError {
+        link: link.into(),
+        step: "finding the link",
+        message: "it does not exist".into(),
+    })?;
+    set_gso(&h, idx, size, link).await
+}
+
+/// Sets a link's IPv4 GSO and GRO sizes to `size`, at most what the device can take.
+async fn set_gso(h: &Handle, idx: u32, size: u32, link: &str) -> Result<(), NetError> {
+    let dev_max = link_u32(h.link().get().match_index(idx), tso_max)
+        .await
+        .unwrap_or(LEGACY_GSO);
+    let size = size.min(dev_max);
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
+                .append_extra_attribute(LinkAttribute::GroIpv4MaxSize(size))
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(fail(link, "setting the GSO size"))
+}
+
 /// Joins the tenant's netns (bind-mounted at `ns`) to the host with a veth pair in `subnet`.
-/// On error nothing of it is left.
-pub async fn attach(tenant: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetError> {
+/// Both ends take the uplinks' IPv4 GSO size when all of them have BIG TCP on (`uplinks`: the
+/// node's uplinks), so that a tenant's TCP sends packets as large as the uplinks pass on without
+/// splitting them; otherwise the kernel's default stays. On error nothing of it is left.
+pub async fn attach(
+    tenant: &str,
+    ns: &Path,
+    subnet: Ipv4Net,
+    uplinks: &[String],
+) -> Result<(), NetError> {
     let link = link_name(tenant);
-    let r = attach_inner(&link, ns, subnet).await;
+    let r = attach_inner(&link, ns, subnet, uplinks).await;
     if r.is_err() {
         detach(tenant).await;
     }
     r
 }
 
-async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetError> {
+async fn attach_inner(
+    link: &str,
+    ns: &Path,
+    subnet: Ipv4Net,
+    uplinks: &[String],
+) -> Result<(), NetError> {
     let (host_ip, _) = addresses(subnet);
     let host = connect(link)?;
     if index_of(&host, link).await.is_some() {
@@ -617,24 +717,36 @@ async fn attach_inner(link: &str, ns: &Path, subnet: Ipv4Net) -> Result<(), NetE
         .await
         .map_err(fail(link, "addressing the host side"))?;
     host_side_conf(&host, idx, link).await?;
+    let gso = uplinks_gso(&host, uplinks).await;
+    if let Some(g) = gso {
+        set_gso(&host, idx, g, link).await?;
+    }
     host.link()
         .set(LinkUnspec::new_with_index(idx).up().build())
         .execute()
         .await
         .map_err(fail(link, "bringing the host side up"))?;
     let inner = connect_in(ns, link)?;
-    configure_inside(&inner, link, subnet).await
+    configure_inside(&inner, link, subnet, gso).await
 }
 
-/// Addresses `eth0` in a tenant netns (reached by `inner`), brings it and loopback up, and adds
-/// the default route via the host side.
-async fn configure_inside(inner: &Handle, link: &str, subnet: Ipv4Net) -> Result<(), NetError> {
+/// Addresses `eth0` in a tenant netns (reached by `inner`), gives it the GSO size `gso` (see
+/// [`attach`]), brings it and loopback up, and adds the default route via the host side.
+async fn configure_inside(
+    inner: &Handle,
+    link: &str,
+    subnet: Ipv4Net,
+    gso: Option<u32>,
+) -> Result<(), NetError> {
     let (host_ip, tenant_ip) = addresses(subnet);
     let eth = index_of(inner, TENANT_IF).await.ok_or_else(|| NetError {
         link: link.into(),
         step: "finding eth0 in the tenant netns",
         message: "it does not exist".into(),
     })?;
+    if let Some(g) = gso {
+        set_gso(inner, eth, g, link).await?;
+    }
     inner
         .address()
         .add(eth, IpAddr::V4(tenant_ip), subnet.prefix())
@@ -834,7 +946,7 @@ pub async fn adopt_guest_link(ns: &Path, index: u32, subnet: Ipv4Net) -> Result<
         .await
         .map_err(fail(link, "moving the card into the tenant netns"))?;
     let inner = connect_in(ns, link)?;
-    configure_inside(&inner, link, subnet).await
+    configure_inside(&inner, link, subnet, None).await
 }
 
 async fn detach_link(h: &Handle, link: &str) {

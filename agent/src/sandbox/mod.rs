@@ -607,7 +607,7 @@ impl Manager {
             .join(&t.id)
             .join("ns")
             .join("net");
-        crate::net::attach(&t.id, &ns, subnet)
+        crate::net::attach(&t.id, &ns, subnet, &n.config.uplinks())
             .await
             .map_err(|e| SandboxError::Engine {
                 tenant: t.id.clone(),
