@@ -188,6 +188,12 @@ async fn two_tenants_each_run_as_their_own_unprivileged_root() {
             "host uid {uid} outside {r:?}"
         );
         assert_ne!(uid, 0);
+        // The caas API's containers always run with no-new-privileges and the seccomp filter.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.pid)).unwrap();
+        assert!(
+            status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+            "{status}"
+        );
         // ps sees only this container's own processes: its shell (pid 1) and ps itself.
         let procs: Vec<&str> = l
             .lines()

@@ -2965,6 +2965,52 @@ async fn a_localhost_seccomp_profile_from_the_node_applies() {
 /// containers one process namespace: its PID 1 is the engine's holder (`caas-pause`), and each
 /// container sees the others' processes. A pod without it keeps a namespace per container, and
 /// a container asking for POD there is FAILED_PRECONDITION. Stopping the pod ends the holder.
+/// no_new_privs as kubelet sends it: set for allowPrivilegeEscalation: false, otherwise off
+/// (a setuid file may raise the process to the container's root, within the tenant's user
+/// namespace), as containerd does. The seccomp filter applies either way. Execs always get
+/// no-new-privileges (their filter is loaded after the capabilities are dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_new_privileges_is_set_when_kubelet_asks_and_seccomp_applies_either_way() {
+    registry_or_skip!("no_new_privileges_is_set_when_kubelet_asks_and_seccomp_applies_either_way");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-nnp", "p");
+    let pod_id = k.ready_pod(&pod).await;
+    let status = "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; sleep 600";
+    for (name, nnp, want) in [
+        ("escalating", false, "NoNewPrivs:\t0\nSeccomp:\t2\n"),
+        ("confined", true, "NoNewPrivs:\t1\nSeccomp:\t2\n"),
+    ] {
+        let mut c = k.container(&pod, name, &bb.id, &["sh", "-c", status], &[]);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                no_new_privs: nnp,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = k.created(&pod_id, &pod, &c).await;
+        k.start_container(&id).await;
+        let st = k
+            .wait_state(&id, cri::ContainerState::ContainerRunning)
+            .await;
+        expect_output(&st, name, want, "").await;
+        let ex = k
+            .exec(
+                &id,
+                &["grep", "-E", "^(NoNewPrivs|Seccomp):", "/proc/self/status"],
+            )
+            .await;
+        assert_eq!(
+            String::from_utf8_lossy(&ex.stdout),
+            "NoNewPrivs:\t1\nSeccomp:\t2\n",
+            "an exec into {name}: {ex:?}"
+        );
+    }
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_containers_share_a_process_namespace_when_asked() {
     registry_or_skip!("a_pods_containers_share_a_process_namespace_when_asked");

@@ -281,6 +281,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             pidns: String::new(),
             cap_add: Vec::new(),
             pid_target: String::new(),
+            allow_privilege_escalation: false,
         },
     })
 }

@@ -1940,6 +1940,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .and_then(|s| s.capabilities.as_ref())
                 .map(|c| c.add_capabilities.clone())
                 .unwrap_or_default(),
+            // kubelet sets no_new_privs for allowPrivilegeEscalation: false only; otherwise a
+            // setuid file may raise the process, as in containerd, to the container's root at
+            // most (the tenant's user namespace).
+            allow_privilege_escalation: !security_of(&config).is_some_and(|s| s.no_new_privs),
         };
         create.mounts.extend(devices_of(
             &config,

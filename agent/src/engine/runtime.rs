@@ -166,6 +166,8 @@ pub struct CreateSpec {
     pub cap_add: Vec<String>,
     /// A running container of this engine whose process namespace to join (empty: none).
     pub pid_target: String,
+    /// Leave no-new-privileges off the init (setuid files work, within the tenant's userns).
+    pub allow_privilege_escalation: bool,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -893,6 +895,7 @@ impl Engine {
             cap_add: &c.cap_add,
             mounts: &c.mounts,
             readonly_rootfs: c.readonly_rootfs,
+            no_new_privileges: !c.allow_privilege_escalation,
             supplemental_groups: &groups,
             tty: c.tty,
             rootfs: &root,
@@ -1807,6 +1810,11 @@ impl libcontainer::workload::Executor for SeccompExecutor {
         spec: &oci_spec::runtime::Spec,
     ) -> Result<(), libcontainer::workload::ExecutorError> {
         if let Some(s) = &self.0 {
+            // The capabilities are dropped by now: loading a filter needs no-new-privileges,
+            // so an exec gets it even in a container that allows privilege escalation.
+            nix::sys::prctl::set_no_new_privs().map_err(|e| {
+                libcontainer::workload::ExecutorError::Other(format!("no-new-privileges: {e}"))
+            })?;
             libcontainer::seccomp::initialize_seccomp(s).map_err(|e| {
                 libcontainer::workload::ExecutorError::Other(format!("seccomp: {e}"))
             })?;

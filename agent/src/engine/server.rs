@@ -389,6 +389,7 @@ impl epb::engine_server::Engine for EngineSvc {
             pidns: r.pidns,
             cap_add: r.cap_add,
             pid_target: r.pid_target,
+            allow_privilege_escalation: r.allow_privilege_escalation,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

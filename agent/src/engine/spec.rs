@@ -85,6 +85,8 @@ pub struct ContainerSpec<'a> {
     pub cgroup_view: Option<&'a Path>,
     /// Mount the root filesystem read-only.
     pub readonly_rootfs: bool,
+    /// Set no-new-privileges on the process (off: setuid files raise it, within its userns).
+    pub no_new_privileges: bool,
     /// Extra group ids of the process.
     pub supplemental_groups: &'a [u32],
     /// Run the init on a terminal.
@@ -393,9 +395,16 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
         .args(c.command.to_vec())
         .env(env)
         .cwd(if c.workdir.is_empty() { "/" } else { c.workdir })
-        .no_new_privileges(true)
         .capabilities(capabilities)
+        .no_new_privileges(true)
         .build()?;
+    let mut process = process;
+    if !c.no_new_privileges {
+        // Unset rather than false (oci-spec's default is true): libcontainer 0.7 then loads
+        // the seccomp filter before it drops the capabilities (loading one needs
+        // CAP_SYS_ADMIN in the user namespace, or no-new-privileges).
+        process.set_no_new_privileges(None);
+    }
     spec.set_process(Some(process));
     if !c.mounts.is_empty() {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
