@@ -1749,6 +1749,14 @@ async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
         "pod to pod over the tenant's bridge: {code} {out}"
     );
 
+    // The host reaches the pod at its own address (kubelet's probes do), routed to the
+    // tenant's link.
+    assert_eq!(
+        fetch_soon(SocketAddr::from((server_ip, 8080))).await,
+        "pod-a",
+        "the host to the pod's address {server_ip}"
+    );
+
     // The host port, on 127.0.0.1 and on the uplink.
     assert_eq!(fetch_soon(local(port)).await, "pod-a", "127.0.0.1:{port}");
     assert_eq!(
@@ -1788,6 +1796,12 @@ async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
     let b = k
         .run_container(&b_id, &b_pod, "c", &image_id, "sleep 600")
         .await;
+    // Pod addresses are the node's: B's pod has one of its own, not one of A's pods'.
+    let b_ip: Ipv4Addr = k.pod_ip(&b_id).await.parse().unwrap();
+    assert!(
+        in_range(b_ip) && b_ip != server_ip && b_ip != client_ip,
+        "tenant B's pod got {b_ip}; A's pods have {server_ip} and {client_ip}"
+    );
     let (_, out) = k
         .exec(
             &b,
@@ -1814,12 +1828,19 @@ async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
         pod_ns.display()
     );
     assert_eq!(k.pod_ip(&server_id).await, "");
+    let routes = Command::new("ip")
+        .args(["-4", "route", "show", &format!("{server_ip}/32")])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).trim().is_empty(),
+        "the stopped pod's route is still there: {}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
     let ipam = agent
         .dir
         .path()
-        .join("run/tenants")
-        .join(&ns_a)
-        .join("cni/caas-test-pods")
+        .join("run/cni-ipam/caas-test-pods")
         .join(server_ip.to_string());
     assert!(
         !ipam.exists(),

@@ -375,6 +375,48 @@ fn plugin_conf(
     Value::Object(c)
 }
 
+/// Releases the addresses host-local holds for `container` in `list` (its `dataDir`, else
+/// `default_dir`), as its DEL would: for a pod whose tenant's netns is gone, where the plugins
+/// cannot run. host-local keeps one file per address, named by it, that starts with the
+/// container id. Returns the addresses released.
+pub fn release_host_local(
+    list: &NetworkList,
+    default_dir: &Path,
+    container: &str,
+) -> std::io::Result<Vec<String>> {
+    let mut released = Vec::new();
+    for p in &list.plugins {
+        let Some(Value::Object(ipam)) = p.get("ipam") else {
+            continue;
+        };
+        if ipam.get("type").and_then(Value::as_str) != Some("host-local") {
+            continue;
+        }
+        let dir = ipam
+            .get("dataDir")
+            .and_then(Value::as_str)
+            .map_or_else(|| default_dir.to_path_buf(), PathBuf::from)
+            .join(&list.name);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.parse::<std::net::IpAddr>().is_err() {
+                continue; // last_reserved_ip.*, the lock
+            }
+            let held = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if held.lines().next().map(str::trim) == Some(container) {
+                std::fs::remove_file(e.path())?;
+                released.push(name);
+            }
+        }
+    }
+    Ok(released)
+}
+
 /// Runs one plugin, in the tenant's netns.
 async fn exec(
     cfg: &CniConfig,
@@ -648,7 +690,7 @@ mod tests {
     }
 
     #[test]
-    fn plugin_stdin_carries_name_version_prev_result_and_the_tenants_ipam_dir() {
+    fn plugin_stdin_carries_name_version_prev_result_and_the_nodes_ipam_dir() {
         let l = NetworkList::parse(
             r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge","ipam":{"type":"host-local","ranges":[]}},{"type":"tuning","ipam":{"type":"host-local","dataDir":"/keep"}}]}"#,
             "x",
@@ -661,13 +703,13 @@ mod tests {
             namespace: "ns",
             name: "name",
             uid: "u",
-            ipam_dir: Path::new("/run/t/cni"),
+            ipam_dir: Path::new("/run/caas/cni-ipam"),
         };
         let first = plugin_conf(&l, &l.plugins[0], None, &pod);
         assert_eq!(first["name"], "pods");
         assert_eq!(first["cniVersion"], "1.0.0");
         assert!(first.get("prevResult").is_none());
-        assert_eq!(first["ipam"]["dataDir"], "/run/t/cni");
+        assert_eq!(first["ipam"]["dataDir"], "/run/caas/cni-ipam");
         let prev = serde_json::json!({"ips":[{"address":"10.1.0.5/24"}]});
         let second = plugin_conf(&l, &l.plugins[1], Some(&prev), &pod);
         assert_eq!(second["prevResult"], prev);
@@ -678,6 +720,46 @@ mod tests {
             Some(Ipv4Addr::new(10, 2, 0, 7))
         );
         assert_eq!(ipv4_of(&serde_json::json!({"ips":[]})), None);
+    }
+
+    #[test]
+    fn host_local_addresses_of_one_pod_are_released_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("keep");
+        let l = NetworkList::parse(
+            &format!(
+                r#"{{"cniVersion":"1.0.0","name":"pods","plugins":[{{"type":"bridge","ipam":{{"type":"host-local"}}}},{{"type":"x","ipam":{{"type":"host-local","dataDir":"{}"}}}},{{"type":"portmap"}}]}}"#,
+                kept.display()
+            ),
+            "x",
+        )
+        .unwrap();
+        let store = dir.path().join("default");
+        for (d, ip, who) in [
+            (&store, "10.1.0.5", "pod-a\r\neth0"),
+            (&store, "10.1.0.6", "pod-b\r\neth0"),
+            (&store, "last_reserved_ip.0", "pod-a"),
+            (&kept, "10.2.0.9", "pod-a"),
+        ] {
+            std::fs::create_dir_all(d.join("pods")).unwrap();
+            std::fs::write(d.join("pods").join(ip), who).unwrap();
+        }
+        let mut released = release_host_local(&l, &store, "pod-a").unwrap();
+        released.sort();
+        assert_eq!(released, ["10.1.0.5", "10.2.0.9"]);
+        assert!(
+            store.join("pods/10.1.0.6").exists(),
+            "another pod's address"
+        );
+        assert!(store.join("pods/last_reserved_ip.0").exists());
+        assert!(!store.join("pods/10.1.0.5").exists());
+        assert!(!kept.join("pods/10.2.0.9").exists());
+        // Nothing held, or no store at all: nothing to do.
+        assert!(
+            release_host_local(&l, &dir.path().join("none"), "pod-a")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -466,13 +466,24 @@ impl Cri {
 
     /// Where host-local keeps a tenant's pod addresses (with the tenant's run dir, it goes with
     /// the tenant).
-    fn ipam_dir(&self, tenant: &str) -> std::path::PathBuf {
+    /// Where host-local keeps pods' addresses when the network list names no `dataDir`: one
+    /// store for the node, so that every pod's address is the node's only one (the host routes
+    /// each to its tenant).
+    fn ipam_dir(&self) -> std::path::PathBuf {
+        self.state.config.run_dir.join("cni-ipam")
+    }
+
+    /// The tenant's subnet, when tenant networks are on: the host reaches its pods through it.
+    async fn tenant_subnet(&self, tenant: &str) -> Option<crate::tenants::subnet::Ipv4Net> {
+        if !self.state.config.network.enabled {
+            return None;
+        }
         self.state
-            .config
-            .run_dir
-            .join("tenants")
-            .join(tenant)
-            .join("cni")
+            .sandboxes
+            .tenant(tenant)
+            .await
+            .ok()
+            .and_then(|t| t.subnet)
     }
 
     /// Whether a new pod of `tenant` gets a network namespace of its own (CNI on, and a
@@ -645,7 +656,7 @@ impl Cri {
             .await
             .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
         let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
-        let ipam_dir = self.ipam_dir(&p.tenant);
+        let ipam_dir = self.ipam_dir();
         let netns = std::path::PathBuf::from(&net.path);
         let call = cni::PodCall {
             id: &p.id,
@@ -659,14 +670,18 @@ impl Cri {
         let result = cni::add(cfg, &list, &call)
             .await
             .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
-        net.ip = cni::ipv4_of(&result)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let ip = cni::ipv4_of(&result);
+        net.ip = ip.map(|a| a.to_string()).unwrap_or_default();
         net.result = Some(result);
         self.store
             .set_pod_network(&p.id, Some(net))
             .await
             .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+        if let (Some(ip), Some(subnet)) = (ip, self.tenant_subnet(&p.tenant).await) {
+            crate::net::route_pod(&p.tenant, subnet, ip)
+                .await
+                .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+        }
         self.refresh_tenant_rules(&p.tenant).await?;
         self.store
             .pod(&p.id)
@@ -684,12 +699,36 @@ impl Cri {
         let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
         let netns = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
         let tenant_alive = crate::engine::ns::is_ns(&tenant_netns);
+        if let (Ok(ip), Some(subnet)) = (
+            net.ip.parse::<std::net::Ipv4Addr>(),
+            self.tenant_subnet(&p.tenant).await,
+        ) {
+            crate::net::unroute_pod(&p.tenant, subnet, ip)
+                .await
+                .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+        }
+        let recorded = net
+            .config
+            .as_ref()
+            .map(|c| {
+                cni::NetworkList::parse(&c.to_string(), "the pod's recorded network")
+                    .map_err(|e| Status::internal(e.to_string()))
+            })
+            .transpose()?;
+        if !tenant_alive && let Some(list) = &recorded {
+            // The plugins cannot run without the tenant's netns; what host-local holds for the
+            // pod in the node's store is released here, as its DEL would.
+            let released = cni::release_host_local(list, &self.ipam_dir(), &p.id).map_err(|e| {
+                Status::internal(format!("pod {}: releasing its address: {e}", p.id))
+            })?;
+            if !released.is_empty() {
+                tracing::info!(pod = %p.id, addresses = ?released, "released a pod's addresses without its tenant's netns");
+            }
+        }
         // DEL also when the pod's netns is gone (the plugins release what they hold, such as
         // its address); not when the tenant's is: what the plugins made there went with it.
-        if tenant_alive && let Some(config) = &net.config {
-            let list = cni::NetworkList::parse(&config.to_string(), "the pod's recorded network")
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let ipam_dir = self.ipam_dir(&p.tenant);
+        if tenant_alive && let Some(list) = recorded {
+            let ipam_dir = self.ipam_dir();
             let call = cni::PodCall {
                 id: &p.id,
                 netns: &netns,

@@ -776,6 +776,53 @@ async fn configure_inside(
     Ok(())
 }
 
+fn pod_route(
+    ip: Ipv4Addr,
+    via: Ipv4Addr,
+    idx: u32,
+) -> rtnetlink::packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(ip, 32)
+        .gateway(via)
+        .output_interface(idx)
+        .build()
+}
+
+/// Routes a CRI pod's address (`ip`, inside the tenant's network, behind its CNI bridge) from
+/// the host to the tenant's link, via the tenant's address in `subnet`: the host (kubelet's
+/// probes, the node's own connections) reaches the pod there. The firewall still walls it off
+/// from other tenants and the uplinks. Replaces a route to `ip` that is there.
+pub async fn route_pod(tenant: &str, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<(), NetError> {
+    let link = link_name(tenant);
+    let h = connect(&link)?;
+    let idx = index_of(&h, &link).await.ok_or_else(|| NetError {
+        link: link.clone(),
+        step: "routing a pod's address",
+        message: "the tenant's link does not exist".into(),
+    })?;
+    let (_, tenant_ip) = addresses(subnet);
+    h.route()
+        .add(pod_route(ip, tenant_ip, idx))
+        .replace()
+        .execute()
+        .await
+        .map_err(fail(&link, "routing a pod's address"))
+}
+
+/// Removes the route [`route_pod`] made; a route or link that is gone already is no error.
+pub async fn unroute_pod(tenant: &str, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<(), NetError> {
+    let link = link_name(tenant);
+    let h = connect(&link)?;
+    let Some(idx) = index_of(&h, &link).await else {
+        return Ok(()); // the link, and its routes with it, are gone
+    };
+    let (_, tenant_ip) = addresses(subnet);
+    match h.route().del(pod_route(ip, tenant_ip, idx)).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+        r => r.map_err(fail(&link, "removing a pod's route")),
+    }
+}
+
 /// Makes the host side of a VM tenant's network, unless it is there: a persistent tap device
 /// named like a userns tenant's veth ([`link_name`]), so the firewall, the published ports and
 /// the byte counters treat both alike, with the subnet's first address and the same settings.
