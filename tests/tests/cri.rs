@@ -1280,11 +1280,12 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
     );
     assert_eq!(k.pod_ids(None).await, ids(&[]));
     assert!(no_netns(&k, "cni-ns"), "the refused pod's netns is left");
-    let held = k
-        .agent
-        .dir
-        .path()
-        .join("run/tenants/cni-ns/cni/broken/10.246.0.2");
+    let held = k.agent.dir.path().join("run/cni-ipam/broken/10.246.0.2");
+    assert!(
+        held.parent().is_some_and(Path::is_dir),
+        "host-local's store for the list is not at {}",
+        held.display()
+    );
     assert!(!held.exists(), "the undone ADD still holds its address");
 
     // A working list: the pod runs, in a netns of its own, with an address from the list, and
@@ -1314,12 +1315,7 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
     assert_eq!(cst.exit_code, 0, "{cst:?}");
     expect_output(&cst, "net", "80\n", "").await;
     assert!(!no_netns(&k, "cni-ns"));
-    let held = k
-        .agent
-        .dir
-        .path()
-        .join("run/tenants/cni-ns/cni/pods")
-        .join(&ip);
+    let held = k.agent.dir.path().join("run/cni-ipam/pods").join(&ip);
     assert!(held.exists(), "host-local keeps no {}", held.display());
     k.stop_pod(&id).await.unwrap();
     assert!(no_netns(&k, "cni-ns"), "the stopped pod's netns is left");
@@ -1343,12 +1339,7 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
         cri::PodSandboxState::SandboxNotready as i32
     );
     k.stop_pod(&id).await.unwrap();
-    let held = k
-        .agent
-        .dir
-        .path()
-        .join("run/tenants/cni-ns/cni/pods")
-        .join(&ip);
+    let held = k.agent.dir.path().join("run/cni-ipam/pods").join(&ip);
     assert!(
         !held.exists(),
         "the address of a pod whose netns was gone is still held"
