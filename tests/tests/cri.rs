@@ -2952,10 +2952,56 @@ async fn a_localhost_seccomp_profile_from_the_node_applies() {
     k.agent.stop().await.unwrap();
 }
 
-/// A pod made with `namespace_options.pid` POD (kubelet's shareProcessNamespace) gives its
-/// containers one process namespace: its PID 1 is the engine's holder (`caas-pause`), and each
-/// container sees the others' processes. A pod without it keeps a namespace per container, and
-/// a container asking for POD there is FAILED_PRECONDITION. Stopping the pod ends the holder.
+/// Seccomp `Unconfined` (or no profile at all): the default profile still applies, unless the
+/// operator allows Kubernetes' meaning (`[cri] allow_unconfined_seccomp`); then no filter.
+/// RuntimeDefault is the default profile either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfined_seccomp_runs_unfiltered_only_where_the_operator_allows_it() {
+    registry_or_skip!("unconfined_seccomp_runs_unfiltered_only_where_the_operator_allows_it");
+    let profile = |t: cri::security_profile::ProfileType| {
+        Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: t as i32,
+                    localhost_ref: String::new(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    use cri::security_profile::ProfileType::{RuntimeDefault, Unconfined};
+    for allowed in [false, true] {
+        let (mut k, _images, bb) =
+            Kubelet::with_registry_and(move |c| c.cri.allow_unconfined_seccomp = allowed).await;
+        let pod = k.pod("ns-unconfined", "p");
+        let pod_id = k.ready_pod(&pod).await;
+        let unfiltered = if allowed {
+            "Seccomp:\t0\n"
+        } else {
+            "Seccomp:\t2\n"
+        };
+        for (name, linux, want) in [
+            ("unconfined", profile(Unconfined), unfiltered),
+            ("none", None, unfiltered),
+            ("runtime-default", profile(RuntimeDefault), "Seccomp:\t2\n"),
+        ] {
+            let mut c = k.container(
+                &pod,
+                name,
+                &bb.id,
+                &["grep", "^Seccomp:", "/proc/self/status"],
+                &[],
+            );
+            c.linux = linux;
+            let (_, st) = k.run(&pod_id, &pod, &c).await;
+            expect_output(&st, &format!("{name}, allowed: {allowed}"), want, "").await;
+        }
+        k.remove_pod(&pod_id).await.unwrap();
+        k.agent.stop().await.unwrap();
+    }
+}
+
 /// no_new_privs as kubelet sends it: set for allowPrivilegeEscalation: false, otherwise off
 /// (a setuid file may raise the process to the container's root, within the tenant's user
 /// namespace), as containerd does. The seccomp filter applies either way. Execs always get
@@ -3002,6 +3048,10 @@ async fn no_new_privileges_is_set_when_kubelet_asks_and_seccomp_applies_either_w
     k.agent.stop().await.unwrap();
 }
 
+/// A pod made with `namespace_options.pid` POD (kubelet's shareProcessNamespace) gives its
+/// containers one process namespace: its PID 1 is the engine's holder (`caas-pause`), and each
+/// container sees the others' processes. A pod without it keeps a namespace per container, and
+/// a container asking for POD there is FAILED_PRECONDITION. Stopping the pod ends the holder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_containers_share_a_process_namespace_when_asked() {
     registry_or_skip!("a_pods_containers_share_a_process_namespace_when_asked");

@@ -282,6 +282,7 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
             cap_add: Vec::new(),
             pid_target: String::new(),
             allow_privilege_escalation: false,
+            unconfined: false,
         },
     })
 }

@@ -69,6 +69,11 @@ pub struct CriConfig {
     /// plugins ask for them); none by default. A device reaches only the tenants of pods that
     /// ask for it: list only what tenants may share. Paths resolve before they are compared.
     pub allowed_devices: Vec<PathBuf>,
+    /// Honour seccomp `Unconfined` as Kubernetes defines it: a container that asks for it, or
+    /// asks for no profile at all, runs without a filter. Off by default: every container gets
+    /// at least the runtime's default profile, whatever it asks (a multi-tenant node's kernel
+    /// is shared by all tenants).
+    pub allow_unconfined_seccomp: bool,
     /// `[cri.cni]`: a network namespace per pod, set up by CNI plugins.
     pub cni: cni::CniConfig,
 }
@@ -85,6 +90,7 @@ impl Default for CriConfig {
             kubelet_root: PathBuf::from("/var/lib/kubelet"),
             stream_address: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             allowed_devices: Vec::new(),
+            allow_unconfined_seccomp: false,
             cni: cni::CniConfig::default(),
         }
     }

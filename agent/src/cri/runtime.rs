@@ -1152,6 +1152,20 @@ fn localhost_seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<S
     }
 }
 
+/// Whether a container asks to run without a seccomp filter, as Kubernetes reads it: the
+/// `Unconfined` type, or no profile at all (also none in the deprecated field, or
+/// `unconfined` there).
+#[allow(deprecated)] // seccomp_profile_path: older kubelets and critest still send it
+fn asks_unconfined(c: &cri::ContainerConfig) -> bool {
+    let Some(sc) = security_of(c) else {
+        return true;
+    };
+    match &sc.seccomp {
+        Some(p) => p.profile_type == cri::security_profile::ProfileType::Unconfined as i32,
+        None => matches!(sc.seccomp_profile_path.as_str(), "" | "unconfined"),
+    }
+}
+
 /// `/etc/resolv.conf` from a pod's DNS config (empty: none given, the tenant's applies).
 fn resolv_conf(dns: Option<&cri::DnsConfig>) -> Result<String, Status> {
     let Some(d) = dns else {
@@ -1983,6 +1997,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             // setuid file may raise the process, as in containerd, to the container's root at
             // most (the tenant's user namespace).
             allow_privilege_escalation: !security_of(&config).is_some_and(|s| s.no_new_privs),
+            // Only where the operator allows it; otherwise the default profile applies.
+            unconfined: self.cri.state.config.cri.allow_unconfined_seccomp
+                && asks_unconfined(&config),
         };
         create.mounts.extend(devices_of(
             &config,

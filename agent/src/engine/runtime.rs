@@ -168,6 +168,8 @@ pub struct CreateSpec {
     pub pid_target: String,
     /// Leave no-new-privileges off the init (setuid files work, within the tenant's userns).
     pub allow_privilege_escalation: bool,
+    /// No seccomp filter (the CRI's Unconfined, where the operator allows it).
+    pub unconfined: bool,
 }
 
 /// A container's stdin pipe as the engine keeps it: shared by its attaches, and closed for all
@@ -896,6 +898,7 @@ impl Engine {
             mounts: &c.mounts,
             readonly_rootfs: c.readonly_rootfs,
             no_new_privileges: !c.allow_privilege_escalation,
+            unconfined: c.unconfined,
             supplemental_groups: &groups,
             tty: c.tty,
             rootfs: &root,

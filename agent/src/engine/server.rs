@@ -390,6 +390,7 @@ impl epb::engine_server::Engine for EngineSvc {
             cap_add: r.cap_add,
             pid_target: r.pid_target,
             allow_privilege_escalation: r.allow_privilege_escalation,
+            unconfined: r.unconfined,
         };
         let mut eng = self.lock()?;
         let rec = eng.create(spec).map_err(status)?;

@@ -87,6 +87,8 @@ pub struct ContainerSpec<'a> {
     pub readonly_rootfs: bool,
     /// Set no-new-privileges on the process (off: setuid files raise it, within its userns).
     pub no_new_privileges: bool,
+    /// No seccomp filter at all (`seccomp` is then ignored).
+    pub unconfined: bool,
     /// Extra group ids of the process.
     pub supplemental_groups: &'a [u32],
     /// Run the init on a terminal.
@@ -498,6 +500,10 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
                 .collect::<std::collections::HashMap<_, _>>(),
         )
         .build()?;
+    let mut linux = linux;
+    if c.unconfined {
+        linux.set_seccomp(None);
+    }
     spec.set_linux(Some(linux));
     Ok(spec)
 }
