@@ -44,6 +44,9 @@ type Running = (
 #[derive(Debug)]
 pub struct Copiers {
     running: Mutex<HashMap<String, Running>>,
+    /// Containers whose copier did not end within a status's wait: later statuses do not wait
+    /// again (a copier backing off from an unreachable engine would slow every one of them).
+    waited: Mutex<std::collections::HashSet<String>>,
     shutdown: CancellationToken,
 }
 
@@ -55,6 +58,7 @@ impl Copiers {
     pub fn new(shutdown: CancellationToken) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
+            waited: Mutex::new(std::collections::HashSet::new()),
             shutdown,
         }
     }
@@ -96,17 +100,24 @@ impl Copiers {
                 }
             }
             cri.logs.running.lock().await.remove(&c.id);
+            cri.logs.waited.lock().await.remove(&c.id);
         });
     }
 
     /// Waits, at most `limit`, for the copier of `id` to end: of an exited container, once all
-    /// of its output is in the log. Returns at once when none runs.
+    /// of its output is in the log. Returns at once when none runs, and when an earlier wait for
+    /// the same copier ran out.
     pub async fn wait_ended(&self, id: &str, limit: Duration) {
         let Some(mut ended) = self.running.lock().await.get(id).map(|r| r.1.clone()) else {
             return;
         };
+        if self.waited.lock().await.contains(id) {
+            return;
+        }
         // The sender is only ever dropped, never sent on: `changed` returns when it is.
-        let _ = tokio::time::timeout(limit, ended.changed()).await;
+        if tokio::time::timeout(limit, ended.changed()).await.is_err() {
+            self.waited.lock().await.insert(id.to_string());
+        }
     }
 
     /// Makes the copier of `id` reopen its file; returns once it did. False when none runs.

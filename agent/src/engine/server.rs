@@ -343,6 +343,11 @@ impl epb::engine_server::Engine for EngineSvc {
         req: Request<epb::CreateRequest>,
     ) -> Result<Response<pb::Container>, Status> {
         let r = req.into_inner();
+        if r.unconfined && !r.seccomp.is_empty() {
+            return Err(Status::invalid_argument(
+                "unconfined and seccomp: a container runs either without a filter or with a profile, not both",
+            ));
+        }
         let res = r.resources.unwrap_or_default();
         let spec = CreateSpec {
             id: r.id,
