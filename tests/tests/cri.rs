@@ -1128,6 +1128,58 @@ async fn unknown_tenants_are_refused_when_known_ones_are_required() {
     k.agent.stop().await.unwrap();
 }
 
+/// `[cri] idle_tenant_ttl_secs`: a tenant the CRI made is deleted once it has had no pod for
+/// that long, and the next pod of its namespace makes it again. A tenant with a pod, the image
+/// tenant (which `PullImage` without a pod filled) and a tenant of the caas API open to pods stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tenants_the_cri_made_are_deleted_and_made_again_by_the_next_pod() {
+    registry_or_skip!("idle_tenants_the_cri_made_are_deleted_and_made_again_by_the_next_pod");
+    let (mut k, _images, _bb) =
+        Kubelet::with_registry_and(|cfg| cfg.cri.idle_tenant_ttl_secs = 2).await;
+    // `[cri] image_tenant`'s default.
+    let image_tenant = "default";
+    assert!(k.tenant_exists(image_tenant).await, "the pull made it");
+    k.tenants
+        .create_tenant(pb::CreateTenantRequest {
+            id: "gc-api".into(),
+            isolation: pb::Isolation::Userns as i32,
+            labels: [("caas.io/cri".to_string(), "true".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kept = k.pod("gc-kept", "p");
+    k.ready_pod(&kept).await;
+    let gone = k.pod("gc-gone", "p");
+    let gone_id = k.ready_pod(&gone).await;
+    k.remove_pod(&gone_id).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while k.tenant_exists("gc-gone").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tenant gc-gone has had no pod for 60 s and still exists"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A few more looks of the collector: the others stay.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for t in [image_tenant, "gc-kept", "gc-api"] {
+        assert!(k.tenant_exists(t).await, "tenant {t} was deleted");
+    }
+
+    let again = k.ready_pod(&gone).await;
+    assert!(
+        k.tenant_exists("gc-gone").await,
+        "the next pod made it again"
+    );
+    assert_eq!(
+        k.pod_status(&again).await.unwrap().state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
+    k.agent.stop().await.unwrap();
+}
+
 /// Pods whose tenant would not be a valid tenant id, unknown runtime handlers, and a missing
 /// config are INVALID_ARGUMENT, and make neither a pod nor a tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,6 +290,8 @@ impl cri::image_service_server::ImageService for ImageApi {
             Some(sc) if names_a_tenant(sc) => tenant_of(sc)?,
             _ => self.cri.state.config.cri.image_tenant.clone(),
         };
+        // Held until the image is in: the idle-tenant collector leaves the tenant alone.
+        let gate = self.cri.tenant_gate(&tenant).await.read_owned().await;
         let t = match self.cri.state.sandboxes.tenant(&tenant).await {
             Ok(t) if super::open_to_pods(&t) => t,
             Ok(_) => {
@@ -310,6 +312,7 @@ impl cri::image_service_server::ImageService for ImageApi {
         let state = self.cri.state.clone();
         let (tn, rf) = (tenant.clone(), reference.clone());
         let rec = tokio::spawn(async move {
+            let _gate = gate;
             state
                 .images
                 .pull(&tn, t.id_range.start, &rf, &creds, None)

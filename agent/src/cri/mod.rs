@@ -9,6 +9,7 @@
 
 pub mod cni;
 mod events;
+pub mod gc;
 mod image;
 mod logs;
 mod runtime;
@@ -74,6 +75,10 @@ pub struct CriConfig {
     /// at least the runtime's default profile, whatever it asks (a multi-tenant node's kernel
     /// is shared by all tenants).
     pub allow_unconfined_seccomp: bool,
+    /// A tenant the CRI made is deleted after this many seconds without a pod (and with no
+    /// container made through the caas API); 0 keeps them for good. Its usage stays in the
+    /// ledger, and the next pod of its namespace makes it again.
+    pub idle_tenant_ttl_secs: u64,
     /// `[cri.cni]`: a network namespace per pod, set up by CNI plugins.
     pub cni: cni::CniConfig,
 }
@@ -91,6 +96,7 @@ impl Default for CriConfig {
             stream_address: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             allowed_devices: Vec::new(),
             allow_unconfined_seccomp: false,
+            idle_tenant_ttl_secs: 600,
             cni: cni::CniConfig::default(),
         }
     }
@@ -175,6 +181,9 @@ pub struct Cri {
     pub stream: Arc<stream::StreamServer>,
     /// Rewrites of the pod rules in tenants' netns, one at a time.
     pub(crate) cni_rules: tokio::sync::Mutex<()>,
+    /// Per tenant: pods and pulls on their way in against the idle-tenant collector.
+    pub(crate) tenant_gates:
+        tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 impl Cri {
@@ -196,6 +205,7 @@ impl Cri {
             logs: logs::Copiers::new(state.shutdown.clone()),
             pod_locks: tokio::sync::Mutex::default(),
             cni_rules: tokio::sync::Mutex::default(),
+            tenant_gates: tokio::sync::Mutex::default(),
             stream,
             state,
         });

@@ -207,7 +207,10 @@ impl Cri {
                             max_containers: q.max_containers,
                         },
                         labels: BTreeMap::from([
-                            ("caas.io/created-by".into(), "cri".into()),
+                            (
+                                super::gc::CREATED_BY.0.into(),
+                                super::gc::CREATED_BY.1.into(),
+                            ),
                             (super::CRI_LABEL.into(), "true".into()),
                         ]),
                     };
@@ -442,6 +445,17 @@ impl Cri {
             .map_err(|e| io_err(&e, ctx))?;
         self.state.sandboxes.unpublish_owner(&p.tenant, &p.id).await;
         Ok(())
+    }
+
+    /// The gate of a tenant: pods and pulls on their way in hold it shared, the idle-tenant
+    /// collector exclusively while it checks and deletes.
+    pub(super) async fn tenant_gate(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.tenant_gates
+            .lock()
+            .await
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     /// The lock that serializes a pod's container creates with its stop and remove.
@@ -1640,6 +1654,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .network()
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
+        // Held until the pod is recorded: the idle-tenant collector never deletes the tenant
+        // between its check and the record.
+        let _gate = self.cri.tenant_gate(&tenant).await.read_owned().await;
         self.cri.ensure_tenant(&tenant, isolation, &ctx).await?;
         let shared_pid = config
             .linux
