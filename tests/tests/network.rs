@@ -121,6 +121,22 @@ impl TestHost {
         })
     }
 
+    /// [`fetch`] from inside the test host, retried for 5 s while it gets nothing (the
+    /// listeners of these tests are loops of one-shot `nc -l`).
+    fn fetch_soon(&self, addr: SocketAddr) -> String {
+        self.inside(|| {
+            (0..50)
+                .find_map(|_| {
+                    let r = fetch(addr).ok().filter(|s| !s.is_empty());
+                    if r.is_none() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    r
+                })
+                .unwrap_or_default()
+        })
+    }
+
     /// A TCP server in the test host on `addr:port` that answers each connection with
     /// `hello`, reads it to the end, and records the peer and the bytes read.
     fn serve(&self, addr: Ipv4Addr, port: u16) -> Served {
@@ -619,19 +635,7 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
         "web-a"
     );
     let uplink = SocketAddr::from((host.host_ip, port));
-    // The listener is a loop of one-shot `nc -l`: retry across its restarts.
-    let from_outside = host.inside(|| {
-        (0..50)
-            .find_map(|_| {
-                let r = fetch(uplink).ok().filter(|s| !s.is_empty());
-                if r.is_none() {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                r
-            })
-            .unwrap_or_default()
-    });
-    assert_eq!(from_outside, "web-a", "from the test host");
+    assert_eq!(host.fetch_soon(uplink), "web-a", "from the test host");
 
     // Another tenant reaches it too, through the host (hairpin).
     let (code, out) = api
@@ -727,6 +731,22 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
     );
 }
 
+/// The host's conntrack entries (`/proc/net/nf_conntrack`) with an address, either way, that
+/// starts with `prefix` (`10.233.0.`).
+fn conntrack_in(prefix: &str) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/nf_conntrack")
+        .expect("/proc/net/nf_conntrack: the kernel's conntrack table as text");
+    table
+        .lines()
+        .filter(|l| {
+            l.split_whitespace().any(|w| {
+                (w.starts_with("src=") || w.starts_with("dst=")) && w[4..].starts_with(prefix)
+            })
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_tenants_leaves_the_host_network_as_it_was_also_after_a_restart() {
     root_or_skip!("deleting_tenants_leaves_the_host_network_as_it_was_also_after_a_restart");
@@ -753,10 +773,27 @@ async fn deleting_tenants_leaves_the_host_network_as_it_was_also_after_a_restart
             fetch_soon(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await,
             "up"
         );
+        // Flows that outlive the tenant's link unless the agent deletes them: one the published
+        // port brought in from outside (not masqueraded) and one out by the uplink.
+        assert_eq!(
+            host.fetch_soon(SocketAddr::from((host.host_ip, port))),
+            "up",
+            "from the test host"
+        );
+        let out_port = 9100 + round;
+        let _served = host.serve(host.ip, out_port);
+        let (code, out) = api
+            .outcome(&t, "egress", &format!("nc -w 3 {} {out_port}", host.ip))
+            .await;
+        assert_eq!((code, out.trim()), (0, "hello"), "egress to the test host");
         let during = host_network();
         assert!(
             !diff(&before, &during).is_empty(),
             "a tenant with a published port changed nothing on the host?"
+        );
+        assert!(
+            !conntrack_in("10.233.0.").is_empty(),
+            "the fetch left no conntrack entry with the tenant's address"
         );
         if round == 1 {
             restart(&mut agent, pool, &host).await;
@@ -771,6 +808,12 @@ async fn deleting_tenants_leaves_the_host_network_as_it_was_also_after_a_restart
         let after = host_network();
         let d = diff(&before, &after);
         assert!(d.is_empty(), "round {round}: left behind:\n{d}");
+        // Its flows went with it (the fetches' TIME_WAIT entries would live two minutes).
+        let left = conntrack_in("10.233.0.");
+        assert!(
+            left.is_empty(),
+            "round {round}: conntrack entries of the deleted tenant: {left:#?}"
+        );
     }
 }
 

@@ -7,6 +7,7 @@
 //! the agent's own nftables table ([`nft`]); published ports are owned in [`ports`]. Containers
 //! get a resolv.conf written here. `docs/design.md` has the design and its limits.
 
+pub mod conntrack;
 pub mod nft;
 pub mod ports;
 

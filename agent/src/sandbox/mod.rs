@@ -483,8 +483,28 @@ impl Manager {
         if let Some(n) = &self.network {
             n.unpublish_tenant(&t.id).await;
         }
-        if t.subnet.is_some() {
+        if let Some(subnet) = t.subnet {
             crate::net::detach(&t.id).await;
+            // Its flows go with it: a tenant given the subnet next must not inherit them.
+            // (Masquerade forgets those that left by its link when the link goes; not those
+            // that left by an uplink, nor those published ports brought in unmasqueraded.)
+            let forgot = crate::blocking::run(
+                "forgetting the tenant's connections",
+                crate::blocking::DEFAULT_TIMEOUT,
+                move || crate::net::conntrack::forget(subnet),
+            )
+            .await;
+            let failed = match forgot {
+                Ok(Ok(n)) => {
+                    tracing::debug!(tenant = %t.id, %subnet, entries = n, "conntrack entries deleted");
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                tracing::warn!(tenant = %t.id, %subnet, error = %e, "deleting the tenant's conntrack entries failed; they stay until they time out");
+            }
         }
         if let Some(m) = &self.metering {
             m.finish_tenant(&t.id).await;
