@@ -2465,6 +2465,121 @@ async fn a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it() {
     k.agent.stop().await.unwrap();
 }
 
+/// The pod's own volumes (in kubelet's `pods/<uid>`) are idmapped through the tenant's user
+/// namespace (`[cri] idmap_volumes = "pod"`, the default): the owners and groups kubelet gives
+/// them are the container's. A secret kubelet made for fsGroup 2000 (a 0750 directory and a
+/// 0440 file, owner root, group 2000) is read by uid 1000 with supplemental group 2000; in a
+/// 0700 root directory (critest's host-path volumes) the container's root writes, and the file
+/// is root's on disk. A host path outside kubelet's directory keeps host ids: its root-owned
+/// 0600 file is nobody's and unreadable inside. With `"none"`, the secret cannot be read, nor
+/// the root directory written; with `"all"`, the host path is idmapped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    registry_or_skip!("the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them");
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let own = |p: &Path, uid: u32, gid: u32| {
+        nix::unistd::chown(p, Some(uid.into()), Some(gid.into())).unwrap();
+    };
+    use caas_agent::cri::IdmapVolumes;
+    for setting in [IdmapVolumes::Pod, IdmapVolumes::None, IdmapVolumes::All] {
+        let idmap = setting != IdmapVolumes::None;
+        let (mut k, _images, bb) =
+            Kubelet::with_registry_and(move |c| c.cri.idmap_volumes = setting).await;
+        let root = k.agent.dir.path().to_path_buf();
+        mode(&root, 0o755);
+        let pod = k.pod("ns-idmap", "v");
+        let uid = pod.metadata.as_ref().unwrap().uid.clone();
+        let pod_dir = root.join("kubelet/pods").join(&uid);
+        let secret = pod_dir.join("volumes/kubernetes.io~secret/creds");
+        let private = pod_dir.join("volumes/kubernetes.io~empty-dir/private");
+        for d in [&secret, &private] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(secret.join("key"), "s3cret\n").unwrap();
+        own(&secret, 0, 2000);
+        own(&secret.join("key"), 0, 2000);
+        mode(&secret, 0o750);
+        mode(&secret.join("key"), 0o440);
+        mode(&private, 0o700);
+        for d in [root.join("kubelet/pods"), pod_dir.clone()] {
+            mode(&d, 0o750);
+        }
+        // Outside kubelet's directory (under [cri] volume_roots): host ids.
+        let host_dir = k.volume_dir("host-vol");
+        std::fs::write(host_dir.join("root-only"), "host\n").unwrap();
+        mode(&host_dir.join("root-only"), 0o600);
+
+        let mount = |host: &Path, inside: &str| cri::Mount {
+            container_path: inside.into(),
+            host_path: host.display().to_string(),
+            ..Default::default()
+        };
+        let pod_id = k.ready_pod(&pod).await;
+        let mut reader = k.container(
+            &pod,
+            "reader",
+            &bb.id,
+            &[
+                "sh",
+                "-c",
+                "stat -c '%u %g %a' /creds/key 2>/dev/null || echo unsearchable; \
+                 cat /creds/key 2>/dev/null || echo unreadable",
+            ],
+            &[],
+        );
+        reader.linux = run_as(1000, 1000);
+        if let Some(sc) = reader
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+        {
+            sc.supplemental_groups = vec![2000];
+        }
+        reader.mounts = vec![mount(&secret, "/creds")];
+        let (_, st) = k.run(&pod_id, &pod, &reader).await;
+        let want = if idmap {
+            "0 2000 440\ns3cret\n"
+        } else {
+            "unsearchable\nunreadable\n"
+        };
+        expect_output(&st, &format!("reader, {setting:?}"), want, "").await;
+
+        let mut writer = k.container(
+            &pod,
+            "writer",
+            &bb.id,
+            &[
+                "sh",
+                "-c",
+                "{ echo mine > /private/f; } 2>/dev/null && echo wrote || echo refused; \
+                 stat -c '%u' /host/root-only; cat /host/root-only 2>/dev/null || echo unreadable",
+            ],
+            &[],
+        );
+        writer.mounts = vec![mount(&private, "/private"), mount(&host_dir, "/host")];
+        let (_, st) = k.run(&pod_id, &pod, &writer).await;
+        let want = match setting {
+            IdmapVolumes::Pod => "wrote\n65534\nunreadable\n",
+            IdmapVolumes::None => "refused\n65534\nunreadable\n",
+            IdmapVolumes::All => "wrote\n0\nhost\n",
+        };
+        expect_output(&st, &format!("writer, {setting:?}"), want, "").await;
+        if idmap {
+            let f = std::fs::metadata(private.join("f")).unwrap();
+            assert_eq!(
+                (f.uid(), f.gid()),
+                (0, 0),
+                "what the container's root wrote is root's on disk"
+            );
+        }
+        k.remove_pod(&pod_id).await.unwrap();
+        k.agent.stop().await.unwrap();
+    }
+}
+
 /// An image volume (kubelet's ImageVolume) is the read-only union of an image's layers, bound
 /// where the container asks: one of several layers (an overlay without an upper layer) and one
 /// of a single layer (the layer itself, bound read-only). Its files run; nothing is written.

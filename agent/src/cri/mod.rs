@@ -79,6 +79,12 @@ pub struct CriConfig {
     /// container made through the caas API); 0 keeps them for good. Its usage stays in the
     /// ledger, and the next pod of its namespace makes it again.
     pub idle_tenant_ttl_secs: u64,
+    /// Which volumes are shown through the tenant's id mapping (idmapped mounts), so that
+    /// their on-disk owners and groups are the container's ids: `pod` (default) the pod's own
+    /// (in kubelet's `pods/<uid>`, whose owners and groups kubelet sets for the container's ids,
+    /// fsGroup), `all` every volume, `none` none. Others keep host ids, which the tenant's user
+    /// namespace shows as nobody unless they lie in its range.
+    pub idmap_volumes: IdmapVolumes,
     /// `[cri.cni]`: a network namespace per pod, set up by CNI plugins.
     pub cni: cni::CniConfig,
 }
@@ -97,9 +103,24 @@ impl Default for CriConfig {
             allowed_devices: Vec::new(),
             allow_unconfined_seccomp: false,
             idle_tenant_ttl_secs: 600,
+            idmap_volumes: IdmapVolumes::Pod,
             cni: cni::CniConfig::default(),
         }
     }
+}
+
+/// `[cri] idmap_volumes`: which volumes are idmapped.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IdmapVolumes {
+    /// None: every volume keeps host ids.
+    None,
+    /// The pod's own, in kubelet's `pods/<uid>`.
+    #[default]
+    Pod,
+    /// Every volume (host paths too: the container's root then owns what host root owns in
+    /// them; for clusters of one customer, and critest's host-path volume specs).
+    All,
 }
 
 /// Quotas of the tenants the CRI creates.

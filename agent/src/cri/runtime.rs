@@ -1363,6 +1363,7 @@ fn mounts_of(
     agent_dirs: &[&std::path::Path],
     kubelet_root: &std::path::Path,
     pod_uid: &str,
+    idmap: super::IdmapVolumes,
 ) -> Result<Vec<epb::BindMount>, Status> {
     let mut out = Vec::new();
     for (i, m) in c.mounts.iter().enumerate() {
@@ -1393,6 +1394,7 @@ fn mounts_of(
                 recursive_read_only: m.recursive_read_only,
                 image_layers: Vec::new(),
                 device_access: String::new(),
+                idmap: false,
             });
             continue;
         }
@@ -1453,11 +1455,12 @@ fn mounts_of(
         // host root, so kubelet's 0750 directories no longer keep pods apart.
         let kubelet = kubelet_root.canonicalize().ok();
         let kubelet_pods = kubelet_root.join("pods").canonicalize().ok();
+        let own_pod = kubelet_pods.as_ref().is_some_and(|k| {
+            !pod_uid.is_empty() && real.starts_with(k.join(pod_uid)) && real != k.join(pod_uid)
+        });
         let other_pod = (kubelet.as_ref().is_some_and(|k| real.starts_with(k))
             || kubelet_pods.as_ref().is_some_and(|k| real.starts_with(k)))
-            && !(kubelet_pods.as_ref().is_some_and(|k| {
-                !pod_uid.is_empty() && real.starts_with(k.join(pod_uid)) && real != k.join(pod_uid)
-            }));
+            && !own_pod;
         if other_pod {
             return Err(Status::permission_denied(format!(
                 "{}: {} is in kubelet's directory ([cri] kubelet_root) but not in this pod's own directory (pods/{pod_uid})",
@@ -1485,6 +1488,13 @@ fn mounts_of(
             recursive_read_only: m.recursive_read_only,
             image_layers: Vec::new(),
             device_access: String::new(),
+            // The pod's own volumes (emptyDirs, secrets, config maps, projected): kubelet
+            // gives them owners and groups (fsGroup) meant for the container's ids.
+            idmap: match idmap {
+                super::IdmapVolumes::None => false,
+                super::IdmapVolumes::Pod => own_pod,
+                super::IdmapVolumes::All => true,
+            },
         });
     }
     Ok(out)
@@ -1545,6 +1555,7 @@ fn devices_of(
             recursive_read_only: false,
             image_layers: Vec::new(),
             device_access: access,
+            idmap: false,
         });
     }
     Ok(out)
@@ -1972,6 +1983,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 ],
                 &self.cri.state.config.cri.kubelet_root,
                 &p.uid,
+                self.cri.state.config.cri.idmap_volumes,
             )?,
             oom_score_adj: oom_score_adj(&config)?,
             readonly_rootfs: security_of(&config).is_some_and(|s| s.readonly_rootfs),

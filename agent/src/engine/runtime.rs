@@ -737,8 +737,14 @@ impl Engine {
             )));
         }
         // Volumes are bound where the tenant's root can reach them, then bound in from there.
-        let staged = super::volumes::stage(&self.paths.run, &c.id, self.id_start, &c.mounts)
-            .map_err(EngineError::Runtime)?;
+        let staged = super::volumes::stage(
+            &self.paths.run,
+            &c.id,
+            self.id_start,
+            &self.paths.ns().join("user"),
+            &c.mounts,
+        )
+        .map_err(EngineError::Runtime)?;
         let mut c = c;
         c.mounts = staged;
         // A target that ended while this container was made fails its build too: that is the

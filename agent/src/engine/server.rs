@@ -377,6 +377,7 @@ impl epb::engine_server::Engine for EngineSvc {
                     recursive_read_only: m.recursive_read_only,
                     image_layers: m.image_layers.into_iter().map(PathBuf::from).collect(),
                     device_access: m.device_access,
+                    idmap: m.idmap,
                 })
                 .collect(),
             oom_score_adj: r.oom_score_adj,

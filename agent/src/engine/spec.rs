@@ -31,6 +31,9 @@ pub struct Bind {
     /// A device node: the cgroup access (letters of "rwm") it is allowed with; empty: not a
     /// device.
     pub device_access: String,
+    /// Staged as an idmapped mount through the tenant's user namespace: on-disk owners are
+    /// the container's own ids.
+    pub idmap: bool,
 }
 
 /// What a container runs and within which limits.

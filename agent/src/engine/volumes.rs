@@ -64,13 +64,20 @@ fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
 }
 
 /// Binds each `(host path, container path, read-only)` at a staging path and returns the same
-/// list with the staging paths. `gid` is the host id of the tenant's root group. On error,
-/// what was staged is undone.
-pub fn stage(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind>, String> {
+/// list with the staging paths. `gid` is the host id of the tenant's root group; `userns` the
+/// tenant's user namespace, which [`Bind::idmap`] volumes are shown through. On error, what
+/// was staged is undone.
+pub fn stage(
+    run: &Path,
+    id: &str,
+    gid: u32,
+    userns: &Path,
+    mounts: &[Bind],
+) -> Result<Vec<Bind>, String> {
     if mounts.is_empty() {
         return Ok(Vec::new());
     }
-    let r = stage_all(run, id, gid, mounts);
+    let r = stage_all(run, id, gid, userns, mounts);
     if r.is_err() {
         unstage(run, id);
     }
@@ -86,7 +93,13 @@ pub fn base(run: &Path, id: &str, gid: u32) -> Result<PathBuf, String> {
     Ok(base)
 }
 
-fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind>, String> {
+fn stage_all(
+    run: &Path,
+    id: &str,
+    gid: u32,
+    userns: &Path,
+    mounts: &[Bind],
+) -> Result<Vec<Bind>, String> {
     let base = base(run, id, gid)?;
     let mut out = Vec::with_capacity(mounts.len());
     for (i, m) in mounts.iter().enumerate() {
@@ -129,15 +142,39 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
             fs::File::create(&at).map(drop)
         }
         .map_err(|e| format!("{}: {e}", at.display()))?;
-        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        nix::mount::mount(
-            Some(source.as_str()),
-            at.as_path(),
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mounts[{i}]: binding {}: {e}", host.display()))?;
+        let idmapped = m.idmap
+            && match bind_idmapped(&fd, &at, userns) {
+                Ok(()) => true,
+                // A file system that cannot be idmapped keeps host ids, as without the flag.
+                Err(e)
+                    if matches!(
+                        e,
+                        nix::errno::Errno::EINVAL
+                            | nix::errno::Errno::EOPNOTSUPP
+                            | nix::errno::Errno::ENOENT
+                    ) =>
+                {
+                    tracing::warn!(volume = %host.display(), error = %e, "the volume's file system takes no idmapped mount: bound with host ids, which the container sees as nobody outside the tenant's range");
+                    false
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "mounts[{i}]: an idmapped mount of {}: {e}",
+                        host.display()
+                    ));
+                }
+            };
+        if !idmapped {
+            let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            nix::mount::mount(
+                Some(source.as_str()),
+                at.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| format!("mounts[{i}]: binding {}: {e}", host.display()))?;
+        }
         make_private(&at).map_err(|e| format!("mounts[{i}]: {e}"))?;
         // Read-only here already: the container's mount namespace gets this mount locked
         // read-only, so its bind cannot be made writable from inside, whatever it may do.
@@ -173,6 +210,73 @@ fn stage_all(run: &Path, id: &str, gid: u32, mounts: &[Bind]) -> Result<Vec<Bind
         });
     }
     Ok(out)
+}
+
+/// Mounts a clone of the tree `source` (with what is mounted below it) on `at`, idmapped
+/// through the user namespace at `userns`: an owner k on disk is shown as the namespace's k,
+/// and the namespace's ids are written to disk as themselves (open_tree, mount_setattr with
+/// `MOUNT_ATTR_IDMAP`, move_mount; host root only, which the engine is).
+fn bind_idmapped(source: &OwnedFd, at: &Path, userns: &Path) -> Result<(), nix::errno::Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let ns = fs::File::open(userns)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    // SAFETY: open_tree(2) with a descriptor we own and an empty path; the result is a new
+    // descriptor owned at once.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            source.as_raw_fd(),
+            c"".as_ptr(),
+            libc::OPEN_TREE_CLONE
+                | libc::OPEN_TREE_CLOEXEC
+                | libc::AT_EMPTY_PATH as libc::c_uint
+                | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    let tree = i32::try_from(tree).map_err(|_| nix::errno::Errno::EOVERFLOW)?;
+    if tree < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree) };
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: u64::try_from(ns.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?,
+    };
+    // SAFETY: mount_setattr(2) on the detached tree, with an attr struct that outlives the call
+    // and its size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    let target =
+        std::ffi::CString::new(at.as_os_str().as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    // SAFETY: move_mount(2) of the tree onto a path that outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
 }
 
 /// Mounts the read-only union of an image's layers (topmost first) on a new directory `at`,
