@@ -2471,7 +2471,8 @@ async fn a_tag_that_moves_on_keeps_the_old_image_while_a_container_uses_it() {
 /// 0440 file, owner root, group 2000) is read by uid 1000 with supplemental group 2000; in a
 /// 0700 root directory (critest's host-path volumes) the container's root writes, and the file
 /// is root's on disk. A host path outside kubelet's directory keeps host ids: its root-owned
-/// 0600 file is nobody's and unreadable inside. With `"none"`, the secret cannot be read, nor
+/// 0600 file is nobody's and unreadable inside; so does a subPath bind in the pod's
+/// `volume-subpaths` (it may be any volume's, a host path's too). With `"none"`, the secret cannot be read, nor
 /// the root directory written; with `"all"`, the host path is idmapped too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them() {
@@ -2495,9 +2496,13 @@ async fn the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them() {
         let pod_dir = root.join("kubelet/pods").join(&uid);
         let secret = pod_dir.join("volumes/kubernetes.io~secret/creds");
         let private = pod_dir.join("volumes/kubernetes.io~empty-dir/private");
-        for d in [&secret, &private] {
+        // Where kubelet binds a subPath of any volume, a host path's too: not the pod's own.
+        let subpath = pod_dir.join("volume-subpaths/vol/writer/0");
+        for d in [&secret, &private, &subpath] {
             std::fs::create_dir_all(d).unwrap();
         }
+        std::fs::write(subpath.join("f"), "sub\n").unwrap();
+        mode(&subpath.join("f"), 0o600);
         std::fs::write(secret.join("key"), "s3cret\n").unwrap();
         own(&secret, 0, 2000);
         own(&secret.join("key"), 0, 2000);
@@ -2555,16 +2560,21 @@ async fn the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them() {
                 "sh",
                 "-c",
                 "{ echo mine > /private/f; } 2>/dev/null && echo wrote || echo refused; \
-                 stat -c '%u' /host/root-only; cat /host/root-only 2>/dev/null || echo unreadable",
+                 stat -c '%u' /host/root-only; cat /host/root-only 2>/dev/null || echo unreadable; \
+                 stat -c '%u' /sub/f",
             ],
             &[],
         );
-        writer.mounts = vec![mount(&private, "/private"), mount(&host_dir, "/host")];
+        writer.mounts = vec![
+            mount(&private, "/private"),
+            mount(&host_dir, "/host"),
+            mount(&subpath, "/sub"),
+        ];
         let (_, st) = k.run(&pod_id, &pod, &writer).await;
         let want = match setting {
-            IdmapVolumes::Pod => "wrote\n65534\nunreadable\n",
-            IdmapVolumes::None => "refused\n65534\nunreadable\n",
-            IdmapVolumes::All => "wrote\n0\nhost\n",
+            IdmapVolumes::Pod => "wrote\n65534\nunreadable\n65534\n",
+            IdmapVolumes::None => "refused\n65534\nunreadable\n65534\n",
+            IdmapVolumes::All => "wrote\n0\nhost\n0\n",
         };
         expect_output(&st, &format!("writer, {setting:?}"), want, "").await;
         if idmap {

@@ -115,7 +115,8 @@ enum Collected {
     Deleted,
     /// A pod or a container appeared: its clock starts again when they are gone.
     InUse,
-    /// A pod or a pull is on its way into it: looked at again next time.
+    /// A pod or a pull is on its way into it, or its engine did not answer: looked at again
+    /// next time.
     Busy,
     Failed(SandboxError),
 }
@@ -128,16 +129,34 @@ async fn collect(cri: &Arc<Cri>, id: &str) -> Collected {
     if cri.store.pods().await.iter().any(|p| p.tenant == id) {
         return Collected::InUse;
     }
+    // A ready tenant's engine must say it holds no container: one that cannot answer now
+    // (delete_tenant would count that as none) is looked at again later.
+    let ready = cri
+        .state
+        .sandboxes
+        .registry
+        .get(id)
+        .await
+        .is_ok_and(|t| t.state == TenantState::Ready);
+    if ready {
+        let Ok((_, mut eng)) = cri.state.sandboxes.engine_of(id).await else {
+            return Collected::Busy;
+        };
+        match eng.list(caas_proto::engine::v1::ListRequest {}).await {
+            Ok(r) if r.get_ref().containers.is_empty() => {}
+            Ok(_) => return Collected::InUse,
+            Err(_) => return Collected::Busy,
+        }
+    }
     // In a task of its own: an agent shutting down must not cut a delete half-way.
     let state = cri.state.clone();
     let tenant = id.to_string();
     let done =
         tokio::spawn(async move { state.sandboxes.delete_tenant(&tenant, false).await }).await;
+    // The gate stays in the map: a pod waiting on it meanwhile makes the tenant again under
+    // the same gate, which the next look must see.
     match done {
-        Ok(Ok(())) => {
-            cri.tenant_gates.lock().await.remove(id);
-            Collected::Deleted
-        }
+        Ok(Ok(())) => Collected::Deleted,
         Ok(Err(SandboxError::HasContainers { .. })) => Collected::InUse,
         Ok(Err(e)) => Collected::Failed(e),
         Err(e) => Collected::Failed(SandboxError::Status(tonic::Status::internal(format!(

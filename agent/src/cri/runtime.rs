@@ -1357,6 +1357,16 @@ fn context(what: String) -> impl FnOnce(Status) -> Status {
     move |s| Status::new(s.code(), format!("{what}: {}", s.message()))
 }
 
+/// The volume plugins whose directories under `pods/<uid>/volumes` kubelet makes for the pod
+/// itself (a directory or a tmpfs of its own): those `[cri] idmap_volumes = "pod"` idmaps.
+const KUBELET_MADE_VOLUMES: &[&str] = &[
+    "kubernetes.io~empty-dir",
+    "kubernetes.io~secret",
+    "kubernetes.io~configmap",
+    "kubernetes.io~projected",
+    "kubernetes.io~downward-api",
+];
+
 fn mounts_of(
     c: &cri::ContainerConfig,
     roots: &[std::path::PathBuf],
@@ -1458,6 +1468,16 @@ fn mounts_of(
         let own_pod = kubelet_pods.as_ref().is_some_and(|k| {
             !pod_uid.is_empty() && real.starts_with(k.join(pod_uid)) && real != k.join(pod_uid)
         });
+        // Volumes kubelet makes for the pod itself. Not `volume-subpaths` (binds of any volume,
+        // a host path's included) nor other plugins' dirs (CSI, local volumes: the storage
+        // behind them is not the pod's own).
+        let kubelet_made = kubelet_pods.as_ref().is_some_and(|k| {
+            let plugins = k.join(pod_uid).join("volumes");
+            !pod_uid.is_empty()
+                && KUBELET_MADE_VOLUMES
+                    .iter()
+                    .any(|p| real.starts_with(plugins.join(p)) && real != plugins.join(p))
+        });
         let other_pod = (kubelet.as_ref().is_some_and(|k| real.starts_with(k))
             || kubelet_pods.as_ref().is_some_and(|k| real.starts_with(k)))
             && !own_pod;
@@ -1492,7 +1512,7 @@ fn mounts_of(
             // gives them owners and groups (fsGroup) meant for the container's ids.
             idmap: match idmap {
                 super::IdmapVolumes::None => false,
-                super::IdmapVolumes::Pod => own_pod,
+                super::IdmapVolumes::Pod => kubelet_made,
                 super::IdmapVolumes::All => true,
             },
         });

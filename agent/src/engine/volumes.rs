@@ -145,23 +145,12 @@ fn stage_all(
         let idmapped = m.idmap
             && match bind_idmapped(&fd, &at, userns) {
                 Ok(()) => true,
-                // A file system that cannot be idmapped keeps host ids, as without the flag.
-                Err(e)
-                    if matches!(
-                        e,
-                        nix::errno::Errno::EINVAL
-                            | nix::errno::Errno::EOPNOTSUPP
-                            | nix::errno::Errno::ENOENT
-                    ) =>
-                {
-                    tracing::warn!(volume = %host.display(), error = %e, "the volume's file system takes no idmapped mount: bound with host ids, which the container sees as nobody outside the tenant's range");
-                    false
-                }
+                // Nothing was mounted: a plain bind keeps host ids, as without the flag (a
+                // file system that takes no idmapped mount, an older kernel, a source that is
+                // idmapped already).
                 Err(e) => {
-                    return Err(format!(
-                        "mounts[{i}]: an idmapped mount of {}: {e}",
-                        host.display()
-                    ));
+                    tracing::warn!(volume = %host.display(), error = %e, "no idmapped mount of the volume could be made: bound with host ids, which the container sees as nobody outside the tenant's range");
+                    false
                 }
             };
         if !idmapped {
@@ -240,7 +229,9 @@ fn bind_idmapped(source: &OwnedFd, at: &Path, userns: &Path) -> Result<(), nix::
     // SAFETY: a new descriptor nothing else owns.
     let tree = unsafe { OwnedFd::from_raw_fd(tree) };
     let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_IDMAP,
+        // nosuid and nodev as every volume is inside: here too, since what the container's root
+        // writes is root's on disk.
+        attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
         attr_clr: 0,
         propagation: 0,
         userns_fd: u64::try_from(ns.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?,

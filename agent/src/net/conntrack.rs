@@ -27,6 +27,7 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -43,6 +44,8 @@ const FAMILY_INET: u8 = 2;
 const FAMILY_NETLINK: libc::sa_family_t = 16;
 /// The size of a `sockaddr_nl` (12 bytes).
 const SOCKADDR_NL_LEN: libc::socklen_t = 12;
+/// The size of a `timeval` (16 bytes on 64-bit Linux).
+const TIMEVAL_LEN: libc::socklen_t = 16;
 
 /// One entry to delete: what identifies it.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,7 +165,26 @@ impl Socket {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a new descriptor nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        let s = Self(unsafe { OwnedFd::from_raw_fd(fd) });
+        // An answer that never comes must not hold a thread for ever.
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt(2) with a timeval that outlives the call, and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                s.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&timeout).cast(),
+                TIMEVAL_LEN,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(s)
     }
 
     fn send(&self, m: &[u8]) -> io::Result<()> {
@@ -194,15 +216,18 @@ impl Socket {
 
     /// Reads the answers to request `seq` until its end (`DONE`, or the `ERROR` an ack is);
     /// `each` gets every other message's type and body. An error answer other than `ENOENT`
-    /// is returned.
-    fn answers(&self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    /// is returned; `false` when a dump was interrupted by a change of the table (its
+    /// messages carry `NLM_F_DUMP_INTR`) and may have missed entries.
+    fn answers(&self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> io::Result<bool> {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut whole = true;
         loop {
             let n = self.recv(&mut buf)?;
             let mut rest = &buf[..n];
             while rest.len() >= HDR {
                 let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
                 let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let flags = u16::from_ne_bytes([rest[6], rest[7]]);
                 let got = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
                 if len < HDR || len > rest.len() {
                     return Err(io::Error::new(
@@ -215,15 +240,15 @@ impl Socket {
                 if got != seq {
                     continue;
                 }
+                whole &= flags & NLM_F_DUMP_INTR == 0;
                 match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
+                    // DONE carries the dump's error code, ERROR the request's (0: an ack).
+                    NLMSG_DONE | NLMSG_ERROR => {
                         let code = body
                             .get(..4)
-                            .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-                            .unwrap_or(-libc::EINVAL);
+                            .map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
                         return match -code {
-                            0 | libc::ENOENT => Ok(()),
+                            0 | libc::ENOENT => Ok(whole),
                             e => Err(io::Error::from_raw_os_error(e)),
                         };
                     }
@@ -238,27 +263,52 @@ impl Socket {
 /// Blocking (netlink round trips): run it off the async threads.
 pub fn forget(subnet: Ipv4Net) -> io::Result<usize> {
     let s = Socket::open()?;
-    s.send(&message(
-        IPCTNL_MSG_CT_GET,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        1,
-        &[],
-    ))?;
+    let mut seq = 0u32;
     let mut found = Vec::new();
-    s.answers(1, |kind, body| {
-        if kind & 0xff == 0 {
-            // IPCTNL_MSG_CT_NEW: how a dump reports an entry.
-            found.extend(entry_in(body, subnet));
+    // A dump the table changed under says so (NLM_F_DUMP_INTR): then it is taken again.
+    for attempt in 0.. {
+        seq += 1;
+        found.clear();
+        let dump = message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, &[]);
+        s.send(&dump)?;
+        let whole = s.answers(seq, |kind, body| {
+            if kind & 0xff == 0 {
+                // IPCTNL_MSG_CT_NEW: how a dump reports an entry.
+                found.extend(entry_in(body, subnet));
+            }
+        })?;
+        if whole || attempt == 4 {
+            break;
         }
-    })?;
+    }
     let mut gone = 0;
-    for (i, e) in found.iter().enumerate() {
-        let seq = u32::try_from(i).unwrap_or(u32::MAX).wrapping_add(2);
+    for e in &found {
+        seq += 1;
         s.send(&delete_request(e, seq))?;
         s.answers(seq, |_, _| {})?;
         gone += 1;
     }
     Ok(gone)
+}
+
+/// [`forget`] for tenant `tenant` on the blocking pool; a failure is logged, never returned
+/// (the entries then stay until they time out).
+pub async fn forget_for(tenant: &str, subnet: Ipv4Net) {
+    let forgot = crate::blocking::run(
+        "forgetting a tenant's connections",
+        crate::blocking::DEFAULT_TIMEOUT,
+        move || forget(subnet),
+    )
+    .await;
+    let failed = match forgot {
+        Ok(Ok(n)) => {
+            tracing::debug!(%tenant, %subnet, entries = n, "conntrack entries of the subnet deleted");
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(%tenant, %subnet, error = %failed, "deleting the conntrack entries of the tenant's subnet failed; they stay until they time out");
 }
 
 #[cfg(test)]
@@ -292,6 +342,7 @@ mod tests {
             SOCKADDR_NL_LEN as usize,
             std::mem::size_of::<libc::sockaddr_nl>()
         );
+        assert_eq!(TIMEVAL_LEN as usize, std::mem::size_of::<libc::timeval>());
     }
 
     #[test]

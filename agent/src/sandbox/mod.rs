@@ -488,23 +488,7 @@ impl Manager {
             // Its flows go with it: a tenant given the subnet next must not inherit them.
             // (Masquerade forgets those that left by its link when the link goes; not those
             // that left by an uplink, nor those published ports brought in unmasqueraded.)
-            let forgot = crate::blocking::run(
-                "forgetting the tenant's connections",
-                crate::blocking::DEFAULT_TIMEOUT,
-                move || crate::net::conntrack::forget(subnet),
-            )
-            .await;
-            let failed = match forgot {
-                Ok(Ok(n)) => {
-                    tracing::debug!(tenant = %t.id, %subnet, entries = n, "conntrack entries deleted");
-                    None
-                }
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(e) = failed {
-                tracing::warn!(tenant = %t.id, %subnet, error = %e, "deleting the tenant's conntrack entries failed; they stay until they time out");
-            }
+            crate::net::conntrack::forget_for(&t.id, subnet).await;
         }
         if let Some(m) = &self.metering {
             m.finish_tenant(&t.id).await;
@@ -627,6 +611,8 @@ impl Manager {
             .join(&t.id)
             .join("ns")
             .join("net");
+        // Flows of an earlier holder of the subnet that a crash kept from being forgotten.
+        crate::net::conntrack::forget_for(&t.id, subnet).await;
         crate::net::attach(&t.id, &ns, subnet, &n.config.uplinks())
             .await
             .map_err(|e| SandboxError::Engine {
