@@ -2590,6 +2590,98 @@ async fn the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them() {
     }
 }
 
+/// kubelet binds a subPath under the pod's own `volume-subpaths/`, so the path the runtime is
+/// given lies in the pod's directory whatever volume it came from. What the bind shows is
+/// checked too: a subPath of a directory outside `[cri] volume_roots` is PERMISSION_DENIED
+/// naming that directory, and nothing is created; a subPath of the pod's own emptyDir is bound
+/// in, idmapped like the emptyDir (a root:2000 0440 file read by a member of group 2000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subpath_binds_are_checked_by_what_they_bind() {
+    use std::os::unix::fs::PermissionsExt;
+    registry_or_skip!("subpath_binds_are_checked_by_what_they_bind");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let bind = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        nix::mount::mount(
+            Some(from),
+            to,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        Unmount(to.to_path_buf())
+    };
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let root = k.agent.dir.path().to_path_buf();
+    mode(&root, 0o755);
+    let pod = k.pod("ns-subpath", "s");
+    let uid = pod.metadata.as_ref().unwrap().uid.clone();
+    let pod_dir = root.join("kubelet/pods").join(&uid);
+    let own = pod_dir.join("volumes/kubernetes.io~empty-dir/data/sub");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(own.join("f"), "own\n").unwrap();
+    nix::unistd::chown(&own.join("f"), Some(0.into()), Some(2000.into())).unwrap();
+    mode(&own.join("f"), 0o440);
+    // Outside [cri] volume_roots (the tests' root is the agent's own temp dir).
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "host\n").unwrap();
+    let host_sub = pod_dir.join("volume-subpaths/hostvol/c/0");
+    let own_sub = pod_dir.join("volume-subpaths/data/c/1");
+    let _binds = [bind(outside.path(), &host_sub), bind(&own, &own_sub)];
+    for d in [root.join("kubelet/pods"), pod_dir.clone()] {
+        mode(&d, 0o750);
+    }
+    let mount = |host: &Path, inside: &str| cri::Mount {
+        container_path: inside.into(),
+        host_path: host.display().to_string(),
+        ..Default::default()
+    };
+    let pod_id = k.ready_pod(&pod).await;
+
+    let mut c = k.container(&pod, "host", &bb.id, &["cat", "/h/secret"], &[]);
+    c.mounts = vec![mount(&host_sub, "/h")];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::PermissionDenied,
+        "a subPath of a directory outside volume_roots",
+    );
+    let outside_real = outside.path().canonicalize().unwrap();
+    assert!(
+        e.message().contains(&outside_real.display().to_string())
+            && e.message().contains("volume_roots"),
+        "the refusal names what the bind shows: {e:?}"
+    );
+    assert!(
+        k.container_ids(Some(cri::ContainerFilter {
+            pod_sandbox_id: pod_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .is_empty(),
+        "nothing was created"
+    );
+
+    let mut c = k.container(&pod, "own", &bb.id, &["cat", "/o/f"], &[]);
+    c.linux = run_as(1000, 1000);
+    if let Some(sc) = c.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
+        sc.supplemental_groups = vec![2000];
+    }
+    c.mounts = vec![mount(&own_sub, "/o")];
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    expect_output(&st, "a subPath of the pod's own emptyDir", "own\n", "").await;
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// An image volume (kubelet's ImageVolume) is the read-only union of an image's layers, bound
 /// where the container asks: one of several layers (an overlay without an upper layer) and one
 /// of a single layer (the layer itself, bound read-only). Its files run; nothing is written.

@@ -12,6 +12,7 @@ mod events;
 pub mod gc;
 mod image;
 mod logs;
+pub mod mountinfo;
 mod runtime;
 mod seccomp;
 mod stats;

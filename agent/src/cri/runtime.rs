@@ -1357,6 +1357,87 @@ fn context(what: String) -> impl FnOnce(Status) -> Status {
     move |s| Status::new(s.code(), format!("{what}: {}", s.message()))
 }
 
+/// Where a volume's host path may lie.
+struct HostPathRules<'a> {
+    /// `[cri] volume_roots`, resolved.
+    roots: Vec<std::path::PathBuf>,
+    /// The agent's state and run dirs, resolved.
+    agent_dirs: Vec<std::path::PathBuf>,
+    /// kubelet's root and its `pods`, resolved.
+    kubelet: Option<std::path::PathBuf>,
+    kubelet_pods: Option<std::path::PathBuf>,
+    pod_uid: &'a str,
+}
+
+impl HostPathRules<'_> {
+    /// The pod's own directory in kubelet's.
+    fn pod_dir(&self) -> Option<std::path::PathBuf> {
+        self.kubelet_pods
+            .as_ref()
+            .filter(|_| !self.pod_uid.is_empty())
+            .map(|k| k.join(self.pod_uid))
+    }
+
+    /// Whether `real` lies where kubelet binds subPaths for this pod.
+    fn is_subpath(&self, real: &std::path::Path) -> bool {
+        self.pod_dir()
+            .is_some_and(|d| real.starts_with(d.join("volume-subpaths")))
+    }
+
+    /// Checks a resolved host path: under a volume root, not in /proc, /sys, /dev or the
+    /// agent's dirs, and inside kubelet's directory only in this pod's own. Whether it lies in
+    /// a volume kubelet made for the pod (see [`KUBELET_MADE_VOLUMES`]), or why not allowed.
+    fn check(&self, real: &std::path::Path) -> Result<bool, String> {
+        let allowed = self.roots.iter().any(|r| real.starts_with(r) && real != r);
+        let forbidden = ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|d| real.starts_with(d))
+            || self
+                .agent_dirs
+                .iter()
+                .any(|d| real.starts_with(d) || d.starts_with(real));
+        let pod_dir = self.pod_dir();
+        // Inside kubelet's directory, only this pod's own `pods/<uid>`: the engine binds as
+        // host root, so kubelet's 0750 directories no longer keep pods apart.
+        let own_pod = pod_dir
+            .as_ref()
+            .is_some_and(|d| real.starts_with(d) && real != d);
+        // Volumes kubelet makes for the pod itself. Not `volume-subpaths` (binds of any
+        // volume, a host path's included) nor other plugins' dirs (CSI, local volumes: the
+        // storage behind them is not the pod's own).
+        let kubelet_made = pod_dir.as_ref().is_some_and(|d| {
+            let plugins = d.join("volumes");
+            KUBELET_MADE_VOLUMES
+                .iter()
+                .any(|p| real.starts_with(plugins.join(p)) && real != plugins.join(p))
+        });
+        let in_kubelet = self.kubelet.as_ref().is_some_and(|k| real.starts_with(k))
+            || self
+                .kubelet_pods
+                .as_ref()
+                .is_some_and(|k| real.starts_with(k));
+        if in_kubelet && !own_pod {
+            return Err(format!(
+                "{} is in kubelet's directory ([cri] kubelet_root) but not in this pod's own directory (pods/{})",
+                real.display(),
+                self.pod_uid
+            ));
+        }
+        if !allowed || forbidden {
+            return Err(format!(
+                "{} is not under a directory of [cri] volume_roots ({}); volumes must lie there",
+                real.display(),
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(kubelet_made)
+    }
+}
+
 /// The volume plugins whose directories under `pods/<uid>/volumes` kubelet makes for the pod
 /// itself (a directory or a tmpfs of its own): those `[cri] idmap_volumes = "pod"` idmaps.
 const KUBELET_MADE_VOLUMES: &[&str] = &[
@@ -1375,6 +1456,19 @@ fn mounts_of(
     pod_uid: &str,
     idmap: super::IdmapVolumes,
 ) -> Result<Vec<epb::BindMount>, Status> {
+    let host_rules = HostPathRules {
+        roots: roots.iter().filter_map(|r| r.canonicalize().ok()).collect(),
+        agent_dirs: agent_dirs
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .collect(),
+        kubelet: kubelet_root.canonicalize().ok(),
+        kubelet_pods: kubelet_root.join("pods").canonicalize().ok(),
+        pod_uid,
+    };
+    let denied = |f: &dyn Fn(&str) -> String, why: &str| {
+        Status::permission_denied(format!("{}: {why}", f("host_path")))
+    };
     let mut out = Vec::new();
     for (i, m) in c.mounts.iter().enumerate() {
         let f = |name: &str| format!("config.mounts[{i}].{name}");
@@ -1450,55 +1544,46 @@ fn mounts_of(
                 format!("{} does not exist on this node", m.host_path),
             ));
         };
-        let allowed = roots
-            .iter()
-            .filter_map(|r| r.canonicalize().ok())
-            .any(|r| real.starts_with(&r) && real != r);
-        let forbidden = ["/proc", "/sys", "/dev"]
-            .iter()
-            .any(|d| real.starts_with(d))
-            || agent_dirs
+        let mut kubelet_made = host_rules.check(&real).map_err(|e| denied(&f, &e))?;
+        let info = if host_rules.is_subpath(&real) {
+            std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
+        } else {
+            String::new()
+        };
+        if let Some((point, places)) = super::mountinfo::sources(&real, &info)
+            .filter(|(point, _)| host_rules.is_subpath(point))
+        {
+            // kubelet bound a subPath of some volume here (a host path's too): what the bind
+            // shows must pass as well, where its file system shows it elsewhere.
+            let checked: Vec<_> = places
                 .iter()
-                .filter_map(|d| d.canonicalize().ok())
-                .any(|d| real.starts_with(&d) || d.starts_with(&real));
-        // Inside kubelet's directory, only this pod's own `pods/<uid>`: the engine binds as
-        // host root, so kubelet's 0750 directories no longer keep pods apart.
-        let kubelet = kubelet_root.canonicalize().ok();
-        let kubelet_pods = kubelet_root.join("pods").canonicalize().ok();
-        let own_pod = kubelet_pods.as_ref().is_some_and(|k| {
-            !pod_uid.is_empty() && real.starts_with(k.join(pod_uid)) && real != k.join(pod_uid)
-        });
-        // Volumes kubelet makes for the pod itself. Not `volume-subpaths` (binds of any volume,
-        // a host path's included) nor other plugins' dirs (CSI, local volumes: the storage
-        // behind them is not the pod's own).
-        let kubelet_made = kubelet_pods.as_ref().is_some_and(|k| {
-            let plugins = k.join(pod_uid).join("volumes");
-            !pod_uid.is_empty()
-                && KUBELET_MADE_VOLUMES
-                    .iter()
-                    .any(|p| real.starts_with(plugins.join(p)) && real != plugins.join(p))
-        });
-        let other_pod = (kubelet.as_ref().is_some_and(|k| real.starts_with(k))
-            || kubelet_pods.as_ref().is_some_and(|k| real.starts_with(k)))
-            && !own_pod;
-        if other_pod {
-            return Err(Status::permission_denied(format!(
-                "{}: {} is in kubelet's directory ([cri] kubelet_root) but not in this pod's own directory (pods/{pod_uid})",
-                f("host_path"),
-                real.display()
-            )));
-        }
-        if !allowed || forbidden {
-            return Err(Status::permission_denied(format!(
-                "{}: {} is not under a directory of [cri] volume_roots ({}); volumes must lie there",
-                f("host_path"),
-                real.display(),
-                roots
-                    .iter()
-                    .map(|r| r.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+                .filter(|p| !host_rules.is_subpath(p))
+                .map(|p| host_rules.check(p))
+                .collect();
+            match checked.iter().find_map(|c| c.as_ref().ok()) {
+                Some(made) => kubelet_made = *made,
+                None => {
+                    let why = checked
+                        .into_iter()
+                        .find_map(Result::err)
+                        .unwrap_or_else(|| {
+                            "no other mount on this node shows what it binds".into()
+                        });
+                    return Err(denied(
+                        &f,
+                        &format!(
+                            "{} is a subPath bind (mounted at {}) of {}: {why}",
+                            real.display(),
+                            point.display(),
+                            places
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(" or ")
+                        ),
+                    ));
+                }
+            }
         }
         check_container_path(&f("container_path"), &m.container_path)?;
         out.push(epb::BindMount {
