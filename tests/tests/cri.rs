@@ -1180,6 +1180,79 @@ async fn idle_tenants_the_cri_made_are_deleted_and_made_again_by_the_next_pod() 
     k.agent.stop().await.unwrap();
 }
 
+/// kubelet with UserNamespacesSupport (on by default since Kubernetes 1.33) sends
+/// `userns_options` with mode NODE for every pod and container without `hostUsers: false`: the
+/// runtime's default, the tenant's user namespace here. Such a pod and its container run, as
+/// root inside and unprivileged on the host. Mode POD (`hostUsers: false`, kubelet's own id
+/// mapping) is UNIMPLEMENTED naming the field, and makes no pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_kubelets_with_user_namespace_support_run_in_their_tenant() {
+    registry_or_skip!("pods_of_kubelets_with_user_namespace_support_run_in_their_tenant");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let userns = |mode: cri::NamespaceMode| cri::NamespaceOption {
+        userns_options: Some(cri::UserNamespace {
+            mode: mode as i32,
+            uids: Vec::new(),
+            gids: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    let mut pod = k.pod("ns-userns", "node");
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(userns(cri::NamespaceMode::Node)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod_id = k.ready_pod(&pod).await;
+    let mut c = k.container(
+        &pod,
+        "c",
+        &bb.id,
+        &["sh", "-c", "id -u; cat /proc/self/uid_map"],
+        &[],
+    );
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(userns(cri::NamespaceMode::Node)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    let out = log_until(&st, "userns NODE", |r| {
+        stream_text(r, LogStream::Stdout).lines().count() >= 2
+    })
+    .await;
+    let out = stream_text(&out, LogStream::Stdout);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("0"), "root inside: {out}");
+    let map: Vec<u64> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(map[0], 0);
+    assert_ne!(map[1], 0, "container root must not be host root: {out}");
+    assert_eq!(map[2], 65536, "{out}");
+
+    let mut pod = k.pod("ns-userns", "pod-mode");
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(userns(cri::NamespaceMode::Pod)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let e = expect_code(k.run_pod(&pod, "").await, Code::Unimplemented, "userns POD");
+    assert!(e.message().contains("userns_options.mode = POD"), "{e:?}");
+    assert_eq!(k.pod_ids(None).await, ids(&[&pod_id]), "no pod was made");
+    k.agent.stop().await.unwrap();
+}
+
 /// Pods whose tenant would not be a valid tenant id, unknown runtime handlers, and a missing
 /// config are INVALID_ARGUMENT, and make neither a pod nor a tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

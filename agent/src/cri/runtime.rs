@@ -1232,9 +1232,18 @@ fn check_namespaces(field: &str, ns: &cri::NamespaceOption) -> Result<(), Status
             )));
         }
     }
-    if ns.userns_options.is_some() {
+    // kubelet with UserNamespacesSupport (on by default since Kubernetes 1.33) sends NODE for
+    // every pod without `hostUsers: false`: "the runtime's default", which here is the
+    // tenant's user namespace, as with no options at all. POD asks for kubelet's own mapping,
+    // which a tenant cannot have: its mapping is the agent's (the runtime handlers say
+    // user_namespaces: false, so kubelet refuses such pods itself).
+    if let Some(u) = &ns.userns_options
+        && u.mode != cri::NamespaceMode::Node as i32
+    {
         return Err(unsupported(&format!(
-            "{field}.userns_options (every tenant has its own user namespace already)"
+            "{field}.userns_options.mode = {} (hostUsers: false asks for kubelet's id mapping; every tenant has its own user namespace already, with the agent's mapping)",
+            cri::NamespaceMode::try_from(u.mode)
+                .map_or_else(|_| u.mode.to_string(), |m| m.as_str_name().to_string())
         )));
     }
     Ok(())
