@@ -4896,6 +4896,90 @@ async fn a_running_containers_limits_are_updated_in_place() {
         limits(&k.status(&id).await.unwrap()),
         (128 << 20, 80_000, 100_000)
     );
+    // A resize as kubelet sends it (1.33+, in-place): every resource, a zero limit per huge
+    // page size, and on cgroup v2 nodes memory.oom.group and no swap. Taken.
+    let kubelet_resize = |memory: i64| cri::LinuxContainerResources {
+        memory_limit_in_bytes: memory,
+        cpu_period: 100_000,
+        cpu_quota: 80_000,
+        cpu_shares: 819,
+        oom_score_adj: 985,
+        hugepage_limits: vec![
+            cri::HugepageLimit {
+                page_size: "2MB".into(),
+                limit: 0,
+            },
+            cri::HugepageLimit {
+                page_size: "1GB".into(),
+                limit: 0,
+            },
+        ],
+        unified: [
+            ("memory.oom.group".to_string(), "1".to_string()),
+            ("memory.swap.max".to_string(), "0".to_string()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    k.cri
+        .rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(kubelet_resize(96 << 20)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        limits(&k.status(&id).await.unwrap()),
+        (96 << 20, 80_000, 100_000)
+    );
+    // What it cannot honour is refused, naming it, and changes nothing.
+    for (bad, named) in [
+        (
+            {
+                let mut r = kubelet_resize(128 << 20);
+                r.hugepage_limits[0].limit = 2 << 20;
+                r
+            },
+            "hugepage_limits",
+        ),
+        (
+            {
+                let mut r = kubelet_resize(128 << 20);
+                r.unified.insert("memory.high".into(), "100000000".into());
+                r
+            },
+            "memory.high",
+        ),
+    ] {
+        let e = expect_code(
+            k.cri
+                .rt
+                .update_container_resources(cri::UpdateContainerResourcesRequest {
+                    container_id: id.clone(),
+                    linux: Some(bad),
+                    ..Default::default()
+                })
+                .await,
+            Code::Unimplemented,
+            named,
+        );
+        assert!(e.message().contains(named), "{e:?}");
+        assert_eq!(
+            limits(&k.status(&id).await.unwrap()),
+            (96 << 20, 80_000, 100_000)
+        );
+    }
+    k.cri
+        .rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(kubelet_resize(128 << 20)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // The kernel holds the new limit: the container's own cgroup says so (v1 or v2).
     let r = k
         .exec(

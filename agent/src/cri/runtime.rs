@@ -2443,15 +2443,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let Some(linux) = r.linux else {
             return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
         };
-        for (set, field) in [
-            (!linux.cpuset_cpus.is_empty(), "linux.cpuset_cpus"),
-            (!linux.cpuset_mems.is_empty(), "linux.cpuset_mems"),
-            (!linux.hugepage_limits.is_empty(), "linux.hugepage_limits"),
-            (!linux.unified.is_empty(), "linux.unified"),
-        ] {
-            if set {
-                return Err(unsupported(field));
-            }
+        if !linux.cpuset_cpus.is_empty() {
+            return Err(unsupported("linux.cpuset_cpus"));
+        }
+        if !linux.cpuset_mems.is_empty() {
+            return Err(unsupported("linux.cpuset_mems"));
         }
         let res = limits_of(&linux, "linux")?;
         if res.cpus.is_none() && res.memory_bytes.is_none() {
@@ -2868,8 +2864,30 @@ fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
     }
 }
 
-/// The CPU and memory limits of CRI resources; `field` prefixes the names in errors.
+/// The `unified` (cgroup v2) keys kubelet sends on its own, and the values it sends: taken,
+/// as on a cgroup v1 node where kubelet sends none. `memory.oom.group`: an OOM kill takes the
+/// whole container (the engine's containers are one cgroup each; on v1 the kernel kills one
+/// process). `memory.swap.max` 0: no swap, which the engine gives every container with a
+/// memory limit (its swap limit is the memory limit).
+const KUBELET_UNIFIED: &[(&str, &str)] = &[("memory.oom.group", "1"), ("memory.swap.max", "0")];
+
+/// The CPU and memory limits of CRI resources; `field` prefixes the names in errors. Huge
+/// pages and `unified` keys are taken only as kubelet sends them for every container (a limit
+/// of 0 per page size: none; [`KUBELET_UNIFIED`]); any other is UNIMPLEMENTED, never ignored.
 fn limits_of(r: &cri::LinuxContainerResources, field: &str) -> Result<pb::Resources, Status> {
+    if let Some(h) = r.hugepage_limits.iter().find(|h| h.limit != 0) {
+        return Err(unsupported(&format!(
+            "{field}.hugepage_limits[{:?}] = {} (huge pages for containers)",
+            h.page_size, h.limit
+        )));
+    }
+    if let Some((k, v)) = r
+        .unified
+        .iter()
+        .find(|(k, v)| !KUBELET_UNIFIED.contains(&(k.as_str(), v.as_str())))
+    {
+        return Err(unsupported(&format!("{field}.unified[{k:?}] = {v:?}")));
+    }
     let mut out = pb::Resources::default();
     if r.cpu_quota > 0 && r.cpu_period > 0 {
         #[allow(clippy::cast_precision_loss)]
