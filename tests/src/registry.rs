@@ -1387,6 +1387,7 @@ pub struct ImageBuilder {
     entrypoint: Option<Vec<String>>,
     workdir: Option<String>,
     user: Option<String>,
+    stop_signal: Option<String>,
     labels: Vec<(String, String)>,
 }
 
@@ -1412,6 +1413,7 @@ impl ImageBuilder {
             entrypoint: None,
             workdir: None,
             user: None,
+            stop_signal: None,
             labels: Vec::new(),
         }
     }
@@ -1458,6 +1460,12 @@ impl ImageBuilder {
         self
     }
 
+    /// The config's StopSignal (`SIGQUIT`, `3`, ...).
+    pub fn stop_signal(mut self, signal: &str) -> Self {
+        self.stop_signal = Some(signal.into());
+        self
+    }
+
     /// A config label.
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.push((k.into(), v.into()));
@@ -1479,6 +1487,9 @@ impl ImageBuilder {
         }
         if let Some(u) = &self.user {
             config["User"] = serde_json::json!(u);
+        }
+        if let Some(s) = &self.stop_signal {
+            config["StopSignal"] = serde_json::json!(s);
         }
         if !self.labels.is_empty() {
             let labels: serde_json::Map<String, serde_json::Value> = self

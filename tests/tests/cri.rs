@@ -1953,6 +1953,54 @@ async fn containers_run_exec_stop_and_remove_with_list_filters() {
     k.agent.stop().await.unwrap();
 }
 
+/// StopContainer sends the image's `StopSignal` first (as containerd does: nginx stops on
+/// SIGQUIT, postgres on SIGINT), SIGTERM for an image that names none. A shell that traps
+/// only QUIT ends by its trap with the first, and is killed after the timeout with the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sends_the_images_stop_signal_first() {
+    registry_or_skip!("stop_sends_the_images_stop_signal_first");
+    let (mut k, mut images, bb) = Kubelet::with_registry().await;
+    let quitter = images
+        .push("quitter", images.busybox().stop_signal("SIGQUIT"))
+        .await;
+    let pod = k.pod("ns-stopsig", "p");
+    assert_eq!(
+        k.pull(&quitter.reference, Some(&pod)).await.unwrap(),
+        quitter.id
+    );
+    let pod_id = k.ready_pod(&pod).await;
+    let script = "trap 'echo got-quit; exit 3' QUIT; echo ready; while :; do sleep 0.1; done";
+    for (image, name, want_code) in [(&quitter.id, "quits", 3), (&bb.id, "terms", 137)] {
+        let c = k.container(&pod, name, image, &["sh", "-c", script], &[]);
+        let id = k.created(&pod_id, &pod, &c).await;
+        k.start_container(&id).await;
+        let st = k
+            .wait_state(&id, cri::ContainerState::ContainerRunning)
+            .await;
+        log_until(&st, name, |r| {
+            stream_text(r, LogStream::Stdout).contains("ready")
+        })
+        .await;
+        k.stop_container(&id, 2).await.unwrap();
+        let st = k
+            .wait_state(&id, cri::ContainerState::ContainerExited)
+            .await;
+        assert_eq!(st.exit_code, want_code, "{name}: {st:?}");
+        let quit = want_code == 3;
+        let out = log_until(&st, name, |r| {
+            !quit || stream_text(r, LogStream::Stdout).contains("got-quit")
+        })
+        .await;
+        assert_eq!(
+            stream_text(&out, LogStream::Stdout).contains("got-quit"),
+            quit,
+            "{name}"
+        );
+    }
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// CreateContainer needs a known pod, a pulled image (the runtime does not pull by itself) and a
 /// pod that is not stopped; StopPodSandbox stops the pod's containers, and RemovePodSandbox
 /// removes them.

@@ -2191,6 +2191,14 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             image_mount_ids.push(vol.image.config_digest.to_string());
         }
         let image_id = rootfs.image.config_digest.to_string();
+        // What the image says stops it (nginx SIGQUIT, postgres SIGINT), as containerd sends.
+        let stop_signal = match self.cri.state.images.stop_signal(&rootfs.image) {
+            None => 0,
+            Some(name) => crate::images::manifest::signal_number(&name).unwrap_or_else(|| {
+                tracing::warn!(image = %image, stop_signal = %name, "the image's StopSignal is not a signal; SIGTERM stops the container");
+                0
+            }),
+        };
         convert::apply_image(&mut create, rootfs)?;
         if let Some(u) = user {
             create.user = u;
@@ -2241,6 +2249,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .collect(),
             image_mounts,
             image_mount_ids,
+            stop_signal,
         };
         // The record first: a container the engine made is never one the CRI does not know.
         self.cri
@@ -2319,7 +2328,11 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         } else {
             eng.stop(epb::StopRequest {
                 container: c.id.clone(),
-                signal: libc::SIGTERM,
+                signal: if c.stop_signal > 0 {
+                    c.stop_signal
+                } else {
+                    libc::SIGTERM
+                },
                 grace_seconds: grace,
             })
             .await

@@ -127,6 +127,9 @@ pub struct ContainerRecord {
     /// The ids (config digests) of those images.
     #[serde(default)]
     pub image_mount_ids: Vec<String>,
+    /// The signal StopContainer sends first: the image's `StopSignal`; 0 for SIGTERM.
+    #[serde(default)]
+    pub stop_signal: i32,
 }
 
 /// How far a container's output has been copied to its CRI log: byte offsets of the engine's

@@ -340,6 +340,41 @@ pub struct RunConfig {
     /// Who the process runs as: `uid[:gid]` or `name[:group]`.
     #[serde(rename = "User", default)]
     pub user: Option<String>,
+    /// The signal that asks the process to stop (`SIGQUIT`, `QUIT`, `3`, `SIGRTMIN+3`).
+    #[serde(rename = "StopSignal", default)]
+    pub stop_signal: Option<String>,
+}
+
+/// The number of a signal as an image config names it: `SIGQUIT`, `QUIT`, `3`, or
+/// `SIGRTMIN+n` / `RTMIN+n` (`SIGRTMAX-n`); `None` for what is not a signal.
+pub fn signal_number(name: &str) -> Option<i32> {
+    let n = name.trim();
+    if let Ok(num) = n.parse::<i32>() {
+        return (1..=libc::SIGRTMAX()).contains(&num).then_some(num);
+    }
+    let upper = n.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let rt = |rest: &str, base: i32, sign: i32| {
+        let off = if rest.is_empty() {
+            0
+        } else {
+            rest.parse::<i32>().ok()?
+        };
+        let v = base + sign * off;
+        (libc::SIGRTMIN()..=libc::SIGRTMAX())
+            .contains(&v)
+            .then_some(v)
+    };
+    if let Some(rest) = bare.strip_prefix("RTMIN") {
+        return rt(rest.trim_start_matches('+'), libc::SIGRTMIN(), 1);
+    }
+    if let Some(rest) = bare.strip_prefix("RTMAX") {
+        return rt(rest.trim_start_matches('-'), libc::SIGRTMAX(), -1);
+    }
+    format!("SIG{bare}")
+        .parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
 }
 
 /// `rootfs` of an image config.
@@ -378,6 +413,25 @@ pub fn parse_config(bytes: &[u8], layers: usize) -> Result<ImageConfig, ImageErr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stop_signals_are_read_as_images_name_them() {
+        for (name, want) in [
+            ("SIGQUIT", Some(libc::SIGQUIT)),
+            ("quit", Some(libc::SIGQUIT)),
+            ("SIGINT", Some(libc::SIGINT)),
+            ("15", Some(libc::SIGTERM)),
+            ("SIGRTMIN+3", Some(libc::SIGRTMIN() + 3)),
+            ("RTMIN", Some(libc::SIGRTMIN())),
+            ("SIGRTMAX-1", Some(libc::SIGRTMAX() - 1)),
+            ("SIGNOPE", None),
+            ("0", None),
+            ("99", None),
+            ("SIGRTMIN+99", None),
+        ] {
+            assert_eq!(signal_number(name), want, "{name}");
+        }
+    }
+
     use super::*;
 
     const H: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

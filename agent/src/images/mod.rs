@@ -372,17 +372,25 @@ impl ImageStore {
         out
     }
 
-    /// The `User` of an image's config, when the config is readable and sets one.
-    pub fn rootfs_config_user(&self, r: &ImageRecord) -> Option<String> {
+    /// The run-time defaults of an image's config, when it is readable and has them.
+    fn run_config(&self, r: &ImageRecord) -> Option<manifest::RunConfig> {
         let bytes = self
             .blobs
             .read_small(&r.config_digest, manifest::MAX_JSON_BYTES)
             .ok()?;
-        manifest::parse_config(&bytes, r.layers.len())
-            .ok()?
-            .config?
-            .user
-            .filter(|u| !u.is_empty())
+        manifest::parse_config(&bytes, r.layers.len()).ok()?.config
+    }
+
+    /// The `User` of an image's config, when the config is readable and sets one.
+    pub fn rootfs_config_user(&self, r: &ImageRecord) -> Option<String> {
+        self.run_config(r)?.user.filter(|u| !u.is_empty())
+    }
+
+    /// The image's stop signal (`StopSignal` of its config), as the config names it.
+    pub fn stop_signal(&self, r: &ImageRecord) -> Option<String> {
+        self.run_config(r)?
+            .stop_signal
+            .filter(|s| !s.trim().is_empty())
     }
 
     /// One image of a tenant.
