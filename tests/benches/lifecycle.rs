@@ -34,6 +34,10 @@
 //!
 //! The third peer, `libcontainer`, is youki's libcontainer driven in-process with the peers'
 //! bundle (no runtime binary to exec): the floor of the library the agent's engine uses.
+//!
+//! The lifecycles run in rounds ([`ROUNDS`]): the agent's share, then each peer's (a child
+//! process per peer and round, one untimed run first), the peers in an order rotated per round,
+//! so that a slow stretch of this noisy machine falls on every runtime rather than on one.
 
 #![allow(clippy::unwrap_used)] // a benchmark harness: a failing setup step should stop it loudly
 
@@ -56,6 +60,11 @@ use tonic::transport::Channel;
 
 const WARMUP: usize = 3;
 const ITERS: usize = 50;
+/// The lifecycles run in this many rounds: in each, ITERS / ROUNDS of the agent's, then as many
+/// of each peer's, every runtime's share after one untimed run of its own (the agent's first
+/// after the WARMUP ones), the peers in an order rotated per round.
+/// So a slow stretch of the machine falls on all of them rather than on one.
+const ROUNDS: usize = 5;
 /// Containers kept running for the memory figures.
 const MANY: usize = 100;
 /// Containers created at once for the burst figure.
@@ -93,7 +102,18 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let agent = match rt.block_on(bench_agent()) {
+    let mut peers = [
+        PeerRounds::new("crun", which("crun")),
+        PeerRounds::new("runc", which("runc")),
+        PeerRounds::new(LIBCONTAINER, Some(PathBuf::from(LIBCONTAINER))),
+    ];
+    let mut between = |round: usize| {
+        let n = peers.len();
+        for k in 0..n {
+            peers[(round + k) % n].run_round(round);
+        }
+    };
+    let agent = match rt.block_on(bench_agent(&mut between)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lifecycle bench: caas-agent part failed: {e:#}");
@@ -101,13 +121,7 @@ fn main() {
         }
     };
     drop(rt);
-
-    let crun = bench_peer("crun");
-    let runc = bench_peer("runc");
-    let lc = match run_peer(LIBCONTAINER, None) {
-        Ok(p) => p,
-        Err(e) => Peer::Failed(format!("{e:#}")),
-    };
+    let [crun, runc, lc] = peers.map(PeerRounds::finish);
     print!("{}", table(&agent, &crun, &runc, &lc));
 }
 
@@ -212,15 +226,18 @@ async fn lifecycle(
     ))
 }
 
-async fn bench_agent() -> anyhow::Result<AgentResults> {
+async fn bench_agent(between: &mut dyn FnMut(usize)) -> anyhow::Result<AgentResults> {
     let mut agent = TestAgent::start(|_| {}).await?;
-    let r = bench_agent_on(&agent).await;
+    let r = bench_agent_on(&agent, between).await;
     // Deletes the tenant (its engine and any container left by a failure) and shuts down.
     agent.stop().await?;
     r
 }
 
-async fn bench_agent_on(agent: &TestAgent) -> anyhow::Result<AgentResults> {
+async fn bench_agent_on(
+    agent: &TestAgent,
+    between: &mut dyn FnMut(usize),
+) -> anyhow::Result<AgentResults> {
     let ch = agent.unix().await;
     let mut t = TenantServiceClient::new(ch.clone());
     let mut c = ContainerServiceClient::new(ch);
@@ -256,6 +273,16 @@ async fn bench_agent_on(agent: &TestAgent) -> anyhow::Result<AgentResults> {
             lifecycle_ms.push(ms(d));
             for (v, t) in calls_ms.iter_mut().zip(calls) {
                 v.push(ms(t));
+            }
+            if (i - WARMUP + 1).is_multiple_of(ITERS / ROUNDS) {
+                // The peers' share of this round (blocking: child processes), while the agent
+                // idles on the runtime's workers.
+                let round = (i - WARMUP) / (ITERS / ROUNDS);
+                tokio::task::block_in_place(|| between(round));
+                // One untimed run to come back, as each peer's round begins with one.
+                if round + 1 < ROUNDS {
+                    lifecycle(&mut c, &rootfs, &format!("true-{i}-rewarm")).await?;
+                }
             }
         }
     }
@@ -459,6 +486,55 @@ enum Peer {
     Ran { version: String, ms: Vec<f64> },
 }
 
+/// A peer across the rounds: its runtime (None: not installed) and what its rounds gave.
+struct PeerRounds {
+    name: &'static str,
+    runtime: Option<PathBuf>,
+    ms: Vec<f64>,
+    failed: Option<String>,
+}
+
+impl PeerRounds {
+    fn new(name: &'static str, runtime: Option<PathBuf>) -> Self {
+        Self {
+            name,
+            runtime,
+            ms: Vec::with_capacity(ITERS),
+            failed: None,
+        }
+    }
+
+    /// One round's runs (nothing more once a round failed).
+    fn run_round(&mut self, round: usize) {
+        let Some(rt) = self.runtime.clone() else {
+            return;
+        };
+        if self.failed.is_some() {
+            return;
+        }
+        let runtime = (self.name != LIBCONTAINER).then_some(rt.as_path());
+        match run_peer(self.name, runtime, round) {
+            Ok(ms) => self.ms.extend(ms),
+            Err(e) => self.failed = Some(format!("{e:#}")),
+        }
+    }
+
+    fn finish(self) -> Peer {
+        match (self.runtime, self.failed) {
+            (None, _) => Peer::Missing,
+            (_, Some(e)) => Peer::Failed(e),
+            (Some(rt), None) => Peer::Ran {
+                version: if self.name == LIBCONTAINER {
+                    "libcontainer 0.7 in-process".to_string()
+                } else {
+                    caas_tests::first_line(&rt, &["--version"])
+                },
+                ms: self.ms,
+            },
+        }
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -466,22 +542,9 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn bench_peer(name: &str) -> Peer {
-    let Some(runtime) = which(name) else {
-        return Peer::Missing;
-    };
-    match run_peer(name, Some(&runtime)) {
-        Ok(p) => p,
-        Err(e) => Peer::Failed(format!("{e:#}")),
-    }
-}
-
-/// Runs one peer in the peer child: a runtime binary, or with `None` libcontainer in-process.
-fn run_peer(name: &str, runtime: Option<&Path>) -> anyhow::Result<Peer> {
-    let version = match runtime {
-        Some(runtime) => caas_tests::first_line(runtime, &["--version"]),
-        None => "libcontainer 0.7 in-process".to_string(),
-    };
+/// One round of a peer: one untimed run, then ITERS / ROUNDS timed ones; their times in ms.
+fn run_peer(name: &str, runtime: Option<&Path>, round: usize) -> anyhow::Result<Vec<f64>> {
+    let count = 1 + ITERS / ROUNDS;
 
     // One bundle per peer: a busybox rootfs owned by the mapped root, and a config.json.
     let dir = tempfile::Builder::new()
@@ -506,8 +569,11 @@ fn run_peer(name: &str, runtime: Option<&Path>) -> anyhow::Result<Peer> {
         .env(ENV_RUNTIME, runtime.unwrap_or(Path::new(LIBCONTAINER)))
         .env(ENV_BUNDLE, dir.path())
         .env(ENV_ROOT, &state_root)
-        .env(ENV_PREFIX, format!("bench-{name}-{}", std::process::id()))
-        .env(ENV_COUNT, (WARMUP + ITERS).to_string())
+        .env(
+            ENV_PREFIX,
+            format!("bench-{name}-{}-{round}", std::process::id()),
+        )
+        .env(ENV_COUNT, count.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -531,16 +597,12 @@ fn run_peer(name: &str, runtime: Option<&Path>) -> anyhow::Result<Peer> {
         .collect::<Result<_, _>>()
         .context("parsing the peer child's timings")?;
     ensure!(
-        all.len() == WARMUP + ITERS,
-        "peer child reported {} timings, expected {}",
+        all.len() == count,
+        "peer child reported {} timings, expected {count}",
         all.len(),
-        WARMUP + ITERS
     );
     // `dir` (bundle, rootfs, state root) is removed on drop.
-    Ok(Peer::Ran {
-        version,
-        ms: all[WARMUP..].to_vec(),
-    })
+    Ok(all[1..].to_vec())
 }
 
 fn chown_tree(p: &Path, id: u32) -> anyhow::Result<()> {
@@ -791,7 +853,7 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer, lc: &Peer) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let _ = writeln!(
         o,
-        "\n{ITERS} iterations after {WARMUP} warm-ups; {cpus} CPUs; loadavg {}",
+        "\n{ITERS} iterations after {WARMUP} warm-ups, in {ROUNDS} rounds (the agent's share, then each peer's, each after an untimed run); {cpus} CPUs; loadavg {}",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
