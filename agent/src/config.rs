@@ -34,6 +34,11 @@ pub const MIN_TENANT_MEMORY: u64 = 16 << 20;
 pub const MAX_TENANT_MEMORY: u64 = 64 << 40;
 /// Largest pids quota (the kernel's pid_max ceiling).
 pub const MAX_TENANT_PIDS: u64 = 4_194_304;
+/// The range of a container's relative CPU weight, in cgroup v1 `cpu.shares` units (the
+/// kernel's own bounds).
+pub const MIN_CPU_SHARES: u64 = 2;
+/// See [`MIN_CPU_SHARES`].
+pub const MAX_CPU_SHARES: u64 = 262_144;
 /// Largest container count per tenant.
 pub const MAX_TENANT_CONTAINERS: u32 = 10_000;
 

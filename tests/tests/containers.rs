@@ -621,6 +621,17 @@ async fn bad_container_input_is_refused_and_changes_nothing() {
         ),
         (
             pb::CreateContainerRequest {
+                resources: Some(pb::Resources {
+                    cpu_shares: Some(1),
+                    ..Default::default()
+                }),
+                ..api.req("t", "x", "true")
+            },
+            Code::InvalidArgument,
+            "resources.cpu_shares",
+        ),
+        (
+            pb::CreateContainerRequest {
                 env: vec!["NOEQUALS".into()],
                 ..api.req("t", "x", "true")
             },

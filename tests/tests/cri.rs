@@ -5095,6 +5095,120 @@ async fn a_running_containers_limits_are_updated_in_place() {
     k.agent.stop().await.unwrap();
 }
 
+/// kubelet gives every container `cpu_shares` from its CPU request (1024 per CPU, 2 for
+/// best-effort pods): the weight it gets when CPUs are contended. Two busy loops pinned to one
+/// CPU split it by their containers' shares, and an update moves the split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_shares_split_a_contended_cpu_and_follow_updates() {
+    registry_or_skip!("cpu_shares_split_a_contended_cpu_and_follow_updates");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-shares", "s");
+    let pod_id = k.ready_pod(&pod).await;
+    let mut ids = Vec::new();
+    for (name, shares) in [("heavy", 1024), ("light", 256)] {
+        let mut c = k.container(
+            &pod,
+            name,
+            &bb.id,
+            &["taskset", "-c", "0", "sh", "-c", "while :; do :; done"],
+            &[],
+        );
+        c.linux = Some(cri::LinuxContainerConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_shares: shares,
+                ..Default::default()
+            }),
+            security_context: None,
+        });
+        let id = k.created(&pod_id, &pod, &c).await;
+        k.start_container(&id).await;
+        k.wait_state(&id, cri::ContainerState::ContainerRunning)
+            .await;
+        ids.push(id);
+    }
+    let slice = k.agent.slice.clone();
+    let cgroup = |ctl: &str, id: &str, file: &str| {
+        format!("/sys/fs/cgroup/{ctl}/{slice}/tenant-ns-shares/c-{id}/{file}")
+    };
+    let read = |p: &str| -> u64 {
+        std::fs::read_to_string(p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let shares_reported = |st: &cri::ContainerStatus| {
+        st.resources
+            .as_ref()
+            .and_then(|r| r.linux.as_ref())
+            .map(|l| l.cpu_shares)
+    };
+    // CPU time of each over 3 s: heavy over light.
+    let split = || async {
+        let usage = |id: &str| read(&cgroup("cpuacct", id, "cpuacct.usage"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before: Vec<u64> = ids.iter().map(|i| usage(i)).collect();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let used: Vec<f64> = ids
+            .iter()
+            .zip(before)
+            .map(|(i, b)| (usage(i) - b) as f64)
+            .collect();
+        used[0] / used[1].max(1.0)
+    };
+    for (id, want) in ids.iter().zip([1024, 256]) {
+        assert_eq!(read(&cgroup("cpu", id, "cpu.shares")), want);
+        assert_eq!(
+            shares_reported(&k.status(id).await.unwrap()),
+            Some(want as i64)
+        );
+    }
+    let r = split().await;
+    // 1024 against 256 is 4:1 on the shared CPU.
+    assert!(r > 2.0, "heavy/light CPU time {r:.2} with shares 1024/256");
+
+    // kubelet raises the light one's request: it now outweighs the other.
+    k.cri
+        .rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: ids[1].clone(),
+            linux: Some(cri::LinuxContainerResources {
+                cpu_shares: 4096,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(read(&cgroup("cpu", &ids[1], "cpu.shares")), 4096);
+    assert_eq!(
+        shares_reported(&k.status(&ids[1]).await.unwrap()),
+        Some(4096)
+    );
+    let r = split().await;
+    assert!(r < 0.5, "heavy/light CPU time {r:.2} with shares 1024/4096");
+
+    // A negative weight is refused and changes nothing.
+    let e = k
+        .cri
+        .rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: ids[1].clone(),
+            linux: Some(cri::LinuxContainerResources {
+                cpu_shares: -5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("linux.cpu_shares"), "{e:?}");
+    assert_eq!(read(&cgroup("cpu", &ids[1], "cpu.shares")), 4096);
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// kubelet's OOM score adjustments: raising one is applied to the container (not to the engine,
 /// which later containers would inherit); lowering one, which needs CAP_SYS_RESOURCE that root
 /// may lack, never fails the create: the container keeps the inherited score.

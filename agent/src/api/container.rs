@@ -72,6 +72,7 @@ impl ContainerService for ContainerApi {
         &self,
         req: Request<pb::CreateContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
+        let t0 = std::time::Instant::now();
         let ctx = Ctx::of(&req)?;
         let r = req.into_inner();
         authz::authorize(
@@ -110,7 +111,7 @@ impl ContainerService for ContainerApi {
             .await
             .map_err(|e| Status::internal(format!("creating the container: {e}")))?
             .map_err(|e| status::sandbox(e, &ctx))?;
-        tracing::info!(%tenant, container = %c.id, name = %c.name, caller = %ctx.caller.identity, "container created");
+        tracing::info!(%tenant, container = %c.id, name = %c.name, caller = %ctx.caller.identity, took_us = t0.elapsed().as_micros(), "container created");
         Ok(Response::new(c))
     }
 

@@ -151,7 +151,10 @@ const MAX_ARGV_ENV_BYTES: usize = 256 << 10;
 
 /// Checks a create request and turns it into the engine's request. The id is generated here.
 pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate, Status> {
-    use crate::config::{MAX_TENANT_CPUS, MAX_TENANT_MEMORY, MAX_TENANT_PIDS, MIN_TENANT_CPUS};
+    use crate::config::{
+        MAX_CPU_SHARES, MAX_TENANT_CPUS, MAX_TENANT_MEMORY, MAX_TENANT_PIDS, MIN_CPU_SHARES,
+        MIN_TENANT_CPUS,
+    };
     let bad = |f: &str, m: String| status::invalid(Invalid::new(f, m));
     let tenant = id("tenant", r.tenant)?;
     let name = id("name", r.name)?;
@@ -238,6 +241,10 @@ pub fn container_create(r: pb::CreateContainerRequest) -> Result<ContainerCreate
     }
     if let Some(p) = res.pids {
         validate::check_range("resources.pids", p, 1, MAX_TENANT_PIDS).map_err(status::invalid)?;
+    }
+    if let Some(s) = res.cpu_shares {
+        validate::check_range("resources.cpu_shares", s, MIN_CPU_SHARES, MAX_CPU_SHARES)
+            .map_err(status::invalid)?;
     }
     let id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
     Ok(ContainerCreate {

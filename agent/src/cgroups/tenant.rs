@@ -233,6 +233,23 @@ impl TenantCgroups {
         Ok(())
     }
 
+    /// Sets the relative CPU weight of the cgroup `rel`, given in v1 `cpu.shares` units (2 to
+    /// 262144). On v2 it goes to `cpu.weight` through [`shares_to_weight`].
+    pub fn set_cpu_shares(&self, rel: &str, shares: u64) -> Result<(), CgroupError> {
+        let rel = rel.trim_start_matches('/');
+        match self.layout {
+            CgroupLayout::V2 => write(
+                &self.root.join(rel).join("cpu.weight"),
+                &shares_to_weight(shares).to_string(),
+            ),
+            CgroupLayout::V1 | CgroupLayout::Hybrid => write(
+                &self.root.join("cpu").join(rel).join("cpu.shares"),
+                &shares.to_string(),
+            ),
+            CgroupLayout::None => Err(CgroupError::NoHierarchy(self.root.clone())),
+        }
+    }
+
     /// Moves `pid` into `rel` (a path under the tenant's subtree) in every hierarchy it exists in.
     pub fn add_pid(&self, rel: &str, pid: u32) -> Result<(), CgroupError> {
         for procs in self.procs_files(rel)? {
@@ -340,6 +357,14 @@ pub fn cfs_quota_us(cpus: f64) -> u64 {
         .max(1000)
 }
 
+/// The cgroup v2 `cpu.weight` (1 to 10000) for v1 `cpu.shares` (2 to 262144): the linear map
+/// of one range onto the other that runc, crun and libcontainer use, so 1024 shares (one CPU's
+/// request in Kubernetes) is weight 39 and the v1 default and v2 default do not coincide.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let s = shares.clamp(2, 262_144);
+    1 + ((s - 2) * 9999) / 262_142
+}
+
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     fs::write(path, value).map_err(io_err(path))
 }
@@ -384,6 +409,36 @@ mod tests {
         memory_bytes: 256 << 20,
         pids: 100,
     };
+
+    #[test]
+    fn cpu_shares_map_onto_the_v2_weight_range_as_runc_does() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        // Out of range values are clamped, never wrap.
+        assert_eq!(shares_to_weight(0), 1);
+        assert_eq!(shares_to_weight(1 << 40), 10_000);
+    }
+
+    #[test]
+    fn cpu_shares_go_to_the_file_of_the_layout() {
+        let d = tempfile::tempdir().unwrap();
+        let v1 = d.path().join("v1");
+        let v2 = d.path().join("v2");
+        fs::create_dir_all(v1.join("cpu/t/c")).unwrap();
+        fs::create_dir_all(v2.join("t/c")).unwrap();
+        TenantCgroups::new(&v1, CgroupLayout::Hybrid)
+            .set_cpu_shares("/t/c", 512)
+            .unwrap();
+        TenantCgroups::new(&v2, CgroupLayout::V2)
+            .set_cpu_shares("/t/c", 512)
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(v1.join("cpu/t/c/cpu.shares")).unwrap(),
+            "512"
+        );
+        assert_eq!(fs::read_to_string(v2.join("t/c/cpu.weight")).unwrap(), "20");
+    }
 
     #[test]
     fn anonymous_memory_is_read_on_v2_only() {

@@ -960,6 +960,9 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
                 linux: Some(cri::LinuxContainerResources {
                     cpu_period: if quota > 0 { PERIOD } else { 0 },
                     cpu_quota: quota,
+                    cpu_shares: res
+                        .cpu_shares
+                        .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
                     memory_limit_in_bytes: res
                         .memory_bytes
                         .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
@@ -2463,7 +2466,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             return Err(unsupported("linux.cpuset_mems"));
         }
         let res = limits_of(&linux, "linux")?;
-        if res.cpus.is_none() && res.memory_bytes.is_none() {
+        if res.cpus.is_none() && res.memory_bytes.is_none() && res.cpu_shares.is_none() {
             return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
         }
         // Within the tenant's quotas, checked here for every cgroup version (v2 and VM guests
@@ -2884,7 +2887,7 @@ fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
 /// memory limit (its swap limit is the memory limit).
 const KUBELET_UNIFIED: &[(&str, &str)] = &[("memory.oom.group", "1"), ("memory.swap.max", "0")];
 
-/// The CPU and memory limits of CRI resources; `field` prefixes the names in errors. Huge
+/// The CPU and memory limits and the CPU weight of CRI resources; `field` prefixes the names in errors. Huge
 /// pages and `unified` keys are taken only as kubelet sends them for every container (a limit
 /// of 0 per page size: none; [`KUBELET_UNIFIED`]); any other is UNIMPLEMENTED, never ignored.
 fn limits_of(r: &cri::LinuxContainerResources, field: &str) -> Result<pb::Resources, Status> {
@@ -2913,6 +2916,21 @@ fn limits_of(r: &cri::LinuxContainerResources, field: &str) -> Result<pb::Resour
                 crate::config::MAX_TENANT_CPUS,
             )
             .map_err(status::invalid)?,
+        );
+    }
+    if r.cpu_shares < 0 {
+        return Err(bad(
+            &format!("{field}.cpu_shares"),
+            format!("{} is negative", r.cpu_shares),
+        ));
+    }
+    if r.cpu_shares > 0 {
+        // Clamped to the kernel's range, as kubelet and runc do (a pod's requests of less than
+        // 2 millicores give 2).
+        out.cpu_shares = Some(
+            r.cpu_shares
+                .unsigned_abs()
+                .clamp(crate::config::MIN_CPU_SHARES, crate::config::MAX_CPU_SHARES),
         );
     }
     if r.memory_limit_in_bytes > 0 {

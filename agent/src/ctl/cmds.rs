@@ -283,6 +283,7 @@ fn create_request(a: CreateArgs) -> pb::CreateContainerRequest {
             cpus: a.cpus,
             memory_bytes: a.memory,
             pids: a.pids,
+            cpu_shares: a.cpu_shares,
         }),
         labels: to_map(a.labels),
         ports: a

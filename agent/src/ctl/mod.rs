@@ -178,6 +178,9 @@ struct CreateArgs {
     /// CPU limit in CPUs.
     #[arg(long)]
     cpus: Option<f64>,
+    /// Relative CPU weight under contention (2 to 262144; 1024 = one CPU's worth).
+    #[arg(long)]
+    cpu_shares: Option<u64>,
     /// Memory limit (bytes, or with Ki/Mi/Gi/Ti).
     #[arg(long, value_parser = parse_size)]
     memory: Option<u64>,

@@ -41,6 +41,9 @@ pub struct Record {
     pub memory_bytes: Option<u64>,
     /// Pids limit.
     pub pids: Option<u64>,
+    /// Relative CPU weight (`cpu.shares` units); absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_shares: Option<u64>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// State.
@@ -108,6 +111,7 @@ impl Record {
             cpus: None,
             memory_bytes: None,
             pids: None,
+            cpu_shares: None,
             labels: BTreeMap::new(),
             state: State::Created,
             pid: 0,

@@ -116,6 +116,8 @@ pub struct CreateSpec {
     pub workdir: String,
     /// Limits.
     pub cpus: Option<f64>,
+    /// Relative CPU weight, `cpu.shares` units.
+    pub cpu_shares: Option<u64>,
     /// Memory limit.
     pub memory_bytes: Option<u64>,
     /// Pids limit.
@@ -460,6 +462,7 @@ impl Engine {
         &mut self,
         key: &str,
         cpus: Option<f64>,
+        cpu_shares: Option<u64>,
         memory_bytes: Option<u64>,
         pids: Option<u64>,
     ) -> Result<&Record, EngineError> {
@@ -531,6 +534,17 @@ impl Engine {
                 if p.is_some() {
                     r.pids = p;
                 }
+            }
+        }
+        if let Some(s) = cpu_shares {
+            if let Err(e) = self.cgroups.set_cpu_shares(&rel, s) {
+                self.save(&id);
+                return Err(EngineError::Runtime(format!(
+                    "updating the CPU shares: {e}"
+                )));
+            }
+            if let Some(r) = self.recs.get_mut(&id) {
+                r.cpu_shares = Some(s);
             }
         }
         self.save(&id);
@@ -747,6 +761,7 @@ impl Engine {
         .map_err(EngineError::Runtime)?;
         let mut c = c;
         c.mounts = staged;
+        let t_staged = t0.elapsed();
         // A target that ended while this container was made fails its build too: that is the
         // target's state, not an error of the engine's.
         let target_gone = |t: &(PathBuf, (u64, u64))| {
@@ -781,16 +796,9 @@ impl Engine {
                 if let Some(v) = c.oom_score_adj {
                     set_oom_score_adj(&c.id, pid, v);
                 }
-                tracing::debug!(
-                    container = %c.id,
-                    image_us = micros(t_image),
-                    rootfs_us = micros(phases.rootfs),
-                    spec_us = micros(phases.spec),
-                    runtime_us = micros(phases.runtime),
-                    "container created"
-                );
                 let mut r = Record::new(c.id.clone(), c.name, c.image, c.command);
                 r.cpus = c.cpus;
+                r.cpu_shares = c.cpu_shares;
                 r.memory_bytes = c.memory_bytes;
                 r.pids = c.pids;
                 r.labels = c.labels;
@@ -802,6 +810,17 @@ impl Engine {
                 self.exits.insert(c.id.clone(), watch::channel(false).0);
                 self.save(&c.id);
                 self.emit(pb::ContainerEventType::Created, &c.id);
+                tracing::debug!(
+                    container = %c.id,
+                    image_us = micros(t_image),
+                    checks_us = micros(t_staged.saturating_sub(t_image)),
+                    rootfs_us = micros(phases.rootfs),
+                    spec_us = micros(phases.spec),
+                    view_us = micros(phases.view),
+                    runtime_us = micros(phases.runtime),
+                    total_us = micros(t0.elapsed()),
+                    "container created"
+                );
                 Ok(r)
             }
             Err(e) => {
@@ -922,6 +941,7 @@ impl Engine {
             seccomp: (!c.seccomp.is_empty()).then_some(c.seccomp.as_str()),
             pidns: pidns.as_deref(),
             cpus: c.cpus,
+            cpu_shares: c.cpu_shares,
             memory_bytes: c.memory_bytes,
             pids: c.pids,
             hostname: if c.hostname.is_empty() {
@@ -983,6 +1003,7 @@ impl Engine {
                 .map_err(EngineError::Runtime)?;
             v.stage(at, &cgroup).map_err(EngineError::Runtime)?;
         }
+        let view_done = t0.elapsed();
         let built = builder
             .as_init(&bundle)
             .with_systemd(false)
@@ -1028,7 +1049,8 @@ impl Engine {
         let phases = BuildPhases {
             rootfs: rootfs_done,
             spec: spec_done.saturating_sub(rootfs_done),
-            runtime: t0.elapsed().saturating_sub(spec_done),
+            view: view_done.saturating_sub(spec_done),
+            runtime: t0.elapsed().saturating_sub(view_done),
         };
         Ok((pid, phases, io))
     }
@@ -1578,6 +1600,8 @@ impl Engine {
 struct BuildPhases {
     rootfs: Duration,
     spec: Duration,
+    /// Staging the container's view of its cgroups (v1 hosts).
+    view: Duration,
     runtime: Duration,
 }
 
@@ -1781,6 +1805,7 @@ pub fn to_pb(tenant: &str, r: &Record) -> pb::Container {
             cpus: r.cpus,
             memory_bytes: r.memory_bytes,
             pids: r.pids,
+            cpu_shares: r.cpu_shares,
         }),
         labels: r.labels.clone(),
         ports: Vec::new(),

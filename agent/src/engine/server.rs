@@ -358,6 +358,7 @@ impl epb::engine_server::Engine for EngineSvc {
             env: r.env,
             workdir: r.workdir,
             cpus: res.cpus,
+            cpu_shares: res.cpu_shares,
             memory_bytes: res.memory_bytes,
             pids: res.pids,
             labels: r.labels,
@@ -555,7 +556,13 @@ impl epb::engine_server::Engine for EngineSvc {
         let res = r.resources.unwrap_or_default();
         let mut eng = self.lock()?;
         let rec = eng
-            .update(&r.container, res.cpus, res.memory_bytes, res.pids)
+            .update(
+                &r.container,
+                res.cpus,
+                res.cpu_shares,
+                res.memory_bytes,
+                res.pids,
+            )
             .map_err(status)?;
         Ok(Response::new(to_pb(&self.tenant, rec)))
     }

@@ -65,6 +65,8 @@ pub struct ContainerSpec<'a> {
     pub cgroup: &'a str,
     /// CPU limit in CPUs.
     pub cpus: Option<f64>,
+    /// Relative CPU weight, `cpu.shares` units (libcontainer converts it on cgroup v2).
+    pub cpu_shares: Option<u64>,
     /// Memory limit in bytes.
     pub memory_bytes: Option<u64>,
     /// Pids limit.
@@ -466,13 +468,17 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
                 .build()?,
         );
     }
-    if let Some(cpus) = c.cpus {
-        resources = resources.cpu(
-            LinuxCpuBuilder::default()
+    if c.cpus.is_some() || c.cpu_shares.is_some() {
+        let mut cpu = LinuxCpuBuilder::default();
+        if let Some(cpus) = c.cpus {
+            cpu = cpu
                 .period(CFS_PERIOD_US)
-                .quota(crate::cgroups::tenant::cfs_quota_us(cpus) as i64)
-                .build()?,
-        );
+                .quota(crate::cgroups::tenant::cfs_quota_us(cpus) as i64);
+        }
+        if let Some(s) = c.cpu_shares {
+            cpu = cpu.shares(s);
+        }
+        resources = resources.cpu(cpu.build()?);
     }
     let defaults = spec.linux().clone().unwrap_or_default();
     let linux = LinuxBuilder::default()
