@@ -521,6 +521,13 @@ impl Kubelet {
         }
     }
 
+    /// A pod of the `caas-vm` handler, which must run.
+    async fn vm_pod(&mut self, pod: &cri::PodSandboxConfig) -> String {
+        self.run_pod(pod, "caas-vm")
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox caas-vm: {e:?}"))
+    }
+
     /// Creates, starts and waits for the container to exit; its id and final status.
     async fn run(
         &mut self,
@@ -5845,6 +5852,141 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
     k.agent.stop().await.unwrap();
 }
 
+/// A VM pod gets what kubelet mounts for every pod: its guest has no host paths, so each volume
+/// is copied in (a file, a directory with kubelet's `..data` links, a secret whose group comes
+/// from fsGroup), an emptyDir's copy is shared by the pod's containers, and the copy goes with
+/// the last container that binds it. A device is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pods_volumes_are_copied_into_its_guest() {
+    use std::os::unix::fs::PermissionsExt;
+    registry_or_skip!("a_vm_pods_volumes_are_copied_into_its_guest");
+    if !caas_tests::vm::vm_available("a_vm_pods_volumes_are_copied_into_its_guest") {
+        return;
+    }
+    let (mut k, _images, bb) = Kubelet::with_registry_and(caas_tests::vm::configure).await;
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let root = k.agent.dir.path().to_path_buf();
+    let pod = k.pod("ns-vm-vol", "v");
+    let uid = pod.metadata.as_ref().unwrap().uid.clone();
+    let pod_dir = root.join("kubelet/pods").join(&uid);
+    // As kubelet lays them out: /etc/hosts, a configMap (its files are links through ..data to
+    // a timestamped dir), a secret for fsGroup 2000, an emptyDir.
+    let hosts = pod_dir.join("etc-hosts");
+    let cfg = pod_dir.join("volumes/kubernetes.io~configmap/cfg");
+    let secret = pod_dir.join("volumes/kubernetes.io~secret/creds");
+    let shared = pod_dir.join("volumes/kubernetes.io~empty-dir/shared");
+    for d in [
+        cfg.join("..2026_12_05_09_00_00.1"),
+        secret.clone(),
+        shared.clone(),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(&hosts, "127.0.0.1 localhost\n10.9.8.7 vm-pod-host\n").unwrap();
+    std::fs::write(
+        cfg.join("..2026_12_05_09_00_00.1/greeting"),
+        "hello from the host\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_12_05_09_00_00.1", cfg.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/greeting", cfg.join("greeting")).unwrap();
+    std::fs::write(secret.join("key"), "s3cret\n").unwrap();
+    for (p, m) in [(&secret, 0o750), (&secret.join("key"), 0o440)] {
+        nix::unistd::chown(p.as_path(), Some(0.into()), Some(2000.into())).unwrap();
+        mode(p, m);
+    }
+    mode(&shared, 0o777);
+    let mount = |host: &Path, inside: &str, readonly: bool| cri::Mount {
+        container_path: inside.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let pod_id = k.vm_pod(&pod).await;
+
+    let mut writer = k.container(
+        &pod,
+        "writer",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "grep vm-pod-host /etc/hosts; cat /cfg/greeting; cat /creds/key; \
+             echo from-writer > /shared/note && echo wrote",
+        ],
+        &[],
+    );
+    writer.linux = run_as(1000, 1000);
+    if let Some(sc) = writer
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.supplemental_groups = vec![2000];
+    }
+    writer.mounts = vec![
+        mount(&hosts, "/etc/hosts", false),
+        mount(&cfg, "/cfg", true),
+        mount(&secret, "/creds", true),
+        mount(&shared, "/shared", false),
+    ];
+    let (writer_id, st) = k.run(&pod_id, &pod, &writer).await;
+    expect_output(
+        &st,
+        "writer",
+        "10.9.8.7 vm-pod-host\nhello from the host\ns3cret\nwrote\n",
+        "",
+    )
+    .await;
+
+    // The pod's next container sees what the first wrote in the emptyDir.
+    let mut reader = k.container(
+        &pod,
+        "reader",
+        &bb.id,
+        &["sh", "-c", "cat /shared/note 2>/dev/null || echo missing"],
+        &[],
+    );
+    reader.mounts = vec![mount(&shared, "/shared", false)];
+    let (reader_id, st) = k.run(&pod_id, &pod, &reader).await;
+    expect_output(&st, "reader", "from-writer\n", "").await;
+
+    // With both gone, no container binds the copy: it is removed, and a new container starts
+    // from the host's (empty) directory again.
+    k.remove_container(&writer_id).await.unwrap();
+    k.remove_container(&reader_id).await.unwrap();
+    reader.metadata.as_mut().unwrap().attempt = 1;
+    reader.log_path = "reader/1.log".into();
+    let (_, st) = k.run(&pod_id, &pod, &reader).await;
+    expect_output(&st, "reader again", "missing\n", "").await;
+
+    // A host device cannot be copied in.
+    let mut dev = k.container(&pod, "dev", &bb.id, &["true"], &[]);
+    dev.devices = vec![cri::Device {
+        container_path: "/dev/xnull".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    }];
+    let e = k
+        .cri
+        .rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(dev),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unimplemented | Code::PermissionDenied),
+        "{e:?}"
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// In a VM pod (cgroup v2 in the guest, where the kernel would take any limit and OOM-kill), a
 /// memory limit below the anonymous memory a container holds is refused before it is written,
 /// naming both figures; one above it is taken.
@@ -5856,10 +5998,7 @@ async fn a_vm_pods_memory_limit_is_not_set_below_what_it_holds() {
     }
     let (mut k, _images, bb) = Kubelet::with_registry_and(caas_tests::vm::configure).await;
     let pod = k.pod("ns-vm-resize", "r");
-    let pod_id = k
-        .run_pod(&pod, "caas-vm")
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox caas-vm: {e:?}"));
+    let pod_id = k.vm_pod(&pod).await;
     // dd fills its 40 MiB buffer, then blocks on the pipe nobody reads: 40 MiB held.
     let mut c = k.container(
         &pod,

@@ -2151,7 +2151,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             &config,
             &self.cri.state.config.cri.allowed_devices,
         )?);
-        if !create.mounts.is_empty()
+        // A VM tenant's guest gets a copy of each volume (`sandbox::vm_import`); host devices
+        // cannot be copied in.
+        if create.mounts.iter().any(|m| !m.device_access.is_empty())
             && self
                 .cri
                 .state
@@ -2162,7 +2164,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .is_none_or(|t| t.isolation == Isolation::Vm)
         {
             return Err(unsupported(
-                "config.mounts and config.devices in a VM tenant (host paths are not in the guest)",
+                "config.devices in a VM tenant (the guest has its own devices, not the host's)",
             ));
         }
         // Image volumes: the layers of the image, as the tenant's store holds them (pulled

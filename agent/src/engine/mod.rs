@@ -139,6 +139,7 @@ async fn serve(args: EngineArgs, paths: runtime::Paths, cg: TenantCgroups) -> Re
     });
     engine.clean_up_orphans();
     engine.adopt();
+    engine.collect_volume_imports(None);
     let adopted = engine.adopted_running();
     let eng = Arc::new(Mutex::new(engine));
     let shutdown = CancellationToken::new();

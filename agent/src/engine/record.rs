@@ -41,6 +41,10 @@ pub struct Record {
     pub memory_bytes: Option<u64>,
     /// Pids limit.
     pub pids: Option<u64>,
+    /// Keys of the imports this container binds as volumes (VM guests): each goes with the
+    /// last container that binds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_imports: Vec<String>,
     /// Relative CPU weight (`cpu.shares` units); absent in records written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_shares: Option<u64>,
@@ -112,6 +116,7 @@ impl Record {
             memory_bytes: None,
             pids: None,
             cpu_shares: None,
+            volume_imports: Vec::new(),
             labels: BTreeMap::new(),
             state: State::Created,
             pid: 0,

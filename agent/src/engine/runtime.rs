@@ -59,6 +59,10 @@ pub enum EngineError {
     Runtime(String),
 }
 
+/// The name of a volume import's content under `<imports>/<key>/` (VM guests): a directory or
+/// one file.
+pub const VOLUME_IMPORT: &str = "volume";
+
 /// Directory layout of one tenant engine.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -315,6 +319,56 @@ impl Engine {
             eng.exits.insert(id.clone(), watch::channel(false).0);
         }
         eng
+    }
+
+    /// The import keys among `mounts`: binds whose source is `<imports>/<key>/volume`.
+    fn volume_imports(&self, mounts: &[spec::Bind]) -> Vec<String> {
+        let imports = self.paths.imports();
+        let mut keys: Vec<String> = mounts
+            .iter()
+            .filter(|m| m.host.file_name().is_some_and(|n| n == VOLUME_IMPORT))
+            .filter_map(|m| {
+                let dir = m.host.parent()?;
+                (dir.parent()? == imports).then(|| dir.file_name()?.to_str().map(str::to_string))?
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Removes the volume imports in `keys` that no container binds any more, or with `None`,
+    /// every volume import no container binds (at start: what a crash between a container's
+    /// removal and this left behind).
+    pub fn collect_volume_imports(&self, keys: Option<&[String]>) {
+        let used: std::collections::HashSet<&str> = self
+            .recs
+            .values()
+            .flat_map(|r| r.volume_imports.iter().map(String::as_str))
+            .collect();
+        let imports = self.paths.imports();
+        let candidates: Vec<String> = match keys {
+            Some(k) => k.to_vec(),
+            None => fs::read_dir(&imports)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().join(VOLUME_IMPORT).symlink_metadata().is_ok())
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .collect(),
+        };
+        for k in candidates.iter().filter(|k| !used.contains(k.as_str())) {
+            let dir = imports.join(k);
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::debug!(import = %k, "volume import removed: no container binds it")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing a volume import failed");
+                }
+            }
+        }
     }
 
     /// Re-adopts the containers a previous engine left running: those whose process is gone are
@@ -750,6 +804,7 @@ impl Engine {
                 "mounts[{i}]: recursive_read_only needs readonly"
             )));
         }
+        let volume_imports = self.volume_imports(&c.mounts);
         // Volumes are bound where the tenant's root can reach them, then bound in from there.
         let staged = super::volumes::stage(
             &self.paths.run,
@@ -798,6 +853,7 @@ impl Engine {
                 }
                 let mut r = Record::new(c.id.clone(), c.name, c.image, c.command);
                 r.cpus = c.cpus;
+                r.volume_imports = volume_imports;
                 r.cpu_shares = c.cpu_shares;
                 r.memory_bytes = c.memory_bytes;
                 r.pids = c.pids;
@@ -836,6 +892,7 @@ impl Engine {
                 }
                 let _ = fs::remove_dir_all(&dir);
                 let _ = fs::remove_file(self.paths.run.join(format!("resolv-{}.conf", c.id)));
+                self.collect_volume_imports(Some(&volume_imports));
                 Err(e)
             }
         }
@@ -1415,8 +1472,11 @@ impl Engine {
             "container removed"
         );
         self.emit(pb::ContainerEventType::Deleted, id);
-        self.recs.remove(id);
+        let gone = self.recs.remove(id);
         self.exits.remove(id);
+        if let Some(r) = gone.filter(|r| !r.volume_imports.is_empty()) {
+            self.collect_volume_imports(Some(&r.volume_imports));
+        }
         Ok(())
     }
 

@@ -774,7 +774,11 @@ impl epb::engine_server::Engine for EngineSvc {
         let kind = epb::ImportKind::try_from(first.kind)
             .ok()
             .filter(|k| *k != epb::ImportKind::Unspecified)
-            .ok_or_else(|| Status::invalid_argument("import: kind must be dir-tar or file"))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "import: kind must be dir-tar, file, layer-tar, volume-dir-tar or volume-file",
+                )
+            })?;
         let dir = self.lock()?.paths().imports();
         let dest = dir.join(key);
         if dest.join(IMPORT_COMPLETE).exists() {
@@ -823,8 +827,10 @@ impl epb::engine_server::Engine for EngineSvc {
             f.sync_all().map_err(|e| internal_io(&data, &e))?;
             drop(f);
             match kind {
-                epb::ImportKind::DirTar | epb::ImportKind::LayerTar => {
-                    let root = tmp.join("rootfs");
+                epb::ImportKind::DirTar
+                | epb::ImportKind::LayerTar
+                | epb::ImportKind::VolumeDirTar => {
+                    let root = import_path(&tmp, kind);
                     let file = std::fs::File::open(&data).map_err(|e| internal_io(&data, &e))?;
                     let mut ar = tar::Archive::new(std::io::BufReader::new(file));
                     ar.set_preserve_ownerships(true);
@@ -848,7 +854,7 @@ impl epb::engine_server::Engine for EngineSvc {
                     }
                 }
                 _ => {
-                    let to = tmp.join("image.tar");
+                    let to = import_path(&tmp, kind);
                     std::fs::rename(&data, &to).map_err(|e| internal_io(&to, &e))?;
                 }
             }
@@ -898,6 +904,8 @@ impl epb::engine_server::Engine for EngineSvc {
         }
         let kind = if dest.join("rootfs").is_dir() {
             epb::ImportKind::DirTar
+        } else if dest.join(crate::engine::runtime::VOLUME_IMPORT).exists() {
+            epb::ImportKind::VolumeFile
         } else {
             epb::ImportKind::File
         };
@@ -978,6 +986,22 @@ fn unpack_import<R: std::io::Read>(
             std::os::unix::fs::lchown(&dst, u32::try_from(uid).ok(), u32::try_from(gid).ok())?;
             continue;
         }
+        // The source directory itself (`.`): tar's unpacking skips it, so its owner and mode
+        // (an emptyDir's 0777, a secret's fsGroup) would be lost; they go to the root.
+        if kind == tar::EntryType::Directory
+            && e.path()?
+                .components()
+                .all(|c| matches!(c, std::path::Component::CurDir))
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let (uid, gid) = (e.header().uid()?, e.header().gid()?);
+            std::os::unix::fs::lchown(root, u32::try_from(uid).ok(), u32::try_from(gid).ok())?;
+            std::fs::set_permissions(
+                root,
+                std::fs::Permissions::from_mode(e.header().mode()? & 0o7777),
+            )?;
+            continue;
+        }
         e.unpack_in(root)?;
     }
     Ok(())
@@ -1005,6 +1029,9 @@ fn opaque_markers_to_xattrs(root: &std::path::Path) -> std::io::Result<()> {
 fn import_path(dest: &std::path::Path, kind: epb::ImportKind) -> PathBuf {
     match kind {
         epb::ImportKind::DirTar | epb::ImportKind::LayerTar => dest.join("rootfs"),
+        epb::ImportKind::VolumeDirTar | epb::ImportKind::VolumeFile => {
+            dest.join(crate::engine::runtime::VOLUME_IMPORT)
+        }
         _ => dest.join("image.tar"),
     }
 }

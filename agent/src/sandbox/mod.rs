@@ -881,6 +881,10 @@ impl Manager {
             if !req.rootfs.is_empty() {
                 req.rootfs = vm_import::import(&mut eng, &req.rootfs).await?;
             }
+            if !req.mounts.is_empty() {
+                req.mounts =
+                    vm_import::import_volumes(&mut eng, std::mem::take(&mut req.mounts)).await?;
+            }
         }
         // The engine counts its containers and refuses one over the quota.
         req.max_containers = t.quotas.max_containers;

@@ -1,6 +1,7 @@
-//! Sending a host root filesystem (a directory, or an OCI layout tarball) into a VM tenant's
-//! guest, whose engine cannot read the host's files: streamed over the engine protocol, once per
-//! content (the key is a digest of the path and its change time), then named by its guest path.
+//! Sending a host root filesystem (a directory, or an OCI layout tarball), image layers and a
+//! container's volumes into a VM tenant's guest, whose engine cannot read the host's files:
+//! streamed over the engine protocol, once per content (the key is a digest of the path and its
+//! change time), then named by its guest path.
 
 use std::{
     io::{self, Write},
@@ -54,6 +55,53 @@ pub async fn import_layers(
     Ok(out)
 }
 
+/// The binds of a container in a VM tenant, each with its content sent into the guest (once per
+/// content, see [`send`]) and its host path replaced by the guest's copy; an image volume's
+/// layers go as the container's own layers do. The guest engine removes a volume's copy with the
+/// last container that binds it. The copy is not the host's directory: what the container
+/// writes stays in the guest, and what the host changes later reaches only containers made
+/// after the change. Device nodes cannot be copied in and are refused.
+pub async fn import_volumes(
+    eng: &mut EngineClient<Channel>,
+    mounts: Vec<epb::BindMount>,
+) -> Result<Vec<epb::BindMount>, SandboxError> {
+    let mut out = Vec::with_capacity(mounts.len());
+    for (i, mut m) in mounts.into_iter().enumerate() {
+        if !m.device_access.is_empty() {
+            return Err(SandboxError::Status(Status::unimplemented(format!(
+                "mounts[{i}]: the device {} in a VM tenant (the guest has its own devices)",
+                m.host_path
+            ))));
+        }
+        if !m.image_layers.is_empty() {
+            m.image_layers = import_layers(eng, &m.image_layers).await?;
+            out.push(m);
+            continue;
+        }
+        let path = PathBuf::from(&m.host_path);
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            SandboxError::Status(Status::invalid_argument(format!(
+                "mounts[{i}]: host path {}: {e}",
+                m.host_path
+            )))
+        })?;
+        let kind = if meta.is_dir() {
+            epb::ImportKind::VolumeDirTar
+        } else if meta.is_file() {
+            epb::ImportKind::VolumeFile
+        } else {
+            return Err(SandboxError::Status(Status::invalid_argument(format!(
+                "mounts[{i}]: host path {} is neither a directory nor a regular file, which is all a VM tenant's guest can be given a copy of",
+                m.host_path
+            ))));
+        };
+        let shown = format!("mounts[{i}]: host path {}", m.host_path);
+        m.host_path = send(eng, &path, kind, &shown).await?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
 async fn send(
     eng: &mut EngineClient<Channel>,
     path: &Path,
@@ -87,7 +135,7 @@ async fn send(
             total: 0,
         };
         match kind {
-            epb::ImportKind::DirTar => {
+            epb::ImportKind::DirTar | epb::ImportKind::VolumeDirTar => {
                 let mut b = tar::Builder::new(&mut w);
                 b.follow_symlinks(false);
                 b.append_dir_all(".", &src)?;
