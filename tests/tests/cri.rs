@@ -5914,7 +5914,8 @@ async fn a_vm_pods_volumes_are_copied_into_its_guest() {
             "sh",
             "-c",
             "grep vm-pod-host /etc/hosts; cat /cfg/greeting; cat /creds/key; \
-             echo from-writer > /shared/note && echo wrote",
+             echo from-writer > /shared/note && echo wrote; \
+             echo 'all done' > /dev/termination-log",
         ],
         &[],
     );
@@ -5926,7 +5927,18 @@ async fn a_vm_pods_volumes_are_copied_into_its_guest() {
     {
         sc.supplemental_groups = vec![2000];
     }
+    // kubelet's termination log: a 0666 file it reads after the exit, at the path its
+    // annotation names.
+    let term = pod_dir.join("containers/writer/5f2a");
+    std::fs::create_dir_all(term.parent().unwrap()).unwrap();
+    std::fs::write(&term, "").unwrap();
+    mode(&term, 0o666);
+    writer.annotations.insert(
+        "io.kubernetes.container.terminationMessagePath".into(),
+        "/dev/termination-log".into(),
+    );
     writer.mounts = vec![
+        mount(&term, "/dev/termination-log", false),
         mount(&hosts, "/etc/hosts", false),
         mount(&cfg, "/cfg", true),
         mount(&secret, "/creds", true),
@@ -5940,6 +5952,8 @@ async fn a_vm_pods_volumes_are_copied_into_its_guest() {
         "",
     )
     .await;
+    // Copied back from the guest before the status said exited.
+    assert_eq!(std::fs::read_to_string(&term).unwrap(), "all done\n");
 
     // The pod's next container sees what the first wrote in the emptyDir.
     let mut reader = k.container(

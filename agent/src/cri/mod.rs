@@ -206,6 +206,9 @@ pub struct Cri {
     /// Per tenant: pods and pulls on their way in against the idle-tenant collector.
     pub(crate) tenant_gates:
         tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Exited containers whose termination message is on the host (copied back from a VM
+    /// guest, or not needing it).
+    pub(crate) termination_read: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Cri {
@@ -228,6 +231,7 @@ impl Cri {
             pod_locks: tokio::sync::Mutex::default(),
             cni_rules: tokio::sync::Mutex::default(),
             tenant_gates: tokio::sync::Mutex::default(),
+            termination_read: tokio::sync::Mutex::default(),
             stream,
             state,
         });

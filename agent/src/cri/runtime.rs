@@ -362,10 +362,63 @@ impl Cri {
             .add_removed_cpu(&c.pod, last_cpu)
             .await
             .map_err(|e| io_err(&e, ctx))?;
+        self.termination_read.lock().await.remove(&c.id);
         self.store
             .remove_container(&c.id)
             .await
             .map_err(|e| io_err(&e, ctx))
+    }
+
+    /// kubelet reads an exited container's termination message from the host file it bound at
+    /// the path its annotation names (at most 4 KiB). A container of a VM tenant wrote the
+    /// guest's copy of that file: it is copied back once, before the container is reported
+    /// exited. A failure is logged and tried again at the next status.
+    async fn copy_back_termination_message(&self, c: &ContainerRecord) {
+        let Some(inside) = c.annotations.get(TERMINATION_MESSAGE_PATH) else {
+            return;
+        };
+        let Some((host, _, _)) = c.mounts.iter().find(|(_, i, _)| i == inside) else {
+            return;
+        };
+        if !self.termination_read.lock().await.insert(c.id.clone()) {
+            return;
+        }
+        let copied = async {
+            let (t, mut eng) = self
+                .state
+                .sandboxes
+                .engine_of(&c.tenant)
+                .await
+                .map_err(|e| e.to_string())?;
+            if t.isolation != Isolation::Vm {
+                return Ok(());
+            }
+            let data = eng
+                .read_volume_file(epb::ReadVolumeFileRequest {
+                    container: c.id.clone(),
+                    container_path: inside.clone(),
+                    max_bytes: MAX_TERMINATION_MESSAGE,
+                })
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner()
+                .data;
+            // kubelet's own file: written only if it is still there.
+            let mut f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(host)
+                .await
+                .map_err(|e| format!("{host}: {e}"))?;
+            tokio::io::AsyncWriteExt::write_all(&mut f, &data)
+                .await
+                .map_err(|e| format!("{host}: {e}"))
+        }
+        .await;
+        if let Err(e) = copied {
+            tracing::warn!(container = %c.id, error = %e, "copying the termination message back from the VM failed");
+            self.termination_read.lock().await.remove(&c.id);
+        }
     }
 
     pub(super) fn pod_status(
@@ -2436,6 +2489,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .logs
                 .wait_ended(&c.id, std::time::Duration::from_secs(2))
                 .await;
+            self.cri.copy_back_termination_message(&c).await;
         }
         let mut info = HashMap::new();
         if r.verbose {
@@ -2881,6 +2935,11 @@ fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
         None => Ok(pb::Resources::default()),
     }
 }
+
+/// kubelet's annotation of a container: where it writes its termination message.
+const TERMINATION_MESSAGE_PATH: &str = "io.kubernetes.container.terminationMessagePath";
+/// What kubelet reads of a termination message at most.
+const MAX_TERMINATION_MESSAGE: u32 = 4096;
 
 /// The `unified` (cgroup v2) keys kubelet sends on its own, and the values it sends: taken,
 /// as on a cgroup v1 node where kubelet sends none. `memory.oom.group`: an OOM kill takes the

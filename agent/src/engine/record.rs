@@ -1,7 +1,10 @@
 //! A container as the engine remembers it, persisted as `containers/<id>/record.json` so a new
 //! engine process re-adopts what the last one ran.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +48,11 @@ pub struct Record {
     /// last container that binds it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_imports: Vec<String>,
+    /// Volumes that are one file copied into the guest (VM tenants): container path to the
+    /// guest's copy, for the host to read back what the container wrote (kubelet's
+    /// termination log).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_files: BTreeMap<String, PathBuf>,
     /// Relative CPU weight (`cpu.shares` units); absent in records written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_shares: Option<u64>,
@@ -117,6 +125,7 @@ impl Record {
             pids: None,
             cpu_shares: None,
             volume_imports: Vec::new(),
+            volume_files: BTreeMap::new(),
             labels: BTreeMap::new(),
             state: State::Created,
             pid: 0,

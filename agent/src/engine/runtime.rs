@@ -321,20 +321,64 @@ impl Engine {
         eng
     }
 
-    /// The import keys among `mounts`: binds whose source is `<imports>/<key>/volume`.
-    fn volume_imports(&self, mounts: &[spec::Bind]) -> Vec<String> {
+    /// The volume imports among `mounts` (binds whose source is `<imports>/<key>/volume`):
+    /// their keys, and the container path and source of those that are one file.
+    fn volume_imports(
+        &self,
+        mounts: &[spec::Bind],
+    ) -> (Vec<String>, std::collections::BTreeMap<String, PathBuf>) {
         let imports = self.paths.imports();
-        let mut keys: Vec<String> = mounts
+        let mut keys = Vec::new();
+        let mut files = std::collections::BTreeMap::new();
+        for m in mounts
             .iter()
             .filter(|m| m.host.file_name().is_some_and(|n| n == VOLUME_IMPORT))
-            .filter_map(|m| {
-                let dir = m.host.parent()?;
-                (dir.parent()? == imports).then(|| dir.file_name()?.to_str().map(str::to_string))?
-            })
-            .collect();
+        {
+            let Some(key) = m
+                .host
+                .parent()
+                .filter(|d| d.parent() == Some(imports.as_path()))
+                .and_then(|d| d.file_name()?.to_str())
+            else {
+                continue;
+            };
+            keys.push(key.to_string());
+            if m.host.is_file() {
+                files.insert(m.inside.clone(), m.host.clone());
+            }
+        }
         keys.sort();
         keys.dedup();
-        keys
+        (keys, files)
+    }
+
+    /// The start of what a container wrote into a volume that is one file copied into this
+    /// guest (see [`VOLUME_IMPORT`]), at most `max` bytes.
+    pub fn read_volume_file(
+        &self,
+        key: &str,
+        container_path: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, EngineError> {
+        use std::{io::Read, os::unix::fs::OpenOptionsExt};
+        let id = self.resolve(key)?;
+        let r = self.get(&id)?;
+        let src = r.volume_files.get(container_path).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "{container_path} in container {:?} (not a one-file volume copied into the guest)",
+                r.name
+            ))
+        })?;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(src)
+            .map_err(|e| EngineError::Runtime(format!("{}: {e}", src.display())))?;
+        let mut data = Vec::new();
+        f.take(max as u64)
+            .read_to_end(&mut data)
+            .map_err(|e| EngineError::Runtime(format!("{}: {e}", src.display())))?;
+        Ok(data)
     }
 
     /// Removes the volume imports in `keys` that no container binds any more, or with `None`,
@@ -804,7 +848,7 @@ impl Engine {
                 "mounts[{i}]: recursive_read_only needs readonly"
             )));
         }
-        let volume_imports = self.volume_imports(&c.mounts);
+        let (volume_imports, volume_files) = self.volume_imports(&c.mounts);
         // Volumes are bound where the tenant's root can reach them, then bound in from there.
         let staged = super::volumes::stage(
             &self.paths.run,
@@ -854,6 +898,7 @@ impl Engine {
                 let mut r = Record::new(c.id.clone(), c.name, c.image, c.command);
                 r.cpus = c.cpus;
                 r.volume_imports = volume_imports;
+                r.volume_files = volume_files;
                 r.cpu_shares = c.cpu_shares;
                 r.memory_bytes = c.memory_bytes;
                 r.pids = c.pids;

@@ -853,6 +853,17 @@ impl epb::engine_server::Engine for EngineSvc {
                         opaque_markers_to_xattrs(&root).map_err(|e| internal_io(&root, &e))?;
                     }
                 }
+                epb::ImportKind::VolumeFile => {
+                    let file = std::fs::File::open(&data).map_err(|e| internal_io(&data, &e))?;
+                    let mut ar = tar::Archive::new(std::io::BufReader::new(file));
+                    ar.set_preserve_ownerships(true);
+                    ar.set_preserve_permissions(true);
+                    ar.set_unpack_xattrs(false);
+                    unpack_volume_file(&mut ar, &tmp).map_err(|e| {
+                        Status::invalid_argument(format!("import {key}: unpacking the tar: {e}"))
+                    })?;
+                    let _ = std::fs::remove_file(&data);
+                }
                 _ => {
                     let to = import_path(&tmp, kind);
                     std::fs::rename(&data, &to).map_err(|e| internal_io(&to, &e))?;
@@ -892,6 +903,21 @@ impl epb::engine_server::Engine for EngineSvc {
         }))
     }
 
+    async fn read_volume_file(
+        &self,
+        req: Request<epb::ReadVolumeFileRequest>,
+    ) -> Result<Response<epb::ReadVolumeFileReply>, Status> {
+        let r = req.into_inner();
+        let max = usize::try_from(r.max_bytes)
+            .unwrap_or(usize::MAX)
+            .min(MAX_VOLUME_FILE_READ);
+        let data = self
+            .lock()?
+            .read_volume_file(&r.container, &r.container_path, max)
+            .map_err(status)?;
+        Ok(Response::new(epb::ReadVolumeFileReply { data }))
+    }
+
     async fn imported(
         &self,
         req: Request<epb::ImportedRequest>,
@@ -920,6 +946,8 @@ impl epb::engine_server::Engine for EngineSvc {
 const IMPORT_COMPLETE: &str = ".complete";
 /// The largest import (the tenant's disk bounds it too).
 const MAX_IMPORT_BYTES: u64 = 64 << 30;
+/// The most one ReadVolumeFile answers with.
+const MAX_VOLUME_FILE_READ: usize = 1 << 20;
 
 fn import_key(key: &str) -> Result<&str, Status> {
     let ok = !key.is_empty()
@@ -939,6 +967,37 @@ fn import_key(key: &str) -> Result<&str, Status> {
 /// Unpacks an import's tar under `root`. tar's own unpacking makes device entries into empty
 /// files, so they are handled here: in a layer, a 0/0 character device is an overlayfs whiteout
 /// and is made as one; any other device node is skipped, as the host's image unpacker does.
+/// Unpacks the one regular file named [`VOLUME_IMPORT`] of a volume-file import into `dir`;
+/// any other entry is an error.
+///
+/// [`VOLUME_IMPORT`]: crate::engine::runtime::VOLUME_IMPORT
+fn unpack_volume_file<R: std::io::Read>(
+    ar: &mut tar::Archive<R>,
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    let mut found = false;
+    for entry in ar.entries()? {
+        let mut e = entry?;
+        let name = e.path()?.into_owned();
+        if found
+            || e.header().entry_type() != tar::EntryType::Regular
+            || name != std::path::Path::new(crate::engine::runtime::VOLUME_IMPORT)
+        {
+            return Err(std::io::Error::other(format!(
+                "{}: a volume file import holds one regular file named {:?}",
+                name.display(),
+                crate::engine::runtime::VOLUME_IMPORT
+            )));
+        }
+        e.unpack_in(dir)?;
+        found = true;
+    }
+    if !found {
+        return Err(std::io::Error::other("the tar is empty"));
+    }
+    Ok(())
+}
+
 fn unpack_import<R: std::io::Read>(
     ar: &mut tar::Archive<R>,
     root: &std::path::Path,

@@ -147,6 +147,11 @@ async fn send(
                 append_layer(&mut b, &src, Path::new(""))?;
                 b.finish()?;
             }
+            epb::ImportKind::VolumeFile => {
+                let mut b = tar::Builder::new(&mut w);
+                b.append_path_with_name(&src, crate::engine::runtime::VOLUME_IMPORT)?;
+                b.finish()?;
+            }
             _ => {
                 io::copy(&mut std::fs::File::open(&src)?, &mut w)?;
             }
