@@ -630,6 +630,18 @@ async fn bad_container_input_is_refused_and_changes_nothing() {
             Code::InvalidArgument,
             "resources.cpu_shares",
         ),
+        // Above the tenant's quota (default: 1 CPU): the limit could not hold.
+        (
+            pb::CreateContainerRequest {
+                resources: Some(pb::Resources {
+                    cpus: Some(64.0),
+                    ..Default::default()
+                }),
+                ..api.req("t", "x", "true")
+            },
+            Code::FailedPrecondition,
+            "resources.cpus: the limit is above what the tenant's quota allows",
+        ),
         (
             pb::CreateContainerRequest {
                 env: vec!["NOEQUALS".into()],

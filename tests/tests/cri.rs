@@ -5071,6 +5071,37 @@ async fn a_running_containers_limits_are_updated_in_place() {
         limits(&k.status(&id).await.unwrap()),
         (128 << 20, 80_000, 100_000)
     );
+    // So is a new container asking for more than the quota (a cgroup v1 kernel would refuse
+    // it deep in the runtime), and nothing of it is made.
+    let before = k.container_ids(None).await;
+    let mut big = k.container(&pod, "big", &bb.id, &["sleep", "600"], &[]);
+    big.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 400_000,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let e = expect_code(
+        k.cri
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(big),
+                sandbox_config: Some(pod.clone()),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "a new container's CPU limit above the tenant's quota",
+    );
+    assert!(
+        e.message().contains("config.linux.resources.cpu_quota")
+            && e.message().contains("tenant's quota")
+            && e.message().contains("caasctl tenant update"),
+        "{e:?}"
+    );
+    assert_eq!(k.container_ids(None).await, before);
     let e = expect_code(
         k.cri
             .rt

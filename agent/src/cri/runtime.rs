@@ -2204,17 +2204,16 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             &config,
             &self.cri.state.config.cri.allowed_devices,
         )?);
+        let tenant = self.cri.state.sandboxes.tenant(&p.tenant).await.ok();
+        // Within the tenant's quotas: above them the limit could not hold (a cgroup v1 kernel
+        // refuses a CPU quota above its parent's, deep in the runtime).
+        if let (Some(t), Some(res)) = (&tenant, &create.resources) {
+            within_quotas(res, t, "config.linux.resources")?;
+        }
         // A VM tenant's guest gets a copy of each volume (`sandbox::vm_import`); host devices
         // cannot be copied in.
         if create.mounts.iter().any(|m| !m.device_access.is_empty())
-            && self
-                .cri
-                .state
-                .sandboxes
-                .tenant(&p.tenant)
-                .await
-                .ok()
-                .is_none_or(|t| t.isolation == Isolation::Vm)
+            && tenant.as_ref().is_none_or(|t| t.isolation == Isolation::Vm)
         {
             return Err(unsupported(
                 "config.devices in a VM tenant (the guest has its own devices, not the host's)",
@@ -2534,18 +2533,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .tenant(&c.tenant)
             .await
             .map_err(|e| status::sandbox(e, &ctx))?;
-        if res.cpus.is_some_and(|x| x > t.quotas.cpus) {
-            return Err(Status::failed_precondition(format!(
-                "linux.cpu_quota: the limit is above what the tenant's quota allows ({} CPUs)",
-                t.quotas.cpus
-            )));
-        }
-        if res.memory_bytes.is_some_and(|m| m > t.quotas.memory_bytes) {
-            return Err(Status::failed_precondition(format!(
-                "linux.memory_limit_in_bytes: the limit is above what the tenant's quota allows ({} bytes)",
-                t.quotas.memory_bytes
-            )));
-        }
+        within_quotas(&res, &t, "linux")?;
         let mut eng = self.cri.engine(&c.tenant, &ctx).await?;
         eng.update(epb::UpdateRequest {
             container: c.id.clone(),
@@ -2934,6 +2922,28 @@ fn resources_of(c: &cri::ContainerConfig) -> Result<pb::Resources, Status> {
         Some(r) => limits_of(r, "config.linux.resources"),
         None => Ok(pb::Resources::default()),
     }
+}
+
+/// A container's CPU and memory limits against its tenant's quotas: above them is
+/// FAILED_PRECONDITION, naming the quota and how to raise it; `field` prefixes the names.
+fn within_quotas(
+    res: &pb::Resources,
+    t: &crate::tenants::Tenant,
+    field: &str,
+) -> Result<(), Status> {
+    if res.cpus.is_some_and(|x| x > t.quotas.cpus) {
+        return Err(Status::failed_precondition(format!(
+            "{field}.cpu_quota: the limit is above what the tenant's quota allows ({} CPUs, tenant {:?}); raise the quota (caasctl tenant update, or [cri.default_quotas] for new tenants)",
+            t.quotas.cpus, t.id
+        )));
+    }
+    if res.memory_bytes.is_some_and(|m| m > t.quotas.memory_bytes) {
+        return Err(Status::failed_precondition(format!(
+            "{field}.memory_limit_in_bytes: the limit is above what the tenant's quota allows ({} bytes, tenant {:?}); raise the quota (caasctl tenant update, or [cri.default_quotas] for new tenants)",
+            t.quotas.memory_bytes, t.id
+        )));
+    }
+    Ok(())
 }
 
 /// kubelet's annotation of a container: where it writes its termination message.

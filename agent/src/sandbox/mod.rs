@@ -863,6 +863,37 @@ impl Manager {
         publish: &[(crate::net::ports::Proto, u16, u16)],
     ) -> Result<pb::Container, SandboxError> {
         let (t, mut eng) = self.engine_of(tenant).await?;
+        // A limit above the tenant's quota could not hold (a cgroup v1 kernel refuses a CPU
+        // quota above its parent's, deep in the runtime).
+        let res = req.resources.unwrap_or_default();
+        let over = [
+            (
+                "resources.cpus",
+                res.cpus
+                    .filter(|c| *c > t.quotas.cpus)
+                    .map(|_| format!("{} CPUs", t.quotas.cpus)),
+            ),
+            (
+                "resources.memory_bytes",
+                res.memory_bytes
+                    .filter(|m| *m > t.quotas.memory_bytes)
+                    .map(|_| format!("{} bytes", t.quotas.memory_bytes)),
+            ),
+            (
+                "resources.pids",
+                res.pids
+                    .filter(|p| *p > t.quotas.pids)
+                    .map(|_| format!("{} pids", t.quotas.pids)),
+            ),
+        ];
+        if let Some((field, quota)) = over.into_iter().find_map(|(f, q)| q.map(|q| (f, q))) {
+            return Err(SandboxError::Status(tonic::Status::failed_precondition(
+                format!(
+                    "{field}: the limit is above what the tenant's quota allows ({quota}, tenant {:?}); raise the quota (caasctl tenant update)",
+                    t.id
+                ),
+            )));
+        }
         let published = self.publish_for(&t, &req.id, &req.name, publish).await?;
         if t.isolation == crate::tenants::Isolation::Vm {
             // One import at a time per tenant: two creates from the same image must not send
