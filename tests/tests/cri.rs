@@ -521,6 +521,16 @@ impl Kubelet {
         }
     }
 
+    /// The runtime's Status, not verbose.
+    async fn runtime_status(&mut self) -> cri::StatusResponse {
+        self.cri
+            .rt
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// A pod of the `caas-vm` handler, which must run.
     async fn vm_pod(&mut self, pod: &cri::PodSandboxConfig) -> String {
         self.run_pod(pod, "caas-vm")
@@ -1363,6 +1373,23 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
         std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0) == 0
     };
     let write = |text: &str| std::fs::write(conf_dir.join("10-pods.conflist"), text).unwrap();
+    // kubelet's view: the node is not ready for pods while the network list is unusable.
+    let network_ready = async |k: &mut Kubelet| {
+        let st = k.runtime_status().await.status.unwrap();
+        let c = st
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == "NetworkReady")
+            .expect("a NetworkReady condition");
+        (c.status, c.reason, c.message)
+    };
+    let (ready, reason, message) = network_ready(&mut k).await;
+    assert!(
+        !ready
+            && reason == "NetworkPluginNotReady"
+            && message.contains(&conf_dir.display().to_string()),
+        "no CNI configuration: {reason} {message}"
+    );
 
     // No configuration directory; then a plugin that is not installed. Refused before the
     // pod's tenant is made.
@@ -1386,6 +1413,8 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
         e.message().contains("no-such-plugin") && e.message().contains("/usr/lib/cni"),
         "{e:?}"
     );
+    let (ready, _, message) = network_ready(&mut k).await;
+    assert!(!ready && message.contains("no-such-plugin"), "{message}");
     assert_eq!(k.pod_ids(None).await, ids(&[]));
     assert!(
         !k.tenant_ids().await.contains("cni-ns"),
@@ -1401,6 +1430,8 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
             {"type":"bridge","bridge":"cni1",
              "ipam":{"type":"host-local","ranges":[[{"subnet":"10.247.0.0/24"}]]}}]}"#,
     );
+    // Its plugins are installed: ready (what a plugin does is only seen when it runs).
+    assert!(network_ready(&mut k).await.0);
     let e = expect_code(
         k.run_pod(&k.pod("cni-ns", "p"), "").await,
         Code::Internal,
@@ -1710,12 +1741,15 @@ async fn container_status_and_cri_log_report_what_ran() {
     assert_eq!(st.metadata, c.metadata);
     assert_eq!(st.exit_code, 3, "{st:?}");
     assert_eq!(st.reason, "Error", "{st:?}");
+    // As containerd reports them (kubelet shows them as the container's image and imageID):
+    // the tag it was pulled by and its repository digest; the id is in image_id.
     assert_eq!(
         st.image.as_ref().map(|i| i.image.as_str()),
-        Some(bb.id.as_str()),
+        Some(bb.reference.as_str()),
         "{st:?}"
     );
-    assert_eq!(st.image_ref, bb.id, "{st:?}");
+    assert_eq!(st.image_ref, bb.by_digest, "{st:?}");
+    assert_eq!(st.image_id, bb.id, "{st:?}");
     assert_eq!(st.labels, c.labels);
     assert_eq!(st.annotations, c.annotations);
     let want_log = Path::new(&pod.log_directory).join("talker/0.log");
@@ -2408,14 +2442,7 @@ async fn volumes_behind_kubelets_closed_pod_dirs_are_bound_in() {
 
     // Read-only all the way down (recursiveReadOnly): a mount below the volume is read-only
     // inside too; a plain read-only volume leaves it as it is (writable here).
-    let features = k
-        .cri
-        .rt
-        .status(cri::StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .runtime_handlers;
+    let features = k.runtime_status().await.runtime_handlers;
     for h in &features {
         let rro = h.features.as_ref().unwrap().recursive_read_only_mounts;
         assert_eq!(rro, h.name != "caas-vm", "handler {:?}", h.name);

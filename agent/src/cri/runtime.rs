@@ -983,8 +983,21 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
         started_at: c.map_or(0, |c| ns(c.started_at_unix_ms)),
         finished_at: c.map_or(0, |c| ns(c.finished_at_unix_ms)),
         exit_code: c.map_or(0, |c| c.exit_code),
-        image: Some(image_spec(r)),
-        image_ref: r.image_id.clone(),
+        // As containerd: the image's tag and its repository digest rather than the image id
+        // kubelet passed (kubelet shows them as the container's `image` and `imageID`).
+        image: Some(if r.image_tag.is_empty() {
+            image_spec(r)
+        } else {
+            cri::ImageSpec {
+                image: r.image_tag.clone(),
+                ..Default::default()
+            }
+        }),
+        image_ref: if r.image_repo_digest.is_empty() {
+            r.image_id.clone()
+        } else {
+            r.image_repo_digest.clone()
+        },
         reason: reason.into(),
         message,
         labels: unsorted(&r.labels),
@@ -1236,6 +1249,22 @@ fn asks_unconfined(c: &cri::ContainerConfig) -> bool {
     }
 }
 
+/// A `nameserver` of resolv.conf: an IP address, or an IPv6 one with a zone (`fe80::1%eth0`,
+/// which kubelet copies from a host's resolv.conf for `dnsPolicy: Default`).
+fn is_nameserver(s: &str) -> bool {
+    match s.split_once('%') {
+        None => s.parse::<std::net::IpAddr>().is_ok(),
+        Some((addr, zone)) => {
+            addr.parse::<std::net::Ipv6Addr>().is_ok()
+                && !zone.is_empty()
+                && zone.len() < 16
+                && zone
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        }
+    }
+}
+
 /// `/etc/resolv.conf` from a pod's DNS config (empty: none given, the tenant's applies).
 fn resolv_conf(dns: Option<&cri::DnsConfig>) -> Result<String, Status> {
     let Some(d) = dns else {
@@ -1246,10 +1275,10 @@ fn resolv_conf(dns: Option<&cri::DnsConfig>) -> Result<String, Status> {
     }
     let mut out = String::new();
     for (i, s) in d.servers.iter().enumerate() {
-        if s.parse::<std::net::IpAddr>().is_err() {
+        if !is_nameserver(s) {
             return Err(bad(
                 &format!("config.dns_config.servers[{i}]"),
-                format!("{s:?} is not an IP address"),
+                format!("{s:?} is not an IP address (nor an IPv6 one with a %zone)"),
             ));
         }
         out.push_str(&format!("nameserver {s}\n"));
@@ -2248,6 +2277,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             image_mount_ids.push(vol.image.config_digest.to_string());
         }
         let image_id = rootfs.image.config_digest.to_string();
+        let image_tag = if rootfs.image.normalized.contains('@') {
+            String::new()
+        } else {
+            rootfs.image.normalized.clone()
+        };
+        let image_repo_digest = rootfs.image.normalized_repo_at();
         // What the image says stops it (nginx SIGQUIT, postgres SIGINT), as containerd sends.
         let stop_signal = match self.cri.state.images.stop_signal(&rootfs.image) {
             None => 0,
@@ -2307,6 +2342,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             image_mounts,
             image_mount_ids,
             stop_signal,
+            image_tag,
+            image_repo_digest,
         };
         // The record first: a container the engine made is never one the CRI does not know.
         self.cri
@@ -2816,7 +2853,25 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         req: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
         let verbose = req.into_inner().verbose;
-        let network = self.cri.state.config.network.enabled;
+        // With [cri.cni] on, pods need its network list: not ready until there is one kubelet's
+        // pods could use (as containerd says "cni plugin not initialized"), so the node stays
+        // NotReady rather than take pods whose sandboxes would fail.
+        let cni = &self.cri.state.config.cri.cni;
+        let (network, reason, message) = if cni.enabled {
+            match cni.network() {
+                Ok(_) => (true, "", String::new()),
+                Err(e) => (false, "NetworkPluginNotReady", format!("[cri.cni]: {e}")),
+            }
+        } else if self.cri.state.config.network.enabled {
+            (true, "", String::new())
+        } else {
+            (
+                false,
+                "NetworkDisabled",
+                "tenant networks are off ([network] enabled = false) and so is [cri.cni]"
+                    .to_string(),
+            )
+        };
         let conditions = vec![
             cri::RuntimeCondition {
                 r#type: "RuntimeReady".into(),
@@ -2827,12 +2882,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             cri::RuntimeCondition {
                 r#type: "NetworkReady".into(),
                 status: network,
-                reason: if network { "" } else { "NetworkDisabled" }.into(),
-                message: if network {
-                    String::new()
-                } else {
-                    "tenant networks are off ([network] enabled = false)".into()
-                },
+                reason: reason.into(),
+                message,
             },
         ];
         // Volumes (and with them recursive read-only ones) are for user-namespace pods; a VM
@@ -3021,4 +3072,32 @@ fn limits_of(r: &cri::LinuxContainerResources, field: &str) -> Result<pb::Resour
 fn append_capped(buf: &mut Vec<u8>, d: &[u8]) {
     let room = MAX_EXEC_OUTPUT.saturating_sub(buf.len());
     buf.extend_from_slice(&d[..d.len().min(room)]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_may_be_ipv6_with_a_zone_as_a_hosts_resolv_conf_has_them() {
+        for ok in ["10.0.0.10", "2001:db8::53", "fe80::1%eth0", "fe80::1%3"] {
+            assert!(is_nameserver(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "ns1",
+            "10.0.0.10%eth0",
+            "fe80::1%",
+            "fe80::1%eth 0",
+            "fe80::1%a%b",
+        ] {
+            assert!(!is_nameserver(bad), "{bad}");
+        }
+        let conf = resolv_conf(Some(&cri::DnsConfig {
+            servers: vec!["fe80::1%eth0".into()],
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(conf, "nameserver fe80::1%eth0\n");
+    }
 }

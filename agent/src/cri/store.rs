@@ -130,6 +130,14 @@ pub struct ContainerRecord {
     /// The signal StopContainer sends first: the image's `StopSignal`; 0 for SIGTERM.
     #[serde(default)]
     pub stop_signal: i32,
+    /// The image by the tag it was pulled by (empty: pulled by digest); ContainerStatus shows
+    /// it, as containerd does, where kubelet put the image id.
+    #[serde(default)]
+    pub image_tag: String,
+    /// The image as `repository@manifest digest`: ContainerStatus's `image_ref` (kubelet's
+    /// `imageID` of the container).
+    #[serde(default)]
+    pub image_repo_digest: String,
 }
 
 /// How far a container's output has been copied to its CRI log: byte offsets of the engine's
