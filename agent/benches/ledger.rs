@@ -48,6 +48,7 @@ fn run(keys: usize) -> anyhow::Result<Row> {
                 Sample {
                     key: key.clone(),
                     at_unix_s: START + s,
+                    read_at_ns: 0,
                     counters: Counters {
                         cpu_ns: *cpu,
                         memory_working_set: (64 << 20) + (i % 100) * 4096,

@@ -521,6 +521,20 @@ impl Kubelet {
         }
     }
 
+    /// ContainerStats of `id`, which must have some.
+    async fn container_stats(&mut self, id: &str) -> cri::ContainerStats {
+        self.cri
+            .rt
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap()
+    }
+
     /// The runtime's Status, not verbose.
     async fn runtime_status(&mut self) -> cri::StatusResponse {
         self.cri
@@ -4075,17 +4089,7 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
     let c = k.container(&pod, "sleeper", &bb.id, &["sleep", "600"], &[]);
     let id = k.created(&pod_id, &pod, &c).await;
     k.start_container(&id).await;
-    let stats = k
-        .cri
-        .rt
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
+    let stats = k.container_stats(&id).await;
     assert!(
         stats.cpu.as_ref().is_some_and(|c| c.timestamp > 0)
             && stats.memory.as_ref().is_some_and(|m| m.timestamp > 0),
@@ -4098,6 +4102,24 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
         "a sleeping busybox's working set: {ws}"
     );
     assert!(stats.cpu.unwrap().usage_core_nano_seconds.is_some());
+    // The timestamp is when the meter read the cgroup, not when the call came: kubelet divides
+    // CPU time by the time between two timestamps. Three calls 10 ms apart fall within one
+    // meter period (1 s) at least twice in a row: those give the same reading and timestamp.
+    let mut stamps = Vec::new();
+    for _ in 0..3 {
+        let before = now_ns();
+        let cpu = k.container_stats(&id).await.cpu.unwrap();
+        assert!(
+            cpu.timestamp <= now_ns() && cpu.timestamp > before - 3_000_000_000,
+            "a reading of the last seconds: {cpu:?}"
+        );
+        stamps.push((cpu.timestamp, cpu.usage_core_nano_seconds.unwrap().value));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        stamps.windows(2).any(|w| w[0] == w[1]),
+        "consecutive stats within a meter period give its reading: {stamps:?}"
+    );
     let listed = k
         .cri
         .rt
@@ -5476,7 +5498,26 @@ async fn run_as_username_and_the_image_groups_of_the_merge_policy() {
         })
         .await;
         outputs.push(stream_text(&records, LogStream::Stdout));
+        // ContainerStatus says the same (kubelet 1.33+ puts it in the pod's status).
+        let user = st.user.as_ref().and_then(|u| u.linux.as_ref());
+        let want: Vec<i64> = if name == "merge" {
+            vec![1000, 777, 50]
+        } else {
+            vec![1000, 777]
+        };
+        assert_eq!(
+            user.map(|u| (u.uid, u.gid, u.supplemental_groups.clone())),
+            Some((1000, 1000, want)),
+            "{name}: {st:?}"
+        );
     }
+    // The runtime says it honours the policy, so kubelet lets Strict pods in.
+    assert!(
+        k.runtime_status()
+            .await
+            .features
+            .is_some_and(|f| f.supplemental_groups_policy)
+    );
     let groups = |out: &str| -> BTreeSet<String> {
         out.lines()
             .nth(1)

@@ -1038,7 +1038,19 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
             }
         }),
         image_id: r.image_id.clone(),
-        user: None,
+        // The identity the process started with (kubelet 1.33+ shows it in the pod's status,
+        // and it is how a pod sees what supplementalGroupsPolicy gave it): its groups include
+        // its primary group, as the process's own list does.
+        user: c.and_then(|c| c.user.as_ref()).map(|u| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: i64::from(u.uid),
+                gid: i64::from(u.gid),
+                supplemental_groups: std::iter::once(u.gid)
+                    .chain(u.groups.iter().copied().filter(|g| *g != u.gid))
+                    .map(i64::from)
+                    .collect(),
+            }),
+        }),
     }
 }
 
@@ -2908,8 +2920,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
             runtime_handlers: vec![handler(""), handler(HANDLER_USERNS), handler(HANDLER_VM)],
+            // Strict (only the groups asked for, not the image's /etc/group memberships) is
+            // honoured, and ContainerStatus reports the resulting user.
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         }))
     }

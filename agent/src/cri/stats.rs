@@ -1,9 +1,11 @@
 //! `ContainerStats`, `ListContainerStats`, `PodSandboxStats` and `ListPodSandboxStats` from the
 //! agent's per-second meter: the same readings that are billed, never a second sampler.
 //!
-//! A container's figures are its cgroup's last reading (at most a second old); a pod's are the
-//! sums over its containers. CPU is the cumulative `usage_core_nano_seconds`; kubelet derives
-//! the rate from two readings, so `usage_nano_cores` is left unset.
+//! A container's figures are its cgroup's last reading (at most a second old), timestamped with
+//! when it was read; a pod's are the sums over its containers, at the newest of their readings.
+//! CPU is the cumulative `usage_core_nano_seconds`; kubelet derives the rate from two readings
+//! and their timestamps, so `usage_nano_cores` is left unset (stamped with the time of the call
+//! instead, a rate over 10 s could be up to a tenth off).
 
 use std::collections::HashMap;
 
@@ -15,8 +17,9 @@ use super::{
 };
 use crate::meter::{Counters, MeterKey};
 
-/// The meter's last readings, by (tenant, container).
-pub struct Readings(HashMap<(String, String), Counters>);
+/// The meter's last readings and when each was taken (ns since the epoch), by (tenant,
+/// container).
+pub struct Readings(HashMap<(String, String), (Counters, i64)>);
 
 impl Readings {
     /// The readings now.
@@ -24,10 +27,10 @@ impl Readings {
         Self(
             cri.state
                 .metering
-                .latest()
+                .latest_timed()
                 .into_iter()
-                .filter_map(|(MeterKey { tenant, container }, c)| {
-                    container.map(|id| ((tenant, id), c))
+                .filter_map(|(MeterKey { tenant, container }, c, at)| {
+                    container.map(|id| ((tenant, id), (c, at)))
                 })
                 .collect(),
         )
@@ -35,7 +38,18 @@ impl Readings {
 
     /// The last reading of `c`.
     pub fn of(&self, c: &ContainerRecord) -> Option<&Counters> {
-        self.0.get(&(c.tenant.clone(), c.id.clone()))
+        self.0
+            .get(&(c.tenant.clone(), c.id.clone()))
+            .map(|(c, _)| c)
+    }
+
+    /// When the last reading of `c` was taken: the stats' timestamp, from which kubelet
+    /// derives CPU rates (the time of the call would be up to the meter's period off).
+    pub fn read_at(&self, c: &ContainerRecord) -> Option<i64> {
+        self.0
+            .get(&(c.tenant.clone(), c.id.clone()))
+            .map(|(_, at)| *at)
+            .filter(|at| *at > 0)
     }
 
     /// Reads now the containers of `records` that have no reading yet (made since the meter's
@@ -84,7 +98,7 @@ fn memory(ts: i64, c: Option<&Counters>) -> Option<cri::MemoryUsage> {
 
 /// One container's stats.
 pub fn container(r: &ContainerRecord, readings: &Readings) -> cri::ContainerStats {
-    let ts = now_ns();
+    let ts = readings.read_at(r).unwrap_or_else(now_ns);
     let c = readings.of(r);
     cri::ContainerStats {
         attributes: Some(cri::ContainerAttributes {
@@ -117,7 +131,12 @@ pub fn pod(
     containers: &[ContainerRecord],
     readings: &Readings,
 ) -> cri::PodSandboxStats {
-    let ts = now_ns();
+    // The newest of its containers' readings (one meter tick reads them all).
+    let ts = containers
+        .iter()
+        .filter_map(|c| readings.read_at(c))
+        .max()
+        .unwrap_or_else(now_ns);
     let mut sum = Counters::default();
     let mut any = false;
     for c in containers.iter().filter_map(|c| readings.of(c)) {

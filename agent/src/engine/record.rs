@@ -53,6 +53,9 @@ pub struct Record {
     /// termination log).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volume_files: BTreeMap<String, PathBuf>,
+    /// The process identity resolved at create: uid, gid, supplementary groups (tenant ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<(u32, u32, Vec<u32>)>,
     /// Relative CPU weight (`cpu.shares` units); absent in records written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_shares: Option<u64>,
@@ -126,6 +129,7 @@ impl Record {
             cpu_shares: None,
             volume_imports: Vec::new(),
             volume_files: BTreeMap::new(),
+            user: None,
             labels: BTreeMap::new(),
             state: State::Created,
             pid: 0,

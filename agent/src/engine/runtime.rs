@@ -874,7 +874,7 @@ impl Engine {
         let result = self
             .build(&c, &lowers, &dir, pid_target.as_ref().map(|t| t.0.as_path()))
             .map_err(|e| pid_target.as_ref().and_then(target_gone).unwrap_or(e))
-            .and_then(|(pid, phases, io)| {
+            .and_then(|(pid, phases, io, user)| {
                 // The target's pid could have been reused between the check and the join: the
                 // new container must be in the namespace that was checked, or it goes.
                 match &pid_target {
@@ -884,11 +884,11 @@ impl Engine {
                             c.pid_target
                         )))
                     }
-                    _ => Ok((pid, phases, io)),
+                    _ => Ok((pid, phases, io, user)),
                 }
             });
         match result {
-            Ok((pid, phases, io)) => {
+            Ok((pid, phases, io, user)) => {
                 if let Some(io) = io {
                     self.ios.insert(c.id.clone(), io);
                 }
@@ -898,6 +898,7 @@ impl Engine {
                 let mut r = Record::new(c.id.clone(), c.name, c.image, c.command);
                 r.cpus = c.cpus;
                 r.volume_imports = volume_imports;
+                r.user = Some(user);
                 r.volume_files = volume_files;
                 r.cpu_shares = c.cpu_shares;
                 r.memory_bytes = c.memory_bytes;
@@ -974,7 +975,7 @@ impl Engine {
         lowers: &[PathBuf],
         dir: &Path,
         pid_target: Option<&Path>,
-    ) -> Result<(u32, BuildPhases, Option<ContainerIo>), EngineError> {
+    ) -> Result<(u32, BuildPhases, Option<ContainerIo>, ProcessUser), EngineError> {
         let t0 = Instant::now();
         let rt = |what: &str| {
             let what = what.to_string();
@@ -1154,7 +1155,7 @@ impl Engine {
             view: view_done.saturating_sub(spec_done),
             runtime: t0.elapsed().saturating_sub(view_done),
         };
-        Ok((pid, phases, io))
+        Ok((pid, phases, io, (uid, gid, groups)))
     }
 
     /// Lets a created container's init exec its command.
@@ -1701,6 +1702,9 @@ impl Engine {
     }
 }
 
+/// The identity a container's process runs as: uid, gid, supplementary groups.
+type ProcessUser = (u32, u32, Vec<u32>);
+
 /// How long the steps of [`Engine::build`] took (logged at debug level).
 struct BuildPhases {
     rootfs: Duration,
@@ -1911,6 +1915,11 @@ pub fn to_pb(tenant: &str, r: &Record) -> pb::Container {
             memory_bytes: r.memory_bytes,
             pids: r.pids,
             cpu_shares: r.cpu_shares,
+        }),
+        user: r.user.as_ref().map(|(uid, gid, groups)| pb::ProcessUser {
+            uid: *uid,
+            gid: *gid,
+            groups: groups.clone(),
         }),
         labels: r.labels.clone(),
         ports: Vec::new(),

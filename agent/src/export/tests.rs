@@ -200,6 +200,7 @@ async fn fill(ledger: &Arc<Mutex<Ledger>>, seconds: std::ops::Range<u64>) -> any
                 .map(|(i, key)| Sample {
                     key,
                     at_unix_s: T0 + at,
+                    read_at_ns: 0,
                     counters: Counters {
                         cpu_ns: (at + 1) * 1_000_000 * (i as u64 + 1),
                         memory_working_set: 1 << 20,

@@ -50,6 +50,9 @@ pub struct Sample {
     pub at_unix_s: u64,
     /// The counters read.
     pub counters: Counters,
+    /// When they were read, ns since the Unix epoch: what a rate is computed over (the CRI's
+    /// stats give it as their timestamp).
+    pub read_at_ns: i64,
     /// True for the last reading of a cgroup that is about to be removed (container or tenant
     /// ended); the ledger closes its open window with it.
     pub last: bool,

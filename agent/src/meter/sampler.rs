@@ -137,8 +137,8 @@ struct Target {
     key: MeterKey,
     reader: CgroupReader,
     failing: bool,
-    /// The last counters read, for a final sample after the cgroup is gone.
-    last: Option<Counters>,
+    /// The last counters read and when, for a final sample after the cgroup is gone.
+    last: Option<(Counters, i64)>,
     /// A tenant's network link.
     link: Option<TenantLink>,
     /// A reading before the tenant's removal was taken: its link going away is expected then (it
@@ -235,8 +235,9 @@ impl Sampler {
         let (mut errors, mut gone, mut failing, mut link_errors) = (0, 0, 0, 0);
         self.targets.retain_mut(|t| match t.reader.read() {
             Ok(mut counters) => {
+                let read_at_ns = now_ns();
                 counters.net = t.read_link(false, &mut link_errors);
-                t.last = Some(counters);
+                t.last = Some((counters, read_at_ns));
                 if t.failing {
                     t.failing = false;
                     tracing::info!(
@@ -249,6 +250,7 @@ impl Sampler {
                     key: t.key.clone(),
                     at_unix_s,
                     counters,
+                    read_at_ns,
                     last: false,
                 });
                 true
@@ -257,11 +259,12 @@ impl Sampler {
                 gone += 1;
                 // The last reading taken is the final one: it closes the cgroup's billing
                 // window now instead of after the ledger's idle grace.
-                if let Some(counters) = t.last {
+                if let Some((counters, read_at_ns)) = t.last {
                     batch.push(Sample {
                         key: t.key.clone(),
                         at_unix_s,
                         counters,
+                        read_at_ns,
                         last: true,
                     });
                 }
@@ -392,19 +395,21 @@ impl Sampler {
         t.removing = true;
         let read = match t.reader.read_final() {
             Ok(mut counters) => {
+                let read_at_ns = now_ns();
                 counters.net = t.read_link(true, &mut self.stats.link_errors);
-                Ok(counters)
+                Ok((counters, read_at_ns))
             }
             // Removed after a [`SamplerHandle::read_now`]: nothing ran since that reading.
             Err(e) if e.is_gone() && t.last.is_some() => t.last.ok_or(e),
             Err(e) => Err(e),
         };
         match read {
-            Ok(counters) => {
+            Ok((counters, read_at_ns)) => {
                 let sample = Sample {
                     key,
                     at_unix_s: since_epoch().as_secs(),
                     counters,
+                    read_at_ns,
                     last: true,
                 };
                 self.deliver(vec![sample.clone()]);
@@ -427,13 +432,15 @@ impl Sampler {
             return Err(MeterError::NotMetered { key });
         };
         let mut counters = t.reader.read_final()?;
+        let read_at_ns = now_ns();
         counters.net = t.read_link(true, &mut self.stats.link_errors);
-        t.last = Some(counters);
+        t.last = Some((counters, read_at_ns));
         t.removing = true;
         let sample = Sample {
             key,
             at_unix_s: since_epoch().as_secs(),
             counters,
+            read_at_ns,
             last: false,
         };
         self.deliver(vec![sample.clone()]);
@@ -480,6 +487,11 @@ impl Sampler {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = self.stats;
     }
+}
+
+/// Now, ns since the Unix epoch.
+fn now_ns() -> i64 {
+    i64::try_from(since_epoch().as_nanos()).unwrap_or(i64::MAX)
 }
 
 fn since_epoch() -> Duration {

@@ -64,7 +64,7 @@ pub struct Metering {
     /// The sampler.
     pub sampler: SamplerHandle,
     written: watch::Receiver<u64>,
-    latest: Arc<Mutex<BTreeMap<MeterKey, Counters>>>,
+    latest: Arc<Mutex<BTreeMap<MeterKey, (Counters, i64)>>>,
     tracked: Mutex<BTreeSet<MeterKey>>,
     /// (tenant, container name) -> container id, so a delete by name finds its key.
     names: Mutex<BTreeMap<(String, String), String>>,
@@ -121,7 +121,17 @@ impl Metering {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|(k, c)| (k.clone(), *c))
+            .map(|(k, (c, _))| (k.clone(), *c))
+            .collect()
+    }
+
+    /// [`Metering::latest`] with the time of each reading (ns since the Unix epoch).
+    pub fn latest_timed(&self) -> Vec<(MeterKey, Counters, i64)> {
+        self.latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, (c, at))| (k.clone(), *c, *at))
             .collect()
     }
 
@@ -252,15 +262,19 @@ impl Metering {
 
     /// A reading of a metered container taken now, for a caller that needs one before the
     /// next tick (the CRI's stats of a container started a moment ago). It is a reading like
-    /// any other: it also goes to the ledger. `None` when the container is not metered or its
-    /// cgroup cannot be read.
-    pub async fn read_container_now(&self, tenant: &str, id: &str) -> Option<Counters> {
+    /// any other: it also goes to the ledger. With when it was read (ns since the Unix epoch);
+    /// `None` when the container is not metered or its cgroup cannot be read.
+    pub async fn read_container_now(&self, tenant: &str, id: &str) -> Option<(Counters, i64)> {
         let key = Self::container_key(tenant, id);
         let tracked = self.is_tracked(&key);
         if !tracked {
             return None;
         }
-        self.sampler.read_now(key).await.ok().map(|s| s.counters)
+        self.sampler
+            .read_now(key)
+            .await
+            .ok()
+            .map(|s| (s.counters, s.read_at_ns))
     }
 
     /// [`Metering::flush_container`] for a tenant and all of its containers.
@@ -344,7 +358,7 @@ async fn feed(
     mut rx: mpsc::UnboundedReceiver<Vec<Sample>>,
     ledger: SharedLedger,
     written: watch::Sender<u64>,
-    latest: Arc<Mutex<BTreeMap<MeterKey, Counters>>>,
+    latest: Arc<Mutex<BTreeMap<MeterKey, (Counters, i64)>>>,
 ) {
     let mut last_prune = tokio::time::Instant::now();
     // A batch the ledger could not take; it goes in front of the next one.
@@ -379,7 +393,7 @@ async fn feed(
                 if s.last {
                     l.remove(&s.key);
                 } else {
-                    l.insert(s.key.clone(), s.counters);
+                    l.insert(s.key.clone(), (s.counters, s.read_at_ns));
                 }
             }
         }

@@ -31,6 +31,7 @@ fn sample(key: &MeterKey, at: u64, cpu_ns: u64, working_set: u64) -> Sample {
     Sample {
         key: key.clone(),
         at_unix_s: at,
+        read_at_ns: 0,
         counters: Counters {
             cpu_ns,
             memory_working_set: working_set,
