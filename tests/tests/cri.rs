@@ -5450,6 +5450,80 @@ async fn read_only_rootfs_and_supplemental_groups_apply() {
     k.agent.stop().await.unwrap();
 }
 
+/// kubelet creates containers by image id. A pod in a namespace whose tenant has not pulled the
+/// image gets it from the node's blob cache by its digest, so a tag pushed again since (the
+/// registry now has other content under it) does not change what runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tenant_gets_the_image_kubelet_chose_not_what_its_tag_now_names() {
+    registry_or_skip!("a_new_tenant_gets_the_image_kubelet_chose_not_what_its_tag_now_names");
+    let (mut k, mut images, _bb) = Kubelet::with_registry().await;
+    let old = images.push_with_data("moving", "which", b"old\n").await;
+    assert_eq!(k.pull(&old.reference, None).await.unwrap(), old.id);
+    let new = images.push_with_data("moving", "which", b"new\n").await;
+    assert_eq!(new.reference, old.reference, "the same tag");
+    assert_ne!(new.id, old.id);
+
+    let pod = k.pod("ns-moved", "m");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(&pod, "reader", &old.id, &["cat", "/data/which"], &[]);
+    let (_, st) = k.run(&pod_id, &pod, &c).await;
+    expect_output(&st, "reader", "old\n", "").await;
+    assert_eq!(st.image_id, old.id, "{st:?}");
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// A private image that one namespace pulled with its pull secret is on the node, so kubelet
+/// (IfNotPresent) does not pull it for another namespace's pod; that tenant has no credentials
+/// to get it by, and tenants never share them. The create fails saying so and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_of_another_tenant_is_refused_saying_how_to_get_it() {
+    registry_or_skip!("a_private_image_of_another_tenant_is_refused_saying_how_to_get_it");
+    let reg = Registry::start(RegistryOpts::with_auth("alice", "s3cret"))
+        .await
+        .unwrap();
+    let host = reg.host();
+    let mut k = Kubelet::start(move |cfg| cfg.images.insecure_registries = vec![host]).await;
+    let mut images = Images::new(reg, &k.agent.dir.path().join("work"));
+    let private = images.push_with_data("private/app", "x", b"x\n").await;
+    let owner = k.pod("ns-owner", "o");
+    let pulled = k
+        .cri
+        .img
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: private.reference.clone(),
+                ..Default::default()
+            }),
+            auth: Some(cri::AuthConfig {
+                username: "alice".into(),
+                password: "s3cret".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(owner.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    assert_eq!(pulled, private.id);
+
+    let pod = k.pod("ns-other", "p");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(&pod, "app", &private.id, &["true"], &[]);
+    let e = expect_code(
+        k.create(&pod_id, &pod, &c).await,
+        Code::FailedPrecondition,
+        "a private image this tenant has no credentials for",
+    );
+    assert!(
+        e.message().contains("imagePullPolicy: Always"),
+        "says what to do: {e:?}"
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// `run_as_username` is looked up in the image's /etc/passwd; the Merge policy (kubelet's
 /// default) adds the groups the image's /etc/group gives the user, Strict does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,16 +172,25 @@ impl Cri {
             .tenant(tenant)
             .await
             .map_err(|e| status::sandbox(e, ctx))?;
+        // By digest: the very image kubelet was told is here, even if its tag moved since.
+        let pinned = r.normalized_repo_at();
         let rec = images
             .pull(
                 tenant,
                 t.id_range.start,
-                &r.reference,
+                &pinned,
                 &Credentials::default(),
                 None,
             )
             .await
-            .map_err(|e| status::image(e, ctx))?;
+            .map_err(|e| match e {
+                // kubelet does not pull an image it was told is on the node, so the pod's own
+                // credentials never come here: say what to do.
+                crate::images::ImageError::Denied(m) => Status::failed_precondition(format!(
+                    "image {image:?} is on this node for another tenant, and tenants never share credentials: the registry refused it without this pod's ({m}); give the pod imagePullPolicy: Always so that kubelet pulls it with its pull secrets"
+                )),
+                e => status::image(e, ctx),
+            })?;
         images
             .rootfs(tenant, &rec.reference)
             .map_err(|e| status::image(e, ctx))
