@@ -521,6 +521,20 @@ impl Kubelet {
         }
     }
 
+    /// PodSandboxStats of `id`, which must have some.
+    async fn pod_stats(&mut self, id: &str) -> cri::PodSandboxStats {
+        self.cri
+            .rt
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap()
+    }
+
     /// ContainerStats of `id`, which must have some.
     async fn container_stats(&mut self, id: &str) -> cri::ContainerStats {
         self.cri
@@ -4134,17 +4148,7 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
         .into_inner()
         .stats;
     assert_eq!(listed.len(), 2, "both containers of the pod: {listed:?}");
-    let pod_stats = k
-        .cri
-        .rt
-        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
-            pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
+    let pod_stats = k.pod_stats(&pod_id).await;
     let linux = pod_stats.linux.unwrap();
     assert_eq!(linux.containers.len(), 2);
     assert!(
@@ -5519,6 +5523,76 @@ async fn a_private_image_of_another_tenant_is_refused_saying_how_to_get_it() {
     assert!(
         e.message().contains("imagePullPolicy: Always"),
         "says what to do: {e:?}"
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// What a container writes to its root filesystem is its writable layer in the stats, on the
+/// file system ImageFsInfo names: kubelet counts it against `ephemeral-storage` limits and
+/// ranks disk-pressure evictions by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writable_layer_counts_what_a_container_wrote() {
+    registry_or_skip!("the_writable_layer_counts_what_a_container_wrote");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    let pod = k.pod("ns-layer", "l");
+    let pod_id = k.ready_pod(&pod).await;
+    let c = k.container(
+        &pod,
+        "writer",
+        &bb.id,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null; sleep 600",
+        ],
+        &[],
+    );
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.start_container(&id).await;
+    let image_fs = k
+        .cri
+        .img
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .image_filesystems
+        .remove(0)
+        .fs_id
+        .unwrap()
+        .mountpoint;
+    // Measured at most every 10 s: a reading from before dd finished may stand that long.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let layer = loop {
+        let layer = k.container_stats(&id).await.writable_layer;
+        let used = layer
+            .as_ref()
+            .and_then(|l| l.used_bytes.as_ref())
+            .map_or(0, |u| u.value);
+        if used >= 8 << 20 {
+            break layer.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "8 MiB written, the layer says {layer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        layer.used_bytes.unwrap().value < 64 << 20,
+        "only what it wrote: {layer:?}"
+    );
+    assert!(layer.inodes_used.unwrap().value >= 1, "{layer:?}");
+    assert_eq!(layer.fs_id.unwrap().mountpoint, image_fs);
+    // The pod's stats carry it too.
+    let pod_stats = k.pod_stats(&pod_id).await;
+    let in_pod = pod_stats.linux.unwrap().containers.remove(0);
+    assert!(
+        in_pod
+            .writable_layer
+            .and_then(|l| l.used_bytes)
+            .is_some_and(|u| u.value >= 8 << 20)
     );
     k.remove_pod(&pod_id).await.unwrap();
     k.agent.stop().await.unwrap();

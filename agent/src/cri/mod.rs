@@ -209,6 +209,13 @@ pub struct Cri {
     /// Exited containers whose termination message is on the host (copied back from a VM
     /// guest, or not needing it).
     pub(crate) termination_read: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    /// Containers' writable layers as last measured, and when (see `stats::Readings`).
+    pub(crate) layer_usage: std::sync::Mutex<
+        std::collections::HashMap<
+            String,
+            (std::time::Instant, caas_proto::cri::v1::FilesystemUsage),
+        >,
+    >,
 }
 
 impl Cri {
@@ -232,6 +239,7 @@ impl Cri {
             cni_rules: tokio::sync::Mutex::default(),
             tenant_gates: tokio::sync::Mutex::default(),
             termination_read: tokio::sync::Mutex::default(),
+            layer_usage: std::sync::Mutex::default(),
             stream,
             state,
         });

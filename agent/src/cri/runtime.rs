@@ -363,6 +363,10 @@ impl Cri {
             .await
             .map_err(|e| io_err(&e, ctx))?;
         self.termination_read.lock().await.remove(&c.id);
+        self.layer_usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&c.id);
         self.store
             .remove_container(&c.id)
             .await
@@ -2771,6 +2775,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .await?;
         let mut readings = stats::Readings::now(&self.cri);
         readings.complete(&self.cri, std::slice::from_ref(&c)).await;
+        readings
+            .with_layers(&self.cri, std::slice::from_ref(&c))
+            .await;
         Ok(Response::new(cri::ContainerStatsResponse {
             stats: Some(stats::container(&c, &readings)),
         }))
@@ -2794,6 +2801,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .collect();
         records.sort_by_key(|c| c.created_at_ns);
         readings.complete(&self.cri, &records).await;
+        readings.with_layers(&self.cri, &records).await;
         Ok(Response::new(cri::ListContainerStatsResponse {
             stats: records
                 .iter()
@@ -2810,8 +2818,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .cri
             .pod_or_not_found(&req.into_inner().pod_sandbox_id)
             .await?;
-        let readings = stats::Readings::now(&self.cri);
+        let mut readings = stats::Readings::now(&self.cri);
         let containers = self.cri.store.containers_of(&p.id).await;
+        readings.with_layers(&self.cri, &containers).await;
         Ok(Response::new(cri::PodSandboxStatsResponse {
             stats: Some(stats::pod(&p, &containers, &readings)),
         }))
@@ -2822,7 +2831,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
         let f = req.into_inner().filter.unwrap_or_default();
-        let readings = stats::Readings::now(&self.cri);
+        let mut readings = stats::Readings::now(&self.cri);
         let mut pods: Vec<PodRecord> = self
             .cri
             .store
@@ -2836,6 +2845,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let mut out = Vec::new();
         for p in &pods {
             let containers = self.cri.store.containers_of(&p.id).await;
+            readings.with_layers(&self.cri, &containers).await;
             out.push(stats::pod(p, &containers, &readings));
         }
         Ok(Response::new(cri::ListPodSandboxStatsResponse {

@@ -17,15 +17,23 @@ use super::{
 };
 use crate::meter::{Counters, MeterKey};
 
+/// How long a measured writable layer is reused: walking a large one is not free, and kubelet
+/// asks for stats every 10 s.
+const LAYER_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The meter's last readings and when each was taken (ns since the epoch), by (tenant,
-/// container).
-pub struct Readings(HashMap<(String, String), (Counters, i64)>);
+/// container); and, where asked for, containers' writable layers.
+pub struct Readings {
+    counters: HashMap<(String, String), (Counters, i64)>,
+    layers: HashMap<String, cri::FilesystemUsage>,
+}
 
 impl Readings {
     /// The readings now.
     pub fn now(cri: &Cri) -> Self {
-        Self(
-            cri.state
+        Self {
+            counters: cri
+                .state
                 .metering
                 .latest_timed()
                 .into_iter()
@@ -33,12 +41,68 @@ impl Readings {
                     container.map(|id| ((tenant, id), (c, at)))
                 })
                 .collect(),
-        )
+            layers: HashMap::new(),
+        }
+    }
+
+    /// Adds the writable layers of `records`: the bytes and inodes of each container's overlay
+    /// upper directory (what it wrote to its root filesystem), which kubelet counts against
+    /// `ephemeral-storage` and ranks disk-pressure evictions by. Measured at most every
+    /// [`LAYER_TTL`] per container; a VM tenant's layers are in its guest and are not given.
+    pub async fn with_layers(&mut self, cri: &Cri, records: &[ContainerRecord]) {
+        let now = std::time::Instant::now();
+        let mut stale = Vec::new();
+        {
+            let cache = cri
+                .layer_usage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for c in records {
+                match cache.get(&c.id) {
+                    Some((at, u)) if now.duration_since(*at) < LAYER_TTL => {
+                        self.layers.insert(c.id.clone(), u.clone());
+                    }
+                    _ => stale.push((c.id.clone(), upper_dir(cri, c))),
+                }
+            }
+        }
+        if stale.is_empty() {
+            return;
+        }
+        let mountpoint = cri.state.config.state_dir.display().to_string();
+        let measured = tokio::task::spawn_blocking(move || {
+            stale
+                .into_iter()
+                .filter(|(_, dir)| dir.is_dir())
+                .map(|(id, dir)| {
+                    let (bytes, inodes) = crate::fsutil::disk_usage(&dir);
+                    let u = cri::FilesystemUsage {
+                        timestamp: now_ns(),
+                        fs_id: Some(cri::FilesystemIdentifier {
+                            mountpoint: mountpoint.clone(),
+                        }),
+                        used_bytes: u64v(bytes),
+                        inodes_used: u64v(inodes),
+                    };
+                    (id, u)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut cache = cri
+            .layer_usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (id, u) in measured {
+            cache.insert(id.clone(), (now, u.clone()));
+            self.layers.insert(id, u);
+        }
     }
 
     /// The last reading of `c`.
     pub fn of(&self, c: &ContainerRecord) -> Option<&Counters> {
-        self.0
+        self.counters
             .get(&(c.tenant.clone(), c.id.clone()))
             .map(|(c, _)| c)
     }
@@ -46,7 +110,7 @@ impl Readings {
     /// When the last reading of `c` was taken: the stats' timestamp, from which kubelet
     /// derives CPU rates (the time of the call would be up to the meter's period off).
     pub fn read_at(&self, c: &ContainerRecord) -> Option<i64> {
-        self.0
+        self.counters
             .get(&(c.tenant.clone(), c.id.clone()))
             .map(|(_, at)| *at)
             .filter(|at| *at > 0)
@@ -57,7 +121,7 @@ impl Readings {
     pub async fn complete(&mut self, cri: &Cri, records: &[ContainerRecord]) {
         for c in records {
             let key = (c.tenant.clone(), c.id.clone());
-            if self.0.contains_key(&key) {
+            if self.counters.contains_key(&key) {
                 continue;
             }
             if let Some(r) = cri
@@ -66,10 +130,23 @@ impl Readings {
                 .read_container_now(&c.tenant, &c.id)
                 .await
             {
-                self.0.insert(key, r);
+                self.counters.insert(key, r);
             }
         }
     }
+}
+
+/// Where the engine keeps a container's overlay upper directory on the host (see
+/// `engine::rootfs::mount_overlay`): `<state_dir>/engines/<tenant>/containers/<id>/layer/upper`.
+fn upper_dir(cri: &Cri, c: &ContainerRecord) -> std::path::PathBuf {
+    cri.state
+        .config
+        .state_dir
+        .join("engines")
+        .join(&c.tenant)
+        .join("containers")
+        .join(&c.id)
+        .join("layer/upper")
 }
 
 fn u64v(v: u64) -> Option<cri::UInt64Value> {
@@ -120,7 +197,7 @@ pub fn container(r: &ContainerRecord, readings: &Readings) -> cri::ContainerStat
         }),
         cpu: cpu(ts, c),
         memory: memory(ts, c),
-        writable_layer: None,
+        writable_layer: readings.layers.get(&r.id).cloned(),
         swap: None,
     }
 }
