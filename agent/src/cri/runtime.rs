@@ -1147,8 +1147,10 @@ fn check_pod_config(c: &cri::PodSandboxConfig) -> Result<(), Status> {
 }
 
 /// A pod's hostname: a DNS name of at most 63 bytes.
+/// A pod's host name: at most 64 bytes, what the kernel's UTS name holds (kubelet allows an FQDN
+/// of 64 with `setHostnameAsFQDN`).
 fn check_hostname(h: &str) -> Result<(), Status> {
-    let ok = h.len() <= 63
+    let ok = h.len() <= 64
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !h.starts_with(['-', '.']);
@@ -1157,7 +1159,7 @@ fn check_hostname(h: &str) -> Result<(), Status> {
     } else {
         Err(bad(
             "config.hostname",
-            format!("{h:?} is not a host name (letters, digits, '-' and '.', at most 63 bytes)"),
+            format!("{h:?} is not a host name (letters, digits, '-' and '.', at most 64 bytes)"),
         ))
     }
 }
@@ -3101,6 +3103,15 @@ fn append_capped(buf: &mut Vec<u8>, d: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_may_be_as_long_as_the_kernel_takes() {
+        let fqdn = format!("{}.example.com", "a".repeat(52));
+        assert_eq!(fqdn.len(), 64);
+        assert!(check_hostname(&fqdn).is_ok());
+        assert!(check_hostname(&format!("a{fqdn}")).is_err());
+        assert!(check_hostname("-x").is_err());
+    }
 
     #[test]
     fn nameservers_may_be_ipv6_with_a_zone_as_a_hosts_resolv_conf_has_them() {
