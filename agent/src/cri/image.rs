@@ -191,6 +191,12 @@ impl Cri {
                 )),
                 e => status::image(e, ctx),
             })?;
+        // Named as the other tenant has it (its tag), so that it is listed, reported and
+        // removed by that name here too.
+        let rec = images
+            .name_as(tenant, &rec, &r.reference)
+            .await
+            .map_err(|e| status::image(e, ctx))?;
         images
             .rootfs(tenant, &rec.reference)
             .map_err(|e| status::image(e, ctx))

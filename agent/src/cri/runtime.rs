@@ -414,7 +414,12 @@ impl Cri {
                 .open(host)
                 .await
                 .map_err(|e| format!("{host}: {e}"))?;
+            // A tokio file's write only queues the bytes: flushed, they are in the file before
+            // the status that says exited is answered.
             tokio::io::AsyncWriteExt::write_all(&mut f, &data)
+                .await
+                .map_err(|e| format!("{host}: {e}"))?;
+            tokio::io::AsyncWriteExt::flush(&mut f)
                 .await
                 .map_err(|e| format!("{host}: {e}"))
         }

@@ -561,6 +561,40 @@ impl ImageStore {
         Ok(record)
     }
 
+    /// Gives `rec`, an image `tenant` has, the name `reference` too (the tag another tenant
+    /// pulled it by), unless the tenant has that name already: as if it had been pulled by it.
+    /// The record by digest it was given by goes (the tag names that content now).
+    pub async fn name_as(
+        &self,
+        tenant: &str,
+        rec: &ImageRecord,
+        reference: &str,
+    ) -> Result<ImageRecord, ImageError> {
+        let parsed =
+            oci_client::Reference::try_from(reference).map_err(|e| ImageError::BadReference {
+                reference: reference.into(),
+                reason: e.to_string(),
+            })?;
+        let lock = self.tenant_lock(tenant);
+        let guard = lock.read().await;
+        if self
+            .list(Some(tenant), "")
+            .iter()
+            .any(|(_, r)| r.reference == reference)
+        {
+            return Ok(rec.clone());
+        }
+        let mut named = rec.clone();
+        named.reference = reference.into();
+        named.normalized = parsed.whole();
+        let replaced = self.save(tenant, named.clone())?;
+        drop(guard);
+        if replaced {
+            self.collect(tenant).await;
+        }
+        Ok(named)
+    }
+
     fn check_size(&self, m: &Manifest) -> Result<(), ImageError> {
         let total: u64 = m.layers.iter().map(|l| l.size).sum::<u64>() + m.config_size;
         if total > self.config.max_image_bytes {
