@@ -228,6 +228,14 @@ impl ImageRecord {
 }
 
 /// `registry/repository:tag` (or `@digest`) of a reference, when it parses.
+/// A registry reference, or `BadReference` saying why not.
+fn parse_reference(reference: &str) -> Result<oci_client::Reference, ImageError> {
+    oci_client::Reference::try_from(reference).map_err(|e| ImageError::BadReference {
+        reference: reference.into(),
+        reason: e.to_string(),
+    })
+}
+
 pub fn normalize(q: &str) -> Option<String> {
     oci_client::Reference::try_from(q).ok().map(|r| r.whole())
 }
@@ -452,11 +460,7 @@ impl ImageStore {
         creds: &Credentials,
         progress: Option<mpsc::Sender<LayerProgress>>,
     ) -> Result<ImageRecord, ImageError> {
-        let parsed =
-            oci_client::Reference::try_from(reference).map_err(|e| ImageError::BadReference {
-                reference: reference.into(),
-                reason: e.to_string(),
-            })?;
+        let parsed = parse_reference(reference)?;
         let normalized = parsed.whole();
         let remote = registry::Remote::new(&self.config, parsed, creds);
         let lock = self.tenant_lock(tenant);
@@ -570,11 +574,7 @@ impl ImageStore {
         rec: &ImageRecord,
         reference: &str,
     ) -> Result<ImageRecord, ImageError> {
-        let parsed =
-            oci_client::Reference::try_from(reference).map_err(|e| ImageError::BadReference {
-                reference: reference.into(),
-                reason: e.to_string(),
-            })?;
+        let parsed = parse_reference(reference)?;
         let lock = self.tenant_lock(tenant);
         let guard = lock.read().await;
         if self
