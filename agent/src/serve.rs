@@ -266,6 +266,7 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
                 })?;
         let cri = crate::cri::Cri::open(state.clone(), store, stream).await;
         tokio::spawn(crate::cri::gc::run(cri.clone(), shutdown.clone()));
+        tokio::spawn(crate::cri::vm_volumes::run(cri.clone(), shutdown.clone()));
         // kubelet runs as root; the CRI has no roles of its own.
         let auth = auth::authenticator(auth::Transport::Unix {
             allowed_uids: Vec::new(),

@@ -6248,6 +6248,79 @@ async fn a_vm_pods_volumes_are_copied_into_its_guest() {
     k.agent.stop().await.unwrap();
 }
 
+/// kubelet updates a configMap (or secret, token) volume in place with its atomic writer; a
+/// running VM pod's copy follows within about the agent's watch period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_pod_sees_kubelets_updates_of_its_config_volumes() {
+    registry_or_skip!("a_running_vm_pod_sees_kubelets_updates_of_its_config_volumes");
+    if !caas_tests::vm::vm_available("a_running_vm_pod_sees_kubelets_updates_of_its_config_volumes")
+    {
+        return;
+    }
+    let (mut k, _images, bb) = Kubelet::with_registry_and(caas_tests::vm::configure).await;
+    let root = k.agent.dir.path().to_path_buf();
+    let pod = k.pod("ns-vm-upd", "u");
+    let uid = pod.metadata.as_ref().unwrap().uid.clone();
+    let cfg = root
+        .join("kubelet/pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~configmap/cfg");
+    // kubelet's atomic writer: a timestamped dir, `..data` to it, names through `..data`.
+    let write = |ts: &str, files: &[(&str, &str)]| {
+        std::fs::create_dir_all(cfg.join(ts)).unwrap();
+        for (n, v) in files {
+            std::fs::write(cfg.join(ts).join(n), v).unwrap();
+            let _ = std::os::unix::fs::symlink(format!("..data/{n}"), cfg.join(n));
+        }
+        let tmp = cfg.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(ts, &tmp).unwrap();
+        std::fs::rename(&tmp, cfg.join("..data")).unwrap();
+    };
+    write("..2026_12_05_10_00_00.1", &[("mode", "first\n")]);
+    let pod_id = k.vm_pod(&pod).await;
+    let mut c = k.container(&pod, "app", &bb.id, &["sleep", "600"], &[]);
+    c.mounts = vec![cri::Mount {
+        container_path: "/cfg".into(),
+        host_path: cfg.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let read = async |k: &mut Kubelet| {
+        let r = k
+            .exec(
+                &id,
+                &["sh", "-c", "cat /cfg/mode; cat /cfg/extra 2>/dev/null"],
+            )
+            .await;
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    };
+    assert_eq!(read(&mut k).await, "first\n");
+
+    // An update: new content and a new name; the old content goes.
+    write(
+        "..2026_12_05_10_01_00.2",
+        &[("mode", "second\n"), ("extra", "more\n")],
+    );
+    std::fs::remove_dir_all(cfg.join("..2026_12_05_10_00_00.1")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = read(&mut k).await;
+        if now == "second\nmore\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM container still reads {now:?} 40 s after kubelet's update"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
 /// In a VM pod (cgroup v2 in the guest, where the kernel would take any limit and OOM-kill), a
 /// memory limit below the anonymous memory a container holds is refused before it is written,
 /// naming both figures; one above it is taken.

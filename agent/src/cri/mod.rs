@@ -18,6 +18,7 @@ mod seccomp;
 mod stats;
 pub mod store;
 pub mod stream;
+pub mod vm_volumes;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -209,6 +210,8 @@ pub struct Cri {
     /// Exited containers whose termination message is on the host (copied back from a VM
     /// guest, or not needing it).
     pub(crate) termination_read: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    /// VM containers' volumes that kubelet updates (see [`vm_volumes`]).
+    pub(crate) vm_volumes: vm_volumes::WatchList,
     /// Containers' writable layers as last measured, and when (see `stats::Readings`).
     pub(crate) layer_usage: std::sync::Mutex<
         std::collections::HashMap<
@@ -240,6 +243,7 @@ impl Cri {
             tenant_gates: tokio::sync::Mutex::default(),
             termination_read: tokio::sync::Mutex::default(),
             layer_usage: std::sync::Mutex::default(),
+            vm_volumes: std::sync::Mutex::default(),
             stream,
             state,
         });

@@ -363,6 +363,7 @@ impl Cri {
             .await
             .map_err(|e| io_err(&e, ctx))?;
         self.termination_read.lock().await.remove(&c.id);
+        self.unwatch_volumes(&c.id);
         self.layer_usage
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -2375,6 +2376,14 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .await
             .map_err(|e| io_err(&e, &ctx))?;
         let state = self.cri.state.clone();
+        let watch = if tenant
+            .as_ref()
+            .is_some_and(|t| t.isolation == Isolation::Vm)
+        {
+            super::vm_volumes::watchable(&create.mounts)
+        } else {
+            Vec::new()
+        };
         let tenant = p.tenant.clone();
         let made =
             tokio::spawn(
@@ -2392,6 +2401,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             }
             return Err(status::sandbox(e, &ctx));
         }
+        self.cri.watch_volumes(&p.tenant, &id, watch);
         tracing::info!(pod = %p.id, container = %id, tenant = %p.tenant, "container created");
         Ok(Response::new(cri::CreateContainerResponse {
             container_id: id,

@@ -53,6 +53,10 @@ pub struct Record {
     /// termination log).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volume_files: BTreeMap<String, PathBuf>,
+    /// Volumes that are a directory copied into the guest: container path to the copy, for
+    /// kubelet's updates to be brought in.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_dirs: BTreeMap<String, PathBuf>,
     /// The process identity resolved at create: uid, gid, supplementary groups (tenant ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<(u32, u32, Vec<u32>)>,
@@ -129,6 +133,7 @@ impl Record {
             cpu_shares: None,
             volume_imports: Vec::new(),
             volume_files: BTreeMap::new(),
+            volume_dirs: BTreeMap::new(),
             user: None,
             labels: BTreeMap::new(),
             state: State::Created,

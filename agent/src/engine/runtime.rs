@@ -322,14 +322,13 @@ impl Engine {
     }
 
     /// The volume imports among `mounts` (binds whose source is `<imports>/<key>/volume`):
-    /// their keys, and the container path and source of those that are one file.
-    fn volume_imports(
-        &self,
-        mounts: &[spec::Bind],
-    ) -> (Vec<String>, std::collections::BTreeMap<String, PathBuf>) {
+    /// their keys, and the container path and source of those that are one file, and of
+    /// those that are a directory.
+    fn volume_imports(&self, mounts: &[spec::Bind]) -> VolumeImports {
         let imports = self.paths.imports();
         let mut keys = Vec::new();
         let mut files = std::collections::BTreeMap::new();
+        let mut dirs = std::collections::BTreeMap::new();
         for m in mounts
             .iter()
             .filter(|m| m.host.file_name().is_some_and(|n| n == VOLUME_IMPORT))
@@ -345,11 +344,49 @@ impl Engine {
             keys.push(key.to_string());
             if m.host.is_file() {
                 files.insert(m.inside.clone(), m.host.clone());
+            } else if m.host.is_dir() {
+                dirs.insert(m.inside.clone(), m.host.clone());
             }
         }
         keys.sort();
         keys.dedup();
-        (keys, files)
+        (keys, files, dirs)
+    }
+
+    /// Brings a container's copy of a volume in kubelet's atomic-writer layout up to the
+    /// content of the import `from_key`, as kubelet's atomic writer changes the host's (see
+    /// `sync_atomic_writer`); the import then goes unless a container binds it. False when the
+    /// copy had that content already.
+    pub fn sync_volume(
+        &self,
+        key: &str,
+        container_path: &str,
+        from_key: &str,
+    ) -> Result<bool, EngineError> {
+        let id = self.resolve(key)?;
+        let r = self.get(&id)?;
+        if r.state == State::Exited {
+            return Err(EngineError::State(format!(
+                "container {:?} has exited; its volumes are not updated",
+                r.name
+            )));
+        }
+        let dst = r.volume_dirs.get(container_path).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "{container_path} in container {:?} (not a directory volume copied into the guest)",
+                r.name
+            ))
+        })?;
+        let src = self.paths.imports().join(from_key).join(VOLUME_IMPORT);
+        if !src.is_dir() {
+            return Err(EngineError::NotFound(format!(
+                "import {from_key}: no volume directory to bring in (send it first)"
+            )));
+        }
+        let changed = sync_atomic_writer(&src, dst)
+            .map_err(|e| EngineError::Runtime(format!("updating {container_path}: {e}")));
+        self.collect_volume_imports(Some(&[from_key.to_string()]));
+        changed
     }
 
     /// The start of what a container wrote into a volume that is one file copied into this
@@ -848,7 +885,7 @@ impl Engine {
                 "mounts[{i}]: recursive_read_only needs readonly"
             )));
         }
-        let (volume_imports, volume_files) = self.volume_imports(&c.mounts);
+        let (volume_imports, volume_files, volume_dirs) = self.volume_imports(&c.mounts);
         // Volumes are bound where the tenant's root can reach them, then bound in from there.
         let staged = super::volumes::stage(
             &self.paths.run,
@@ -900,6 +937,7 @@ impl Engine {
                 r.volume_imports = volume_imports;
                 r.user = Some(user);
                 r.volume_files = volume_files;
+                r.volume_dirs = volume_dirs;
                 r.cpu_shares = c.cpu_shares;
                 r.memory_bytes = c.memory_bytes;
                 r.pids = c.pids;
@@ -1702,6 +1740,109 @@ impl Engine {
     }
 }
 
+/// Keys of a container's volume imports, and its one-file and directory volumes by container
+/// path (see [`Engine::volume_imports`]).
+type VolumeImports = (
+    Vec<String>,
+    std::collections::BTreeMap<String, PathBuf>,
+    std::collections::BTreeMap<String, PathBuf>,
+);
+
+/// kubelet's atomic writer (configMap, secret, projected and downward-API volumes): the names a
+/// container sees are links through `..data`, itself a link to a timestamped directory `..<ts>`.
+/// Brings `dst` (a copy in that layout that a container has bound) to the content of `src` the
+/// way the atomic writer changes the host's: the new timestamped directory is copied in beside
+/// the old one, `..data` is swapped to it by a rename (a reader sees the old content or the
+/// new, never a mix), then names are added or removed and the old directory goes. False when
+/// `dst` had `src`'s timestamped directory already.
+fn sync_atomic_writer(src: &Path, dst: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::symlink;
+    let data = |d: &Path| fs::read_link(d.join("..data"));
+    let new = data(src).map_err(|e| {
+        std::io::Error::other(format!(
+            "the new content has no ..data link ({e}): not kubelet's atomic-writer layout"
+        ))
+    })?;
+    let old = data(dst).map_err(|e| {
+        std::io::Error::other(format!(
+            "the copy has no ..data link ({e}): not kubelet's atomic-writer layout"
+        ))
+    })?;
+    let plain = |p: &Path| {
+        p.components().count() == 1
+            && p.to_str()
+                .is_some_and(|s| s.starts_with("..") && s.len() > 2 && !s.contains('/'))
+    };
+    if !plain(&new) {
+        return Err(std::io::Error::other(format!(
+            "..data links to {}, not a timestamped directory beside it",
+            new.display()
+        )));
+    }
+    if new == old {
+        return Ok(false);
+    }
+    let tmp = dst.join(format!("..sync-{:08x}", rand::random::<u32>()));
+    copy_tree(&src.join(&new), &tmp)?;
+    let placed = dst.join(&new);
+    if placed.exists() {
+        fs::remove_dir_all(&placed)?;
+    }
+    fs::rename(&tmp, &placed)?;
+    let link = dst.join("..data_tmp");
+    let _ = fs::remove_file(&link);
+    symlink(&new, &link)?;
+    fs::rename(&link, dst.join("..data"))?;
+    // The names: as in the new content (each a link through ..data).
+    let names = |d: &Path| -> std::io::Result<std::collections::BTreeSet<std::ffi::OsString>> {
+        Ok(fs::read_dir(d)?
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| !n.to_string_lossy().starts_with(".."))
+            .collect())
+    };
+    let (want, have) = (names(src)?, names(dst)?);
+    for n in want.difference(&have) {
+        symlink(fs::read_link(src.join(n))?, dst.join(n))?;
+    }
+    for n in have.difference(&want) {
+        fs::remove_file(dst.join(n))?;
+    }
+    // The old content, and anything else timestamped but no longer linked.
+    for e in fs::read_dir(dst)?.flatten() {
+        let n = e.file_name();
+        let s = n.to_string_lossy();
+        if s.starts_with("..") && s != "..data" && n != new.as_os_str() && e.file_type()?.is_dir() {
+            fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(true)
+}
+
+/// Copies the tree `src` to `dst` (which must not exist): directories, files and links, with
+/// their modes and owners.
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = fs::symlink_metadata(src)?;
+    if m.file_type().is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
+    } else if m.is_dir() {
+        fs::create_dir(dst)?;
+        for e in fs::read_dir(src)?.flatten() {
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+    } else if m.is_file() {
+        fs::copy(src, dst)?;
+    } else {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))?;
+    if !m.file_type().is_symlink() {
+        fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    Ok(())
+}
+
 /// The identity a container's process runs as: uid, gid, supplementary groups.
 type ProcessUser = (u32, u32, Vec<u32>);
 
@@ -2018,5 +2159,46 @@ fn build_in_userns(
         _ => Err(format!(
             "the exec's builder ended without an answer {answer:?}"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A volume in kubelet's atomic-writer layout at `d`: `..<ts>/<name>` files, `..data`
+    /// linking to `..<ts>`, and `<name>` linking through `..data`.
+    fn atomic(d: &Path, ts: &str, files: &[(&str, &str)]) {
+        fs::create_dir_all(d.join(ts)).unwrap();
+        for (n, v) in files {
+            fs::write(d.join(ts).join(n), v).unwrap();
+            let _ = std::os::unix::fs::symlink(format!("..data/{n}"), d.join(n));
+        }
+        let _ = fs::remove_file(d.join("..data"));
+        std::os::unix::fs::symlink(ts, d.join("..data")).unwrap();
+    }
+
+    #[test]
+    fn a_copy_follows_kubelets_atomic_writer_update() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        atomic(&dst, "..1", &[("a", "old a"), ("gone", "x")]);
+        atomic(&src, "..2", &[("a", "new a"), ("b", "new b")]);
+        assert!(sync_atomic_writer(&src, &dst).unwrap());
+        assert_eq!(fs::read_to_string(dst.join("a")).unwrap(), "new a");
+        assert_eq!(fs::read_to_string(dst.join("b")).unwrap(), "new b");
+        assert!(
+            dst.join("gone").symlink_metadata().is_err(),
+            "a name no longer given"
+        );
+        assert!(!dst.join("..1").exists(), "the old content went");
+        assert_eq!(fs::read_link(dst.join("..data")).unwrap(), Path::new("..2"));
+        // Again: nothing to do.
+        assert!(!sync_atomic_writer(&src, &dst).unwrap());
+        // Not that layout: refused, nothing touched.
+        let plain = t.path().join("plain");
+        fs::create_dir_all(&plain).unwrap();
+        assert!(sync_atomic_writer(&src, &plain).is_err());
+        assert_eq!(fs::read_dir(&plain).unwrap().count(), 0);
     }
 }

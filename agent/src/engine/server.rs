@@ -918,6 +918,19 @@ impl epb::engine_server::Engine for EngineSvc {
         Ok(Response::new(epb::ReadVolumeFileReply { data }))
     }
 
+    async fn sync_volume(
+        &self,
+        req: Request<epb::SyncVolumeRequest>,
+    ) -> Result<Response<epb::SyncVolumeReply>, Status> {
+        let r = req.into_inner();
+        let from = import_key(&r.from_key)?;
+        let changed = self
+            .lock()?
+            .sync_volume(&r.container, &r.container_path, from)
+            .map_err(status)?;
+        Ok(Response::new(epb::SyncVolumeReply { changed }))
+    }
+
     async fn imported(
         &self,
         req: Request<epb::ImportedRequest>,

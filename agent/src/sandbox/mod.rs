@@ -4,7 +4,7 @@
 //! restarts engines that die. The API's tenant and container calls come through here.
 
 mod engine_proc;
-mod vm_import;
+pub mod vm_import;
 mod vm_proc;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};

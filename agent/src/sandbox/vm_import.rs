@@ -56,7 +56,7 @@ pub async fn import_layers(
 }
 
 /// The binds of a container in a VM tenant, each with its content sent into the guest (once per
-/// content, see [`send`]) and its host path replaced by the guest's copy; an image volume's
+/// content, see `send`) and its host path replaced by the guest's copy; an image volume's
 /// layers go as the container's own layers do. The guest engine removes a volume's copy with the
 /// last container that binds it. The copy is not the host's directory: what the container
 /// writes stays in the guest, and what the host changes later reaches only containers made
@@ -100,6 +100,41 @@ pub async fn import_volumes(
         out.push(m);
     }
     Ok(out)
+}
+
+/// The import key the host directory `path` has now (new content, new key).
+pub fn volume_dir_key(path: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    Ok(key(path, &meta, epb::ImportKind::VolumeDirTar))
+}
+
+/// Sends the directory `path` into the guest as a volume import (unless there) and brings a
+/// container's copy of it, bound at `container_path`, to that content (engine `SyncVolume`).
+/// True when the copy changed.
+pub async fn sync_volume_dir(
+    eng: &mut EngineClient<Channel>,
+    container: &str,
+    container_path: &str,
+    path: &Path,
+) -> Result<bool, SandboxError> {
+    let shown = format!("{} (volume {container_path})", path.display());
+    let guest = send(eng, path, epb::ImportKind::VolumeDirTar, &shown).await?;
+    let from_key = Path::new(&guest)
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|k| k.to_str())
+        .ok_or_else(|| SandboxError::Status(Status::internal(format!("import path {guest}"))))?
+        .to_string();
+    Ok(eng
+        .sync_volume(epb::SyncVolumeRequest {
+            container: container.into(),
+            container_path: container_path.into(),
+            from_key,
+        })
+        .await
+        .map_err(SandboxError::Status)?
+        .into_inner()
+        .changed)
 }
 
 async fn send(
