@@ -1227,6 +1227,50 @@ async fn a_vm_tenant_gets_the_same_network_through_a_tap() {
     assert!(d.is_empty(), "left behind:\n{d}");
 }
 
+/// A tenant never gets a subnet the host already routes (another runtime's bridge, a VPN, a
+/// libvirt network): its addresses would capture that traffic. The pool's first subnet is on a
+/// link of the host here, so the first tenant gets the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_subnet_is_never_one_the_host_already_routes() {
+    root_or_skip!("a_tenant_subnet_is_never_one_the_host_already_routes");
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(50);
+    let dummy = format!("cdum{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| {
+        let o = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // A veth pair (this kernel has no dummy links), both ends up so the route is there.
+    let peer = format!("{dummy}p");
+    ip(&["link", "add", &dummy, "type", "veth", "peer", "name", &peer]);
+    ip(&["addr", "add", "10.229.0.1/30", "dev", &dummy]);
+    ip(&["link", "set", &peer, "up"]);
+    ip(&["link", "set", &dummy, "up"]);
+    let agent = agent("10.229.0.0/24", &host).await;
+    let mut api = Api::new(&agent).await;
+    let t = caas_tests::unique("rt");
+    api.tenant(&t).await;
+    let link = caas_agent::net::link_name(&t);
+    let addrs = String::from_utf8(
+        Command::new("ip")
+            .args(["-o", "-4", "addr", "show", "dev", &link])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let _ = Command::new("ip").args(["link", "del", &dummy]).status();
+    assert!(
+        addrs.contains("10.229.0.5/30"),
+        "the tenant's host link has the second subnet's gateway: {addrs}"
+    );
+    api.delete_tenant(&t).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_reaches_tenants_at_their_addresses_and_a_link_goes_with_its_tenant() {
     root_or_skip!("the_host_reaches_tenants_at_their_addresses_and_a_link_goes_with_its_tenant");

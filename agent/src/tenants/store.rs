@@ -158,7 +158,10 @@ impl Registry {
         let subnet = match &self.subnets {
             Some(p) => {
                 let taken: Vec<_> = map.values().filter_map(|t| t.subnet).collect();
-                Some(p.allocate(&taken, &[])?)
+                // The host's routes too; its own tenants' links are among them, and in
+                // `taken` already.
+                let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+                Some(p.allocate(&taken, &p.host_reserved(&routes))?)
             }
             None => None,
         };

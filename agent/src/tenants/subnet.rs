@@ -157,6 +157,36 @@ impl SubnetPool {
         })
     }
 
+    /// The routes of the host's main table (`/proc/net/route`) that a tenant subnet must not
+    /// overlap: what the host already reaches (docker's or libvirt's bridges, a VPN, another
+    /// runtime's pods), whose traffic a tenant with those addresses would capture. Left out:
+    /// the default route, and routes that hold the whole pool (the operator put the pool
+    /// inside them, and a tenant's subnet, more specific, takes its own traffic).
+    pub fn host_reserved(&self, proc_net_route: &str) -> Vec<Ipv4Net> {
+        proc_net_route
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+                let (dest, mask) = (hex(f.get(1)?)?, hex(f.get(7)?)?);
+                // Little-endian words, as the kernel prints them on this host.
+                let prefix = u8::try_from(
+                    mask.to_le_bytes()
+                        .iter()
+                        .map(|b| b.count_ones())
+                        .sum::<u32>(),
+                )
+                .ok()?;
+                Ipv4Net::new(Ipv4Addr::from(dest.to_le_bytes()), prefix).ok()
+            })
+            .filter(|r| {
+                r.prefix() > 0
+                    && !(r.prefix() <= self.pool.prefix() && r.contains(self.pool.addr()))
+            })
+            .collect()
+    }
+
     /// How many tenant subnets the pool holds.
     pub fn capacity(&self) -> u64 {
         1u64 << (self.tenant_prefix - self.pool.prefix())
@@ -189,6 +219,26 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_hosts_own_routes_are_kept_out_of_tenant_subnets() {
+        let pool = SubnetPool::new(net("10.88.0.0/16"), 24).unwrap();
+        // As /proc/net/route prints them on x86: default via eth0, 10.88.0.0/24 on a dummy
+        // (another runtime's bridge), 10.0.0.0/8 via a VPN (holds the whole pool), and
+        // 192.168.122.0/24 (libvirt).
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+podman0\t0000580A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+tun0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n\
+virbr0\t007AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let reserved = pool.host_reserved(table);
+        assert_eq!(reserved, vec![net("10.88.0.0/24"), net("192.168.122.0/24")]);
+        assert_eq!(
+            pool.allocate(&[], &reserved).unwrap(),
+            net("10.88.1.0/24"),
+            "the subnet the host already routes is skipped"
+        );
     }
 
     #[test]
