@@ -2925,8 +2925,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 message,
             },
         ];
-        // Volumes (and with them recursive read-only ones) are for user-namespace pods; a VM
-        // tenant's guest does not have the host's paths.
+        // A VM tenant's volumes are copies in its guest, with no mounts below them: recursive
+        // read-only is advertised for user-namespace pods only, where it was tested.
         let handler = |name: &str| cri::RuntimeHandler {
             name: name.into(),
             features: Some(cri::RuntimeHandlerFeatures {
