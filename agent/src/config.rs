@@ -194,6 +194,10 @@ pub struct TenantsConfig {
     pub cgroup_root: PathBuf,
     /// The slice under which every tenant's cgroup subtree is made.
     pub cgroup_slice: String,
+    /// Whether the agent sets the cgroup2 mount option `favordynmods` at start (see
+    /// [`crate::cgroups::dynmods`]): moving a process into a cgroup then no longer waits for an
+    /// RCU grace period. Host-wide; false leaves the mount as it is.
+    pub cgroup_favor_dynmods: bool,
     /// VM tenants: the guest kernel's `lib/modules/<version>` directory, whose virtio and
     /// overlay modules go into the guest's initramfs (`scripts/guest-kernel.sh` puts it here).
     pub vm_modules_dir: Option<PathBuf>,
@@ -275,6 +279,7 @@ impl Default for TenantsConfig {
             subid_dir: PathBuf::from("/etc"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_slice: crate::cgroups::tenant::SLICE.to_string(),
+            cgroup_favor_dynmods: true,
             vm_modules_dir: Some(PathBuf::from("/var/lib/caas-agent/guest/modules")),
             vm_disk_mib: 2048,
             vm_boot_timeout_secs: 120,

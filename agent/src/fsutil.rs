@@ -112,6 +112,29 @@ pub fn disk_usage(dir: &Path) -> (u64, u64) {
     (bytes, inodes)
 }
 
+/// Undoes mountinfo's `\ooo` escapes (space, tab, newline, backslash). Names need not be
+/// UTF-8; a backslash not followed by three octal digits of a byte stays as it is.
+pub fn unescape_mountinfo(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = (b[i] == b'\\' && i + 3 < b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                u8::try_from(d.iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0'))).ok()
+            });
+        if let Some(v) = octal {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +152,14 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temp file left behind: {names:?}");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(b"a\\134b\\011"), b"a\\b\t");
+        assert_eq!(unescape_mountinfo(b"/mnt/a\\040b"), b"/mnt/a b");
+        assert_eq!(unescape_mountinfo(b"trailing\\04"), b"trailing\\04");
+        // Not a byte: left as it is.
+        assert_eq!(unescape_mountinfo(b"x\\777"), b"x\\777");
     }
 }

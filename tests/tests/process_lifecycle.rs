@@ -275,6 +275,41 @@ async fn the_unix_socket_is_root_only() {
     drop(agent);
 }
 
+/// An agent turns on `favordynmods` on the host's cgroup2 mount at start (a create then does
+/// not wait for an RCU grace period when its process joins its cgroup).
+#[tokio::test]
+async fn the_agent_sets_favordynmods_on_the_hosts_cgroup2_mount() {
+    use caas_agent::cgroups::dynmods;
+    const TEST: &str = "the_agent_sets_favordynmods_on_the_hosts_cgroup2_mount";
+    if !require_root(TEST) {
+        return;
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mount = || {
+        dynmods::find_cgroup2(
+            &std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+            root,
+        )
+    };
+    if mount().is_none() {
+        assert!(
+            !caas_agent::testing::privileged_required(),
+            "{TEST}: this host has no cgroup2 mount, and CAAS_REQUIRE_PRIVILEGED=1 makes the test mandatory"
+        );
+        caas_agent::testing::skip(TEST, "this host has no cgroup2 mount");
+        return;
+    }
+    dynmods::set(root, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let socket = dir.path().join("run/agent.sock");
+    let _agent = AgentProcess::spawn(&cfg, &socket, &dir.path().join("agent.log"))
+        .await
+        .unwrap();
+    let m = mount().unwrap();
+    assert!(m.favors_dynmods(), "{m:?}");
+}
+
 #[tokio::test]
 async fn a_second_agent_on_the_same_socket_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 //! The per-second readers live in the metering module; this module only answers questions about
 //! the host's mounts, from text that tests can supply as fixtures.
 
+pub mod dynmods;
 pub mod layout;
 pub mod tenant;
 

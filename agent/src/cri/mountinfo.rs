@@ -21,26 +21,7 @@ struct Mount {
 /// A path field of mountinfo as it is: mountinfo escapes space, tab, newline and backslash
 /// as `\ooo`.
 pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = (b[i] == b'\\' && i + 3 < b.len())
-            .then(|| &b[i + 1..i + 4])
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .and_then(|d| {
-                let v = d.iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0'));
-                u8::try_from(v).ok()
-            });
-        if let Some(v) = octal {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&crate::fsutil::unescape_mountinfo(s.as_bytes())).into_owned()
 }
 
 fn parse(text: &str) -> Vec<Mount> {

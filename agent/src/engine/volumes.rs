@@ -408,27 +408,8 @@ fn parse_mount_points(mountinfo: &[u8]) -> Vec<PathBuf> {
     mountinfo
         .split(|b| *b == b'\n')
         .filter_map(|l| l.split(|b| *b == b' ').nth(4))
-        .map(|f| PathBuf::from(OsString::from_vec(unescape(f))))
+        .map(|f| PathBuf::from(OsString::from_vec(crate::fsutil::unescape_mountinfo(f))))
         .collect()
-}
-
-/// Undoes mountinfo's `\ooo` escapes (space, tab, newline, backslash).
-fn unescape(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -452,7 +433,5 @@ mod tests {
                 PathBuf::from("/run/x/volumes/c1/0")
             ]
         );
-        assert_eq!(unescape(b"a\\134b\\011"), b"a\\b\t");
-        assert_eq!(unescape(b"trailing\\04"), b"trailing\\04");
     }
 }

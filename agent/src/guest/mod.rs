@@ -218,7 +218,19 @@ fn mount_basics() -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
     )?;
-    mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
+    // favordynmods (Linux 6.0+): moving a container's process into its cgroup does not wait
+    // for an RCU grace period (see crate::cgroups::dynmods). An older kernel refuses it.
+    if mnt(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nodev,
+        Some(crate::cgroups::dynmods::OPTION),
+    )
+    .is_err()
+    {
+        mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
+    }
     Ok(())
 }
 
