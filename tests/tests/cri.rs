@@ -1536,6 +1536,38 @@ async fn a_pod_whose_cni_network_cannot_be_made_is_refused_and_leaves_nothing() 
         "the address of a pod whose netns was gone is still held"
     );
     k.remove_pod(&id).await.unwrap();
+
+    // A dual-stack list: the pod's IPv6 address is reported beside its IPv4 one (kubelet's
+    // `podIPs`), and the pod has it.
+    write(
+        r#"{"cniVersion":"1.0.0","name":"dual","plugins":[
+            {"type":"bridge","bridge":"cni2","isGateway":true,
+             "ipam":{"type":"host-local","ranges":[
+                [{"subnet":"10.248.0.0/24"}],[{"subnet":"fd00:248::/64"}]]}}]}"#,
+    );
+    let id = k.ready_pod(&k.pod("cni-ns", "d")).await;
+    let net = k.pod_status(&id).await.unwrap().network.unwrap();
+    assert!(net.ip.starts_with("10.248.0."), "{net:?}");
+    let v6: Vec<std::net::Ipv6Addr> = net
+        .additional_ips
+        .iter()
+        .map(|a| a.ip.parse().unwrap())
+        .collect();
+    assert!(
+        v6.len() == 1 && v6[0].segments()[..2] == [0xfd00, 0x248],
+        "{net:?}"
+    );
+    let hex: String = v6[0].octets().iter().map(|b| format!("{b:02x}")).collect();
+    let pod = k.pod("cni-ns", "d");
+    let c = k.container(&pod, "v6", &bb.id, &["cat", "/proc/net/if_inet6"], &[]);
+    let (_, cst) = k.run(&id, &pod, &c).await;
+    assert_eq!(cst.exit_code, 0, "{cst:?}");
+    log_until(&cst, "v6", |r| {
+        stream_text(r, LogStream::Stdout).contains(&hex)
+    })
+    .await;
+    k.stop_pod(&id).await.unwrap();
+    k.remove_pod(&id).await.unwrap();
     k.agent.stop().await.unwrap();
 }
 

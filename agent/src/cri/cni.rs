@@ -18,7 +18,7 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::{Path, PathBuf},
     process::Stdio,
@@ -329,20 +329,44 @@ pub async fn del(
     first.map_or(Ok(()), Err)
 }
 
+/// The IPv6 address a dual-stack result gives the pod besides its IPv4 one (0.3+ `ips`, or
+/// 0.2 `ip6.ip`), without its prefix: the first global one. Kubernetes takes one address per
+/// family (a pod's `podIPs`), so there is at most one.
+pub fn ipv6_of(result: &Value) -> Option<Ipv6Addr> {
+    first_address(result, "ip6", |a: &Ipv6Addr| {
+        !a.is_unicast_link_local() && !a.is_loopback() && !a.is_unspecified()
+    })
+}
+
 /// The IPv4 address a result gives the pod (0.3+ `ips`, or 0.2 `ip4.ip`), without its prefix.
 pub fn ipv4_of(result: &Value) -> Option<Ipv4Addr> {
-    let strip = |s: &str| s.split('/').next().and_then(|a| a.parse::<Ipv4Addr>().ok());
+    first_address(result, "ip4", |_: &Ipv4Addr| true)
+}
+
+/// The first address of type `A` in a result that `keep` takes: from `ips` (0.3+), or from
+/// `<legacy>.ip` (0.2).
+fn first_address<A: std::str::FromStr>(
+    result: &Value,
+    legacy: &str,
+    keep: impl Fn(&A) -> bool,
+) -> Option<A> {
+    let parse = |s: &str| {
+        s.split('/')
+            .next()
+            .and_then(|a| a.parse::<A>().ok())
+            .filter(|a| keep(a))
+    };
     if let Some(ips) = result.get("ips").and_then(Value::as_array) {
         return ips
             .iter()
             .filter_map(|ip| ip.get("address").and_then(Value::as_str))
-            .find_map(strip);
+            .find_map(parse);
     }
     result
-        .get("ip4")
+        .get(legacy)
         .and_then(|v| v.get("ip"))
         .and_then(Value::as_str)
-        .and_then(strip)
+        .and_then(parse)
 }
 
 /// One plugin's stdin: its configuration with the list's name and version, the previous result,
@@ -720,6 +744,18 @@ mod tests {
             Some(Ipv4Addr::new(10, 2, 0, 7))
         );
         assert_eq!(ipv4_of(&serde_json::json!({"ips":[]})), None);
+        let dual = serde_json::json!({"ips":[
+            {"address":"fe80::1/64","interface":2},
+            {"address":"10.1.0.5/24","interface":2},
+            {"address":"fd00:1::5/64","interface":2},
+            {"address":"fd00:2::5/64","interface":2}]});
+        assert_eq!(ipv4_of(&dual), Some(Ipv4Addr::new(10, 1, 0, 5)));
+        assert_eq!(ipv6_of(&dual), "fd00:1::5".parse().ok());
+        assert_eq!(ipv6_of(&prev), None);
+        assert_eq!(
+            ipv6_of(&serde_json::json!({"ip6":{"ip":"2001:db8::7/64"}})),
+            "2001:db8::7".parse().ok()
+        );
     }
 
     #[test]

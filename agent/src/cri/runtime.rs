@@ -443,8 +443,17 @@ impl Cri {
             state: pod_state(p, ready_tenants) as i32,
             created_at: p.created_at_ns,
             network: Some(cri::PodSandboxNetworkStatus {
+                // A dual-stack network's IPv6 address, for the pod's `podIPs`.
+                additional_ips: p
+                    .network
+                    .as_ref()
+                    .filter(|n| !n.ip.is_empty() && n.ip == ip)
+                    .and_then(|n| n.result.as_ref())
+                    .and_then(super::cni::ipv6_of)
+                    .map(|a| cri::PodIp { ip: a.to_string() })
+                    .into_iter()
+                    .collect(),
                 ip,
-                additional_ips: Vec::new(),
             }),
             linux: Some(cri::LinuxPodSandboxStatus {
                 namespaces: Some(cri::Namespace {
