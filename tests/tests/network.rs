@@ -729,6 +729,31 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
         fetch_soon(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await,
         "web-b"
     );
+
+    // A firewall reload on the host takes the agent's table away (here: deleted, as `nft flush
+    // ruleset` would). A port published before the agent's guard notices still works, and so
+    // do the ports published before.
+    let out = std::process::Command::new("nft")
+        .args(["delete", "table", "inet", "caas"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let port2 = publish_port();
+    api.run_publishing(
+        &a,
+        "web3",
+        "while :; do echo web-3 | nc -l -p 8080; done",
+        vec![publish(port2, 8080)],
+    )
+    .await;
+    assert_eq!(
+        fetch_soon(SocketAddr::from((Ipv4Addr::LOCALHOST, port2))).await,
+        "web-3"
+    );
+    assert_eq!(
+        fetch_soon(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await,
+        "web-b"
+    );
 }
 
 /// The host's conntrack entries (`/proc/net/nf_conntrack`) with an address, either way, that

@@ -334,8 +334,14 @@ impl Network {
             }
         }
         if let Err(e) = self.nft.publish(ports).await {
-            self.ports.release_container(tenant, container).await;
-            return Err(PublishError::Nft(e));
+            // The table may be gone: a firewall reload (`nft flush ruleset`, the nftables
+            // service restarting) takes it with everything else until the guard loads it
+            // again. Loading it now, from the port table that holds these ports already,
+            // publishes them with the rest; a table that is there refused for a reason.
+            if !self.reload_if_gone("to publish ports").await {
+                self.ports.release_container(tenant, container).await;
+                return Err(PublishError::Nft(e));
+            }
         }
         self.held_mut().extend(fds);
         Ok(())
@@ -365,13 +371,24 @@ impl Network {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(period) => {}
             }
-            if !self.nft.loaded().await {
-                tracing::error!(
-                    "the nftables table inet caas is gone (flushed by someone else?); loading it again"
-                );
-                if let Err(e) = self.reload().await {
-                    tracing::error!(error = %e, "reloading the firewall failed");
-                }
+            self.reload_if_gone("").await;
+        }
+    }
+
+    /// Loads the table again if it is gone; true when it was gone and is loaded now. `why`
+    /// ends the log line.
+    async fn reload_if_gone(&self, why: &str) -> bool {
+        if self.nft.loaded().await {
+            return false;
+        }
+        tracing::error!(
+            "the nftables table inet caas is gone (flushed by someone else?); loading it again {why}"
+        );
+        match self.reload().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the firewall failed");
+                false
             }
         }
     }
