@@ -205,7 +205,8 @@ pub async fn start(config: Config) -> Result<Agent, ServeError> {
     match network {
         Some(n) => {
             let stop = shutdown.clone();
-            tokio::spawn(async move { n.guard(Duration::from_secs(5), stop).await });
+            let every = Duration::from_secs(config.network.firewall_check_secs);
+            tokio::spawn(async move { n.guard(every, stop).await });
         }
         // Networks off: recovery removed the tenants' links; then the table an earlier run
         // left (never before: a link must not be without it).

@@ -756,6 +756,58 @@ async fn published_ports_serve_on_loopback_and_the_uplink_and_have_one_owner() {
     );
 }
 
+/// A host firewall reload (`nft flush ruleset`) takes the agent's table with it (here the table
+/// alone is deleted, which is the same event for it); the agent loads
+/// it again at nftables' delete event, not at its next check (an hour away here), and the
+/// tenants are walled off again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firewall_is_back_as_soon_as_a_host_firewall_reload_removes_it() {
+    root_or_skip!("the_firewall_is_back_as_soon_as_a_host_firewall_reload_removes_it");
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(51);
+    let uplink = host.link.clone();
+    let agent = TestAgent::start(move |c| {
+        network_config(c, "10.228.0.0/24", &uplink);
+        c.network.firewall_check_secs = 3600;
+    })
+    .await
+    .unwrap();
+    let mut api = Api::new(&agent).await;
+    let (a, b) = (caas_tests::unique("fa"), caas_tests::unique("fb"));
+    api.tenant(&a).await;
+    api.tenant(&b).await;
+    api.run(&a, "srv", "while :; do echo a | nc -l -p 8081; done")
+        .await;
+    assert_eq!(fetch_soon("10.228.0.2:8081".parse().unwrap()).await, "a");
+    let listed = || {
+        Command::new("nft")
+            .args(["list", "table", "inet", "caas"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(listed());
+    // The monitor is started by the guard's task: give it a moment to be up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // What `nft flush ruleset` does to it, without flushing the rest of this host's rules.
+    let out = Command::new("nft")
+        .args(["delete", "table", "inet", "caas"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the table inet caas is still gone 20 s after the flush (the next check is an hour away)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out) = api.outcome(&b, "probe", "nc -w 2 10.228.0.2 8081").await;
+    assert_ne!(code, 0, "tenant B reached A after the reload: {out}");
+}
+
 /// The host's conntrack entries (`/proc/net/nf_conntrack`) with an address, either way, that
 /// starts with `prefix` (`10.233.0.`).
 fn conntrack_in(prefix: &str) -> Vec<String> {

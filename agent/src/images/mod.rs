@@ -382,11 +382,19 @@ impl ImageStore {
 
     /// The run-time defaults of an image's config, when it is readable and has them.
     fn run_config(&self, r: &ImageRecord) -> Option<manifest::RunConfig> {
-        let bytes = self
+        let parsed = self
             .blobs
             .read_small(&r.config_digest, manifest::MAX_JSON_BYTES)
-            .ok()?;
-        manifest::parse_config(&bytes, r.layers.len()).ok()?.config
+            .map_err(|e| e.to_string())
+            .and_then(|b| manifest::parse_config(&b, r.layers.len()).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(c) => c.config,
+            Err(e) => {
+                // Its user and stop signal then fall back to the defaults: say so.
+                tracing::warn!(image = %r.normalized, config = %r.config_digest, error = %e, "the image's config cannot be read");
+                None
+            }
+        }
     }
 
     /// The `User` of an image's config, when the config is readable and sets one.

@@ -63,6 +63,10 @@ pub struct NetworkConfig {
     pub publish_max: u16,
     /// Published ports per tenant, at most.
     pub max_published_per_tenant: u32,
+    /// How often the agent checks that its nftables table is there, in seconds (1 ..= 3600).
+    /// It reloads the table as soon as `nft monitor` reports it deleted; this check is for
+    /// when the monitor is not running.
+    pub firewall_check_secs: u64,
 }
 
 impl Default for NetworkConfig {
@@ -81,6 +85,7 @@ impl Default for NetworkConfig {
             publish_min: 30000,
             publish_max: 32767,
             max_published_per_tenant: 64,
+            firewall_check_secs: 5,
         }
     }
 }
@@ -113,6 +118,12 @@ impl NetworkConfig {
                     format!("{d} overlaps the tenant pool {}", self.pool),
                 ));
             }
+        }
+        if !(1..=3600).contains(&self.firewall_check_secs) {
+            return Err(Invalid::new(
+                "network.firewall_check_secs",
+                format!("{} is outside 1..=3600", self.firewall_check_secs),
+            ));
         }
         if self.publish_min == 0 || self.publish_min > self.publish_max {
             return Err(Invalid::new(
@@ -334,11 +345,13 @@ impl Network {
             }
         }
         if let Err(e) = self.nft.publish(ports).await {
-            // The table may be gone: a firewall reload (`nft flush ruleset`, the nftables
-            // service restarting) takes it with everything else until the guard loads it
-            // again. Loading it now, from the port table that holds these ports already,
-            // publishes them with the rest; a table that is there refused for a reason.
-            if !self.reload_if_gone("to publish ports").await {
+            // The table may be gone (a firewall reload: `nft flush ruleset`, the nftables
+            // service restarting), or be loaded again by the guard meanwhile, or hold an
+            // element the port table does not. Loading the whole table from the port table,
+            // which holds these ports already, publishes them with the rest, atomically.
+            tracing::warn!(error = %e, "publishing ports failed; loading the whole table again");
+            if let Err(r) = self.reload().await {
+                tracing::error!(error = %r, "reloading the firewall failed");
                 self.ports.release_container(tenant, container).await;
                 return Err(PublishError::Nft(e));
             }
@@ -359,17 +372,45 @@ impl Network {
     }
 
     /// Keeps the table loaded: something else may remove it (`nft flush ruleset`, a restart
-    /// of the host's nftables service), and without it tenants reach the host. Checks every
-    /// `period` until `stop`.
+    /// of the host's nftables service), and without it tenants reach each other and the host.
+    /// Reloads it as soon as `nft monitor` reports its deletion, and checks every `period` as
+    /// well (a monitor that ended is started again then), until `stop`.
     pub async fn guard(
         &self,
         period: std::time::Duration,
         stop: tokio_util::sync::CancellationToken,
     ) {
+        let mut monitor = None;
         loop {
+            if monitor.is_none() {
+                monitor = self
+                    .nft
+                    .monitor()
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "nft monitor did not start; the table is checked every {period:?} only");
+                    })
+                    .ok();
+            }
+            let deleted = async {
+                match monitor.as_mut() {
+                    Some(m) => m.table_deleted().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(period) => {}
+                seen = deleted => {
+                    if !seen {
+                        tracing::warn!("nft monitor ended; started again at the next check");
+                        monitor = None;
+                        // Not at once: a monitor that cannot run would spin.
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(period) => {}
+                        }
+                    }
+                }
             }
             self.reload_if_gone("").await;
         }

@@ -11,7 +11,7 @@
 
 use std::{fmt::Write as _, process::Stdio};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use super::ports::{Proto, Published};
 use crate::tenants::subnet::Ipv4Net;
@@ -170,6 +170,34 @@ table inet {TABLE} {{
     }
 }
 
+/// A running `nft monitor tables` (killed when dropped).
+pub struct Monitor {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Monitor {
+    /// Waits until an event deletes the agent's table (`nft flush ruleset` deletes every table
+    /// one by one; the agent's own loads delete and add it in one transaction). False when the
+    /// monitor ended.
+    pub async fn table_deleted(&mut self) -> bool {
+        while let Ok(Some(line)) = self.lines.next_line().await {
+            if deletes_our_table(&line) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Whether a line of `nft monitor` says the agent's table was deleted.
+fn deletes_our_table(line: &str) -> bool {
+    matches!(
+        line.split_whitespace().collect::<Vec<_>>().as_slice(),
+        ["delete" | "destroy", "table", "inet", t, ..] if *t == TABLE
+    )
+}
+
 /// Runs the `nft` binary.
 #[derive(Debug, Clone)]
 pub struct Nft {
@@ -217,6 +245,25 @@ impl Nft {
     pub async fn load(&self, rules: &Ruleset, published: &[Published]) -> Result<(), NftError> {
         self.run("loading table inet caas", &rules.script(published))
             .await
+    }
+
+    /// Starts `nft monitor tables`: the kernel's table events as they happen, one per line.
+    pub fn monitor(&self) -> std::io::Result<Monitor> {
+        let mut child = tokio::process::Command::new(&self.binary)
+            .args(["monitor", "tables"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("nft monitor: no stdout"))?;
+        Ok(Monitor {
+            _child: child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        })
     }
 
     /// Removes the table, if it exists (tenant networks switched off).
@@ -281,6 +328,21 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+
+    #[test]
+    fn the_monitor_sees_the_tables_deletion_and_nothing_else() {
+        assert!(deletes_our_table("delete table inet caas"));
+        assert!(deletes_our_table("destroy table inet caas # handle 7"));
+        for other in [
+            "add table inet caas",
+            "delete table ip caas",
+            "delete table inet caas2",
+            "delete chain inet caas forward",
+            "",
+        ] {
+            assert!(!deletes_our_table(other), "{other}");
+        }
+    }
 
     #[test]
     fn the_script_replaces_the_table_and_holds_the_ports() {
