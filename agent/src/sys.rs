@@ -50,6 +50,30 @@ pub fn set_loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Gives this process every standard signal's default action and an empty signal mask: what a
+/// container's process gets right before it execs (see the engine's workload executor). Runs in
+/// the container's single-threaded init, after the seccomp profile is loaded (which allows
+/// `rt_sigaction` and `rt_sigprocmask`).
+pub fn default_signals() -> nix::Result<()> {
+    use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+    for s in Signal::iterator() {
+        if matches!(s, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler code, and the process is single-threaded and
+        // about to exec: nothing else reads or changes dispositions meanwhile.
+        unsafe { nix::sys::signal::signal(s, SigHandler::SigDfl) }?;
+    }
+    // The real-time signals too, but for the C library's own two below SIGRTMIN.
+    for s in libc::SIGRTMIN()..=libc::SIGRTMAX() {
+        // SAFETY: as above; SIG_DFL for a real-time signal number libc hands out.
+        if unsafe { libc::signal(s, libc::SIG_DFL) } == libc::SIG_ERR {
+            return Err(nix::errno::Errno::last());
+        }
+    }
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+}
+
 /// Restores the default action of SIGPIPE, which the Rust runtime ignores: a command-line tool
 /// whose reader went away (`caasctl ... | head`) should end quietly, as other Unix tools do,
 /// instead of panicking on the failed write. Call it first in `main`, before any thread exists.

@@ -101,9 +101,27 @@ impl Drop for TestAgent {
     }
 }
 
+/// With `CAAS_TEST_LOG` set (a filter such as `caas_agent=debug`), the in-process agents of a
+/// test binary log to the test's output (shown for failing tests, or all with `--nocapture`):
+/// an `INTERNAL` answer says only "the agent log has the details".
+fn init_test_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("CAAS_TEST_LOG")
+            && let Ok(f) = tracing_subscriber::EnvFilter::try_new(&filter)
+        {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(f)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 impl TestAgent {
     /// Starts an agent with TCP on 127.0.0.1:0 and a temp unix socket; `tweak` edits the config.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        init_test_log();
         let dir = tempfile::tempdir()?;
         let pki = Pki::new(&dir.path().join("pki"))?;
         let mut cfg = test_config(dir.path());

@@ -194,6 +194,22 @@ async fn two_tenants_each_run_as_their_own_unprivileged_root() {
             status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
             "{status}"
         );
+        // Signals start at their default actions, not the engine's: the Rust runtime ignores
+        // SIGPIPE, and an ignored signal stays ignored across exec (a pipeline's writer would
+        // get EPIPE errors instead of ending quietly).
+        let mask = |key: &str| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {status}"));
+            u64::from_str_radix(hex.trim(), 16).unwrap()
+        };
+        assert_eq!(
+            mask("SigIgn:") & (1 << (nix::sys::signal::Signal::SIGPIPE as u64 - 1)),
+            0,
+            "SIGPIPE ignored in the container: {status}"
+        );
+        assert_eq!(mask("SigBlk:"), 0, "{status}");
         // ps sees only this container's own processes: its shell (pid 1) and ps itself.
         let procs: Vec<&str> = l
             .lines()

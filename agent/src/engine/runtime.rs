@@ -1111,6 +1111,7 @@ impl Engine {
         };
         let spec_done = t0.elapsed();
         let mut builder = ContainerBuilder::new(c.id.clone(), SyscallType::default())
+            .with_executor(WorkloadExecutor(None))
             .validate_id()
             .map_err(|e| rt("container id")(&e))?
             .with_root_path(self.paths.youki())
@@ -1311,7 +1312,7 @@ impl Engine {
         let _cleanup = RemoveOnDrop(vec![process_file.clone()]);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
-            .with_executor(SeccompExecutor(seccomp))
+            .with_executor(WorkloadExecutor(seccomp))
             .with_root_path(self.paths.youki())
             .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?;
         let (builder, stdio, console) = if io.tty.is_some() {
@@ -2087,17 +2088,27 @@ fn set_oom_score_adj(id: &str, pid: u32, v: i32) {
     }
 }
 
-/// The workload executor of execs: it applies the container's seccomp profile to the exec'd
-/// process right before it execs. libcontainer 0.7's tenant builder drops `linux.seccomp` from
-/// the spec it builds for an exec, so without this an exec'd process would run unfiltered.
+/// The workload executor of containers and execs. Right before the exec it gives the process
+/// every signal's default action and an empty signal mask, as a fresh process has: an ignored
+/// signal stays ignored across exec, and the engine's are not the workload's (the Rust runtime
+/// ignores SIGPIPE, so `yes | head -1` would end in EPIPE errors; an agent started from a
+/// shell in the background ignores SIGINT and SIGQUIT, and a shell script cannot trap a signal
+/// ignored when it started, so an image's `StopSignal: SIGQUIT` would do nothing).
+///
+/// For an exec it also applies the container's seccomp profile (the `Some`): libcontainer
+/// 0.7's tenant builder drops `linux.seccomp` from the spec it builds for an exec, so without
+/// this an exec'd process would run unfiltered.
 #[derive(Clone)]
-struct SeccompExecutor(Option<oci_spec::runtime::LinuxSeccomp>);
+struct WorkloadExecutor(Option<oci_spec::runtime::LinuxSeccomp>);
 
-impl libcontainer::workload::Executor for SeccompExecutor {
+impl libcontainer::workload::Executor for WorkloadExecutor {
     fn exec(
         &self,
         spec: &oci_spec::runtime::Spec,
     ) -> Result<(), libcontainer::workload::ExecutorError> {
+        crate::sys::default_signals().map_err(|e| {
+            libcontainer::workload::ExecutorError::Other(format!("default signal actions: {e}"))
+        })?;
         if let Some(s) = &self.0 {
             // The capabilities are dropped by now: loading a filter needs no-new-privileges,
             // so an exec gets it even in a container that allows privilege escalation.
