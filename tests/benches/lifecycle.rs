@@ -995,6 +995,15 @@ fn table(a: &AgentResults, crun: &Peer, runc: &Peer, lc: &Peer) -> String {
     );
     let tmp = std::env::temp_dir();
     let _ = writeln!(o, "TMPDIR {} is on {}", tmp.display(), fs_name(&tmp));
+    // The agent sets it at start (unless configured not to); it speeds every runtime's moves of
+    // a process into a cgroup, the peers' too.
+    let dynmods = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|t| caas_agent::cgroups::dynmods::find_cgroup2(&t, Path::new("/sys/fs/cgroup")))
+        .map_or("no cgroup2 mount", |m| {
+            if m.favors_dynmods() { "on" } else { "off" }
+        });
+    let _ = writeln!(o, "cgroup2 favordynmods: {dynmods}");
     if !versions.is_empty() {
         let _ = writeln!(o, "peer versions: {}", versions.join("; "));
     }
