@@ -74,6 +74,59 @@ pub fn default_signals() -> nix::Result<()> {
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
 }
 
+/// Reconfigures the superblock of the file system mounted at `path` so that its flag
+/// parameters are exactly `flags` (`fspick` then `fsconfig`, Linux 5.2+). Unlike a mount(2)
+/// remount this touches neither the mount's own flags (`nosuid`, a read-only bind of it) nor
+/// the superblock's read-only state.
+pub fn reconfigure_flags(path: &std::path::Path, flags: &[&str]) -> std::io::Result<()> {
+    use std::{
+        ffi::CString,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        os::unix::ffi::OsStrExt,
+    };
+    let c = |s: &[u8]| CString::new(s).map_err(std::io::Error::other);
+    let at = c(path.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path that outlives the call; fspick returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_fspick,
+            libc::AT_FDCWD,
+            at.as_ptr(),
+            libc::FSPICK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: fspick succeeded, so `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let config = |cmd: libc::c_uint, key: Option<&CString>| {
+        let key = key.map_or(std::ptr::null(), |k| k.as_ptr());
+        // SAFETY: `fd` is open, `key` is NULL or a NUL-terminated string that outlives the
+        // call, and a flag or a command takes no value (NULL, 0).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fd.as_raw_fd(),
+                cmd,
+                key,
+                std::ptr::null::<libc::c_void>(),
+                0,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    for f in flags {
+        config(libc::FSCONFIG_SET_FLAG, Some(&c(f.as_bytes())?))?;
+    }
+    config(libc::FSCONFIG_CMD_RECONFIGURE, None)
+}
+
 /// Restores the default action of SIGPIPE, which the Rust runtime ignores: a command-line tool
 /// whose reader went away (`caasctl ... | head`) should end quietly, as other Unix tools do,
 /// instead of panicking on the failed write. Call it first in `main`, before any thread exists.

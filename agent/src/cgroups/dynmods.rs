@@ -10,15 +10,16 @@
 //! the kernel offers for hosts like this one. The lock is shared by all hierarchies, so setting
 //! the option on the cgroup2 mount helps the v1 controllers of a hybrid host too.
 //!
-//! The option is a superblock flag: a remount must pass the mount's other superblock options
-//! (`nsdelegate`, `memory_recursiveprot`, ...) and its mount flags again, or they are cleared.
+//! The option is a superblock flag, set by reconfiguring the superblock (`fspick` and
+//! `fsconfig`), not by a mount(2) remount: that would also apply the mount's own flags, and a
+//! read-only view of cgroupfs (systemd's `ProtectControlGroups`) would make the whole host's
+//! cgroupfs read-only. The reconfiguration must pass the superblock's other flags again
+//! (`nsdelegate`, `memory_recursiveprot`, ...), or they are cleared.
 
 use std::{
     os::unix::ffi::OsStringExt,
     path::{Path, PathBuf},
 };
-
-use nix::mount::MsFlags;
 
 /// The superblock option this module sets.
 pub const OPTION: &str = "favordynmods";
@@ -40,31 +41,17 @@ impl Cgroup2Mount {
         self.super_options.split(',').any(|o| o == OPTION)
     }
 
-    /// The flags and data of a remount that keeps everything but sets `favordynmods` to `on`.
-    fn remount_args(&self, on: bool) -> (MsFlags, String) {
-        let mut flags = MsFlags::MS_REMOUNT;
-        for o in self.mount_options.split(',') {
-            flags |= match o {
-                "ro" => MsFlags::MS_RDONLY,
-                "nosuid" => MsFlags::MS_NOSUID,
-                "nodev" => MsFlags::MS_NODEV,
-                "noexec" => MsFlags::MS_NOEXEC,
-                "noatime" => MsFlags::MS_NOATIME,
-                "nodiratime" => MsFlags::MS_NODIRATIME,
-                "relatime" => MsFlags::MS_RELATIME,
-                "strictatime" => MsFlags::MS_STRICTATIME,
-                _ => MsFlags::empty(),
-            };
-        }
-        let mut data: Vec<&str> = self
+    /// The superblock's flag parameters with `favordynmods` set to `on` and the rest kept.
+    fn flags_with(&self, on: bool) -> Vec<&str> {
+        let mut flags: Vec<&str> = self
             .super_options
             .split(',')
             .filter(|o| !o.is_empty() && *o != "rw" && *o != "ro" && *o != OPTION)
             .collect();
         if on {
-            data.push(OPTION);
+            flags.push(OPTION);
         }
-        (flags, data.join(","))
+        flags
     }
 }
 
@@ -116,20 +103,20 @@ pub enum DynmodsError {
     /// mountinfo could not be read.
     #[error("reading /proc/self/mountinfo: {0}")]
     Mountinfo(#[source] std::io::Error),
-    /// The remount failed (EINVAL: a kernel before 6.0, which has no such option; EPERM: not
-    /// root in the initial namespaces).
+    /// The reconfiguration failed (EINVAL: a kernel before 6.0, which has no such option;
+    /// EPERM: not root in the initial namespaces).
     #[error(
-        "remounting the cgroup2 mount {} with options {data:?}: {source} (the kernel takes `favordynmods` from Linux 6.0; set [tenants] cgroup_favor_dynmods = false to leave the mount alone)",
+        "reconfiguring the cgroup2 file system at {} with options {data:?}: {source} (the kernel takes `favordynmods` from Linux 6.0; set [tenants] cgroup_favor_dynmods = false to leave the mount alone)",
         mountpoint.display()
     )]
     Remount {
         /// The mount.
         mountpoint: PathBuf,
-        /// The superblock options passed.
+        /// The flag parameters passed.
         data: String,
         /// The kernel's answer.
         #[source]
-        source: nix::Error,
+        source: std::io::Error,
     },
 }
 
@@ -142,18 +129,13 @@ pub fn set(root: &Path, on: bool) -> Result<Outcome, DynmodsError> {
     if m.favors_dynmods() == on {
         return Ok(Outcome::Unchanged(m.mountpoint));
     }
-    let (flags, data) = m.remount_args(on);
-    nix::mount::mount(
-        None::<&str>,
-        &m.mountpoint,
-        Some("cgroup2"),
-        flags,
-        Some(data.as_str()),
-    )
-    .map_err(|source| DynmodsError::Remount {
-        mountpoint: m.mountpoint.clone(),
-        data,
-        source,
+    let flags = m.flags_with(on);
+    crate::sys::reconfigure_flags(&m.mountpoint, &flags).map_err(|source| {
+        DynmodsError::Remount {
+            mountpoint: m.mountpoint.clone(),
+            data: flags.join(","),
+            source,
+        }
     })?;
     Ok(Outcome::Changed(m.mountpoint))
 }
@@ -189,29 +171,16 @@ mod tests {
     }
 
     #[test]
-    fn a_remount_keeps_the_mounts_other_options() {
+    fn a_reconfiguration_keeps_the_superblocks_other_flags() {
         let m = find_cgroup2(HYBRID, Path::new("/sys/fs/cgroup")).unwrap();
-        let (flags, data) = m.remount_args(true);
-        assert_eq!(data, "nsdelegate,favordynmods");
-        assert_eq!(
-            flags,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC
-                | MsFlags::MS_RELATIME
-        );
+        assert_eq!(m.flags_with(true), ["nsdelegate", OPTION]);
         let on = Cgroup2Mount {
             super_options: "ro,favordynmods,memory_recursiveprot".into(),
             mount_options: "ro,noatime".into(),
             ..m
         };
-        let (flags, data) = on.remount_args(false);
-        assert_eq!(data, "memory_recursiveprot");
-        assert_eq!(
-            flags,
-            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOATIME
-        );
+        // The read-only state is the superblock's own, not a flag parameter: never passed.
+        assert_eq!(on.flags_with(false), ["memory_recursiveprot"]);
     }
 
     /// On the host's own cgroup2 mount, as root: the option goes on and off, the other options

@@ -1111,7 +1111,12 @@ impl Engine {
         };
         let spec_done = t0.elapsed();
         let mut builder = ContainerBuilder::new(c.id.clone(), SyscallType::default())
-            .with_executor(WorkloadExecutor(None))
+            .with_executor(WorkloadExecutor {
+                seccomp: None,
+                reset_signals: spec::signal_calls_allowed(
+                    spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()),
+                ),
+            })
             .validate_id()
             .map_err(|e| rt("container id")(&e))?
             .with_root_path(self.paths.youki())
@@ -1312,7 +1317,10 @@ impl Engine {
         let _cleanup = RemoveOnDrop(vec![process_file.clone()]);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
-            .with_executor(WorkloadExecutor(seccomp))
+            .with_executor(WorkloadExecutor {
+                seccomp,
+                reset_signals: true,
+            })
             .with_root_path(self.paths.youki())
             .map_err(|e| EngineError::Runtime(format!("state dir: {e}")))?;
         let (builder, stdio, console) = if io.tty.is_some() {
@@ -2095,21 +2103,29 @@ fn set_oom_score_adj(id: &str, pid: u32, v: i32) {
 /// shell in the background ignores SIGINT and SIGQUIT, and a shell script cannot trap a signal
 /// ignored when it started, so an image's `StopSignal: SIGQUIT` would do nothing).
 ///
-/// For an exec it also applies the container's seccomp profile (the `Some`): libcontainer
-/// 0.7's tenant builder drops `linux.seccomp` from the spec it builds for an exec, so without
-/// this an exec'd process would run unfiltered.
+/// For a container, libcontainer has loaded its seccomp profile by then: the reset is done
+/// only when the profile lets `rt_sigaction` and `rt_sigprocmask` through (the agent's own
+/// does), since a strict one could kill the process for it, and its failure is not fatal.
+///
+/// For an exec it also applies the container's seccomp profile (`seccomp`), after the reset:
+/// libcontainer 0.7's tenant builder drops `linux.seccomp` from the spec it builds for an exec,
+/// so without this an exec'd process would run unfiltered.
 #[derive(Clone)]
-struct WorkloadExecutor(Option<oci_spec::runtime::LinuxSeccomp>);
+struct WorkloadExecutor {
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    reset_signals: bool,
+}
 
 impl libcontainer::workload::Executor for WorkloadExecutor {
     fn exec(
         &self,
         spec: &oci_spec::runtime::Spec,
     ) -> Result<(), libcontainer::workload::ExecutorError> {
-        crate::sys::default_signals().map_err(|e| {
-            libcontainer::workload::ExecutorError::Other(format!("default signal actions: {e}"))
-        })?;
-        if let Some(s) = &self.0 {
+        if self.reset_signals {
+            // Best effort: a process whose signals cannot be reset still runs, as before.
+            let _ = crate::sys::default_signals();
+        }
+        if let Some(s) = &self.seccomp {
             // The capabilities are dropped by now: loading a filter needs no-new-privileges,
             // so an exec gets it even in a container that allows privilege escalation.
             nix::sys::prctl::set_no_new_privs().map_err(|e| {

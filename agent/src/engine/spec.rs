@@ -261,6 +261,25 @@ pub fn denied_syscalls() -> impl Iterator<Item = &'static str> {
 }
 
 /// The default seccomp profile.
+/// Whether a process under `profile` may call `rt_sigaction` and `rt_sigprocmask` with any
+/// arguments: no rule gives either another action, and each is allowed by a rule without
+/// argument conditions or by the default action.
+pub fn signal_calls_allowed(profile: Option<&LinuxSeccomp>) -> bool {
+    let Some(p) = profile else {
+        return true;
+    };
+    let allow = |a: LinuxSeccompAction| matches!(a, LinuxSeccompAction::ScmpActAllow);
+    let rules = p.syscalls().as_deref().unwrap_or_default();
+    ["rt_sigaction", "rt_sigprocmask"].iter().all(|name| {
+        let listing = || rules.iter().filter(|r| r.names().iter().any(|n| n == name));
+        if listing().any(|r| !allow(r.action())) {
+            return false;
+        }
+        allow(p.default_action())
+            || listing().any(|r| r.args().as_ref().is_none_or(|a| a.is_empty()))
+    })
+}
+
 pub fn default_seccomp() -> Result<LinuxSeccomp, SpecError> {
     let denied: Vec<String> = denied_syscalls().map(str::to_string).collect();
     Ok(LinuxSeccompBuilder::default()
@@ -570,4 +589,44 @@ fn with_extra(defaults: &Option<Vec<String>>, extra: &[String]) -> Vec<String> {
         }
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(v: serde_json::Value) -> LinuxSeccomp {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn signal_calls_are_allowed_only_where_the_profile_lets_them_through() {
+        assert!(signal_calls_allowed(None));
+        assert!(signal_calls_allowed(Some(&default_seccomp().unwrap())));
+        let both = ["rt_sigaction", "rt_sigprocmask"];
+        let allowlist = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [{"names": both, "action": "SCMP_ACT_ALLOW"}]
+        }));
+        assert!(signal_calls_allowed(Some(&allowlist)));
+        let strict = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_KILL",
+            "syscalls": [{"names": ["read", "write", "rt_sigprocmask"], "action": "SCMP_ACT_ALLOW"}]
+        }));
+        assert!(!signal_calls_allowed(Some(&strict)));
+        let denied = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["rt_sigaction"], "action": "SCMP_ACT_ERRNO"}]
+        }));
+        assert!(!signal_calls_allowed(Some(&denied)));
+        let conditional = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {"names": ["rt_sigprocmask"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["rt_sigaction"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}]}
+            ]
+        }));
+        assert!(!signal_calls_allowed(Some(&conditional)));
+    }
 }

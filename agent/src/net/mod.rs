@@ -219,6 +219,10 @@ pub struct Network {
     pub ports: ports::PortTable,
     /// The host sockets that hold published ports.
     held: std::sync::Mutex<std::collections::HashMap<(ports::Proto, u16), std::os::fd::OwnedFd>>,
+    /// Held across every change of the kernel's table (a load from a snapshot of the port
+    /// table, an element added or deleted), so that a load never lands after, and undoes, a
+    /// publish that its snapshot missed.
+    table: tokio::sync::Mutex<()>,
 }
 
 impl Network {
@@ -304,6 +308,7 @@ impl Network {
             rules,
             ports,
             held: std::sync::Mutex::new(held),
+            table: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -316,6 +321,12 @@ impl Network {
 
     /// Loads the table again from the port table (after pruning).
     pub async fn reload(&self) -> Result<(), NetError> {
+        let _table = self.table.lock().await;
+        self.reload_locked().await
+    }
+
+    /// [`Self::reload`], the table lock held by the caller.
+    async fn reload_locked(&self) -> Result<(), NetError> {
         self.nft
             .load(&self.rules, &self.ports.all().await)
             .await
@@ -344,13 +355,14 @@ impl Network {
                 }
             }
         }
+        let _table = self.table.lock().await;
         if let Err(e) = self.nft.publish(ports).await {
             // The table may be gone (a firewall reload: `nft flush ruleset`, the nftables
             // service restarting), or be loaded again by the guard meanwhile, or hold an
             // element the port table does not. Loading the whole table from the port table,
             // which holds these ports already, publishes them with the rest, atomically.
             tracing::warn!(error = %e, "publishing ports failed; loading the whole table again");
-            if let Err(r) = self.reload().await {
+            if let Err(r) = self.reload_locked().await {
                 tracing::error!(error = %r, "reloading the firewall failed");
                 self.ports.release_container(tenant, container).await;
                 return Err(PublishError::Nft(e));
@@ -390,6 +402,10 @@ impl Network {
                         tracing::warn!(error = %e, "nft monitor did not start; the table is checked every {period:?} only");
                     })
                     .ok();
+                // A deletion before the monitor listened is seen by no event: check once now.
+                if monitor.is_some() {
+                    self.reload_if_gone("").await;
+                }
             }
             let deleted = async {
                 match monitor.as_mut() {
@@ -435,11 +451,13 @@ impl Network {
     }
 
     async fn unpublish(&self, gone: Vec<ports::Published>) {
+        let table = self.table.lock().await;
         if !self.nft.unpublish(&gone).await
-            && let Err(e) = self.reload().await
+            && let Err(e) = self.reload_locked().await
         {
             tracing::error!(error = %e, "reloading the firewall failed");
         }
+        drop(table);
         let mut held = self.held_mut();
         for p in &gone {
             held.remove(&(p.proto, p.host_port));
