@@ -747,6 +747,14 @@ level = "debug"
             ("[log]\nlevel = \"=\"", "log.level"),
             ("[tenants]\nvm_disk_mib = 1", "tenants.vm_disk_mib"),
             (
+                "[network]\nenabled = true\nfirewall_check_secs = 0",
+                "network.firewall_check_secs",
+            ),
+            (
+                "[network]\nenabled = true\nfirewall_check_secs = 3601",
+                "network.firewall_check_secs",
+            ),
+            (
                 "[tenants]\nvm_boot_timeout_secs = 0",
                 "tenants.vm_boot_timeout_secs",
             ),

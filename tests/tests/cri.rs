@@ -2082,10 +2082,7 @@ async fn stop_sends_the_images_stop_signal_first() {
             stream_text(r, LogStream::Stdout).contains("ready")
         })
         .await;
-        // The trap runs once the shell's current `sleep 0.1` ends: a loaded machine may take
-        // more than a second for that, so the trapping one gets a longer timeout.
-        let timeout = if want_code == 3 { 15 } else { 2 };
-        k.stop_container(&id, timeout).await.unwrap();
+        k.stop_container(&id, 2).await.unwrap();
         let st = k
             .wait_state(&id, cri::ContainerState::ContainerExited)
             .await;
