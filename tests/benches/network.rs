@@ -77,7 +77,8 @@
 //! table's `ct` and nat chains switch on for the whole root netns, costs about 10% of a forwarded
 //! stream, the NAT and the rules about 5% more. That kernel has no flowtable
 //! (`CONFIG_NF_FLOW_TABLE` is not set) to take established flows past conntrack. (The agent now
-//! loads its table again within 5 s when it is gone, so such a run needs a patched agent.)
+//! loads its table again as soon as it is deleted, so such a run needs a patched agent.) Against
+//! path 6, the NAT path built by hand, the tenant's path measured 0.91-0.94 on 2026-12-05.
 
 #![allow(clippy::unwrap_used)] // a benchmark harness: a failing setup step should stop it loudly
 
@@ -1000,7 +1001,7 @@ async fn throughput_at(
     // The agent loaded its table at start and touches it again only for published ports (none
     // here), so its handle stays. A new handle means it was deleted and loaded again meanwhile:
     // another caas-agent with networks off deletes it when it starts (and this agent's guard
-    // loads it again within seconds), so some run may have gone without the agent's rules.
+    // loads it again at once), so some run may have gone without the agent's rules for a moment.
     let handle = table_handle()?;
     let same_table = |when: &str| -> anyhow::Result<()> {
         let now = table_handle()?;
