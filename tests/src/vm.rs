@@ -81,6 +81,7 @@ pub fn initramfs(cache: &Path) -> anyhow::Result<initramfs::Built> {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        programs: Vec::new(),
     };
     Ok(initramfs::cached(&spec, cache)?)
 }

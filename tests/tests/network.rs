@@ -1450,11 +1450,20 @@ impl Kubelet {
     }
 
     async fn run_pod(&mut self, config: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+        self.run_pod_with(config, "").await
+    }
+
+    /// RunPodSandbox with a runtime handler (`caas-vm`: the pod's tenant is a VM tenant).
+    async fn run_pod_with(
+        &mut self,
+        config: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, tonic::Status> {
         self.cri
             .rt
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: String::new(),
+                runtime_handler: handler.into(),
             })
             .await
             .map(|r| r.into_inner().pod_sandbox_id)
@@ -1488,6 +1497,12 @@ impl Kubelet {
             })
             .await
             .unwrap_or_else(|e| panic!("RemovePodSandbox {id}: {e:?}"));
+    }
+
+    /// Busybox pushed to `reg` and pulled as the kubelet would: the image id.
+    async fn busybox(&mut self, reg: &Registry, agent: &TestAgent) -> String {
+        let image = push_busybox(reg, &agent.dir.path().join("work")).await;
+        self.pull(&image).await
     }
 
     /// PullImage without a pod, as the kubelet does before creating containers; the image id.
@@ -1623,8 +1638,7 @@ async fn cri_pod_host_ports_publish_to_the_pod_and_have_one_owner_across_a_resta
     .await
     .unwrap();
     let mut k = Kubelet::connect(&agent).await;
-    let image = push_busybox(&reg, &agent.dir.path().join("work")).await;
-    let image_id = k.pull(&image).await;
+    let image_id = k.busybox(&reg, &agent).await;
     let (ns_a, ns_b) = (caas_tests::unique("hpa"), caas_tests::unique("hpb"));
     let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
 
@@ -1772,8 +1786,20 @@ impl Kubelet {
         (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
     }
 
-    /// The address PodSandboxStatus reports.
-    async fn pod_ip(&mut self, id: &str) -> String {
+    /// PortForward to port 8080 of pod `id`: the streaming server's URL.
+    async fn port_forward(&mut self, id: &str) -> Result<String, tonic::Status> {
+        self.cri
+            .rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: id.into(),
+                port: vec![8080],
+            })
+            .await
+            .map(|r| r.into_inner().url)
+    }
+
+    /// PodSandboxStatus of pod `id`.
+    async fn pod_status(&mut self, id: &str) -> cri::PodSandboxStatus {
         self.cri
             .rt
             .pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -1785,113 +1811,149 @@ impl Kubelet {
             .into_inner()
             .status
             .unwrap()
-            .network
-            .unwrap()
-            .ip
+    }
+
+    /// The state PodSandboxStatus reports.
+    async fn pod_state(&mut self, id: &str) -> cri::PodSandboxState {
+        cri::PodSandboxState::try_from(self.pod_status(id).await.state).unwrap()
+    }
+
+    /// The address PodSandboxStatus reports.
+    async fn pod_ip(&mut self, id: &str) -> String {
+        self.pod_status(id).await.network.unwrap().ip
     }
 }
 
-/// With `[cri.cni]` on, every pod gets a network namespace of its own, made inside its tenant's
-/// network boundary by the standard CNI plugins (bridge + host-local from Debian's
-/// containernetworking-plugins): the pod has the address PodSandboxStatus reports, another pod of
-/// the tenant reaches it there (and no longer on its own loopback), its host port serves on
-/// 127.0.0.1 and the uplink, it reaches the test host through NAT with the uplink's address, a
-/// pod of another tenant does not reach it, and all of it survives an agent restart.
-/// StopPodSandbox takes the namespace and the address away; once the pods and tenants are gone
-/// the host's links, addresses and nftables ruleset are as before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
-    let name = "cri_pods_get_a_network_namespace_of_their_own_through_cni";
-    if !require_root(name) || !tools_available(name) || !cni_plugins_available(name) {
-        return;
-    }
-    let _serial = SERIAL.lock().await;
-    let host = TestHost::new(48);
-    let pool = "10.238.0.0/24";
-    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
-    let conf = tempfile::tempdir().unwrap();
-    std::fs::write(conf.path().join("10-pods.conflist"), POD_CONFLIST).unwrap();
-    let registry = reg.host();
-    let conf_dir = conf.path().to_path_buf();
-    let cri_config = move |c: &mut Config| {
-        c.cri.enabled = true;
-        c.cri.cni.enabled = true;
-        c.cri.cni.conf_dir = conf_dir;
-        c.cri.cni.bin_dirs = vec![PathBuf::from(CNI_BIN)];
-        c.images.insecure_registries = vec![registry];
-    };
-    let (p, l, tweak) = (pool.to_string(), host.link.clone(), cri_config.clone());
-    let mut agent = TestAgent::start(move |c| {
-        network_config(c, &p, &l);
-        tweak(c);
-    })
-    .await
-    .unwrap();
-    // The agent's table is loaded (with the uplink): what follows must leave the host so.
-    let before = host_network();
-    let mut k = Kubelet::connect(&agent).await;
-    let image = push_busybox(&reg, &agent.dir.path().join("work")).await;
-    let image_id = k.pull(&image).await;
-    let (ns_a, ns_b) = (caas_tests::unique("cna"), caas_tests::unique("cnb"));
-    let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let in_range = |a: Ipv4Addr| a.octets()[..3] == [10, 245, 0];
-
-    // The server pod of tenant A, with a host port for its 8080.
-    let (port, server_pod, server_id) = 'pick: {
+/// Runs a pod of `namespace` (with runtime `handler`) whose host port, a free one, leads to its
+/// container port 8080, and in it a container answering `reply` on 8080: the host port, the pod
+/// config and the pod id, and the container id. Another port is tried when a host process
+/// happens to have one.
+async fn serve_on_a_host_port(
+    k: &mut Kubelet,
+    namespace: &str,
+    handler: &str,
+    image: &str,
+    reply: &str,
+) -> (u16, cri::PodSandboxConfig, String, String) {
+    let (port, pod, id) = 'pick: {
         for _ in 0..20 {
             let port = publish_port();
             if TcpListener::bind(("0.0.0.0", port)).is_err() {
                 continue;
             }
-            let pod = k.pod(&ns_a, "server", &[(port, 8080)]);
-            match k.run_pod(&pod).await {
+            let pod = k.pod(namespace, "server", &[(port, 8080)]);
+            match k.run_pod_with(&pod, handler).await {
                 Ok(id) => break 'pick (port, pod, id),
                 Err(e)
                     if e.code() == Code::FailedPrecondition
                         && e.message().contains("in use on the host") => {}
-                Err(e) => panic!("RunPodSandbox {ns_a}/server with host port {port}: {e:?}"),
+                Err(e) => panic!("RunPodSandbox {namespace}/server with host port {port}: {e:?}"),
             }
         }
         panic!("no free host port in 20 tries");
     };
-    let srv = k
+    let c = k
         .run_container(
-            &server_id,
-            &server_pod,
+            &id,
+            &pod,
             "srv",
-            &image_id,
-            "while :; do echo pod-a | nc -l -p 8080; done",
+            image,
+            &format!("while :; do echo {reply} | nc -l -p 8080; done"),
         )
         .await;
+    (port, pod, id, c)
+}
+
+/// The IPv4 peers the test host's server saw.
+fn v4_peers(world: &Served) -> Vec<Ipv4Addr> {
+    world
+        .peers()
+        .iter()
+        .filter_map(|(p, _)| match p {
+            SocketAddr::V4(v) => Some(*v.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Whether the host has no route to `ip`/32 (a stopped pod's is gone).
+fn no_host_route(ip: Ipv4Addr) -> bool {
+    let routes = Command::new("ip")
+        .args(["-4", "route", "show", &format!("{ip}/32")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&routes.stdout).trim().is_empty()
+}
+
+/// The CRI with `[cri.cni]` on and the test's network list ([`POD_CONFLIST`], in the directory
+/// returned, which must outlive the agent), pulling from `reg`.
+fn cni_config(
+    reg: &Registry,
+) -> (
+    tempfile::TempDir,
+    impl Fn(&mut Config) + Clone + Send + 'static,
+) {
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(conf.path().join("10-pods.conflist"), POD_CONFLIST).unwrap();
+    let registry = reg.host();
+    let conf_dir = conf.path().to_path_buf();
+    let tweak = move |c: &mut Config| {
+        c.cri.enabled = true;
+        c.cri.cni.enabled = true;
+        c.cri.cni.conf_dir = conf_dir.clone();
+        c.cri.cni.bin_dirs = vec![PathBuf::from(CNI_BIN)];
+        c.images.insecure_registries = vec![registry.clone()];
+    };
+    (conf, tweak)
+}
+
+/// The pods [`pods_on_a_cni_network`] made.
+struct CniPods {
+    /// The server pod's host port.
+    port: u16,
+    server_id: String,
+    server_ip: Ipv4Addr,
+    client_id: String,
+    /// The client pod's container.
+    client: String,
+    client_ip: Ipv4Addr,
+    /// The other tenant's pod.
+    other_id: String,
+    other_ip: Ipv4Addr,
+}
+
+/// What a pod network through CNI gives pods of tenant `ns` (runtime `handler`), with the test
+/// list's range (10.245.0.0/24): a server pod answering `reply` on 8080 with a host port, whose
+/// eth0 has the address PodSandboxStatus reports and routes via the list's bridge; a client pod
+/// of the tenant that does not share the server's loopback and reaches it at its address over
+/// the bridge; the host reaching the server at its address (kubelet's probes do) and at the host
+/// port on 127.0.0.1 and the uplink; the client reaching the test host through NAT with the
+/// uplink's address; and a user-namespaced pod of tenant `other` with an address of its own from
+/// the node's store, which does not reach the server.
+async fn pods_on_a_cni_network(
+    k: &mut Kubelet,
+    host: &TestHost,
+    image: &str,
+    (ns, handler): (&str, &str),
+    other: &str,
+    reply: &str,
+) -> CniPods {
+    let in_range = |a: Ipv4Addr| a.octets()[..3] == [10, 245, 0];
+    let (port, _, server_id, srv) = serve_on_a_host_port(k, ns, handler, image, reply).await;
     let server_ip: Ipv4Addr = k.pod_ip(&server_id).await.parse().unwrap();
     assert!(
         in_range(server_ip),
         "the pod's address {server_ip} is not from the network list's range 10.245.0.0/24"
     );
-    let pod_ns = agent
-        .dir
-        .path()
-        .join("run/tenants")
-        .join(&ns_a)
-        .join("ns/pods")
-        .join(&server_id);
-    assert!(
-        caas_agent::engine::ns::is_ns(&pod_ns),
-        "no pod netns at {}",
-        pod_ns.display()
-    );
-    // Inside, eth0 has that address, and the default route is the bridge in the tenant's netns.
     let (code, out) = k.exec(&srv, "ip -4 -o addr show eth0; ip route").await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("{server_ip}/24")), "{out}");
     assert!(out.contains("default via 10.245.0.1"), "{out}");
 
-    // A second pod of A: a namespace of its own (its loopback has no 8080), and it reaches the
-    // server at the server pod's address over the tenant's bridge.
-    let client_pod = k.pod(&ns_a, "client", &[]);
-    let client_id = k.run_pod(&client_pod).await.unwrap();
+    let client_pod = k.pod(ns, "client", &[]);
+    let client_id = k.run_pod_with(&client_pod, handler).await.unwrap();
     let client = k
-        .run_container(&client_id, &client_pod, "c", &image_id, "sleep 600")
+        .run_container(&client_id, &client_pod, "c", image, "sleep 600")
         .await;
     let client_ip: Ipv4Addr = k.pod_ip(&client_id).await.parse().unwrap();
     assert!(in_range(client_ip) && client_ip != server_ip, "{client_ip}");
@@ -1909,70 +1971,117 @@ async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
         .exec(&client, &format!("nc -w 5 {server_ip} 8080 </dev/null"))
         .await;
     assert!(
-        code == 0 && out.contains("pod-a"),
+        code == 0 && out.contains(reply),
         "pod to pod over the tenant's bridge: {code} {out}"
     );
 
-    // The host reaches the pod at its own address (kubelet's probes do), routed to the
-    // tenant's link.
     assert_eq!(
         fetch_soon(SocketAddr::from((server_ip, 8080))).await,
-        "pod-a",
+        reply,
         "the host to the pod's address {server_ip}"
     );
+    for addr in [Ipv4Addr::LOCALHOST, host.host_ip] {
+        assert_eq!(
+            fetch_soon(SocketAddr::from((addr, port))).await,
+            reply,
+            "{addr}:{port}"
+        );
+    }
 
-    // The host port, on 127.0.0.1 and on the uplink.
-    assert_eq!(fetch_soon(local(port)).await, "pod-a", "127.0.0.1:{port}");
-    assert_eq!(
-        fetch_soon(SocketAddr::from((host.host_ip, port))).await,
-        "pod-a",
-        "{}:{port}",
-        host.host_ip
-    );
-
-    // Egress from a pod: NAT in the tenant's netns to the tenant's address, then at the host to
-    // the uplink's; the test host sees the uplink's address.
     let world = host.serve(host.ip, 9000);
     let (code, out) = k
-        .exec(&client, &format!("echo ping | nc -w 3 {} 9000", host.ip))
+        .exec(&client, &format!("echo ping | nc -w 5 {} 9000", host.ip))
         .await;
     assert!(
         code == 0 && out.contains("hello"),
         "pod egress: {code} {out}"
     );
-    let seen: Vec<Ipv4Addr> = world
-        .peers()
-        .iter()
-        .filter_map(|(p, _)| match p {
-            SocketAddr::V4(v) => Some(*v.ip()),
-            SocketAddr::V6(_) => None,
-        })
-        .collect();
+    let seen = v4_peers(&world);
     assert!(
         seen.contains(&host.host_ip),
         "the test host saw {seen:?}, not the uplink address {}",
         host.host_ip
     );
 
-    // Tenant B's pod has a network of its own: A's pod address is not A's pod there.
-    let b_pod = k.pod(&ns_b, "client", &[]);
-    let b_id = k.run_pod(&b_pod).await.unwrap();
-    let b = k
-        .run_container(&b_id, &b_pod, "c", &image_id, "sleep 600")
+    let other_pod = k.pod(other, "client", &[]);
+    let other_id = k.run_pod(&other_pod).await.unwrap();
+    let o = k
+        .run_container(&other_id, &other_pod, "c", image, "sleep 600")
         .await;
-    // Pod addresses are the node's: B's pod has one of its own, not one of A's pods'.
-    let b_ip: Ipv4Addr = k.pod_ip(&b_id).await.parse().unwrap();
+    let other_ip: Ipv4Addr = k.pod_ip(&other_id).await.parse().unwrap();
     assert!(
-        in_range(b_ip) && b_ip != server_ip && b_ip != client_ip,
-        "tenant B's pod got {b_ip}; A's pods have {server_ip} and {client_ip}"
+        in_range(other_ip) && other_ip != server_ip && other_ip != client_ip,
+        "tenant {other}'s pod got {other_ip}; {ns}'s pods have {server_ip} and {client_ip}"
     );
     let (_, out) = k
         .exec(
-            &b,
+            &o,
             &format!("nc -w 2 {server_ip} 8080 </dev/null || echo unreached"),
         )
         .await;
-    assert!(!out.contains("pod-a"), "tenant B reached A's pod: {out}");
+    assert!(
+        !out.contains(reply),
+        "tenant {other} reached {ns}'s pod: {out}"
+    );
+    CniPods {
+        port,
+        server_id,
+        server_ip,
+        client_id,
+        client,
+        client_ip,
+        other_id,
+        other_ip,
+    }
+}
+
+/// With `[cri.cni]` on, every pod gets a network namespace of its own, made inside its tenant's
+/// network boundary by the standard CNI plugins (bridge + host-local from Debian's
+/// containernetworking-plugins): all that [`pods_on_a_cni_network`] checks, with the pod's netns
+/// held on the host, and all of it survives an agent restart. StopPodSandbox takes the namespace
+/// and the address away; once the pods and tenants are gone the host's links, addresses and
+/// nftables ruleset are as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
+    let name = "cri_pods_get_a_network_namespace_of_their_own_through_cni";
+    if !require_root(name) || !tools_available(name) || !cni_plugins_available(name) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(48);
+    let pool = "10.238.0.0/24";
+    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
+    let (_conf, cri_config) = cni_config(&reg);
+    let (p, l, tweak) = (pool.to_string(), host.link.clone(), cri_config.clone());
+    let mut agent = TestAgent::start(move |c| {
+        network_config(c, &p, &l);
+        tweak(c);
+    })
+    .await
+    .unwrap();
+    // The agent's table is loaded (with the uplink): what follows must leave the host so.
+    let before = host_network();
+    let mut k = Kubelet::connect(&agent).await;
+    let image_id = k.busybox(&reg, &agent).await;
+    let (ns_a, ns_b) = (caas_tests::unique("cna"), caas_tests::unique("cnb"));
+    let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+
+    let pods = pods_on_a_cni_network(&mut k, &host, &image_id, (&ns_a, ""), &ns_b, "pod-a").await;
+    let (server_id, server_ip, client) =
+        (pods.server_id.clone(), pods.server_ip, pods.client.clone());
+    let (client_id, b_id, port) = (pods.client_id.clone(), pods.other_id.clone(), pods.port);
+    let pod_ns = agent
+        .dir
+        .path()
+        .join("run/tenants")
+        .join(&ns_a)
+        .join("ns/pods")
+        .join(&server_id);
+    assert!(
+        caas_agent::engine::ns::is_ns(&pod_ns),
+        "no pod netns at {}",
+        pod_ns.display()
+    );
 
     // An agent restart keeps the pods' networks.
     restart_with(&mut agent, pool, &host, cri_config).await;
@@ -1992,14 +2101,9 @@ async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
         pod_ns.display()
     );
     assert_eq!(k.pod_ip(&server_id).await, "");
-    let routes = Command::new("ip")
-        .args(["-4", "route", "show", &format!("{server_ip}/32")])
-        .output()
-        .unwrap();
     assert!(
-        String::from_utf8_lossy(&routes.stdout).trim().is_empty(),
-        "the stopped pod's route is still there: {}",
-        String::from_utf8_lossy(&routes.stdout)
+        no_host_route(server_ip),
+        "the stopped pod's route to {server_ip} is still there"
     );
     let ipam = agent
         .dir
@@ -2021,6 +2125,178 @@ async fn cri_pods_get_a_network_namespace_of_their_own_through_cni() {
     let mut api = Api::new(&agent).await;
     // The tenant PullImage put the image in (`[cri] image_tenant`) goes too.
     for t in [ns_a.as_str(), ns_b.as_str(), "default"] {
+        api.delete_tenant(t).await;
+    }
+    let d = diff(&before, &host_network());
+    assert!(d.is_empty(), "left behind on the host:\n{d}");
+    agent.stop().await.unwrap();
+}
+
+/// With `[cri.cni]` on, a VM tenant's pods get network namespaces of their own too, made in its
+/// guest by the same plugins (sent into the guest, run there by its engine), while host-local
+/// allocates on the host from the node's one store: all that [`pods_on_a_cni_network`] checks
+/// (the guest's bridge between the pods, the host to a pod through the tenant's tap, host ports,
+/// NAT out, another tenant walled off), and port-forward reaches the pod at its address. After
+/// the VM crashes and is booted again, its pods are not ready and refuse port-forward, and their
+/// stop releases their addresses; a pod made in the new boot works. StopPodSandbox releases the
+/// address and the route. Once the pods and tenants are gone the host's links, addresses and
+/// nftables ruleset are as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_tenants_pods_get_network_namespaces_of_their_own_in_its_guest() {
+    let name = "a_vm_tenants_pods_get_network_namespaces_of_their_own_in_its_guest";
+    if !require_root(name)
+        || !tools_available(name)
+        || !cni_plugins_available(name)
+        || !caas_tests::vm::vm_available(name)
+    {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::new(52);
+    let pool = "10.227.0.0/24";
+    let reg = Registry::start(RegistryOpts::default()).await.unwrap();
+    let (_conf, cri_config) = cni_config(&reg);
+    let uplink = host.link.clone();
+    let mut agent = TestAgent::start(move |c| {
+        network_config(c, pool, &uplink);
+        caas_tests::vm::configure(c);
+        cri_config(c);
+    })
+    .await
+    .unwrap();
+    let before = host_network();
+    let mut k = Kubelet::connect(&agent).await;
+    let image_id = k.busybox(&reg, &agent).await;
+    let (ns_v, ns_u) = (caas_tests::unique("cvm"), caas_tests::unique("cvu"));
+    let console = || {
+        std::fs::read_to_string(
+            agent
+                .dir
+                .path()
+                .join(format!("state/engines/{ns_v}/console.log")),
+        )
+        .unwrap_or_default()
+    };
+
+    let pods =
+        pods_on_a_cni_network(&mut k, &host, &image_id, (&ns_v, "caas-vm"), &ns_u, "pod-v").await;
+    let (server_id, server_ip, client_id, client_ip) = (
+        pods.server_id.clone(),
+        pods.server_ip,
+        pods.client_id.clone(),
+        pods.client_ip,
+    );
+    let (u_id, u_ip) = (pods.other_id.clone(), pods.other_ip);
+    // host-local holds the pods' addresses in the node's store, on the host.
+    let held = |ip: Ipv4Addr| {
+        agent
+            .dir
+            .path()
+            .join("run/cni-ipam/caas-test-pods")
+            .join(ip.to_string())
+    };
+    for ip in [server_ip, client_ip, u_ip] {
+        assert!(held(ip).exists(), "{} is missing", held(ip).display());
+    }
+    // Port-forward (kubectl port-forward through the streaming server) reaches the pod at its
+    // own address, not the tenant's.
+    if let Some(spdy) = &caas_tests::spdy::client(name) {
+        let pf = k.port_forward(&server_id).await.unwrap();
+        let r = caas_tests::spdy::run(spdy, &["portforward", &pf, "8080"], b"ping\n").await;
+        assert!(r.code == 0 && r.stdout.contains("pod-v"), "{r:?}");
+    }
+
+    // Stopping the server pod releases its address and route; stopping twice succeeds.
+    k.stop_pod(&server_id).await;
+    assert_eq!(k.pod_ip(&server_id).await, "");
+    assert!(
+        no_host_route(server_ip),
+        "the stopped pod's route to {server_ip} is still there"
+    );
+    assert!(
+        !held(server_ip).exists(),
+        "host-local still holds {server_ip}"
+    );
+    k.stop_pod(&server_id).await;
+
+    // The VM crashes and is booted again: the client pod's namespace went with the old boot, so
+    // the pod is not ready (kubelet replaces it), and its stop releases its address on the host.
+    let mut api = Api::new(&agent).await;
+    let pid_file = agent
+        .dir
+        .path()
+        .join("run/tenants")
+        .join(&ns_v)
+        .join("vmm.pid");
+    let vmm_record = || std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let first_boot = vmm_record();
+    let vmm: i32 = first_boot
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no VMM pid in {}", pid_file.display()));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut rebooted = false;
+    for _ in 0..1200 {
+        let t = api
+            .t
+            .get_tenant(pb::GetTenantRequest { id: ns_v.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let now = vmm_record();
+        if t.state == pb::TenantState::Ready as i32 && !now.is_empty() && now != first_boot {
+            rebooted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rebooted, "the VM was not booted again\n{}", console());
+    assert_eq!(
+        k.pod_state(&client_id).await,
+        cri::PodSandboxState::SandboxNotready,
+        "a pod whose namespace went with the VM's last boot is ready"
+    );
+    let e = k.port_forward(&client_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    k.stop_pod(&client_id).await;
+    assert!(
+        !held(client_ip).exists(),
+        "host-local still holds {client_ip}"
+    );
+
+    // A new server pod in the new boot gets an address and serves (the plugins are there
+    // from the first boot's imports).
+    let again_pod = k.pod(&ns_v, "server2", &[]);
+    let again_id = k.run_pod_with(&again_pod, "caas-vm").await.unwrap();
+    k.run_container(
+        &again_id,
+        &again_pod,
+        "srv",
+        &image_id,
+        "while :; do echo pod-v2 | nc -l -p 8080; done",
+    )
+    .await;
+    let again_ip: Ipv4Addr = k.pod_ip(&again_id).await.parse().unwrap();
+    assert_eq!(
+        fetch_soon(SocketAddr::from((again_ip, 8080))).await,
+        "pod-v2",
+        "the host to the new VM pod's address {again_ip}"
+    );
+
+    for id in [&server_id, &client_id, &again_id, &u_id] {
+        k.stop_pod(id).await;
+        k.remove_pod(id).await;
+    }
+    assert!(k.pods().await.is_empty());
+    for ip in [client_ip, again_ip, u_ip] {
+        assert!(!held(ip).exists(), "host-local still holds {ip}");
+    }
+    for t in [ns_v.as_str(), ns_u.as_str(), "default"] {
         api.delete_tenant(t).await;
     }
     let d = diff(&before, &host_network());

@@ -435,7 +435,7 @@ impl Cri {
         &self,
         p: &PodRecord,
         ip: String,
-        ready_tenants: &HashSet<String>,
+        ready_tenants: &ReadyTenants,
     ) -> cri::PodSandboxStatus {
         cri::PodSandboxStatus {
             id: p.id.clone(),
@@ -476,8 +476,8 @@ impl Cri {
         }
     }
 
-    /// The tenants that are ready now.
-    pub(super) async fn ready_tenants(&self) -> HashSet<String> {
+    /// The tenants that are ready now, each with its VM's boot ([`Cri::vm_boot`]).
+    pub(super) async fn ready_tenants(&self) -> ReadyTenants {
         self.state
             .sandboxes
             .registry
@@ -487,8 +487,30 @@ impl Cri {
             })
             .await
             .into_iter()
-            .map(|t| t.id)
+            .map(|t| {
+                let boot = if t.isolation == Isolation::Vm {
+                    self.vm_boot(&t.id)
+                } else {
+                    String::new()
+                };
+                (t.id, boot)
+            })
             .collect()
+    }
+
+    /// Which boot of VM tenant `tenant`'s VM runs now: its VMM's record (`pid start-time`,
+    /// which a VM booted again after a crash changes), or empty when none runs.
+    fn vm_boot(&self, tenant: &str) -> String {
+        std::fs::read_to_string(
+            self.state
+                .config
+                .run_dir
+                .join("tenants")
+                .join(tenant)
+                .join("vmm.pid"),
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
     }
 
     /// The engine of a ready tenant.
@@ -572,16 +594,19 @@ impl Cri {
             .and_then(|t| t.subnet)
     }
 
-    /// Whether a new pod of `tenant` gets a network namespace of its own (CNI on, and a
-    /// user-namespaced tenant: a VM's pods share the guest's tenant netns).
+    /// Whether a new pod of `tenant` gets a network namespace of its own (CNI on: in a VM
+    /// tenant, inside its guest).
     async fn cni_applies(&self, tenant: &str) -> bool {
-        self.state.config.cri.cni.enabled
-            && self
-                .state
-                .sandboxes
-                .tenant(tenant)
-                .await
-                .is_ok_and(|t| t.isolation == Isolation::Userns)
+        self.state.config.cri.cni.enabled && self.state.sandboxes.tenant(tenant).await.is_ok()
+    }
+
+    /// Whether `tenant` is a VM tenant.
+    async fn is_vm(&self, tenant: &str) -> bool {
+        self.state
+            .sandboxes
+            .tenant(tenant)
+            .await
+            .is_ok_and(|t| t.isolation == Isolation::Vm)
     }
 
     /// The network and host ports of a new pod (its record added): its own netns through CNI
@@ -719,21 +744,32 @@ impl Cri {
         let list = cfg
             .network()
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let vm = self.is_vm(&p.tenant).await;
         let mut eng = self.pod_engine(&p.tenant).await?;
-        eng.create_netns(epb::NetnsRequest {
-            name: net.netns.clone(),
-        })
-        .await
-        .map_err(context(format!("making pod {}'s network namespace", p.id)))?;
-        let path = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
-        if !crate::engine::ns::is_ns(&path) {
-            return Err(Status::internal(format!(
-                "pod {}'s network namespace is not at {} after the engine made it",
-                p.id,
-                path.display()
-            )));
+        let made = eng
+            .create_netns(epb::NetnsRequest {
+                name: net.netns.clone(),
+            })
+            .await
+            .map_err(context(format!("making pod {}'s network namespace", p.id)))?
+            .into_inner();
+        if vm {
+            // In the guest: the host sees neither the path nor the namespace, and a VM booted
+            // again has lost it.
+            net.path = made.path;
+            net.vm_boot = self.vm_boot(&p.tenant);
+        } else {
+            let path =
+                crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
+            if !crate::engine::ns::is_ns(&path) {
+                return Err(Status::internal(format!(
+                    "pod {}'s network namespace is not at {} after the engine made it",
+                    p.id,
+                    path.display()
+                )));
+            }
+            net.path = path.to_string_lossy().into_owned();
         }
-        net.path = path.to_string_lossy().into_owned();
         net.network = list.name.clone();
         net.config = Some(list.to_json());
         // Recorded before ADD: an agent that dies during it still knows what to delete.
@@ -741,21 +777,29 @@ impl Cri {
             .set_pod_network(&p.id, Some(net.clone()))
             .await
             .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
-        let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
         let ipam_dir = self.ipam_dir();
         let netns = std::path::PathBuf::from(&net.path);
-        let call = cni::PodCall {
-            id: &p.id,
-            netns: &netns,
-            tenant_netns: &tenant_netns,
-            namespace: &p.namespace,
-            name: &p.name,
-            uid: &p.uid,
-            ipam_dir: &ipam_dir,
-        };
-        let result = cni::add(cfg, &list, &call)
-            .await
-            .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+        let call = pod_call(p, &net.netns, &netns, &ipam_dir);
+        let result = if vm {
+            // host-local allocates here, in the node's store; the guest's plugins get the
+            // addresses as static IPAM.
+            let guest = cni::delegate_ipam(cfg, &list, &call)
+                .await
+                .map_err(|e| cni_status(&p.id, e))?;
+            net.guest_config = Some(guest.to_json());
+            self.store
+                .set_pod_network(&p.id, Some(net.clone()))
+                .await
+                .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+            let runner = self.guest_runner(&p.tenant, &guest).await?;
+            cni::add(cfg, &guest, &call, &runner).await
+        } else {
+            let runner = cni::Runner::Host {
+                tenant_netns: self.tenant_ns_dir(&p.tenant).join("net"),
+            };
+            cni::add(cfg, &list, &call, &runner).await
+        }
+        .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
         let ip = cni::ipv4_of(&result);
         net.ip = ip.map(|a| a.to_string()).unwrap_or_default();
         net.result = Some(result);
@@ -775,6 +819,37 @@ impl Cri {
             .ok_or_else(|| Status::aborted(format!("pod {} was removed meanwhile", p.id)))
     }
 
+    /// Runs a VM tenant's pod plugins in its guest: the plugins `list` names (and the IPAM
+    /// they run) sent in first, each once per content.
+    async fn guest_runner(
+        &self,
+        tenant: &str,
+        list: &cni::NetworkList,
+    ) -> Result<cni::Runner, Status> {
+        let cfg = &self.state.config.cri.cni;
+        let mut files = Vec::new();
+        for name in cni::guest_plugins(list) {
+            let path = cfg.plugin(&name).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "CNI plugin {name:?} of network {:?} is in none of [cri.cni] bin_dirs",
+                    list.name
+                ))
+            })?;
+            files.push((name, path));
+        }
+        let (engine, plugins) = self
+            .state
+            .sandboxes
+            .import_files(tenant, &files)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "sending the CNI plugins into tenant {tenant:?}'s VM: {e}"
+                ))
+            })?;
+        Ok(cni::Runner::Guest { engine, plugins })
+    }
+
     /// Takes a pod's own network down: CNI DEL with what ADD gave, the netns, the record's
     /// address and results, the host-port forwards. What is gone already is skipped; an error leaves the
     /// record, so that a retry (kubelet retries a stop) goes on from there.
@@ -782,9 +857,6 @@ impl Cri {
         let Some(net) = p.network.clone() else {
             return Ok(());
         };
-        let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
-        let netns = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
-        let tenant_alive = crate::engine::ns::is_ns(&tenant_netns);
         if let (Ok(ip), Some(subnet)) = (
             net.ip.parse::<std::net::Ipv4Addr>(),
             self.tenant_subnet(&p.tenant).await,
@@ -793,15 +865,81 @@ impl Cri {
                 .await
                 .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
         }
-        let recorded = net
-            .config
-            .as_ref()
-            .map(|c| {
-                cni::NetworkList::parse(&c.to_string(), "the pod's recorded network")
-                    .map_err(|e| Status::internal(e.to_string()))
-            })
-            .transpose()?;
-        if !tenant_alive && let Some(list) = &recorded {
+        let parse = |c: &Option<serde_json::Value>| {
+            c.as_ref()
+                .map(|c| {
+                    cni::NetworkList::parse(&c.to_string(), "the pod's recorded network")
+                        .map_err(|e| Status::internal(e.to_string()))
+                })
+                .transpose()
+        };
+        let recorded = parse(&net.config)?;
+        let ipam_dir = self.ipam_dir();
+        let cfg = &self.state.config.cri.cni;
+        let rules_tenant_alive = if net.vm_boot.is_empty() {
+            self.teardown_host_network(p, &net, recorded.as_ref())
+                .await?
+        } else {
+            // The guest's part, while the VM that has the pod's netns runs (one booted again
+            // has lost it, and a deleted tenant took it along); then the addresses the host's
+            // store gave.
+            let vm_alive = self.vm_boot(&p.tenant) == net.vm_boot;
+            let netns = std::path::PathBuf::from(&net.path);
+            let call = pod_call(p, &net.netns, &netns, &ipam_dir);
+            if vm_alive {
+                if let Some(guest) = parse(&net.guest_config)? {
+                    let runner = self.guest_runner(&p.tenant, &guest).await?;
+                    cni::del(cfg, &guest, net.result.as_ref(), &call, &runner)
+                        .await
+                        .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+                }
+                self.pod_engine(&p.tenant)
+                    .await?
+                    .delete_netns(epb::NetnsRequest {
+                        name: net.netns.clone(),
+                    })
+                    .await
+                    .map_err(context(format!(
+                        "removing pod {}'s network namespace",
+                        p.id
+                    )))?;
+            }
+            if let Some(list) = &recorded {
+                cni::release_ipam(cfg, list, &call)
+                    .await
+                    .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
+            }
+            vm_alive
+        };
+        // The record keeps the netns's name: the pod had one, and has no address now.
+        let down = PodNetwork {
+            netns: net.netns.clone(),
+            network: net.network.clone(),
+            ..PodNetwork::default()
+        };
+        self.store
+            .set_pod_network(&p.id, Some(down))
+            .await
+            .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+        if rules_tenant_alive {
+            self.refresh_tenant_rules(&p.tenant).await?;
+        }
+        Ok(())
+    }
+
+    /// The host's part of [`Self::teardown_network`] for a user-namespaced tenant's pod: DEL in
+    /// the tenant's netns, and the pod's netns unmounted. Returns whether the tenant's netns is
+    /// there (its rules are then rewritten).
+    async fn teardown_host_network(
+        &self,
+        p: &PodRecord,
+        net: &PodNetwork,
+        recorded: Option<&cni::NetworkList>,
+    ) -> Result<bool, Status> {
+        let tenant_netns = self.tenant_ns_dir(&p.tenant).join("net");
+        let netns = crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
+        let tenant_alive = crate::engine::ns::is_ns(&tenant_netns);
+        if !tenant_alive && let Some(list) = recorded {
             // The plugins cannot run without the tenant's netns; what host-local holds for the
             // pod in the node's store is released here, as its DEL would.
             let released = cni::release_host_local(list, &self.ipam_dir(), &p.id).map_err(|e| {
@@ -815,20 +953,16 @@ impl Cri {
         // its address); not when the tenant's is: what the plugins made there went with it.
         if tenant_alive && let Some(list) = recorded {
             let ipam_dir = self.ipam_dir();
-            let call = cni::PodCall {
-                id: &p.id,
-                netns: &netns,
-                tenant_netns: &tenant_netns,
-                namespace: &p.namespace,
-                name: &p.name,
-                uid: &p.uid,
-                ipam_dir: &ipam_dir,
+            let call = pod_call(p, &net.netns, &netns, &ipam_dir);
+            let runner = cni::Runner::Host {
+                tenant_netns: tenant_netns.clone(),
             };
             cni::del(
                 &self.state.config.cri.cni,
-                &list,
+                list,
                 net.result.as_ref(),
                 &call,
+                &runner,
             )
             .await
             .map_err(|e| Status::internal(format!("pod {}: {e}", p.id)))?;
@@ -836,33 +970,26 @@ impl Cri {
         // The agent, root in the host's mount namespace, takes the bind mount away itself:
         // no need for the tenant's engine to be up.
         crate::engine::ns::remove_pod_netns(&self.tenant_ns_dir(&p.tenant), &net.netns);
-        // The record keeps the netns's name: the pod had one, and has no address now.
-        let down = PodNetwork {
-            netns: net.netns.clone(),
-            network: net.network.clone(),
-            ..PodNetwork::default()
-        };
-        self.store
-            .set_pod_network(&p.id, Some(down))
-            .await
-            .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
-        if tenant_alive {
-            self.refresh_tenant_rules(&p.tenant).await?;
-        }
-        Ok(())
+        Ok(tenant_alive)
     }
 
-    /// Rewrites the rules in a tenant's netns from its ready pods that have an address. One
-    /// rewrite at a time, each from the records as they are when it starts: the last one
-    /// written is never an older view.
+    /// Rewrites the rules in a tenant's netns (a VM tenant's: in its guest) from its ready
+    /// pods that have an address. One rewrite at a time, each from the records as they are
+    /// when it starts: the last one written is never an older view.
     async fn refresh_tenant_rules(&self, tenant: &str) -> Result<(), Status> {
         let _one = self.cni_rules.lock().await;
+        let vm = self.is_vm(tenant).await;
+        let boot = if vm {
+            self.vm_boot(tenant)
+        } else {
+            String::new()
+        };
         let mut forwards = Vec::new();
         for p in self.store.pods().await {
             let Some(ip) = p
                 .network
                 .as_ref()
-                .filter(|_| p.ready && p.tenant == tenant)
+                .filter(|n| p.ready && p.tenant == tenant && n.vm_boot == boot)
                 .and_then(|n| n.ip.parse::<std::net::Ipv4Addr>().ok())
             else {
                 continue;
@@ -883,13 +1010,18 @@ impl Cri {
             .and_then(|t| t.subnet)
             .filter(|_| self.state.config.network.enabled)
             .map(|s| crate::net::addresses(s).1);
-        cni::apply_tenant_rules(
-            tenant,
-            &self.tenant_ns_dir(tenant).join("net"),
-            tenant_ip,
-            &forwards,
-        )
-        .await
+        if vm {
+            let eng = self.pod_engine(tenant).await?;
+            cni::apply_guest_rules(tenant, &eng, tenant_ip, &forwards).await
+        } else {
+            cni::apply_tenant_rules(
+                tenant,
+                &self.tenant_ns_dir(tenant).join("net"),
+                tenant_ip,
+                &forwards,
+            )
+            .await
+        }
         .map_err(|e| Status::internal(e.to_string()))
     }
 
@@ -908,6 +1040,34 @@ impl Cri {
     }
 }
 
+/// What pod `p`'s plugin calls need: its metadata, its netns (`name` to its engine, `path` to
+/// the plugins) and the node's host-local store.
+fn pod_call<'a>(
+    p: &'a PodRecord,
+    name: &'a str,
+    path: &'a std::path::Path,
+    ipam_dir: &'a std::path::Path,
+) -> cni::PodCall<'a> {
+    cni::PodCall {
+        id: &p.id,
+        netns: path,
+        netns_name: name,
+        namespace: &p.namespace,
+        name: &p.name,
+        uid: &p.uid,
+        ipam_dir,
+    }
+}
+
+/// A CNI failure: a configuration the node's network cannot serve is `FAILED_PRECONDITION`,
+/// anything else `INTERNAL`.
+fn cni_status(pod: &str, e: cni::CniError) -> Status {
+    match e {
+        cni::CniError::Config(_) => Status::failed_precondition(format!("pod {pod}: {e}")),
+        _ => Status::internal(format!("pod {pod}: {e}")),
+    }
+}
+
 fn pod_metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
         name: p.name.clone(),
@@ -919,18 +1079,27 @@ fn pod_metadata(p: &PodRecord) -> cri::PodSandboxMetadata {
 
 /// Ready while its record says so and its tenant is ready: a pod whose tenant was deleted or
 /// failed is not, so kubelet makes a new one.
-fn pod_state(p: &PodRecord, ready_tenants: &HashSet<String>) -> cri::PodSandboxState {
+/// The ready tenants, each with its VM's boot (empty for a user-namespaced tenant).
+pub(super) type ReadyTenants = HashMap<String, String>;
+
+fn pod_state(p: &PodRecord, ready_tenants: &ReadyTenants) -> cri::PodSandboxState {
     // A pod whose own network was never completed (an agent that died during its set-up), or
-    // whose netns is gone (a host reboot, tenant namespaces made again), is not ready: kubelet
-    // stops it, which tears down what was left, and makes a new one.
+    // whose netns is gone (a host reboot, tenant namespaces made again; in a VM tenant, a VM
+    // booted again since), is not ready: kubelet stops it, which tears down what was left, and
+    // makes a new one.
     let network_made = p.network.as_ref().is_none_or(|n| {
-        !n.ip.is_empty() && crate::engine::ns::is_ns(std::path::Path::new(&n.path))
+        !n.ip.is_empty()
+            && if n.vm_boot.is_empty() {
+                crate::engine::ns::is_ns(std::path::Path::new(&n.path))
+            } else {
+                ready_tenants.get(&p.tenant) == Some(&n.vm_boot)
+            }
     });
     // A shared process namespace whose PID 1 ended (signalled from inside the pod, or a host
     // reboot) takes no new container: the pod is not ready either.
     let pid1_alive = p.pidns_dir.is_empty()
         || crate::engine::ns::pidns_holder(std::path::Path::new(&p.pidns_dir), &p.id).is_some();
-    if p.ready && network_made && pid1_alive && ready_tenants.contains(&p.tenant) {
+    if p.ready && network_made && pid1_alive && ready_tenants.contains_key(&p.tenant) {
         cri::PodSandboxState::SandboxReady
     } else {
         cri::PodSandboxState::SandboxNotready
@@ -1875,7 +2044,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         let isolation = isolation_of(&r.runtime_handler)?;
         let tenant = tenant_of(&config)?;
         // Namespaced ones only; the network's only where the pod gets a netns of its own.
-        let own_netns = self.cri.state.config.cri.cni.enabled && isolation == Isolation::Userns;
+        let own_netns = self.cri.state.config.cri.cni.enabled;
         let sysctls = sorted(
             config
                 .linux
@@ -1889,13 +2058,18 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         }
         if own_netns {
             // A pod network that cannot be made is refused before a tenant is made for it.
-            self.cri
+            let list = self
+                .cri
                 .state
                 .config
                 .cri
                 .cni
                 .network()
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            if isolation == Isolation::Vm {
+                cni::check_guest_ipam(&list)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            }
         }
         // Held until the pod is recorded: the idle-tenant collector never deletes the tenant
         // between its check and the record.
@@ -2753,7 +2927,31 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
             .tenant(&p.tenant)
             .await
             .map_err(|e| status::sandbox(e, &ctx))?;
-        let target = if t.isolation == Isolation::Vm {
+        let target = if t.isolation == Isolation::Vm
+            && let Some(n) = &p.network
+        {
+            // A VM pod with a netns of its own: its address, which the host routes to the
+            // tenant's tap, while the boot that made it runs.
+            let ip =
+                n.ip.parse()
+                    .ok()
+                    .filter(|_| self.cri.vm_boot(&p.tenant) == n.vm_boot);
+            match ip {
+                _ if !self.cri.state.config.network.enabled => {
+                    return Err(Status::failed_precondition(format!(
+                        "pod {} is in VM tenant {:?}, and tenant networks are off: port-forward to a VM tenant's pod goes to its address through the tenant's link (enable [network])",
+                        p.id, p.tenant
+                    )));
+                }
+                Some(ip) => stream::PortTarget::Address(ip),
+                None => {
+                    return Err(Status::failed_precondition(format!(
+                        "pod {} has no network namespace (stopped, not set up, or its VM booted again since); run a new pod sandbox",
+                        p.id
+                    )));
+                }
+            }
+        } else if t.isolation == Isolation::Vm {
             // The guest's loopback is out of the host's reach; its address is not.
             match (t.subnet, &self.cri.state.config.network.enabled) {
                 (Some(subnet), true) => {

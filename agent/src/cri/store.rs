@@ -88,6 +88,15 @@ pub struct PodNetwork {
     /// The network list's result, kept for DEL (`prevResult`).
     #[serde(default)]
     pub result: Option<serde_json::Value>,
+    /// A VM tenant's pod: the list as the guest runs it (host-local IPAM, which runs on the
+    /// host, replaced by static IPAM with the addresses it gave), so DEL runs there what ADD
+    /// ran.
+    #[serde(default)]
+    pub guest_config: Option<serde_json::Value>,
+    /// A VM tenant's pod: the boot of the VM its netns was made in (its VMM's record); empty
+    /// for a user-namespaced tenant's pod.
+    #[serde(default)]
+    pub vm_boot: String,
 }
 
 /// The CRI side of one container of a pod.

@@ -179,6 +179,7 @@ async fn serve(args: EngineArgs, paths: runtime::Paths, cg: TenantCgroups) -> Re
         shutdown: shutdown.clone(),
         tenant: args.tenant.clone(),
         started_ms: record::now_ms(),
+        in_vm: args.in_vm,
     };
     tracing::info!(tenant = %args.tenant, socket = %sock.display(), "engine serving");
     let result = tonic::transport::Server::builder()

@@ -745,6 +745,28 @@ impl Engine {
         super::ns::kill_untracked_holders(&self.paths.ns());
     }
 
+    /// Starts `cmd` as a child whose exit [`Engine::reap`] delivers on the receiver (it reaps
+    /// every child, so nothing else may wait for one). Spawning and registering happen under
+    /// the caller's hold of the engine: no reap comes between.
+    pub fn spawn_tracked(
+        &mut self,
+        cmd: &mut std::process::Command,
+    ) -> std::io::Result<(std::process::Child, tokio::sync::oneshot::Receiver<i32>)> {
+        let child = cmd.spawn()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Ok(pid) = i32::try_from(child.id()) {
+            self.execs.insert(pid, tx);
+        }
+        Ok((child, rx))
+    }
+
+    /// Unmounts and removes the pod network namespace `name`; gone is fine.
+    pub fn delete_netns(&self, name: &str) -> Result<(), EngineError> {
+        crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        super::ns::remove_pod_netns(&self.paths.ns(), name);
+        Ok(())
+    }
+
     /// Makes (or finds) the pod network namespace `name`; returns the path that holds it.
     pub fn create_netns(&self, name: &str) -> Result<PathBuf, EngineError> {
         crate::validate::check_id("name", name).map_err(|e| EngineError::Invalid(e.to_string()))?;

@@ -49,6 +49,9 @@ pub struct EngineSvc {
     pub tenant: String,
     /// When this engine started.
     pub started_ms: u64,
+    /// It runs in a VM tenant's guest: it runs CNI plugins and pod rules there, which the agent
+    /// does itself for a user-namespaced tenant.
+    pub in_vm: bool,
 }
 
 impl EngineSvc {
@@ -295,6 +298,75 @@ impl EngineSvc {
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
+    /// Refuses what only a VM guest's engine does.
+    fn vm_only(&self, what: &str) -> Result<(), Status> {
+        if self.in_vm {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "{what}: only a VM tenant's guest engine does this; the agent does it on the host for a user-namespaced tenant"
+            )))
+        }
+    }
+
+    /// Runs `cmd` (stdio piped) as a child the engine reaps: feeds it `input`, collects its
+    /// output, and gives its exit code (128 + the signal's number when a signal ended it, as
+    /// [`Engine::reap`] records it). Killed after `limit`.
+    async fn run_tracked(
+        &self,
+        mut cmd: std::process::Command,
+        input: Vec<u8>,
+        limit: Duration,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), String> {
+        let (mut child, code) = self
+            .lock()
+            .map_err(|e| e.message().to_string())?
+            .spawn_tracked(&mut cmd)
+            .map_err(|e| format!("starting {}: {e}", cmd.get_program().to_string_lossy()))?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        let fdio = |fd: Option<std::os::fd::OwnedFd>| {
+            fd.map(FdIo::new)
+                .transpose()
+                .map_err(|e| format!("its pipes: {e}"))
+        };
+        let stdin = fdio(child.stdin.take().map(Into::into))?;
+        let stdout = fdio(child.stdout.take().map(Into::into))?;
+        let stderr = fdio(child.stderr.take().map(Into::into))?;
+        let read_all = |f: Option<FdIo>| async move {
+            let mut out = Vec::new();
+            if let Some(f) = f {
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n) = f.read(&mut buf).await {
+                    if n == 0 || out.len() > 4 << 20 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+            out
+        };
+        let run = async move {
+            let feed = async move {
+                if let Some(w) = stdin {
+                    // A process that exits without reading all of it still has its say.
+                    let _ = w.write_all(&input).await;
+                }
+            };
+            let ((), out, err, code) = tokio::join!(feed, read_all(stdout), read_all(stderr), code);
+            (code.unwrap_or(-1), out, err)
+        };
+        match tokio::time::timeout(limit, run).await {
+            Ok((code, out, err)) => Ok((code, out, err)),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                Err(format!(
+                    "took longer than {} s and was killed",
+                    limit.as_secs()
+                ))
+            }
+        }
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Engine>, Status> {
         self.eng
             .lock()
@@ -537,6 +609,114 @@ impl epb::engine_server::Engine for EngineSvc {
             .delete_pidns(&req.into_inner().name)
             .map_err(status)?;
         Ok(Response::new(epb::NetnsReply::default()))
+    }
+
+    async fn delete_netns(
+        &self,
+        req: Request<epb::NetnsRequest>,
+    ) -> Result<Response<epb::NetnsReply>, Status> {
+        self.lock()?
+            .delete_netns(&req.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(epb::NetnsReply::default()))
+    }
+
+    async fn cni_plugin(
+        &self,
+        req: Request<epb::CniPluginRequest>,
+    ) -> Result<Response<epb::CniPluginReply>, Status> {
+        self.vm_only("CniPlugin")?;
+        let r = req.into_inner();
+        let bad = |m: String| Status::invalid_argument(format!("CniPlugin: {m}"));
+        if !matches!(r.command.as_str(), "ADD" | "DEL" | "CHECK") {
+            return Err(bad(format!(
+                "command {:?} is not ADD, DEL or CHECK",
+                r.command
+            )));
+        }
+        if !(1..=600).contains(&r.timeout_seconds) {
+            return Err(bad(format!(
+                "timeout_seconds {} is outside 1..=600",
+                r.timeout_seconds
+            )));
+        }
+        crate::validate::check_id("netns", &r.netns).map_err(|e| bad(e.to_string()))?;
+        for (what, v) in [("container_id", &r.container_id), ("ifname", &r.ifname)] {
+            if v.is_empty() || v.len() > 64 || v.contains(['/', '\0']) {
+                return Err(bad(format!("{what} {v:?} is empty, too long or holds '/'")));
+            }
+        }
+        let (bin_dir, imports, ns_dir) = {
+            let eng = self.lock()?;
+            (
+                eng.paths().run.join("cni-bin"),
+                eng.paths().imports(),
+                eng.paths().ns(),
+            )
+        };
+        if !r.plugins.contains_key(&r.plugin) {
+            return Err(bad(format!(
+                "plugin {:?} is not among the plugins sent",
+                r.plugin
+            )));
+        }
+        link_plugins(&bin_dir, &imports, &r.plugins).map_err(|e| {
+            Status::failed_precondition(format!("CniPlugin: the plugins sent in: {e}"))
+        })?;
+        let netns = crate::engine::ns::pod_netns_path(&ns_dir, &r.netns);
+        let tenant_ns = std::fs::File::open(ns_dir.join("net"))
+            .map_err(|e| Status::internal(format!("CniPlugin: the tenant's netns: {e}")))?;
+        let cni_path = bin_dir.to_string_lossy().into_owned();
+        let inv = crate::cri::cni::Invocation {
+            command: &r.command,
+            container_id: &r.container_id,
+            netns: &netns,
+            ifname: &r.ifname,
+            args: &r.args,
+            cni_path: &cni_path,
+        };
+        let cmd = inv.command(&bin_dir.join(&r.plugin), Some(tenant_ns));
+        let (code, stdout, stderr) = self
+            .run_tracked(cmd, r.config, Duration::from_secs(r.timeout_seconds.into()))
+            .await
+            .map_err(|e| Status::internal(format!("CniPlugin {:?}: {e}", r.plugin)))?;
+        Ok(Response::new(epb::CniPluginReply {
+            exit_code: code,
+            stdout,
+            stderr,
+        }))
+    }
+
+    async fn pod_rules(
+        &self,
+        req: Request<epb::PodRulesRequest>,
+    ) -> Result<Response<epb::PodRulesReply>, Status> {
+        self.vm_only("PodRules")?;
+        let (tenant_ip, forwards) = crate::cri::cni::forwards_of(&req.into_inner())
+            .map_err(|e| Status::invalid_argument(format!("PodRules: {e}")))?;
+        let net = self.lock()?.paths().ns().join("net");
+        let open = || {
+            std::fs::File::open(&net)
+                .map_err(|e| Status::internal(format!("PodRules: the tenant's netns: {e}")))
+        };
+        crate::cri::cni::enable_forwarding(open()?)
+            .map_err(|e| Status::internal(format!("PodRules: turning forwarding on: {e}")))?;
+        let script = crate::cri::cni::tenant_rules(tenant_ip, &forwards);
+        let (code, _, stderr) = self
+            .run_tracked(
+                crate::cri::cni::nft_in(open()?),
+                script.into_bytes(),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| Status::internal(format!("PodRules: nft: {e}")))?;
+        if code != 0 {
+            return Err(Status::internal(format!(
+                "PodRules: nft: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            )));
+        }
+        Ok(Response::new(epb::PodRulesReply {}))
     }
 
     async fn inspect(
@@ -1162,8 +1342,91 @@ fn read_from(path: &std::path::Path, off: u64) -> (Vec<u8>, u64) {
     (buf, end)
 }
 
+/// Makes `dir` hold each plugin of `plugins` under its name: a link to its import (a file under
+/// `imports`), made executable. A name already linked to the same import is left alone.
+fn link_plugins(
+    dir: &std::path::Path,
+    imports: &std::path::Path,
+    plugins: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, path) in plugins {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(format!("{name:?} is not a plugin name"));
+        }
+        let target = std::path::Path::new(path);
+        if !target.starts_with(imports)
+            || target
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(format!("{name}: {path} is not an import of this engine"));
+        }
+        let meta = std::fs::metadata(target).map_err(|e| format!("{name}: {path}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("{name}: {path} is not a file"));
+        }
+        if meta.permissions().mode() & 0o111 != 0o111 {
+            std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("{name}: {path}: {e}"))?;
+        }
+        let link = dir.join(name);
+        if std::fs::read_link(&link).is_ok_and(|t| t == target) {
+            continue;
+        }
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
+            .map_err(|e| format!("{}: {e}", link.display()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::link_plugins;
+
+    #[test]
+    fn plugins_are_linked_from_imports_only_and_made_executable() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let imports = d.path().join("imports");
+        let bin = d.path().join("cni-bin");
+        std::fs::create_dir_all(imports.join("k1")).unwrap();
+        std::fs::create_dir_all(imports.join("k2")).unwrap();
+        let (a, b) = (imports.join("k1/file"), imports.join("k2/file"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let one = |name: &str, path: &std::path::Path| {
+            std::collections::BTreeMap::from([(name.to_string(), path.display().to_string())])
+        };
+        link_plugins(&bin, &imports, &one("bridge", &a)).unwrap();
+        assert_eq!(std::fs::read_link(bin.join("bridge")).unwrap(), a);
+        assert_eq!(
+            std::fs::metadata(&a).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // A new import of the same name replaces the link.
+        link_plugins(&bin, &imports, &one("bridge", &b)).unwrap();
+        assert_eq!(std::fs::read_to_string(bin.join("bridge")).unwrap(), "b");
+        let outside = d.path().join("elsewhere");
+        std::fs::write(&outside, "x").unwrap();
+        for (name, path) in [
+            ("bridge", outside.clone()),
+            ("bridge", imports.join("k1/../../elsewhere")),
+            ("../x", a.clone()),
+            ("static", imports.join("k1")),
+        ] {
+            assert!(
+                link_plugins(&bin, &imports, &one(name, &path)).is_err(),
+                "{name} {}",
+                path.display()
+            );
+        }
+    }
+
     #[test]
     fn tail_lines() {
         let d = tempfile::tempdir().unwrap();

@@ -125,6 +125,8 @@ struct VmTemplate {
     boot_timeout: Duration,
     /// The node's default tenant memory quota, for tenants that do not ask.
     default_memory_bytes: u64,
+    /// Pods get network namespaces of their own (`[cri] enabled` and `[cri.cni] enabled`).
+    pod_networks: bool,
 }
 
 /// How the watcher's failed state for a crashed VM begins (it retries only those).
@@ -217,6 +219,7 @@ impl Manager {
                 disk_mib: config.tenants.vm_disk_mib,
                 boot_timeout: Duration::from_secs(config.tenants.vm_boot_timeout_secs),
                 default_memory_bytes: config.tenants.default_memory_bytes,
+                pod_networks: config.cri.enabled && config.cri.cni.enabled,
             }),
             vm_accel: ("unprobed".into(), None),
             import_locks: Mutex::new(HashMap::new()),
@@ -265,6 +268,7 @@ impl Manager {
                 }),
                 _ => None,
             },
+            pod_networks: vm.is_some_and(|v| v.pod_networks),
         })))
     }
 
@@ -725,6 +729,7 @@ impl Manager {
             &self.engine_binary,
             &self.state_dir.join("vm"),
             &self.run_dir.join("vm-probe"),
+            vm.pod_networks,
         )
         .await;
         let vmm_config::Backend::Qemu(q) = &mut vm.machine.backend else {
@@ -836,6 +841,35 @@ impl Manager {
     /// The tenant named `id`.
     pub async fn tenant(&self, id: &str) -> Result<Tenant, SandboxError> {
         Ok(self.registry.get(id).await?)
+    }
+
+    /// Sends files of the host (CNI plugins, by name) into VM tenant `id`'s guest, each once
+    /// per content; returns the guest's engine and each file's guest path by name.
+    pub async fn import_files(
+        &self,
+        id: &str,
+        files: &[(String, PathBuf)],
+    ) -> Result<
+        (
+            EngineClient<Channel>,
+            std::collections::BTreeMap<String, String>,
+        ),
+        SandboxError,
+    > {
+        let (_, mut eng) = self.engine_of(id).await?;
+        let lock = self
+            .import_locks
+            .lock()
+            .await
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
+        let mut out = std::collections::BTreeMap::new();
+        for (name, path) in files {
+            out.insert(name.clone(), vm_import::import_file(&mut eng, path).await?);
+        }
+        Ok((eng, out))
     }
 
     /// The engine of the tenant named `id`, which must exist and be ready.

@@ -42,6 +42,21 @@ pub async fn import(
     send(eng, &path, kind, host_path).await
 }
 
+/// Sends the file `host_path` (a CNI plugin binary) into the guest unless it is there; returns
+/// its guest path.
+pub async fn import_file(
+    eng: &mut EngineClient<Channel>,
+    host_path: &Path,
+) -> Result<String, SandboxError> {
+    send(
+        eng,
+        host_path,
+        epb::ImportKind::File,
+        &host_path.display().to_string(),
+    )
+    .await
+}
+
 /// Sends each image layer directory (overlayfs form, owners in the tenant's range) into the guest
 /// unless it is there; returns their guest paths, in the same order.
 pub async fn import_layers(

@@ -60,6 +60,8 @@ pub struct VmSpawn {
     pub boot_timeout: Duration,
     /// The tenant's network, when it has one.
     pub net: Option<GuestNet>,
+    /// Pods get network namespaces of their own in the guest (`[cri.cni]` on).
+    pub pod_networks: bool,
 }
 
 /// A VM tenant's network: a tap device on the host, the guest's card in the tenant netns.
@@ -152,19 +154,40 @@ impl VmSpawn {
     }
 }
 
-/// The guest's initramfs for `engine_binary`, built once and then reused from `cache`.
+/// The guest's initramfs for `engine_binary`, built once and then reused from `cache`. With
+/// `pod_networks` (`[cri.cni]` on) it also carries what pods' own network namespaces need in
+/// the guest: the bridge, veth and nftables NAT modules, and the host's nft.
 async fn guest_initramfs(
     engine_binary: &Path,
     modules_dir: Option<&Path>,
     cache: &Path,
+    pod_networks: bool,
 ) -> Result<initramfs::Built, String> {
+    let mut modules: Vec<String> = initramfs::DEFAULT_MODULES
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut programs = Vec::new();
+    if pod_networks {
+        modules.extend(
+            initramfs::POD_NETWORK_MODULES
+                .iter()
+                .map(ToString::to_string),
+        );
+        let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or(
+                "pods of VM tenants ([cri.cni] enabled) need nft in the guest, copied from the host: install nftables",
+            )?;
+        programs.push((nft, PathBuf::from(initramfs::GUEST_NFT)));
+    }
     let spec = initramfs::Spec {
         binary: engine_binary.to_path_buf(),
         modules_dir: modules_dir.map(Path::to_path_buf),
-        modules: initramfs::DEFAULT_MODULES
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        modules,
+        programs,
     };
     let cache = cache.to_path_buf();
     crate::blocking::run(
@@ -188,10 +211,11 @@ pub async fn probe_kvm(
     engine_binary: &Path,
     cache: &Path,
     dir: &Path,
+    pod_networks: bool,
 ) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir);
     crate::fsutil::ensure_dir(dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let built = guest_initramfs(engine_binary, modules_dir, cache).await?;
+    let built = guest_initramfs(engine_binary, modules_dir, cache, pod_networks).await?;
     let mut m = machine.clone();
     if let vmm_config::Backend::Qemu(q) = &mut m.backend {
         q.accel = vmm_config::Accel::Kvm;
@@ -405,7 +429,13 @@ async fn boot(s: &VmSpawn) -> Result<(Channel, EngineProcess), String> {
         crate::fsutil::ensure_dir(d, mode).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     ensure_disk(s).await?;
-    let built = guest_initramfs(&s.engine_binary, s.modules_dir.as_deref(), &s.cache).await?;
+    let built = guest_initramfs(
+        &s.engine_binary,
+        s.modules_dir.as_deref(),
+        &s.cache,
+        s.pod_networks,
+    )
+    .await?;
     let launch = s.machine(&built.path)?.render();
     if let Some(n) = &s.net {
         // The tap before the VMM, which attaches to it by name.

@@ -33,6 +33,20 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "overlay",
 ];
 
+/// The modules a guest needs for pods with network namespaces of their own (`[cri.cni]`): the
+/// bridge and veth pairs the CNI plugins make, and nftables NAT for the pod rules.
+pub const POD_NETWORK_MODULES: &[&str] = &[
+    "bridge",
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_nat",
+];
+
+/// Where the guest has nft, when the initramfs carries it (the pod rules are loaded with it).
+pub const GUEST_NFT: &str = "/usr/sbin/nft";
+
 /// Why the initramfs could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
@@ -82,6 +96,8 @@ pub struct Spec {
     pub modules_dir: Option<PathBuf>,
     /// Module names to load (dependencies are added).
     pub modules: Vec<String>,
+    /// More programs of the host, each with its guest path (their libraries are added).
+    pub programs: Vec<(PathBuf, PathBuf)>,
 }
 
 /// What was built.
@@ -153,12 +169,22 @@ fn cache_key(spec: &Spec) -> Result<String, InitramfsError> {
         h.update(name.as_bytes());
         h.update([0]);
     }
+    for (host, guest) in &spec.programs {
+        let m = fs::metadata(host).map_err(io_err(host))?;
+        h.update(host.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(guest.as_os_str().as_encoded_bytes());
+        h.update(m.len().to_le_bytes());
+        h.update(m.mtime().to_le_bytes());
+    }
     let d = h.finalize();
     Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 struct Plan {
     binary: PathBuf,
+    /// (file on the host, path in the guest)
+    programs: Vec<(PathBuf, PathBuf)>,
     /// (path in the guest, file on the host)
     libraries: Vec<(PathBuf, PathBuf)>,
     /// (name, file on the host), in load order
@@ -166,13 +192,21 @@ struct Plan {
 }
 
 fn plan(spec: &Spec) -> Result<Plan, InitramfsError> {
-    let libraries = shared_libraries(&spec.binary)?;
+    let mut libraries = shared_libraries(&spec.binary)?;
+    for (host, _) in &spec.programs {
+        for lib in shared_libraries(host)? {
+            if !libraries.iter().any(|(g, _)| *g == lib.0) {
+                libraries.push(lib);
+            }
+        }
+    }
     let modules = match &spec.modules_dir {
         Some(dir) => module_order(dir, &spec.modules)?,
         None => Vec::new(),
     };
     Ok(Plan {
         binary: spec.binary.clone(),
+        programs: spec.programs.clone(),
         libraries,
         modules,
     })
@@ -202,6 +236,12 @@ fn write(plan: &Plan, out: &Path) -> Result<Built, InitramfsError> {
         dirs.insert(PathBuf::from("lib/modules"));
         let exe = stripped(&plan.binary, out)?;
         w.file(GUEST_BINARY.trim_start_matches('/'), 0o755, &exe)?;
+        for (host, guest) in &plan.programs {
+            let rel = guest.strip_prefix("/").unwrap_or(guest);
+            mkdirs(&mut w, &mut dirs, rel)?;
+            let data = fs::read(host)?;
+            w.file(&rel.to_string_lossy(), 0o755, &data)?;
+        }
         for (guest, host) in &plan.libraries {
             let rel = guest.strip_prefix("/").unwrap_or(guest);
             mkdirs(&mut w, &mut dirs, rel)?;
@@ -712,6 +752,7 @@ mod tests {
             binary: bin.clone(),
             modules_dir: None,
             modules: Vec::new(),
+            programs: Vec::new(),
         };
         let cache = d.path().join("cache");
         let a = cached(&spec, &cache).unwrap();
