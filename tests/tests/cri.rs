@@ -2805,6 +2805,159 @@ async fn the_pods_own_volumes_show_the_owners_and_groups_kubelet_gave_them() {
     }
 }
 
+/// HostToContainer propagation (`mountPropagation: HostToContainer`): what the host mounts
+/// below the volume after the container started appears in it, where a private bind of the same
+/// directory does not see it; the status reports each mount's propagation. A volume whose mount
+/// passes nothing on (private) is refused naming the mount to make shared; Bidirectional is
+/// refused (a container's mounts, made in its tenant's user namespace, never reach the host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_to_container_mounts_follow_what_the_host_mounts_later() {
+    registry_or_skip!("host_to_container_mounts_follow_what_the_host_mounts_later");
+    let (mut k, _images, bb) = Kubelet::with_registry().await;
+    use nix::mount::{MsFlags, mount};
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for p in self.0.iter().rev() {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let mut mounted = Unmount(Vec::new());
+    // A shared mount, as kubelet makes its own directory, and a private one.
+    let shared = k.volume_dir("h2c-shared");
+    let private = k.volume_dir("h2c-private");
+    std::fs::create_dir_all(shared.join("later")).unwrap();
+    for (d, kind) in [
+        (&shared, MsFlags::MS_SHARED),
+        (&private, MsFlags::MS_PRIVATE),
+    ] {
+        mount(
+            Some(d.as_path()),
+            d.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mounted.0.push(d.clone());
+        mount(
+            None::<&str>,
+            d.as_path(),
+            None::<&str>,
+            kind | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .unwrap();
+    }
+    let pod = k.pod("ns-h2c", "p");
+    let pod_id = k.ready_pod(&pod).await;
+    let bind = |host: &Path, inside: &str, p: cri::MountPropagation| cri::Mount {
+        container_path: inside.into(),
+        host_path: host.display().to_string(),
+        propagation: p as i32,
+        ..Default::default()
+    };
+    let mut c = k.container(&pod, "h2c", &bb.id, &["sleep", "600"], &[]);
+    c.mounts = vec![
+        bind(
+            &shared,
+            "/follows",
+            cri::MountPropagation::PropagationHostToContainer,
+        ),
+        bind(
+            &shared,
+            "/private",
+            cri::MountPropagation::PropagationPrivate,
+        ),
+    ];
+    let id = k.created(&pod_id, &pod, &c).await;
+    k.running(&id).await;
+    let st = k.status(&id).await.unwrap();
+    let props: BTreeMap<String, i32> = st
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.clone(), m.propagation))
+        .collect();
+    assert_eq!(
+        props,
+        BTreeMap::from([
+            (
+                "/follows".to_string(),
+                cri::MountPropagation::PropagationHostToContainer as i32
+            ),
+            (
+                "/private".to_string(),
+                cri::MountPropagation::PropagationPrivate as i32
+            ),
+        ])
+    );
+
+    // The host mounts a tmpfs below the volume, and writes a file there.
+    let later = shared.join("later");
+    mount(
+        Some("tmpfs"),
+        later.as_path(),
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .unwrap();
+    mounted.0.push(later.clone());
+    std::fs::write(later.join("flag"), "mounted later\n").unwrap();
+    let r = k
+        .exec(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "cat /follows/later/flag; ls -A /private/later | wc -l",
+            ],
+        )
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "mounted later\n0\n",
+        "{r:?}"
+    );
+
+    // A private mount passes nothing on: refused, naming it.
+    let mut bad = k.container(&pod, "bad", &bb.id, &["true"], &[]);
+    bad.mounts = vec![bind(
+        &private,
+        "/x",
+        cri::MountPropagation::PropagationHostToContainer,
+    )];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &bad).await,
+        Code::FailedPrecondition,
+        "HostToContainer from a private mount",
+    );
+    assert!(
+        e.message().contains("config.mounts[0].propagation")
+            && e.message().contains(&private.display().to_string())
+            && e.message().contains("make-rshared"),
+        "{e:?}"
+    );
+    bad.mounts = vec![bind(
+        &shared,
+        "/x",
+        cri::MountPropagation::PropagationBidirectional,
+    )];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &bad).await,
+        Code::Unimplemented,
+        "Bidirectional",
+    );
+    assert!(
+        e.message().contains("config.mounts[0].propagation"),
+        "{e:?}"
+    );
+    k.remove_pod(&pod_id).await.unwrap();
+    drop(mounted);
+    k.agent.stop().await.unwrap();
+}
+
 /// kubelet binds a subPath under the pod's own `volume-subpaths/`, so the path the runtime is
 /// given lies in the pod's directory whatever volume it came from. What the bind shows is
 /// checked too: a subPath of a directory outside `[cri] volume_roots` is PERMISSION_DENIED
@@ -6134,7 +6287,8 @@ async fn exec_and_port_forward_stream_over_spdy_and_websocket() {
 /// A VM pod gets what kubelet mounts for every pod: its guest has no host paths, so each volume
 /// is copied in (a file, a directory with kubelet's `..data` links, a secret whose group comes
 /// from fsGroup), an emptyDir's copy is shared by the pod's containers, and the copy goes with
-/// the last container that binds it. A device is still refused.
+/// the last container that binds it. A device is still refused, and so is HostToContainer
+/// propagation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_pods_volumes_are_copied_into_its_guest() {
     use std::os::unix::fs::PermissionsExt;
@@ -6274,6 +6428,21 @@ async fn a_vm_pods_volumes_are_copied_into_its_guest() {
         .unwrap_err();
     assert!(
         matches!(e.code(), Code::Unimplemented | Code::PermissionDenied),
+        "{e:?}"
+    );
+    // Nor can a copy follow what the host mounts later.
+    let mut follow = k.container(&pod, "follow", &bb.id, &["true"], &[]);
+    follow.mounts = vec![cri::Mount {
+        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        ..mount(&shared, "/shared", false)
+    }];
+    let e = expect_code(
+        k.create(&pod_id, &pod, &follow).await,
+        Code::Unimplemented,
+        "HostToContainer in a VM pod",
+    );
+    assert!(
+        e.message().contains("config.mounts[0].propagation"),
         "{e:?}"
     );
     k.remove_pod(&pod_id).await.unwrap();

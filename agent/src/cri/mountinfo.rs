@@ -16,6 +16,9 @@ struct Mount {
     root: PathBuf,
     /// Where it is mounted.
     point: PathBuf,
+    /// It receives what its peers or its master mount below it (`shared:N` or `master:N`
+    /// among its optional fields).
+    receives: bool,
 }
 
 /// A path field of mountinfo as it is: mountinfo escapes space, tab, newline and backslash
@@ -32,9 +35,35 @@ fn parse(text: &str) -> Vec<Mount> {
             let dev = f.next()?.to_string();
             let root = PathBuf::from(unescape(f.next()?));
             let point = PathBuf::from(unescape(f.next()?));
-            Some(Mount { dev, root, point })
+            let _options = f.next()?;
+            let receives = f
+                .take_while(|x| *x != "-")
+                .any(|x| x.starts_with("shared:") || x.starts_with("master:"));
+            Some(Mount {
+                dev,
+                root,
+                point,
+                receives,
+            })
         })
         .collect()
+}
+
+/// The mount `path` lies in: the deepest mount point above it, the last one mounted there.
+fn containing<'a>(path: &Path, mounts: &'a [Mount]) -> Option<&'a Mount> {
+    let deepest = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| m.point.components().count())?;
+    mounts.iter().rev().find(|x| x.point == deepest.point)
+}
+
+/// The mount point of the mount `path` lies in, and whether that mount receives what the host
+/// mounts below it elsewhere (it is shared, or a slave): what a bind of `path` that is to follow
+/// the host's mounts needs.
+pub fn propagation(path: &Path, mountinfo: &str) -> Option<(PathBuf, bool)> {
+    let mounts = parse(mountinfo);
+    containing(path, &mounts).map(|m| (m.point.clone(), m.receives))
 }
 
 /// The mount `path` lies in (its mount point), and the places that show the same directory
@@ -43,12 +72,7 @@ fn parse(text: &str) -> Vec<Mount> {
 /// root holds it). No places when no other mount shows it.
 pub fn sources(path: &Path, mountinfo: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
     let mounts = parse(mountinfo);
-    // The mount `path` lies in: the deepest mount point above it, the last one mounted there.
-    let deepest = mounts
-        .iter()
-        .filter(|m| path.starts_with(&m.point))
-        .max_by_key(|m| m.point.components().count())?;
-    let m = mounts.iter().rev().find(|x| x.point == deepest.point)?;
+    let m = containing(path, &mounts)?;
     let rel = path.strip_prefix(&m.point).ok()?;
     let inner = m.root.join(rel);
     let places = mounts
@@ -81,6 +105,29 @@ mod tests {
 
     fn pb(p: &str) -> PathBuf {
         PathBuf::from(p)
+    }
+
+    #[test]
+    fn a_mount_receives_the_hosts_mounts_when_shared_or_a_slave() {
+        let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:25 / /srv/private rw - tmpfs tmpfs rw
+31 22 0:26 / /srv/shared rw shared:7 - tmpfs tmpfs rw
+32 22 0:27 / /srv/slave rw master:7 - tmpfs tmpfs rw
+33 22 0:28 / /srv/private rw,nosuid shared:9 master:3 - tmpfs tmpfs rw
+";
+        let p = |x: &str| propagation(Path::new(x), info).unwrap();
+        assert_eq!(p("/srv/shared/a/b"), (pb("/srv/shared"), true));
+        assert_eq!(p("/srv/slave"), (pb("/srv/slave"), true));
+        assert_eq!(p("/etc"), (pb("/"), true));
+        // The last mount on a point covers the one before.
+        assert_eq!(p("/srv/private/x"), (pb("/srv/private"), true));
+        let only_private = "30 22 0:25 / /srv rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            propagation(Path::new("/srv/x"), only_private),
+            Some((pb("/srv"), false))
+        );
+        assert_eq!(propagation(Path::new("/etc"), only_private), None);
     }
 
     #[test]

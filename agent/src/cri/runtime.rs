@@ -1198,6 +1198,11 @@ fn cri_container_status(r: &ContainerRecord, c: Option<&pb::Container>) -> cri::
                 host_path: host.clone(),
                 readonly: *ro,
                 recursive_read_only: r.recursive_read_only.contains(inside),
+                propagation: if r.host_to_container.contains(inside) {
+                    cri::MountPropagation::PropagationHostToContainer as i32
+                } else {
+                    cri::MountPropagation::PropagationPrivate as i32
+                },
                 image: r.image_mounts.get(inside).map(|image| cri::ImageSpec {
                     image: image.clone(),
                     ..Default::default()
@@ -1795,6 +1800,7 @@ fn mounts_of(
                 image_layers: Vec::new(),
                 device_access: String::new(),
                 idmap: false,
+                host_to_container: false,
             });
             continue;
         }
@@ -1812,12 +1818,22 @@ fn mounts_of(
                 "needs private propagation: mounts that appear below it later could not be made read-only",
             ));
         }
-        if m.propagation != cri::MountPropagation::PropagationPrivate as i32 {
-            return Err(unsupported(&format!(
-                "{} other than private",
-                f("propagation")
-            )));
-        }
+        let host_to_container = match cri::MountPropagation::try_from(m.propagation) {
+            Ok(cri::MountPropagation::PropagationPrivate) => false,
+            Ok(cri::MountPropagation::PropagationHostToContainer) => true,
+            Ok(cri::MountPropagation::PropagationBidirectional) => {
+                return Err(Status::unimplemented(format!(
+                    "{}: Bidirectional cannot be had here: a container's mount namespace belongs to its tenant's user namespace, and the kernel never lets mounts made there reach the host; use HostToContainer or None",
+                    f("propagation")
+                )));
+            }
+            Err(_) => {
+                return Err(bad(
+                    &f("propagation"),
+                    format!("{} is not a mount propagation", m.propagation),
+                ));
+            }
+        };
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return Err(unsupported(&f("uid_mappings")));
         }
@@ -1882,6 +1898,30 @@ fn mounts_of(
             }
         }
         check_container_path(&f("container_path"), &m.container_path)?;
+        if host_to_container {
+            // The host's later mounts reach the container only through a mount that passes
+            // them on: the one the path lies in must be shared, or a slave.
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            match super::mountinfo::propagation(&real, &info) {
+                Some((_, true)) => {}
+                Some((point, false)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "{}: HostToContainer needs the mount {} that holds {} to be shared or a slave, or what the host mounts below it cannot reach the container; make it so (mount --make-rshared {}), as kubelet does for its own directory",
+                        f("propagation"),
+                        point.display(),
+                        real.display(),
+                        point.display()
+                    )));
+                }
+                None => {
+                    return Err(Status::failed_precondition(format!(
+                        "{}: no mount of this node holds {}",
+                        f("propagation"),
+                        real.display()
+                    )));
+                }
+            }
+        }
         out.push(epb::BindMount {
             host_path: real.display().to_string(),
             container_path: m.container_path.clone(),
@@ -1890,12 +1930,16 @@ fn mounts_of(
             image_layers: Vec::new(),
             device_access: String::new(),
             // The pod's own volumes (emptyDirs, secrets, config maps, projected): kubelet
-            // gives them owners and groups (fsGroup) meant for the container's ids.
-            idmap: match idmap {
-                super::IdmapVolumes::None => false,
-                super::IdmapVolumes::Pod => kubelet_made,
-                super::IdmapVolumes::All => true,
-            },
+            // gives them owners and groups (fsGroup) meant for the container's ids. Not one
+            // that follows the host's mounts: an idmapped mount is a copy of the tree, which
+            // later mounts on the host do not reach.
+            idmap: !host_to_container
+                && match idmap {
+                    super::IdmapVolumes::None => false,
+                    super::IdmapVolumes::Pod => kubelet_made,
+                    super::IdmapVolumes::All => true,
+                },
+            host_to_container,
         });
     }
     Ok(out)
@@ -1957,6 +2001,7 @@ fn devices_of(
             image_layers: Vec::new(),
             device_access: access,
             idmap: false,
+            host_to_container: false,
         });
     }
     Ok(out)
@@ -2364,6 +2409,18 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 "must be an absolute path inside the container",
             ));
         }
+        // A VM tenant's guest gets a copy of each volume, which the host's later mounts do not
+        // reach.
+        if let Some(i) = config
+            .mounts
+            .iter()
+            .position(|m| m.propagation == cri::MountPropagation::PropagationHostToContainer as i32)
+            && self.cri.is_vm(&p.tenant).await
+        {
+            return Err(Status::unimplemented(format!(
+                "config.mounts[{i}].propagation: HostToContainer in a VM tenant: its guest gets a copy of each volume, which the host's later mounts do not reach; use None"
+            )));
+        }
         let pid_target = self.pid_target(&p, &config).await?;
         let mut create = epb::CreateRequest {
             id: id.clone(),
@@ -2544,6 +2601,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
                 .mounts
                 .iter()
                 .filter(|m| m.recursive_read_only)
+                .map(|m| m.container_path.clone())
+                .collect(),
+            host_to_container: create
+                .mounts
+                .iter()
+                .filter(|m| m.host_to_container)
                 .map(|m| m.container_path.clone())
                 .collect(),
             image_mounts,

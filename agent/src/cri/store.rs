@@ -130,6 +130,10 @@ pub struct ContainerRecord {
     /// Container paths of those mounts that are read-only all the way down.
     #[serde(default)]
     pub recursive_read_only: Vec<String>,
+    /// Container paths of those mounts that receive the host's later mounts below them
+    /// (HostToContainer).
+    #[serde(default)]
+    pub host_to_container: Vec<String>,
     /// Image volumes: container path to the image as kubelet named it.
     #[serde(default)]
     pub image_mounts: BTreeMap<String, String>,

@@ -451,6 +451,7 @@ impl epb::engine_server::Engine for EngineSvc {
                     image_layers: m.image_layers.into_iter().map(PathBuf::from).collect(),
                     device_access: m.device_access,
                     idmap: m.idmap,
+                    host_to_container: m.host_to_container,
                 })
                 .collect(),
             oom_score_adj: r.oom_score_adj,

@@ -34,6 +34,9 @@ pub struct Bind {
     /// Staged as an idmapped mount through the tenant's user namespace: on-disk owners are
     /// the container's own ids.
     pub idmap: bool,
+    /// Mounts the host makes below `host` later appear inside too: the staged bind is a slave
+    /// of the host's mount, and the container's bind of it stays one (`rslave`).
+    pub host_to_container: bool,
 }
 
 /// What a container runs and within which limits.
@@ -436,8 +439,13 @@ pub fn build(c: &ContainerSpec<'_>) -> Result<Spec, SpecError> {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         for b in c.mounts {
             check_bind(&b.host, &b.inside)?;
+            let propagation = if b.host_to_container {
+                "rslave"
+            } else {
+                "rprivate"
+            };
             let mut options: Vec<String> =
-                ["rbind", "rprivate", "nosuid"].map(String::from).to_vec();
+                ["rbind", propagation, "nosuid"].map(String::from).to_vec();
             // A device node must stay usable; nothing else bound in may hold one.
             if b.device_access.is_empty() {
                 options.push("nodev".into());

@@ -8,8 +8,9 @@
 //! can search (0711 directories), and the container's spec binds from there. What lies in the
 //! volume keeps its own owners and modes: the staging only opens the way to it.
 //!
-//! The staged binds are private mounts (nothing propagates from or to them) and go with the
-//! container. Anything that removes a tenant's run dir must unmount them first
+//! The staged binds are private mounts (nothing propagates from or to them), except those asked
+//! to follow the host's mounts (`host_to_container`, slaves of the host's mount), and go with
+//! the container. Anything that removes a tenant's run dir must unmount them first
 //! ([`unmount_under`]), or removing the directory would reach into the volumes themselves.
 
 use std::{
@@ -49,7 +50,7 @@ fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
         .map_err(|e| format!("{}: {e}", v.display()))?;
     if !mount_points().contains(&canon) {
         // Recursive: what is staged under it already (an engine of an earlier version) stays
-        // visible through it.
+        // visible through it, and is made private with it.
         nix::mount::mount(
             Some(&canon),
             &canon,
@@ -58,8 +59,19 @@ fn prepare(run: &Path, gid: u32) -> Result<PathBuf, String> {
             None::<&str>,
         )
         .map_err(|e| format!("binding {} onto itself: {e}", canon.display()))?;
+        make_private(&canon)?;
+    } else {
+        // Only the mount itself: each staged bind below has the propagation it was given (a
+        // recursive change would cut host-to-container binds off their host mounts).
+        nix::mount::mount(
+            None::<&str>,
+            &canon,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("making {} private: {e}", canon.display()))?;
     }
-    make_private(&canon)?;
     Ok(v)
 }
 
@@ -143,6 +155,7 @@ fn stage_all(
         }
         .map_err(|e| format!("{}: {e}", at.display()))?;
         let idmapped = m.idmap
+            && !m.host_to_container
             && match bind_idmapped(&fd, &at, userns) {
                 Ok(()) => true,
                 // Nothing was mounted: a plain bind keeps host ids, as without the flag (a
@@ -164,7 +177,21 @@ fn stage_all(
             )
             .map_err(|e| format!("mounts[{i}]: binding {}: {e}", host.display()))?;
         }
-        make_private(&at).map_err(|e| format!("mounts[{i}]: {e}"))?;
+        if m.host_to_container {
+            // The bind joined the host mount's peer group (a shared one) or its master's (a
+            // slave one); as a slave of it, the host's later mounts below reach the container,
+            // and nothing goes the other way.
+            nix::mount::mount(
+                None::<&str>,
+                at.as_path(),
+                None::<&str>,
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| format!("mounts[{i}]: making {} a slave: {e}", at.display()))?;
+        } else {
+            make_private(&at).map_err(|e| format!("mounts[{i}]: {e}"))?;
+        }
         // Read-only here already: the container's mount namespace gets this mount locked
         // read-only, so its bind cannot be made writable from inside, whatever it may do.
         // (A bind remount sets nosuid, nodev and noexec to what it is given: the source's are
