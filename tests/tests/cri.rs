@@ -4251,7 +4251,8 @@ fn localhost_profile() -> cri::SecurityProfile {
 }
 
 /// A container over its memory limit is OOM-killed and its status says `OOMKilled`; the stats
-/// RPCs give the meter's readings of a running container and of its pod.
+/// RPCs give the meter's readings of a running container and of its pod, and so do the
+/// cadvisor-style metrics RPCs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
     registry_or_skip!("oom_kills_are_reported_and_stats_come_from_the_meter");
@@ -4340,6 +4341,79 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
         linux.memory.unwrap().working_set_bytes.unwrap().value >= ws,
         "a pod's memory is the sum of its containers'"
     );
+
+    // The same readings as cadvisor-style metrics (kubelet's PodAndContainerStatsFromCRI):
+    // every name is described, every pod is listed (one with no container yet, with no
+    // metrics), and the values are those of the stats.
+    let descriptors = k
+        .cri
+        .rt
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptors;
+    let described: BTreeSet<String> = descriptors.iter().map(|d| d.name.clone()).collect();
+    assert!(
+        described.contains("container_cpu_usage_seconds_total")
+            && described.contains("container_memory_working_set_bytes")
+            && described.contains("container_oom_events_total")
+            && descriptors.iter().all(|d| !d.help.is_empty()),
+        "{descriptors:?}"
+    );
+    let idle = k.ready_pod(&k.pod("ns-oom", "idle")).await;
+    let metrics = k
+        .cri
+        .rt
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_metrics;
+    let of_pod = |id: &str| {
+        metrics
+            .iter()
+            .find(|m| m.pod_sandbox_id == id)
+            .unwrap_or_else(|| panic!("pod {id} is not in {metrics:?}"))
+    };
+    let idle_m = of_pod(&idle);
+    assert!(
+        idle_m.metrics.is_empty() && idle_m.container_metrics.is_empty(),
+        "{idle_m:?}"
+    );
+    let value = |ms: &[cri::Metric], name: &str| {
+        ms.iter()
+            .find(|m| m.name == name)
+            .map(|m| {
+                assert!(m.timestamp > 0, "{m:?}");
+                m.value.as_ref().unwrap().value
+            })
+            .unwrap_or_else(|| panic!("no {name} in {ms:?}"))
+    };
+    let pm = of_pod(&pod_id);
+    assert!(
+        pm.metrics
+            .iter()
+            .chain(pm.container_metrics.iter().flat_map(|c| &c.metrics))
+            .all(|m| described.contains(&m.name)),
+        "{pm:?}"
+    );
+    let sleeper = pm
+        .container_metrics
+        .iter()
+        .find(|c| c.container_id == id)
+        .unwrap_or_else(|| panic!("the running container is not in {pm:?}"));
+    let sleeper_ws = value(&sleeper.metrics, "container_memory_working_set_bytes");
+    assert!(sleeper_ws > 0 && sleeper_ws < 64 << 20, "{sleeper:?}");
+    assert_eq!(value(&sleeper.metrics, "container_oom_events_total"), 0);
+    assert!(value(&sleeper.metrics, "container_processes") >= 1);
+    assert!(value(&pm.metrics, "container_memory_working_set_bytes") >= sleeper_ws);
+    assert!(
+        value(&pm.metrics, "container_oom_events_total") >= 1,
+        "the pod counts its container's OOM kill: {pm:?}"
+    );
+    k.remove_pod(&idle).await.unwrap();
+
     let unknown = k
         .cri
         .rt
@@ -6564,22 +6638,35 @@ async fn a_vm_pods_memory_limit_is_not_set_below_what_it_holds() {
             })
             .await
     };
-    // Until dd has its buffer, the refusal may not come yet: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let refused = loop {
-        match update(&mut k, 16 << 20).await {
-            Err(s) => break s,
-            Ok(_) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "16 MiB was taken for a container holding 40 MiB"
-                );
-                // Back up, so the container survives to try again.
-                update(&mut k, 96 << 20).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+    // Until dd has its buffer a lower limit is rightly taken, and would OOM-kill dd: wait
+    // until the container's cgroup holds the 40 MiB (its anonymous memory, as the guest's
+    // kernel counts it), then ask.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = k
+            .exec(
+                &id,
+                &["sh", "-c", "grep '^anon ' /sys/fs/cgroup/memory.stat"],
+            )
+            .await;
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        let anon: u64 = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if anon >= 40 << 20 {
+            break;
         }
-    };
+        assert!(
+            Instant::now() < deadline,
+            "dd never held its 40 MiB: {out:?} {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refused = update(&mut k, 16 << 20)
+        .await
+        .expect_err("16 MiB was taken for a container holding 40 MiB");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(
         refused.message().contains("anonymous memory"),

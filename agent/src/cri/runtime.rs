@@ -3253,17 +3253,27 @@ impl cri::runtime_service_server::RuntimeService for RuntimeApi {
         &self,
         _req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        // The cadvisor-style metrics (some 50 `container_*` series) are not served: kubelet
-        // and critest take UNIMPLEMENTED as "use the stats RPCs", where an empty list would
-        // claim support. Usage is in ContainerStats/PodSandboxStats, from the meter.
-        Err(status::unimplemented("ListMetricDescriptors"))
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: stats::metric_descriptors(),
+        }))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Err(status::unimplemented("ListPodSandboxMetrics"))
+        let mut readings = stats::Readings::now(&self.cri);
+        let mut pods = self.cri.store.pods().await;
+        pods.sort_by_key(|p| p.created_at_ns);
+        let mut out = Vec::with_capacity(pods.len());
+        for p in &pods {
+            let containers = self.cri.store.containers_of(&p.id).await;
+            readings.complete(&self.cri, &containers).await;
+            out.push(stats::pod_metrics(p, &containers, &readings));
+        }
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: out,
+        }))
     }
 
     async fn runtime_config(

@@ -6,6 +6,10 @@
 //! CPU is the cumulative `usage_core_nano_seconds`; kubelet derives the rate from two readings
 //! and their timestamps, so `usage_nano_cores` is left unset (stamped with the time of the call
 //! instead, a rate over 10 s could be up to a tenth off).
+//!
+//! `ListMetricDescriptors` and `ListPodSandboxMetrics` (kubelet's cadvisor-style `/metrics`
+//! from the runtime, `PodAndContainerStatsFromCRI`) give the same readings under cadvisor's
+//! names, for every pod and every container the meter reads.
 
 use std::collections::HashMap;
 
@@ -256,5 +260,115 @@ pub fn pod(
             containers: containers.iter().map(|c| container(c, readings)).collect(),
         }),
         windows: None,
+    }
+}
+
+/// One metric kubelet's cadvisor-style endpoint takes from the runtime: its descriptor and how
+/// a reading gives it. kubelet takes a value as it is, so each is in its name's unit.
+struct MetricDef {
+    name: &'static str,
+    help: &'static str,
+    kind: cri::MetricType,
+    value: fn(&Counters) -> Option<u64>,
+}
+
+/// The metrics served, with cadvisor's names and meanings.
+const METRICS: &[MetricDef] = &[
+    MetricDef {
+        name: "container_cpu_usage_seconds_total",
+        help: "Cumulative cpu time consumed in seconds (whole seconds: the CRI carries integers).",
+        kind: cri::MetricType::Counter,
+        value: |c| Some(c.cpu_ns / 1_000_000_000),
+    },
+    MetricDef {
+        name: "container_memory_working_set_bytes",
+        help: "Current working set in bytes.",
+        kind: cri::MetricType::Gauge,
+        value: |c| Some(c.memory_working_set),
+    },
+    MetricDef {
+        name: "container_memory_max_usage_bytes",
+        help: "Maximum memory usage recorded in bytes.",
+        kind: cri::MetricType::Gauge,
+        value: |c| (c.memory_peak > 0).then_some(c.memory_peak),
+    },
+    MetricDef {
+        name: "container_oom_events_total",
+        help: "Count of out of memory events observed for the container.",
+        kind: cri::MetricType::Counter,
+        value: |c| Some(c.oom_kills),
+    },
+    MetricDef {
+        name: "container_processes",
+        help: "Number of processes running inside the container.",
+        kind: cri::MetricType::Gauge,
+        value: |c| Some(c.pids),
+    },
+];
+
+/// The descriptors of the metrics [`pod_metrics`] gives (no labels of their own: kubelet adds
+/// the namespace, pod and container).
+pub fn metric_descriptors() -> Vec<cri::MetricDescriptor> {
+    METRICS
+        .iter()
+        .map(|m| cri::MetricDescriptor {
+            name: m.name.into(),
+            help: m.help.into(),
+            label_keys: Vec::new(),
+        })
+        .collect()
+}
+
+fn metrics_of(c: &Counters, ts: i64) -> Vec<cri::Metric> {
+    METRICS
+        .iter()
+        .filter_map(|m| {
+            (m.value)(c).map(|v| cri::Metric {
+                name: m.name.into(),
+                // The meter's reading, not one made for this call.
+                timestamp: ts,
+                metric_type: m.kind as i32,
+                label_values: Vec::new(),
+                value: u64v(v),
+            })
+        })
+        .collect()
+}
+
+/// A pod's metrics: each container's the meter reads, and the pod's own, which are the sums
+/// over them (its CPU with that of its removed containers, as in [`pod`]). A pod with no
+/// reading yet is listed with none.
+pub fn pod_metrics(
+    p: &PodRecord,
+    containers: &[ContainerRecord],
+    readings: &Readings,
+) -> cri::PodSandboxMetrics {
+    let mut sum = Counters::default();
+    let mut ts = 0;
+    let mut container_metrics = Vec::new();
+    for c in containers {
+        let (Some(r), Some(at)) = (readings.of(c), readings.read_at(c)) else {
+            continue;
+        };
+        ts = ts.max(at);
+        sum.cpu_ns += r.cpu_ns;
+        sum.memory_working_set += r.memory_working_set;
+        sum.oom_kills += r.oom_kills;
+        sum.pids += r.pids;
+        container_metrics.push(cri::ContainerMetrics {
+            container_id: c.id.clone(),
+            metrics: metrics_of(r, at),
+        });
+    }
+    sum.cpu_ns += p.removed_cpu_ns;
+    let metrics = if ts > 0 {
+        metrics_of(&sum, ts)
+    } else {
+        Vec::new()
+    };
+    cri::PodSandboxMetrics {
+        pod_sandbox_id: p.id.clone(),
+        metrics,
+        container_metrics,
     }
 }
