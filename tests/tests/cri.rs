@@ -898,23 +898,20 @@ async fn version_and_status_describe_the_runtime() {
     for h in ["caas-userns", "caas-vm"] {
         assert!(handlers.contains(h), "{h} is not among {handlers:?}");
     }
-    // No cadvisor-style metrics: UNIMPLEMENTED (critest and kubelet then skip them), not an
-    // empty list that claims support.
-    expect_code(
-        k.cri
-            .rt
-            .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
-            .await,
-        Code::Unimplemented,
-        "ListMetricDescriptors",
-    );
-    expect_code(
-        k.cri
-            .rt
-            .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
-            .await,
-        Code::Unimplemented,
-        "ListPodSandboxMetrics",
+    // The cadvisor-style metrics are described (their values: the OOM and stats test).
+    let described = k
+        .cri
+        .rt
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptors;
+    assert!(
+        described
+            .iter()
+            .any(|d| d.name == "container_memory_working_set_bytes"),
+        "{described:?}"
     );
     k.agent.stop().await.unwrap();
 
