@@ -550,6 +550,16 @@ impl Kubelet {
     }
 
     /// The runtime's Status, not verbose.
+    async fn metric_descriptors(&mut self) -> Vec<cri::MetricDescriptor> {
+        self.cri
+            .rt
+            .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .descriptors
+    }
+
     async fn runtime_status(&mut self) -> cri::StatusResponse {
         self.cri
             .rt
@@ -899,14 +909,7 @@ async fn version_and_status_describe_the_runtime() {
         assert!(handlers.contains(h), "{h} is not among {handlers:?}");
     }
     // The cadvisor-style metrics are described (their values: the OOM and stats test).
-    let described = k
-        .cri
-        .rt
-        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .descriptors;
+    let described = k.metric_descriptors().await;
     assert!(
         described
             .iter()
@@ -4342,20 +4345,15 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
     // The same readings as cadvisor-style metrics (kubelet's PodAndContainerStatsFromCRI):
     // every name is described, every pod is listed (one with no container yet, with no
     // metrics), and the values are those of the stats.
-    let descriptors = k
-        .cri
-        .rt
-        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .descriptors;
+    let descriptors = k.metric_descriptors().await;
     let described: BTreeSet<String> = descriptors.iter().map(|d| d.name.clone()).collect();
     assert!(
         described.contains("container_cpu_usage_seconds_total")
             && described.contains("container_memory_working_set_bytes")
             && described.contains("container_oom_events_total")
-            && descriptors.iter().all(|d| !d.help.is_empty()),
+            && descriptors
+                .iter()
+                .all(|d| !d.help.is_empty() && d.label_keys == ["id"]),
         "{descriptors:?}"
     );
     let idle = k.ready_pod(&k.pod("ns-oom", "idle")).await;
@@ -4403,6 +4401,18 @@ async fn oom_kills_are_reported_and_stats_come_from_the_meter() {
     let sleeper_ws = value(&sleeper.metrics, "container_memory_working_set_bytes");
     assert!(sleeper_ws > 0 && sleeper_ws < 64 << 20, "{sleeper:?}");
     assert_eq!(value(&sleeper.metrics, "container_oom_events_total"), 0);
+    // Each series is its own: labelled with the container's id, the pod's sums with the pod's.
+    assert!(
+        sleeper
+            .metrics
+            .iter()
+            .all(|m| m.label_values == [id.clone()])
+            && pm
+                .metrics
+                .iter()
+                .all(|m| m.label_values == [pod_id.clone()]),
+        "{pm:?}"
+    );
     assert!(value(&sleeper.metrics, "container_processes") >= 1);
     assert!(value(&pm.metrics, "container_memory_working_set_bytes") >= sleeper_ws);
     assert!(
@@ -6517,6 +6527,63 @@ async fn a_vm_pods_volumes_are_copied_into_its_guest() {
         "{e:?}"
     );
     k.remove_pod(&pod_id).await.unwrap();
+    k.agent.stop().await.unwrap();
+}
+
+/// A VM tenant booted while `[cri.cni]` was off has nothing in its guest for pods' own networks
+/// (no nft, no bridge module). Once CNI is on, a new pod of that tenant is refused by name with
+/// what to do, and nothing of it is left; the tenant's earlier pod is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_booted_without_pod_network_support_refuses_such_pods_by_name() {
+    let name = "a_vm_booted_without_pod_network_support_refuses_such_pods_by_name";
+    registry_or_skip!("a_vm_booted_without_pod_network_support_refuses_such_pods_by_name");
+    if !caas_tests::vm::vm_available(name) {
+        return;
+    }
+    if !Path::new("/usr/lib/cni/bridge").is_file() {
+        let reason =
+            "needs Debian's containernetworking-plugins in /usr/lib/cni (scripts/setup.sh)";
+        assert!(!caas_tests::privileged_required(), "{reason}");
+        caas_tests::skip(name, reason);
+        return;
+    }
+    let (mut k, _images, _bb) = Kubelet::with_registry_and(caas_tests::vm::configure).await;
+    let first = k.vm_pod(&k.pod("ns-vm-old", "a")).await;
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("10-pods.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge","bridge":"cni0","isGateway":true,
+           "ipam":{"type":"host-local","ranges":[[{"subnet":"10.249.0.0/24"}]]}}]}"#,
+    )
+    .unwrap();
+    let dir = conf.path().to_path_buf();
+    // The VM runs on across the restart; the agent now has CNI on.
+    k.restart(Duration::from_millis(100), move |c| {
+        caas_tests::vm::configure(c);
+        c.cri.cni.enabled = true;
+        c.cri.cni.conf_dir = dir;
+        c.cri.cni.bin_dirs = vec!["/usr/lib/cni".into()];
+    })
+    .await;
+    let e = expect_code(
+        k.run_pod(&k.pod("ns-vm-old", "b"), "caas-vm").await,
+        Code::FailedPrecondition,
+        "a CNI pod in a VM booted without pod network support",
+    );
+    assert!(
+        e.message().contains("\"ns-vm-old\"") && e.message().contains("delete the tenant"),
+        "{e:?}"
+    );
+    assert_eq!(k.pod_ids(None).await, BTreeSet::from([first.clone()]));
+    let ipam = k.agent.dir.path().join("run/cni-ipam/pods");
+    let held: Vec<_> = std::fs::read_dir(&ipam)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        held.iter().all(|n| !n.to_string_lossy().starts_with("10.")),
+        "the refused pod's address is still held: {held:?}"
+    );
+    k.remove_pod(&first).await.unwrap();
     k.agent.stop().await.unwrap();
 }
 

@@ -557,6 +557,19 @@ pub async fn release_ipam(
     first.map_or(Ok(()), Err)
 }
 
+/// The addresses the static IPAM of `list` gives (those host-local allocated, in a guest's
+/// list), without their prefixes: a VM guest's result may name no other, since the host routes
+/// what it names to the tenant.
+pub fn static_addresses(list: &NetworkList) -> Vec<std::net::IpAddr> {
+    list.plugins
+        .iter()
+        .filter(|p| ipam_type(p) == Some(GUEST_IPAM))
+        .filter_map(|p| p.get("ipam")?.get("addresses")?.as_array().cloned())
+        .flatten()
+        .filter_map(|a| a.get("address")?.as_str()?.split('/').next()?.parse().ok())
+        .collect()
+}
+
 /// Refuses a list whose IPAM a VM tenant's pods cannot take: host-local (run on the host) and
 /// static are what they can.
 pub fn check_guest_ipam(list: &NetworkList) -> Result<(), CniError> {
@@ -838,20 +851,29 @@ async fn exec(
             .map_err(fail)
         }
         Runner::Guest { engine, plugins } => {
-            let r = engine
-                .clone()
-                .cni_plugin(epb::CniPluginRequest {
-                    plugins: plugins.clone().into_iter().collect(),
-                    plugin: ty.to_string(),
-                    command: command.to_string(),
-                    container_id: pod.id.to_string(),
-                    netns: pod.netns_name.to_string(),
-                    ifname: POD_IF.to_string(),
-                    args,
-                    config: body,
-                    timeout_seconds: u32::try_from(cfg.plugin_timeout_seconds).unwrap_or(600),
-                })
+            // The guest kills the plugin after the timeout; a guest that does not answer at all
+            // must not hold the pod's set-up for ever either.
+            let limit = Duration::from_secs(cfg.plugin_timeout_seconds + GUEST_MARGIN_SECS);
+            let mut engine = engine.clone();
+            let call = engine.cni_plugin(epb::CniPluginRequest {
+                plugins: plugins.clone().into_iter().collect(),
+                plugin: ty.to_string(),
+                command: command.to_string(),
+                container_id: pod.id.to_string(),
+                netns: pod.netns_name.to_string(),
+                ifname: POD_IF.to_string(),
+                args,
+                config: body,
+                timeout_seconds: u32::try_from(cfg.plugin_timeout_seconds).unwrap_or(600),
+            });
+            let r = tokio::time::timeout(limit, call)
                 .await
+                .map_err(|_| {
+                    fail(format!(
+                        "the VM guest did not answer within {} s",
+                        limit.as_secs()
+                    ))
+                })?
                 .map_err(|e| fail(format!("in the VM guest: {}", e.message())))?
                 .into_inner();
             outcome(
@@ -865,6 +887,12 @@ async fn exec(
         }
     }
 }
+
+/// How much longer than a plugin may take its VM guest may take to answer.
+const GUEST_MARGIN_SECS: u64 = 15;
+
+/// How long a VM guest may take to load the pod rules.
+const GUEST_RULES_SECS: u64 = 30;
 
 /// Runs a plugin process on the host: feeds it its configuration and waits, under the
 /// configured timeout (a plugin that exits without reading all of it, a broken pipe here, still
@@ -1028,25 +1056,31 @@ pub async fn apply_guest_rules(
     tenant_ip: Option<Ipv4Addr>,
     forwards: &[Forward],
 ) -> Result<(), CniError> {
-    engine
-        .clone()
-        .pod_rules(epb::PodRulesRequest {
-            tenant_ip: tenant_ip.map(|a| a.to_string()).unwrap_or_default(),
-            forwards: forwards
-                .iter()
-                .map(|f| epb::PodForward {
-                    proto: f.proto.as_str().into(),
-                    port: f.port.into(),
-                    pod_ip: f.pod_ip.to_string(),
-                    pod_port: f.pod_port.into(),
-                })
-                .collect(),
-        })
+    let mut engine = engine.clone();
+    let call = engine.pod_rules(epb::PodRulesRequest {
+        tenant_ip: tenant_ip.map(|a| a.to_string()).unwrap_or_default(),
+        forwards: forwards
+            .iter()
+            .map(|f| epb::PodForward {
+                proto: f.proto.as_str().into(),
+                port: f.port.into(),
+                pod_ip: f.pod_ip.to_string(),
+                pod_port: f.pod_port.into(),
+            })
+            .collect(),
+    });
+    let fail = |message: String| CniError::Rules {
+        tenant: tenant.into(),
+        message,
+    };
+    tokio::time::timeout(Duration::from_secs(GUEST_RULES_SECS), call)
         .await
-        .map_err(|e| CniError::Rules {
-            tenant: tenant.into(),
-            message: format!("in the VM guest: {}", e.message()),
-        })?;
+        .map_err(|_| {
+            fail(format!(
+                "the VM guest did not answer within {GUEST_RULES_SECS} s"
+            ))
+        })?
+        .map_err(|e| fail(format!("in the VM guest: {}", e.message())))?;
     Ok(())
 }
 
@@ -1247,6 +1281,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(guest_plugins(&l), ["bridge", "static", "tuning"]);
+        // What a guest may claim: the static addresses, and nothing from other IPAM.
+        let given = NetworkList::parse(
+            r#"{"cniVersion":"1.0.0","name":"pods","plugins":[
+                {"type":"bridge","ipam":{"type":"static","addresses":[{"address":"10.9.0.4/24"},{"address":"fd00::4/64"}]}},
+                {"type":"ptp","ipam":{"type":"host-local","addresses":[{"address":"10.1.1.1/24"}]}}]}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            static_addresses(&given),
+            [
+                "10.9.0.4".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::4".parse().unwrap()
+            ]
+        );
         check_guest_ipam(&l).unwrap();
         let dhcp = NetworkList::parse(
             r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"macvlan","ipam":{"type":"dhcp"}}]}"#,

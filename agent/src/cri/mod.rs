@@ -202,8 +202,9 @@ pub struct Cri {
         tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The streaming server of Exec and PortForward.
     pub stream: Arc<stream::StreamServer>,
-    /// Rewrites of the pod rules in tenants' netns, one at a time.
-    pub(crate) cni_rules: tokio::sync::Mutex<()>,
+    /// Rewrites of the pod rules in a tenant's netns, one at a time per tenant.
+    pub(crate) cni_rules:
+        tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per tenant: pods and pulls on their way in against the idle-tenant collector.
     pub(crate) tenant_gates:
         tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>,

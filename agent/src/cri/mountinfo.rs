@@ -16,8 +16,9 @@ struct Mount {
     root: PathBuf,
     /// Where it is mounted.
     point: PathBuf,
-    /// It receives what its peers or its master mount below it (`shared:N` or `master:N`
-    /// among its optional fields).
+    /// It is shared (`shared:N` among its optional fields): what is mounted below it in this
+    /// namespace reaches its peers, such as a bind of it. A slave that is not shared receives
+    /// its master's mounts, but passes on nothing mounted on it here.
     receives: bool,
 }
 
@@ -38,7 +39,7 @@ fn parse(text: &str) -> Vec<Mount> {
             let _options = f.next()?;
             let receives = f
                 .take_while(|x| *x != "-")
-                .any(|x| x.starts_with("shared:") || x.starts_with("master:"));
+                .any(|x| x.starts_with("shared:"));
             Some(Mount {
                 dev,
                 root,
@@ -58,9 +59,8 @@ fn containing<'a>(path: &Path, mounts: &'a [Mount]) -> Option<&'a Mount> {
     mounts.iter().rev().find(|x| x.point == deepest.point)
 }
 
-/// The mount point of the mount `path` lies in, and whether that mount receives what the host
-/// mounts below it elsewhere (it is shared, or a slave): what a bind of `path` that is to follow
-/// the host's mounts needs.
+/// The mount point of the mount `path` lies in, and whether that mount is shared: what a bind
+/// of `path` that is to follow what the host (kubelet) mounts below it needs.
 pub fn propagation(path: &Path, mountinfo: &str) -> Option<(PathBuf, bool)> {
     let mounts = parse(mountinfo);
     containing(path, &mounts).map(|m| (m.point.clone(), m.receives))
@@ -108,7 +108,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mount_receives_the_hosts_mounts_when_shared_or_a_slave() {
+    fn a_mount_passes_on_the_hosts_mounts_only_when_shared() {
         let info = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
 30 22 0:25 / /srv/private rw - tmpfs tmpfs rw
@@ -118,7 +118,8 @@ mod tests {
 ";
         let p = |x: &str| propagation(Path::new(x), info).unwrap();
         assert_eq!(p("/srv/shared/a/b"), (pb("/srv/shared"), true));
-        assert_eq!(p("/srv/slave"), (pb("/srv/slave"), true));
+        // A slave only: what is mounted on it here does not reach a bind of it.
+        assert_eq!(p("/srv/slave"), (pb("/srv/slave"), false));
         assert_eq!(p("/etc"), (pb("/"), true));
         // The last mount on a point covers the one before.
         assert_eq!(p("/srv/private/x"), (pb("/srv/private"), true));

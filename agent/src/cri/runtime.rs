@@ -746,6 +746,26 @@ impl Cri {
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let vm = self.is_vm(&p.tenant).await;
         let mut eng = self.pod_engine(&p.tenant).await?;
+        if vm {
+            let info = eng
+                .info(epb::InfoRequest {})
+                .await
+                .map_err(context(format!("asking tenant {:?}'s VM", p.tenant)))?
+                .into_inner();
+            if !info.pod_networks {
+                return Err(Status::failed_precondition(format!(
+                    "tenant {:?}'s VM was booted without what pods' own networks need in its guest (by an earlier agent, or with [cri.cni] off); delete the tenant and let its next pod make it again",
+                    p.tenant
+                )));
+            }
+            // Recorded before the guest makes the netns: a teardown after an agent that died
+            // in between still knows the netns is in the guest, and in which boot.
+            net.vm_boot = self.vm_boot(&p.tenant);
+            self.store
+                .set_pod_network(&p.id, Some(net.clone()))
+                .await
+                .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
+        }
         let made = eng
             .create_netns(epb::NetnsRequest {
                 name: net.netns.clone(),
@@ -757,7 +777,6 @@ impl Cri {
             // In the guest: the host sees neither the path nor the namespace, and a VM booted
             // again has lost it.
             net.path = made.path;
-            net.vm_boot = self.vm_boot(&p.tenant);
         } else {
             let path =
                 crate::engine::ns::pod_netns_path(&self.tenant_ns_dir(&p.tenant), &net.netns);
@@ -792,7 +811,21 @@ impl Cri {
                 .await
                 .map_err(|e| Status::internal(format!("recording pod {}: {e}", p.id)))?;
             let runner = self.guest_runner(&p.tenant, &guest).await?;
-            cni::add(cfg, &guest, &call, &runner).await
+            cni::add(cfg, &guest, &call, &runner).await.and_then(|r| {
+                // The host routes the pod's address to the tenant: the guest may claim none
+                // but those its IPAM was given (the undo releases them).
+                let given = cni::static_addresses(&guest);
+                let mut claimed = cni::ipv4_of(&r)
+                    .map(std::net::IpAddr::V4)
+                    .into_iter()
+                    .chain(cni::ipv6_of(&r).map(std::net::IpAddr::V6));
+                match claimed.find(|a| !given.contains(a)) {
+                    None => Ok(r),
+                    Some(a) => Err(cni::CniError::Config(format!(
+                        "the VM guest's network gave the pod {a}, which its IPAM did not allocate (it has {given:?})"
+                    ))),
+                }
+            })
         } else {
             let runner = cni::Runner::Host {
                 tenant_netns: self.tenant_ns_dir(&p.tenant).join("net"),
@@ -876,14 +909,16 @@ impl Cri {
         let recorded = parse(&net.config)?;
         let ipam_dir = self.ipam_dir();
         let cfg = &self.state.config.cri.cni;
-        let rules_tenant_alive = if net.vm_boot.is_empty() {
+        let in_vm = !net.vm_boot.is_empty() || self.is_vm(&p.tenant).await;
+        let rules_tenant_alive = if !in_vm {
             self.teardown_host_network(p, &net, recorded.as_ref())
                 .await?
         } else {
             // The guest's part, while the VM that has the pod's netns runs (one booted again
             // has lost it, and a deleted tenant took it along); then the addresses the host's
             // store gave.
-            let vm_alive = self.vm_boot(&p.tenant) == net.vm_boot;
+            // No boot recorded: the guest was never asked for the netns.
+            let vm_alive = !net.vm_boot.is_empty() && self.vm_boot(&p.tenant) == net.vm_boot;
             let netns = std::path::PathBuf::from(&net.path);
             let call = pod_call(p, &net.netns, &netns, &ipam_dir);
             if vm_alive {
@@ -915,6 +950,7 @@ impl Cri {
         let down = PodNetwork {
             netns: net.netns.clone(),
             network: net.network.clone(),
+            vm_boot: net.vm_boot.clone(),
             ..PodNetwork::default()
         };
         self.store
@@ -974,10 +1010,18 @@ impl Cri {
     }
 
     /// Rewrites the rules in a tenant's netns (a VM tenant's: in its guest) from its ready
-    /// pods that have an address. One rewrite at a time, each from the records as they are
-    /// when it starts: the last one written is never an older view.
+    /// pods that have an address. One rewrite at a time per tenant (a guest slow to answer
+    /// holds up only its own), each from the records as they are when it starts: the last one
+    /// written is never an older view.
     async fn refresh_tenant_rules(&self, tenant: &str) -> Result<(), Status> {
-        let _one = self.cni_rules.lock().await;
+        let lock = self
+            .cni_rules
+            .lock()
+            .await
+            .entry(tenant.to_string())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
         let vm = self.is_vm(tenant).await;
         let boot = if vm {
             self.vm_boot(tenant)
@@ -1900,13 +1944,13 @@ fn mounts_of(
         check_container_path(&f("container_path"), &m.container_path)?;
         if host_to_container {
             // The host's later mounts reach the container only through a mount that passes
-            // them on: the one the path lies in must be shared, or a slave.
+            // them on: the one the path lies in must be shared.
             let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
             match super::mountinfo::propagation(&real, &info) {
                 Some((_, true)) => {}
                 Some((point, false)) => {
                     return Err(Status::failed_precondition(format!(
-                        "{}: HostToContainer needs the mount {} that holds {} to be shared or a slave, or what the host mounts below it cannot reach the container; make it so (mount --make-rshared {}), as kubelet does for its own directory",
+                        "{}: HostToContainer needs the mount {} that holds {} to be shared, or what the host mounts below it cannot reach the container; make it so (mount --make-rshared {}), as kubelet does for its own directory",
                         f("propagation"),
                         point.display(),
                         real.display(),

@@ -306,20 +306,24 @@ const METRICS: &[MetricDef] = &[
     },
 ];
 
-/// The descriptors of the metrics [`pod_metrics`] gives (no labels of their own: kubelet adds
-/// the namespace, pod and container).
+/// The label each metric carries: the container's id, or the pod's for its sums, as cadvisor's
+/// `id` names the cgroup. Every series is then distinct, also for a kubelet that adds no labels
+/// of its own (newer ones add namespace, pod and container).
+const LABEL_KEYS: &[&str] = &["id"];
+
+/// The descriptors of the metrics [`pod_metrics`] gives.
 pub fn metric_descriptors() -> Vec<cri::MetricDescriptor> {
     METRICS
         .iter()
         .map(|m| cri::MetricDescriptor {
             name: m.name.into(),
             help: m.help.into(),
-            label_keys: Vec::new(),
+            label_keys: LABEL_KEYS.iter().map(ToString::to_string).collect(),
         })
         .collect()
 }
 
-fn metrics_of(c: &Counters, ts: i64) -> Vec<cri::Metric> {
+fn metrics_of(c: &Counters, ts: i64, id: &str) -> Vec<cri::Metric> {
     METRICS
         .iter()
         .filter_map(|m| {
@@ -328,7 +332,7 @@ fn metrics_of(c: &Counters, ts: i64) -> Vec<cri::Metric> {
                 // The meter's reading, not one made for this call.
                 timestamp: ts,
                 metric_type: m.kind as i32,
-                label_values: Vec::new(),
+                label_values: vec![id.to_string()],
                 value: u64v(v),
             })
         })
@@ -357,12 +361,12 @@ pub fn pod_metrics(
         sum.pids += r.pids;
         container_metrics.push(cri::ContainerMetrics {
             container_id: c.id.clone(),
-            metrics: metrics_of(r, at),
+            metrics: metrics_of(r, at, &c.id),
         });
     }
     sum.cpu_ns += p.removed_cpu_ns;
     let metrics = if ts > 0 {
-        metrics_of(&sum, ts)
+        metrics_of(&sum, ts, &p.id)
     } else {
         Vec::new()
     };

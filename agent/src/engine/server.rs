@@ -407,6 +407,8 @@ impl epb::engine_server::Engine for EngineSvc {
             version: crate::VERSION.into(),
             started_at_unix_ms: self.started_ms,
             containers: u32::try_from(n).unwrap_or(u32::MAX),
+            pod_networks: self.in_vm
+                && std::path::Path::new(crate::vm::initramfs::GUEST_NFT).is_file(),
         }))
     }
 
@@ -1376,8 +1378,9 @@ fn link_plugins(
         if std::fs::read_link(&link).is_ok_and(|t| t == target) {
             continue;
         }
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let _ = std::fs::remove_file(&tmp);
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         std::os::unix::fs::symlink(target, &tmp)
             .and_then(|()| std::fs::rename(&tmp, &link))
             .map_err(|e| format!("{}: {e}", link.display()))?;
