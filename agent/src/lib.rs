@@ -19,6 +19,7 @@ pub mod export;
 pub mod fsutil;
 pub mod guest;
 pub mod images;
+pub mod keyed;
 pub mod ledger;
 pub mod logging;
 pub mod meter;

@@ -544,22 +544,12 @@ impl Cri {
     /// The gate of a tenant: pods and pulls on their way in hold it shared, the idle-tenant
     /// collector exclusively while it checks and deletes.
     pub(super) async fn tenant_gate(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
-        self.tenant_gates
-            .lock()
-            .await
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+        crate::keyed::entry(&self.tenant_gates, id).await
     }
 
     /// The lock that serializes a pod's container creates with its stop and remove.
     async fn pod_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.pod_locks
-            .lock()
-            .await
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+        crate::keyed::entry(&self.pod_locks, id).await
     }
 
     /// The directory of a tenant's namespace files.
@@ -1014,13 +1004,7 @@ impl Cri {
     /// holds up only its own), each from the records as they are when it starts: the last one
     /// written is never an older view.
     async fn refresh_tenant_rules(&self, tenant: &str) -> Result<(), Status> {
-        let lock = self
-            .cni_rules
-            .lock()
-            .await
-            .entry(tenant.to_string())
-            .or_default()
-            .clone();
+        let lock = crate::keyed::entry(&self.cni_rules, tenant).await;
         let _one = lock.lock().await;
         let vm = self.is_vm(tenant).await;
         let boot = if vm {

@@ -304,12 +304,13 @@ impl Manager {
     }
 
     async fn lock(&self, tenant: &str) -> Arc<Mutex<()>> {
-        self.locks
-            .lock()
-            .await
-            .entry(tenant.to_string())
-            .or_default()
-            .clone()
+        crate::keyed::entry(&self.locks, tenant).await
+    }
+
+    /// One import into a VM tenant's guest at a time: two creates from the same image must not
+    /// send the same layer twice at once.
+    async fn import_lock(&self, tenant: &str) -> Arc<Mutex<()>> {
+        crate::keyed::entry(&self.import_locks, tenant).await
     }
 
     /// After an agent (re)start: reconnect to every running engine, start the missing ones.
@@ -857,13 +858,7 @@ impl Manager {
         SandboxError,
     > {
         let (_, mut eng) = self.engine_of(id).await?;
-        let lock = self
-            .import_locks
-            .lock()
-            .await
-            .entry(id.to_string())
-            .or_default()
-            .clone();
+        let lock = self.import_lock(id).await;
         let _one = lock.lock().await;
         let mut out = std::collections::BTreeMap::new();
         for (name, path) in files {
@@ -930,15 +925,7 @@ impl Manager {
         }
         let published = self.publish_for(&t, &req.id, &req.name, publish).await?;
         if t.isolation == crate::tenants::Isolation::Vm {
-            // One import at a time per tenant: two creates from the same image must not send
-            // the same layer twice at once.
-            let lock = self
-                .import_locks
-                .lock()
-                .await
-                .entry(t.id.clone())
-                .or_default()
-                .clone();
+            let lock = self.import_lock(&t.id).await;
             let _one = lock.lock().await;
             if !req.lower_dirs.is_empty() {
                 req.lower_dirs = vm_import::import_layers(&mut eng, &req.lower_dirs).await?;
